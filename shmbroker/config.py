@@ -1,0 +1,150 @@
+"""Settings, declared once: name (with its unit), default, meaning.
+
+A topic's log configuration is a :class:`LogConfig`.  Its fields are the single home of every
+per-topic storage knob; the README's config reference is generated from ``LOG_SETTINGS``
+(``python -m shmbroker.config``), so the table and the code cannot drift apart.
+
+Values follow Kafka's topic configs where Kafka has one (``segment.bytes`` -> ``segment_bytes``,
+``retention.ms`` -> ``retention_ms``, ...), with the unit always last in the name.  ``-1`` means
+"no limit" for retention, as in Kafka.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from shmbroker.errors import InvalidConfigError
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    unit: str
+    doc: str
+    minimum: int | None = None
+    choices: tuple[str, ...] | None = None
+
+
+LOG_SETTINGS: tuple[Setting, ...] = (
+    Setting("segment_bytes", 1 * GIB, "bytes",
+            "roll to a new segment once the active one would exceed this size", minimum=14),
+    Setting("segment_ms", 7 * DAY_MS, "ms",
+            "roll to a new segment once the active one's first batch is this old", minimum=1),
+    Setting("retention_ms", 7 * DAY_MS, "ms",
+            "delete a sealed segment once its newest record is this old; -1 keeps forever",
+            minimum=-1),
+    Setting("retention_bytes", -1, "bytes",
+            "delete the oldest sealed segments while the partition is larger; -1 = no limit",
+            minimum=-1),
+    Setting("index_interval_bytes", 4096, "bytes",
+            "add an offset-index and time-index entry after this many log bytes", minimum=0),
+    Setting("segment_index_bytes", 10 * MIB, "bytes",
+            "preallocated size of each .index / .timeindex file; a full index rolls the segment",
+            minimum=64),
+    Setting("max_batch_bytes", 1 * MIB + 12, "bytes",
+            "largest batch accepted, header included (Kafka's max.message.bytes)", minimum=61),
+    Setting("flush_messages", 0, "records",
+            "fsync after this many records were appended since the last flush; "
+            "0 = leave it to the OS and flush_ms, 1 = every append", minimum=0),
+    Setting("flush_ms", 0, "ms",
+            "fsync when the oldest unflushed append is this old; 0 = no time-based flush",
+            minimum=0),
+    Setting("cleanup_policy", "delete", "",
+            "what retention does with old segments; only 'delete' exists today",
+            choices=("delete",)),
+)
+
+_BY_NAME = {setting.name: setting for setting in LOG_SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Storage configuration of one partition log (all topics' partitions share their topic's)."""
+
+    segment_bytes: int = _BY_NAME["segment_bytes"].default
+    segment_ms: int = _BY_NAME["segment_ms"].default
+    retention_ms: int = _BY_NAME["retention_ms"].default
+    retention_bytes: int = _BY_NAME["retention_bytes"].default
+    index_interval_bytes: int = _BY_NAME["index_interval_bytes"].default
+    segment_index_bytes: int = _BY_NAME["segment_index_bytes"].default
+    max_batch_bytes: int = _BY_NAME["max_batch_bytes"].default
+    flush_messages: int = _BY_NAME["flush_messages"].default
+    flush_ms: int = _BY_NAME["flush_ms"].default
+    cleanup_policy: str = _BY_NAME["cleanup_policy"].default
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check(_BY_NAME[field.name], getattr(self, field.name))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> LogConfig:
+        """Build from user input (CLI ``KEY=VALUE`` strings, TOML, JSON), converting types."""
+        converted: dict[str, Any] = {}
+        for name, raw in values.items():
+            setting = _BY_NAME.get(name)
+            if setting is None:
+                known = ", ".join(sorted(_BY_NAME))
+                raise InvalidConfigError(f"unknown config {name!r}; known configs: {known}")
+            converted[name] = _convert(setting, raw)
+        return cls(**converted)
+
+    def replace(self, **changes: Any) -> LogConfig:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(setting: Setting, raw: Any) -> Any:
+    if isinstance(setting.default, str):
+        return str(raw)
+    if isinstance(raw, bool):
+        raise InvalidConfigError(f"config {setting.name} takes an integer ({setting.unit}), not {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip().replace("_", ""), 0)
+        except ValueError:
+            pass
+    raise InvalidConfigError(
+        f"config {setting.name} takes an integer ({setting.unit}), not {raw!r}"
+    )
+
+
+def _check(setting: Setting, value: Any) -> None:
+    if setting.choices is not None:
+        if value not in setting.choices:
+            raise InvalidConfigError(
+                f"config {setting.name} must be one of {', '.join(setting.choices)}, not {value!r}"
+            )
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidConfigError(
+            f"config {setting.name} takes an integer ({setting.unit}), not {value!r}"
+        )
+    if setting.minimum is not None and value < setting.minimum:
+        raise InvalidConfigError(
+            f"config {setting.name} must be >= {setting.minimum} {setting.unit}, not {value}"
+        )
+
+
+def reference_table() -> str:
+    """The Markdown config reference printed into the README."""
+    lines = ["| name | default | unit | meaning |", "| --- | --- | --- | --- |"]
+    for setting in LOG_SETTINGS:
+        lines.append(f"| `{setting.name}` | {setting.default} | {setting.unit} | {setting.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_table())

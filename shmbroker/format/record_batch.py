@@ -1,0 +1,682 @@
+"""Apache Kafka RecordBatch v2 (magic 2), byte for byte.
+
+The log, the produce rings and (later) the Kafka wire protocol all carry this exact format, so a
+batch is written, stored, replicated and fetched without being rebuilt.  All integers are
+big-endian (network order), as in Kafka.
+
+Batch header (61 bytes)::
+
+    position  size  field
+    0         8     base_offset             int64   offset of the first record
+    8         4     batch_length            int32   bytes that follow this field (= size - 12)
+    12        4     partition_leader_epoch  int32
+    16        1     magic                   int8    always 2
+    17        4     crc                     uint32  CRC-32C (Castagnoli) of bytes [21, size)
+    21        2     attributes              int16   see ATTRIBUTE_* below
+    23        4     last_offset_delta       int32   offset delta of the last record
+    27        8     base_timestamp          int64   ms; the first record's timestamp
+    35        8     max_timestamp           int64   ms; the largest record timestamp
+    43        8     producer_id             int64   -1 without idempotence
+    51        2     producer_epoch          int16   -1 without idempotence
+    53        4     base_sequence           int32   -1 without idempotence
+    57        4     records_count           int32
+    61        ...   records                 (compressed as a whole when the codec is not none)
+
+The CRC covers attributes..end, never base_offset, batch_length, partition_leader_epoch or magic:
+a broker rewrites base_offset (and the leader epoch) without recomputing it.
+
+Attributes (int16)::
+
+    bits 0-2  compression codec: 0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd
+    bit  3    timestamp type: 0 CreateTime, 1 LogAppendTime
+    bit  4    transactional
+    bit  5    control batch
+    bit  6    delete horizon set (compaction)
+
+Record (inside the records section; varint = zig-zag LEB128 as protobuf's sint32/sint64)::
+
+    length           varint   bytes of the record after this field
+    attributes       int8     unused, 0
+    timestamp_delta  varlong  timestamp - base_timestamp
+    offset_delta     varint   offset - base_offset
+    key_length       varint   -1 for a null key
+    key              bytes
+    value_length     varint   -1 for a null value
+    value            bytes
+    headers_count    varint
+    headers          (key_length varint, key utf-8, value_length varint, value bytes) * count
+
+Compression applies to the whole records section, as Kafka does: gzip is the gzip container
+(RFC 1952, what Java's GZIPOutputStream writes), lz4 is the LZ4 frame format, zstd a zstd frame.
+Snappy batches are recognised, kept and served, but cannot be decoded by this build.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, NamedTuple
+
+import lz4.frame
+import numpy as np
+import numpy.typing as npt
+import zstandard
+from crc32c import crc32c
+
+from shmbroker import limits
+from shmbroker.errors import CorruptRecordError, UnsupportedCodecError
+from shmbroker.format import columnar
+
+IntArray = npt.NDArray[np.int64]
+UInt8Array = npt.NDArray[np.uint8]
+
+# -- batch header layout ---------------------------------------------------------------------
+BASE_OFFSET_POSITION = 0
+BATCH_LENGTH_POSITION = 8
+PARTITION_LEADER_EPOCH_POSITION = 12
+MAGIC_POSITION = 16
+CRC_POSITION = 17
+ATTRIBUTES_POSITION = 21
+LAST_OFFSET_DELTA_POSITION = 23
+BASE_TIMESTAMP_POSITION = 27
+MAX_TIMESTAMP_POSITION = 35
+PRODUCER_ID_POSITION = 43
+PRODUCER_EPOCH_POSITION = 51
+BASE_SEQUENCE_POSITION = 53
+RECORDS_COUNT_POSITION = 57
+RECORDS_POSITION = 61
+
+HEADER_SIZE = RECORDS_POSITION  # 61
+LOG_OVERHEAD = 12  # base_offset + batch_length: the bytes batch_length does not count
+CRC_COVERED_FROM = ATTRIBUTES_POSITION
+MAGIC = 2
+
+HEADER_STRUCT = struct.Struct(">qiibIhiqqqhii")
+assert HEADER_STRUCT.size == HEADER_SIZE
+BASE_OFFSET_STRUCT = struct.Struct(">q")
+_SIZE_STRUCT = struct.Struct(">qi")  # base_offset, batch_length: enough to step over a batch
+
+# -- attributes --------------------------------------------------------------------------------
+COMPRESSION_MASK = 0x07
+CODEC_NONE = 0
+CODEC_GZIP = 1
+CODEC_SNAPPY = 2
+CODEC_LZ4 = 3
+CODEC_ZSTD = 4
+CODEC_NAMES = {CODEC_NONE: "none", CODEC_GZIP: "gzip", CODEC_SNAPPY: "snappy",
+               CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd"}
+CODECS_BY_NAME = {name: codec for codec, name in CODEC_NAMES.items()}
+TIMESTAMP_TYPE_MASK = 0x08
+TRANSACTIONAL_MASK = 0x10
+CONTROL_MASK = 0x20
+DELETE_HORIZON_MASK = 0x40
+
+NO_PRODUCER_ID = -1
+NO_PRODUCER_EPOCH = -1
+NO_SEQUENCE = -1
+NO_PARTITION_LEADER_EPOCH = -1
+
+# A record's smallest encoding: length, attributes, ts delta, offset delta, key len, value len,
+# header count -- one byte each.
+RECORD_SIZE_MIN = 7
+INT32_MAX = 2**31 - 1
+
+
+class BatchHeader(NamedTuple):
+    """The 61-byte header of one batch, decoded.  ``size`` is the whole batch in bytes."""
+
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    records_count: int
+
+    @property
+    def size(self) -> int:
+        return self.batch_length + LOG_OVERHEAD
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta + 1
+
+    @property
+    def codec(self) -> int:
+        return self.attributes & COMPRESSION_MASK
+
+    @property
+    def codec_name(self) -> str:
+        return CODEC_NAMES.get(self.codec, f"unknown({self.codec})")
+
+    @property
+    def is_log_append_time(self) -> bool:
+        return bool(self.attributes & TIMESTAMP_TYPE_MASK)
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self.attributes & TRANSACTIONAL_MASK)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & CONTROL_MASK)
+
+
+def read_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> BatchHeader:
+    """Decode and sanity-check the header at ``position``; the CRC is *not* checked here.
+
+    Checks: 61 header bytes present, magic 2, batch_length covers at least the header,
+    records_count >= 0, last_offset_delta >= records_count - 1 (offsets only ever grow inside a
+    batch; compaction may leave gaps, never overlaps), known codec bits.
+    """
+    if position < 0 or len(buffer) - position < HEADER_SIZE:
+        raise CorruptRecordError(
+            f"truncated batch header: {max(0, len(buffer) - position)} of {HEADER_SIZE} bytes",
+            position,
+        )
+    header = BatchHeader._make(HEADER_STRUCT.unpack_from(buffer, position))
+    check_header(header, position)
+    return header
+
+
+def check_header(header: BatchHeader, position: int | None = None) -> None:
+    if header.magic != MAGIC:
+        raise CorruptRecordError(f"unsupported magic {header.magic}; only magic 2 is stored", position)
+    if header.batch_length < HEADER_SIZE - LOG_OVERHEAD:
+        raise CorruptRecordError(
+            f"batch_length {header.batch_length} is shorter than a batch header", position
+        )
+    if header.records_count < 0:
+        raise CorruptRecordError(f"negative records count {header.records_count}", position)
+    if header.last_offset_delta < header.records_count - 1 or header.last_offset_delta < 0:
+        raise CorruptRecordError(
+            f"last_offset_delta {header.last_offset_delta} cannot hold "
+            f"{header.records_count} records",
+            position,
+        )
+    if header.codec not in CODEC_NAMES:
+        raise CorruptRecordError(f"unknown compression codec {header.codec}", position)
+    if header.codec == CODEC_NONE:
+        records_bytes = header.batch_length + LOG_OVERHEAD - HEADER_SIZE
+        if header.records_count * RECORD_SIZE_MIN > records_bytes:
+            raise CorruptRecordError(
+                f"{header.records_count} records cannot fit in {records_bytes} bytes", position
+            )
+
+
+def batch_size_at(buffer: bytes | bytearray | memoryview, position: int = 0) -> int:
+    """Size of the batch at ``position`` from its length field alone (no other checks)."""
+    if len(buffer) - position < LOG_OVERHEAD:
+        raise CorruptRecordError("truncated batch: no length field", position)
+    _, batch_length = _SIZE_STRUCT.unpack_from(buffer, position)
+    return batch_length + LOG_OVERHEAD
+
+
+def compute_crc(buffer: bytes | bytearray | memoryview, position: int, size: int) -> int:
+    """CRC-32C of the CRC-covered part of the batch of ``size`` bytes at ``position``."""
+    view = memoryview(buffer)
+    return crc32c(view[position + CRC_COVERED_FROM : position + size])
+
+
+def validate_batch(
+    buffer: bytes | bytearray | memoryview,
+    position: int = 0,
+    max_batch_bytes: int | None = None,
+) -> BatchHeader:
+    """Check the batch at ``position`` is whole and intact; return its header.
+
+    Header sanity (see :func:`read_header`), the declared size fits in the buffer (and in
+    ``max_batch_bytes``), and the CRC-32C matches.  Records are not decoded: a CRC-valid batch
+    from a well-behaved producer is trusted for its records, as a Kafka broker trusts an
+    uncompressed batch's CRC; use :func:`decode_records` to go further.
+    """
+    header = read_header(buffer, position)
+    size = header.size
+    if max_batch_bytes is not None and size > max_batch_bytes:
+        raise CorruptRecordError(
+            f"batch of {size} bytes exceeds max_batch_bytes {max_batch_bytes}", position
+        )
+    available = len(buffer) - position
+    if size > available:
+        raise CorruptRecordError(f"truncated batch: {available} of {size} bytes", position)
+    actual = compute_crc(buffer, position, size)
+    if actual != header.crc:
+        raise CorruptRecordError(
+            f"CRC-32C mismatch: stored {header.crc:#010x}, computed {actual:#010x}", position
+        )
+    return header
+
+
+def set_base_offset(buffer: bytearray | memoryview, position: int, base_offset: int) -> None:
+    """Rewrite the base_offset of the batch at ``position`` in place (the CRC stays valid)."""
+    BASE_OFFSET_STRUCT.pack_into(buffer, position + BASE_OFFSET_POSITION, base_offset)
+
+
+# ================================================================================================
+# compression
+# ================================================================================================
+
+def compress(codec: int, data: bytes | bytearray | memoryview) -> bytes:
+    """Compress a records section the way Kafka's producers do for ``codec``."""
+    if codec == CODEC_NONE:
+        return bytes(data)
+    if codec == CODEC_GZIP:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container
+        return compressor.compress(data) + compressor.flush()
+    if codec == CODEC_LZ4:
+        # As Kafka's KafkaLZ4BlockOutputStream: independent 64 KiB blocks, no content size.
+        return lz4.frame.compress(  # type: ignore[no-any-return]
+            data, block_size=lz4.frame.BLOCKSIZE_MAX64KB, block_linked=False,
+            content_checksum=False, store_size=False)
+    if codec == CODEC_ZSTD:
+        return _ZSTD_COMPRESSOR.compress(data)
+    raise UnsupportedCodecError(f"cannot encode codec {CODEC_NAMES.get(codec, codec)}")
+
+
+def decompress(codec: int, data: bytes | bytearray | memoryview, position: int | None = None) -> bytes:
+    """Inflate a records section; never more than ``limits.decompressed_batch_bytes_max``."""
+    limit = limits.decompressed_batch_bytes_max
+    try:
+        if codec == CODEC_GZIP:
+            inflater = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
+            out = inflater.decompress(data, limit + 1)
+            if not inflater.eof:
+                if len(out) > limit:
+                    raise CorruptRecordError(f"gzip records inflate past {limit} bytes", position)
+                raise CorruptRecordError("truncated gzip records section", position)
+        elif codec == CODEC_LZ4:
+            lz4_inflater = lz4.frame.LZ4FrameDecompressor()
+            out = lz4_inflater.decompress(bytes(data), max_length=limit + 1)
+            if not lz4_inflater.eof:
+                if len(out) > limit:
+                    raise CorruptRecordError(f"lz4 records inflate past {limit} bytes", position)
+                raise CorruptRecordError("truncated lz4 records section", position)
+        elif codec == CODEC_ZSTD:
+            with zstandard.ZstdDecompressor().stream_reader(
+                    io.BytesIO(data), read_across_frames=True) as reader:
+                out = reader.read(limit + 1)
+        else:
+            raise UnsupportedCodecError(
+                f"cannot decode codec {CODEC_NAMES.get(codec, codec)} (no snappy support; the "
+                f"batch is stored and served unchanged)", position)
+    except CorruptRecordError:
+        raise
+    except (zlib.error, RuntimeError, zstandard.ZstdError, ValueError, EOFError) as error:
+        raise CorruptRecordError(
+            f"{CODEC_NAMES[codec]} records section does not decompress: {error}", position
+        ) from None
+    if len(out) > limit:
+        raise CorruptRecordError(
+            f"{CODEC_NAMES[codec]} records inflate past {limit} bytes", position)
+    return out
+
+
+_ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=3)
+
+
+# ================================================================================================
+# encode
+# ================================================================================================
+
+def _attributes(codec: int, log_append_time: bool, transactional: bool, control: bool) -> int:
+    attributes = codec
+    if log_append_time:
+        attributes |= TIMESTAMP_TYPE_MASK
+    if transactional:
+        attributes |= TRANSACTIONAL_MASK
+    if control:
+        attributes |= CONTROL_MASK
+    return attributes
+
+
+def _codec_number(codec: int | str) -> int:
+    if isinstance(codec, str):
+        try:
+            return CODECS_BY_NAME[codec]
+        except KeyError:
+            raise ValueError(
+                f"unknown compression {codec!r}; choose one of {', '.join(CODECS_BY_NAME)}"
+            ) from None
+    if codec not in CODEC_NAMES:
+        raise ValueError(f"unknown compression codec {codec}")
+    return codec
+
+
+def encode_batch_columnar(
+    values: object,
+    value_lengths: object,
+    *,
+    keys: object | None = None,
+    key_lengths: object | None = None,
+    timestamps: object | int | None = None,
+    headers: object | None = None,
+    header_lengths: object | None = None,
+    base_offset: int = 0,
+    codec: int | str = CODEC_NONE,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = NO_PRODUCER_EPOCH,
+    base_sequence: int = NO_SEQUENCE,
+    partition_leader_epoch: int = NO_PARTITION_LEADER_EPOCH,
+    log_append_time: bool = False,
+    transactional: bool = False,
+    control: bool = False,
+) -> bytearray:
+    """Encode one batch from columns: a buffer of values back to back plus their lengths.
+
+    ``value_lengths``: array-like of int (-1 = null value).  ``keys``/``key_lengths`` likewise
+    (omitted = null keys).  ``timestamps``: int64 array (ms, one per record), one int for every
+    record, or None for now.  ``headers``/``header_lengths``: each record's encoded headers
+    section (see :func:`columnar.encode_headers`), omitted = none.  Returns a new bytearray
+    holding the whole batch (writable, so a broker can rewrite base_offset in place).
+    """
+    value_lengths = np.asarray(value_lengths, dtype=np.int64).reshape(-1)
+    count = len(value_lengths)
+    if count == 0:
+        raise ValueError("a batch holds at least one record")
+    if count > limits.batch_records_max:
+        raise ValueError(f"{count} records exceed batch_records_max {limits.batch_records_max}")
+    if timestamps is None or isinstance(timestamps, int | np.integer):
+        base_timestamp = max_timestamp = time_ms() if timestamps is None else int(timestamps)
+        timestamp_deltas = None
+    else:
+        timestamp_array = np.asarray(timestamps, dtype=np.int64).reshape(-1)
+        if len(timestamp_array) != count:
+            raise ValueError(f"{len(timestamp_array)} timestamps for {count} records")
+        base_timestamp = int(timestamp_array[0])
+        max_timestamp = int(timestamp_array.max())
+        timestamp_deltas = timestamp_array - base_timestamp
+    codec_number = _codec_number(codec)
+    records = columnar.encode_records(
+        values, value_lengths, keys=keys, key_lengths=key_lengths,
+        timestamp_deltas=timestamp_deltas, headers=headers, header_lengths=header_lengths,
+        head_room=HEADER_SIZE)
+    if codec_number != CODEC_NONE:
+        records = bytearray(HEADER_SIZE) + compress(codec_number, memoryview(records)[HEADER_SIZE:])
+    return finish_batch(
+        records, count,
+        attributes=_attributes(codec_number, log_append_time, transactional, control),
+        base_offset=base_offset, base_timestamp=base_timestamp, max_timestamp=max_timestamp,
+        producer_id=producer_id, producer_epoch=producer_epoch, base_sequence=base_sequence,
+        partition_leader_epoch=partition_leader_epoch)
+
+
+def finish_batch(
+    batch: bytearray,
+    count: int,
+    *,
+    attributes: int,
+    base_offset: int,
+    base_timestamp: int,
+    max_timestamp: int,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = NO_PRODUCER_EPOCH,
+    base_sequence: int = NO_SEQUENCE,
+    partition_leader_epoch: int = NO_PARTITION_LEADER_EPOCH,
+    last_offset_delta: int | None = None,
+) -> bytearray:
+    """Fill in the header of ``batch`` -- 61 bytes of room followed by its records section,
+    already compressed when ``attributes`` names a codec -- and its CRC; return ``batch``."""
+    size = len(batch)
+    HEADER_STRUCT.pack_into(
+        batch, 0, base_offset, size - LOG_OVERHEAD, partition_leader_epoch, MAGIC, 0,
+        attributes, count - 1 if last_offset_delta is None else last_offset_delta,
+        base_timestamp, max_timestamp, producer_id, producer_epoch, base_sequence, count)
+    _CRC_STRUCT.pack_into(batch, CRC_POSITION, compute_crc(batch, 0, size))
+    return batch
+
+
+_CRC_STRUCT = struct.Struct(">I")
+
+
+def _lengths_and_buffer(items: Sequence[bytes | None], what: str) -> tuple[bytes, IntArray]:
+    """Join a list of byte strings (None = null) into one buffer plus an int64 length array."""
+    count = len(items)
+    try:
+        if None in items:
+            lengths = np.fromiter((-1 if item is None else len(item) for item in items),
+                                  dtype=np.int64, count=count)
+            return b"".join(item for item in items if item is not None), lengths
+        return b"".join(items), np.fromiter(map(len, items), dtype=np.int64, count=count)  # type: ignore[arg-type]
+    except TypeError:
+        bad = next(item for item in items if not isinstance(item, bytes | bytearray | memoryview | None))
+        raise TypeError(f"{what} must be bytes (or None), not {type(bad).__name__}") from None
+
+
+def encode_batch(
+    values: Sequence[bytes | None],
+    *,
+    keys: Sequence[bytes | None] | None = None,
+    timestamps: Sequence[int] | int | None = None,
+    headers: Sequence[Sequence[tuple[str, bytes | None]] | None] | None = None,
+    base_offset: int = 0,
+    codec: int | str = CODEC_NONE,
+    **batch_fields: Any,
+) -> bytearray:
+    """Encode one batch from Python lists (the per-record API).
+
+    ``values``: list of bytes (None = null); ``keys``: same length or None; ``timestamps``: ms
+    per record, one int for all, or None for now; ``headers``: per record a list of
+    (str, bytes) pairs, or None.  Other keyword arguments as :func:`encode_batch_columnar`.
+    """
+    value_buffer, value_lengths = _lengths_and_buffer(values, "values")
+    key_buffer: bytes | None = None
+    key_lengths: IntArray | None = None
+    if keys is not None:
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        key_buffer, key_lengths = _lengths_and_buffer(keys, "keys")
+    header_buffer: bytes | None = None
+    header_lengths: IntArray | None = None
+    if headers is not None and any(headers):
+        if len(headers) != len(values):
+            raise ValueError(f"{len(headers)} header lists for {len(values)} values")
+        sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
+        header_buffer, header_lengths = _lengths_and_buffer(sections, "headers")
+    if timestamps is not None and not isinstance(timestamps, int):
+        timestamps = np.fromiter(timestamps, dtype=np.int64, count=len(values))
+    return encode_batch_columnar(
+        value_buffer, value_lengths, keys=key_buffer, key_lengths=key_lengths,
+        timestamps=timestamps, headers=header_buffer, header_lengths=header_lengths,
+        base_offset=base_offset, codec=codec, **batch_fields)
+
+
+def time_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ================================================================================================
+# decode
+# ================================================================================================
+
+class Record(NamedTuple):
+    """One decoded record.  ``key``/``value`` are None when null; headers a tuple of pairs."""
+
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+_new_record = tuple.__new__
+_NO_HEADERS: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass
+class ColumnarBatch:
+    """One batch decoded into columns, without copying any key or value.
+
+    ``data`` is the buffer that holds the records (the caller's buffer for an uncompressed
+    batch, a decompressed copy otherwise); ``value_positions[i]`` / ``value_lengths[i]`` locate
+    record i's value in it (length -1 = null).  ``offsets`` and ``timestamps`` are absolute.
+    """
+
+    header: BatchHeader
+    position: int
+    data: UInt8Array
+    offsets: IntArray
+    timestamps: IntArray
+    key_positions: IntArray
+    key_lengths: IntArray
+    value_positions: IntArray
+    value_lengths: IntArray
+    header_positions: IntArray
+    header_counts: IntArray
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def value(self, index: int) -> bytes | None:
+        length = int(self.value_lengths[index])
+        if length < 0:
+            return None
+        start = int(self.value_positions[index])
+        return self.data[start : start + length].tobytes()
+
+    def values_equal_size(self) -> UInt8Array | None:
+        """When every value has one size and records share a stride, a 2-D zero-copy view
+        (records x value bytes) of the values; else None."""
+        count = len(self.value_lengths)
+        if count == 0:
+            return None
+        size = int(self.value_lengths[0])
+        if size < 0 or not (self.value_lengths == size).all():
+            return None
+        if count == 1:
+            start = int(self.value_positions[0])
+            return self.data[start : start + size].reshape(1, size)
+        strides = np.diff(self.value_positions)
+        stride = int(strides[0])
+        if stride < size or not (strides == stride).all():
+            return None
+        start = int(self.value_positions[0])
+        return np.lib.stride_tricks.as_strided(
+            self.data[start:], shape=(count, size), strides=(stride, 1), writeable=False)
+
+    def records(self) -> list[Record]:
+        """Materialise the batch as :class:`Record` tuples (values copied into bytes)."""
+        raw = self.data.tobytes() if self._needs_bytes() else bytes(self.data)
+        value_starts = self.value_positions.tolist()
+        value_ends = (self.value_positions + self.value_lengths).tolist()
+        if (self.value_lengths >= 0).all():
+            values: Iterable[bytes | None] = [raw[s:e] for s, e in zip(value_starts, value_ends)]
+        else:
+            values = [None if e < s else raw[s:e] for s, e in zip(value_starts, value_ends)]
+        if (self.key_lengths < 0).all():
+            keys: Iterable[bytes | None] = repeat(None)
+        else:
+            key_starts = self.key_positions.tolist()
+            key_ends = (self.key_positions + self.key_lengths).tolist()
+            keys = [None if e < s else raw[s:e] for s, e in zip(key_starts, key_ends)]
+        if self.header_counts.any():
+            view = memoryview(raw)
+            ends = np.append(self.header_positions[1:], 0).tolist()
+            headers: Iterable[tuple[tuple[str, bytes | None], ...]] = [
+                tuple(columnar.decode_headers(view, p, len(raw))[0]) if c else _NO_HEADERS
+                for p, c, _ in zip(self.header_positions.tolist(),
+                                   self.header_counts.tolist(), ends)]
+        else:
+            headers = repeat(_NO_HEADERS)
+        rows = zip(self.offsets.tolist(), self.timestamps.tolist(), keys, values, headers)
+        return list(map(_new_record, repeat(Record), rows))  # C-level: no Python frame per record
+
+    def _needs_bytes(self) -> bool:
+        return not self.data.flags.c_contiguous
+
+
+def decode_columnar(
+    buffer: bytes | bytearray | memoryview | UInt8Array,
+    position: int = 0,
+    *,
+    verify_crc: bool = True,
+) -> ColumnarBatch:
+    """Decode the batch at ``position`` into columns.  Zero copies for uncompressed batches."""
+    if isinstance(buffer, np.ndarray):
+        data = buffer.view(np.uint8).reshape(-1)
+    else:
+        data = np.frombuffer(buffer, dtype=np.uint8)
+    if verify_crc:
+        header = validate_batch(data, position)
+    else:
+        header = read_header(data, position)
+        if header.size > len(data) - position:
+            raise CorruptRecordError(
+                f"truncated batch: {len(data) - position} of {header.size} bytes", position)
+    records_start = position + HEADER_SIZE
+    records_end = position + header.size
+    if header.codec != CODEC_NONE:
+        inflated = decompress(header.codec, data[records_start:records_end], position)
+        data = np.frombuffer(inflated, dtype=np.uint8)
+        records_start, records_end = 0, len(data)
+    try:
+        columns = columnar.decode_records(data, records_start, records_end, header.records_count)
+    except CorruptRecordError as error:
+        raise CorruptRecordError(str(error), position) from None
+    if len(columns.offset_deltas) and int(columns.offset_deltas[-1]) > header.last_offset_delta:
+        raise CorruptRecordError(
+            f"record offset delta {int(columns.offset_deltas[-1])} exceeds the batch's "
+            f"last_offset_delta {header.last_offset_delta}", position)
+    offsets = columns.offset_deltas + header.base_offset
+    if header.is_log_append_time:
+        timestamps = np.full(len(offsets), header.max_timestamp, dtype=np.int64)
+    else:
+        timestamps = columns.timestamp_deltas + header.base_timestamp
+    return ColumnarBatch(
+        header, position, data, offsets, timestamps, columns.key_positions, columns.key_lengths,
+        columns.value_positions, columns.value_lengths, columns.header_positions,
+        columns.header_counts)
+
+
+def decode_batch(
+    buffer: bytes | bytearray | memoryview, position: int = 0, *, verify_crc: bool = True
+) -> list[Record]:
+    """Decode the batch at ``position`` into :class:`Record` tuples."""
+    return decode_columnar(buffer, position, verify_crc=verify_crc).records()
+
+
+def iter_batch_positions(
+    buffer: bytes | bytearray | memoryview, position: int = 0, end: int | None = None
+) -> Iterator[tuple[int, BatchHeader]]:
+    """Walk whole batches in ``buffer[position:end]``: yield (position, header), CRC checked.
+
+    A partial batch at the very end (as a fetch response may carry) is not an error: the walk
+    stops before it.  Anything else malformed raises CorruptRecordError with its position.
+    """
+    end = len(buffer) if end is None else end
+    view = memoryview(buffer)[:end]
+    while end - position >= LOG_OVERHEAD:
+        size = batch_size_at(view, position)
+        if size < HEADER_SIZE:
+            raise CorruptRecordError(f"batch size {size} is smaller than a header", position)
+        if position + size > end:
+            return
+        yield position, validate_batch(view, position)
+        position += size
+
+
+def iter_records(
+    buffer: bytes | bytearray | memoryview, position: int = 0, *, min_offset: int = 0
+) -> Iterator[Record]:
+    """Yield the records of every whole batch in ``buffer``, lazily, one batch at a time,
+    skipping records below ``min_offset`` (a fetch returns whole batches)."""
+    for batch_position, header in iter_batch_positions(buffer, position):
+        if header.next_offset <= min_offset:
+            continue
+        for record in decode_batch(buffer, batch_position, verify_crc=False):
+            if record.offset >= min_offset:
+                yield record

@@ -282,6 +282,7 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     position = start
     previous_stride = -1
     repeats = 0
+    speculation_rows = 16  # doubles while runs fill it: O(count) work however runs are laid out
     while index < count:
         if position >= end:
             raise CorruptRecordError(
@@ -293,7 +294,8 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
             raise CorruptRecordError(
                 f"record {index} claims {body} bytes; {end - after} remain in the batch")
         repeats = repeats + 1 if stride == previous_stride else 0
-        room = min(count - index, (end - position) // stride) if repeats >= 2 else 1
+        room = (min(count - index, (end - position) // stride, speculation_rows)
+                if repeats >= 2 else 1)
         if room > 4:
             # Three records of one size in a row: speculate that more follow, verify their
             # length fields on a strided view and accept the longest matching prefix.
@@ -304,7 +306,11 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
             run_parts.append((len(starts), run, position, stride, size_length))
             index += run
             position += stride * run
-            repeats = 0
+            if run == speculation_rows:  # the run may go on: keep speculating, further
+                speculation_rows *= 2
+            else:
+                speculation_rows = 16
+                repeats = 0
         else:
             starts.append(position)
             size_lengths.append(size_length)
@@ -318,10 +324,20 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     starts_array = np.array(starts, dtype=np.int64)
     size_lengths_array = np.array(size_lengths, dtype=np.int64)
     bodies_array = np.array(bodies, dtype=np.int64)
-    for at, run, run_position, stride, size_length in reversed(run_parts):
-        starts_array = np.insert(starts_array, at, run_position + stride * np.arange(run))
-        size_lengths_array = np.insert(size_lengths_array, at, np.full(run, size_length))
-        bodies_array = np.insert(bodies_array, at, np.full(run, stride - size_length))
+    if run_parts:
+        # Interleave singles and runs in one pass (an np.insert per run is O(runs * count)).
+        starts_parts: list[I64] = []
+        size_parts: list[I64] = []
+        body_parts: list[I64] = []
+        previous = 0
+        for at, run, run_position, stride, size_length in run_parts:
+            starts_parts += [starts_array[previous:at], run_position + stride * np.arange(run)]
+            size_parts += [size_lengths_array[previous:at], np.full(run, size_length)]
+            body_parts += [bodies_array[previous:at], np.full(run, stride - size_length)]
+            previous = at
+        starts_array = np.concatenate(starts_parts + [starts_array[previous:]])
+        size_lengths_array = np.concatenate(size_parts + [size_lengths_array[previous:]])
+        bodies_array = np.concatenate(body_parts + [bodies_array[previous:]])
     return starts_array, size_lengths_array, bodies_array
 
 
@@ -416,6 +432,8 @@ def encode_headers(headers: list[tuple[str, bytes | None]] | tuple[tuple[str, by
         return NO_HEADERS
     parts = [encode_varint(len(headers))]
     for key, value in headers:
+        if not isinstance(key, str):
+            raise TypeError(f"header keys must be str, not {type(key).__name__}")
         key_bytes = key.encode("utf-8")
         parts.append(encode_varint(len(key_bytes)))
         parts.append(key_bytes)

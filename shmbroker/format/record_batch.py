@@ -125,6 +125,7 @@ NO_PARTITION_LEADER_EPOCH = -1
 # header count -- one byte each.
 RECORD_SIZE_MIN = 7
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 class BatchHeader(NamedTuple):
@@ -301,15 +302,26 @@ def decompress(codec: int, data: bytes | bytearray | memoryview, position: int |
                 raise CorruptRecordError("truncated gzip records section", position)
         elif codec == CODEC_LZ4:
             lz4_inflater = lz4.frame.LZ4FrameDecompressor()
-            out = lz4_inflater.decompress(bytes(data), max_length=limit + 1)
-            if not lz4_inflater.eof:
-                if len(out) > limit:
-                    raise CorruptRecordError(f"lz4 records inflate past {limit} bytes", position)
+            pieces = [lz4_inflater.decompress(bytes(data), max_length=_INFLATE_CHUNK_BYTES)]
+            inflated = len(pieces[0])
+            while not lz4_inflater.eof and not lz4_inflater.needs_input and inflated <= limit:
+                pieces.append(lz4_inflater.decompress(b"", max_length=_INFLATE_CHUNK_BYTES))
+                inflated += len(pieces[-1])
+            if inflated <= limit and not lz4_inflater.eof:
                 raise CorruptRecordError("truncated lz4 records section", position)
+            out = b"".join(pieces)
         elif codec == CODEC_ZSTD:
             with zstandard.ZstdDecompressor().stream_reader(
                     io.BytesIO(data), read_across_frames=True) as reader:
-                out = reader.read(limit + 1)
+                pieces = []
+                inflated = 0
+                while inflated <= limit:
+                    piece = reader.read(_INFLATE_CHUNK_BYTES)
+                    if not piece:
+                        break
+                    pieces.append(piece)
+                    inflated += len(piece)
+            out = b"".join(pieces)
         else:
             raise UnsupportedCodecError(
                 f"cannot decode codec {CODEC_NAMES.get(codec, codec)} (no snappy support; the "
@@ -327,6 +339,8 @@ def decompress(codec: int, data: bytes | bytearray | memoryview, position: int |
 
 
 _ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=3)
+# Inflate in pieces of this size, so a small batch never allocates the whole limit up front.
+_INFLATE_CHUNK_BYTES = 1 << 20
 
 
 # ================================================================================================
@@ -432,10 +446,16 @@ def finish_batch(
     """Fill in the header of ``batch`` -- 61 bytes of room followed by its records section,
     already compressed when ``attributes`` names a codec -- and its CRC; return ``batch``."""
     size = len(batch)
-    HEADER_STRUCT.pack_into(
-        batch, 0, base_offset, size - LOG_OVERHEAD, partition_leader_epoch, MAGIC, 0,
-        attributes, count - 1 if last_offset_delta is None else last_offset_delta,
-        base_timestamp, max_timestamp, producer_id, producer_epoch, base_sequence, count)
+    try:
+        HEADER_STRUCT.pack_into(
+            batch, 0, base_offset, size - LOG_OVERHEAD, partition_leader_epoch, MAGIC, 0,
+            attributes, count - 1 if last_offset_delta is None else last_offset_delta,
+            base_timestamp, max_timestamp, producer_id, producer_epoch, base_sequence, count)
+    except struct.error as error:
+        raise ValueError(
+            f"a batch header field is out of range ({error}): base_offset, producer_id and "
+            f"timestamps are int64, producer_epoch int16, base_sequence and "
+            f"partition_leader_epoch int32") from None
     _CRC_STRUCT.pack_into(batch, CRC_POSITION, compute_crc(batch, 0, size))
     return batch
 
@@ -488,7 +508,7 @@ def encode_batch(
         sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
         header_buffer, header_lengths = _lengths_and_buffer(sections, "headers")
     if timestamps is not None and not isinstance(timestamps, int):
-        timestamps = np.fromiter(timestamps, dtype=np.int64, count=len(values))
+        timestamps = np.asarray(timestamps, dtype=np.int64)  # length checked by the columnar path
     return encode_batch_columnar(
         value_buffer, value_lengths, keys=key_buffer, key_lengths=key_lengths,
         timestamps=timestamps, headers=header_buffer, header_lengths=header_lengths,
@@ -537,6 +557,8 @@ class ColumnarBatch:
     value_lengths: IntArray
     header_positions: IntArray
     header_counts: IntArray
+    records_start: int  # the records section is data[records_start:records_end]
+    records_end: int
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -570,9 +592,12 @@ class ColumnarBatch:
 
     def records(self) -> list[Record]:
         """Materialise the batch as :class:`Record` tuples (values copied into bytes)."""
-        raw = self.data.tobytes() if self._needs_bytes() else bytes(self.data)
-        value_starts = self.value_positions.tolist()
-        value_ends = (self.value_positions + self.value_lengths).tolist()
+        # One copy of this batch's records section, then slices of it (a fetch buffer may hold
+        # many batches: never copy more than this one).
+        base = self.records_start
+        raw = self.data[base : self.records_end].tobytes()
+        value_starts = (self.value_positions - base).tolist()
+        value_ends = (self.value_positions + self.value_lengths - base).tolist()
         if (self.value_lengths >= 0).all():
             values: Iterable[bytes | None] = [raw[s:e] for s, e in zip(value_starts, value_ends)]
         else:
@@ -580,23 +605,19 @@ class ColumnarBatch:
         if (self.key_lengths < 0).all():
             keys: Iterable[bytes | None] = repeat(None)
         else:
-            key_starts = self.key_positions.tolist()
-            key_ends = (self.key_positions + self.key_lengths).tolist()
+            key_starts = (self.key_positions - base).tolist()
+            key_ends = (self.key_positions + self.key_lengths - base).tolist()
             keys = [None if e < s else raw[s:e] for s, e in zip(key_starts, key_ends)]
         if self.header_counts.any():
             view = memoryview(raw)
-            ends = np.append(self.header_positions[1:], 0).tolist()
             headers: Iterable[tuple[tuple[str, bytes | None], ...]] = [
                 tuple(columnar.decode_headers(view, p, len(raw))[0]) if c else _NO_HEADERS
-                for p, c, _ in zip(self.header_positions.tolist(),
-                                   self.header_counts.tolist(), ends)]
+                for p, c in zip((self.header_positions - base).tolist(),
+                                self.header_counts.tolist())]
         else:
             headers = repeat(_NO_HEADERS)
         rows = zip(self.offsets.tolist(), self.timestamps.tolist(), keys, values, headers)
         return list(map(_new_record, repeat(Record), rows))  # C-level: no Python frame per record
-
-    def _needs_bytes(self) -> bool:
-        return not self.data.flags.c_contiguous
 
 
 def decode_columnar(
@@ -617,6 +638,10 @@ def decode_columnar(
         if header.size > len(data) - position:
             raise CorruptRecordError(
                 f"truncated batch: {len(data) - position} of {header.size} bytes", position)
+    if header.base_offset + header.last_offset_delta > INT64_MAX:
+        raise CorruptRecordError(
+            f"last offset {header.base_offset + header.last_offset_delta} does not fit in int64",
+            position)
     records_start = position + HEADER_SIZE
     records_end = position + header.size
     if header.codec != CODEC_NONE:
@@ -639,7 +664,7 @@ def decode_columnar(
     return ColumnarBatch(
         header, position, data, offsets, timestamps, columns.key_positions, columns.key_lengths,
         columns.value_positions, columns.value_lengths, columns.header_positions,
-        columns.header_counts)
+        columns.header_counts, records_start, records_end)
 
 
 def decode_batch(

@@ -1,0 +1,238 @@
+"""Sparse segment indexes: the shared machinery and the offset index (``.index``).
+
+``.index`` file layout (Kafka's), big-endian, 8-byte entries, no header::
+
+    position  size  field
+    0         4     relative_offset  uint32  batch base offset - segment base offset
+    4         4     position         uint32  byte position of that batch in the .log
+
+Entries are sparse: one every ``index_interval_bytes`` of log (see ``Segment``).  Unlike recent
+Kafka, an entry names the *base* offset of the batch that starts at ``position``, so a lookup lands
+on the batch itself.  There is no checksum: indexes are derived data; recovery compares them with
+the log and rebuilds them when they disagree.
+
+While its segment is active an index file is preallocated (ftruncate) to ``segment_index_bytes``
+and the bytes past the entries are zero; a sealed or cleanly closed index is trimmed to its
+entries.  Entries live in memory as numpy arrays (binary search is ``np.searchsorted``); the file
+is written with ``os.pwrite`` per appended entry, never through mmap.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import numpy as np
+
+_INITIAL_CAPACITY = 64
+
+
+class SparseIndex:
+    """An ordered, sparse key -> value index backed by a file of fixed-size entries.
+
+    Invariants:
+    - ``0 <= entries_count <= max_entries``; keys of entries ``[0, entries_count)`` strictly grow;
+      values never decrease.
+    - The file's first ``entries_count`` entries equal the in-memory ones (after any successful
+      write); while ``is_active`` the file is ``max_entries * ENTRY_SIZE`` bytes long.
+    """
+
+    FILE_DTYPE: ClassVar[np.dtype]  # structured, big-endian: (key, value)
+    ENTRY_SIZE: ClassVar[int]
+    KEY_NAME: ClassVar[str]
+    VALUE_NAME: ClassVar[str]
+
+    def __init__(self, path: str, max_index_bytes: int) -> None:
+        self.path = path
+        self.max_entries = max(2, max_index_bytes // self.ENTRY_SIZE)
+        self._keys = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self._values = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self.entries_count = 0
+        self._fd = -1
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def is_active(self) -> bool:
+        return self._fd >= 0
+
+    @property
+    def free_entries(self) -> int:
+        return self.max_entries - self.entries_count
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._keys[: self.entries_count]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values[: self.entries_count]
+
+    def last_entry(self) -> tuple[int, int] | None:
+        if self.entries_count == 0:
+            return None
+        return int(self._keys[self.entries_count - 1]), int(self._values[self.entries_count - 1])
+
+    # -- file ---------------------------------------------------------------------------------
+    def read_file(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Entries as stored on disk (keys, values, file size), or None if the file is missing.
+
+        A preallocated file's zero tail is returned as entries; the caller judges them.
+        """
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return None
+        whole = len(data) // self.ENTRY_SIZE * self.ENTRY_SIZE
+        raw = np.frombuffer(data, dtype=self.FILE_DTYPE, count=whole // self.ENTRY_SIZE)
+        keys = raw[self.KEY_NAME].astype(np.int64)
+        values = raw[self.VALUE_NAME].astype(np.int64)
+        return keys, values, len(data)
+
+    def set_entries(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Replace the in-memory entries (the file is not touched)."""
+        count = len(keys)
+        assert count == len(values) and count <= self.max_entries
+        capacity = max(_INITIAL_CAPACITY, count)
+        self._keys = np.zeros(capacity, dtype=np.int64)
+        self._values = np.zeros(capacity, dtype=np.int64)
+        self._keys[:count] = keys
+        self._values[:count] = values
+        self.entries_count = count
+
+    def write_file(self, *, active: bool) -> None:
+        """Rewrite the whole file from memory; preallocate it when ``active``."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, 0)
+            _pwrite_all(fd, self._encode(0, self.entries_count), 0)
+            if active:
+                os.ftruncate(fd, self.max_entries * self.ENTRY_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._close_fd()
+        if active:
+            self._fd = fd
+        else:
+            os.fsync(fd)
+            os.close(fd)
+
+    def activate(self) -> None:
+        """Open the file for appends and preallocate it (entries must already be on disk)."""
+        if self._fd >= 0:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, self.max_entries * self.ENTRY_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def seal(self, *, fsync: bool = True) -> None:
+        """Trim the file to its entries, make it durable and close it."""
+        if self._fd < 0:
+            return
+        os.ftruncate(self._fd, self.entries_count * self.ENTRY_SIZE)
+        if fsync:
+            os.fsync(self._fd)
+        self._close_fd()
+
+    def flush(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def abandon(self) -> None:
+        """Close without trimming or syncing (what a crash leaves)."""
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    # -- entries ------------------------------------------------------------------------------
+    def append(self, key: int, value: int) -> None:
+        """Add one entry at the end (memory, then file if active)."""
+        count = self.entries_count
+        assert count < self.max_entries, f"{self.path} is full"
+        assert count == 0 or key > self._keys[count - 1], (key, self.last_entry())
+        assert count == 0 or value >= self._values[count - 1], (value, self.last_entry())
+        if count == len(self._keys):
+            capacity = min(self.max_entries, 2 * count)
+            self._keys = np.resize(self._keys, capacity)
+            self._values = np.resize(self._values, capacity)
+        self._keys[count] = key
+        self._values[count] = value
+        self.entries_count = count + 1
+        if self._fd >= 0:
+            os.pwrite(self._fd, self._encode(count, count + 1), count * self.ENTRY_SIZE)
+
+    def truncate_entries(self, count: int) -> None:
+        """Drop entries ``[count, entries_count)`` (zeroed in the file when active)."""
+        if count >= self.entries_count:
+            return
+        old = self.entries_count
+        self.entries_count = count
+        if self._fd >= 0:
+            os.pwrite(self._fd, bytes((old - count) * self.ENTRY_SIZE), count * self.ENTRY_SIZE)
+
+    def floor_index(self, key: int) -> int:
+        """Index of the last entry whose key is <= ``key``; -1 when there is none."""
+        return int(np.searchsorted(self.keys, key, side="right")) - 1
+
+    def first_index_at_or_after_value(self, value: int) -> int:
+        """Index of the first entry whose value is >= ``value`` (entries_count if none)."""
+        return int(np.searchsorted(self.values, value, side="left"))
+
+    def _encode(self, start: int, stop: int) -> bytes:
+        out = np.empty(stop - start, dtype=self.FILE_DTYPE)
+        out[self.KEY_NAME] = self._keys[start:stop]
+        out[self.VALUE_NAME] = self._values[start:stop]
+        return out.tobytes()
+
+    def shape_problem(self, keys: np.ndarray, values: np.ndarray, file_size: int) -> str | None:
+        """Why these on-disk entries cannot be an index of this kind (None when they can)."""
+        if file_size % self.ENTRY_SIZE:
+            return f"size {file_size} is not a multiple of {self.ENTRY_SIZE}"
+        if len(keys) > self.max_entries:
+            return f"{len(keys)} entries exceed the maximum {self.max_entries}"
+        if len(keys) > 1 and not bool(np.all(np.diff(keys) > 0)):
+            return f"{self.KEY_NAME}s do not strictly increase"
+        if len(values) > 1 and not bool(np.all(np.diff(values) >= 0)):
+            return f"{self.VALUE_NAME}s decrease"
+        return None
+
+
+class OffsetIndex(SparseIndex):
+    """relative offset -> position.  Also: positions strictly increase (one entry per batch)."""
+
+    FILE_DTYPE = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
+    ENTRY_SIZE = 8
+    KEY_NAME = "relative_offset"
+    VALUE_NAME = "position"
+
+    def lookup(self, relative_offset: int) -> tuple[int, int]:
+        """(relative offset, position) of the last entry at or before ``relative_offset``.
+
+        (0, 0) -- the segment's start -- when no entry is at or before it.
+        """
+        found = self.floor_index(relative_offset)
+        if found < 0:
+            return 0, 0
+        return int(self._keys[found]), int(self._values[found])
+
+    def shape_problem(self, keys: np.ndarray, values: np.ndarray, file_size: int) -> str | None:
+        problem = super().shape_problem(keys, values, file_size)
+        if problem is None and len(values) > 1 and not bool(np.all(np.diff(values) > 0)):
+            problem = "positions do not strictly increase"
+        return problem
+
+
+def _pwrite_all(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view = view[written:]
+        position += written

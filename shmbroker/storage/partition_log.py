@@ -1,0 +1,542 @@
+"""The log of one partition: ordered segments, appends, reads, retention, flushing, recovery.
+
+Directory layout (``<data_dir>/topics/<topic>/<partition>/``)::
+
+    00000000000000000000.log / .index / .timeindex   one segment per base offset (segment.py)
+    recovery-point-offset-checkpoint                  recovery_point_offset, clean_shutdown
+    log-start-offset-checkpoint                       log_start_offset
+
+Durability cursors, in this order (asserted after every mutation)::
+
+    log_start_offset <= log_end_offset
+    flushed_offset   <= log_end_offset      offsets below flushed_offset are fsynced
+    checkpointed recovery point <= flushed_offset (until truncate_to lowers both, synchronously)
+
+The owner (one worker process) is the only writer and calls :meth:`PartitionLog.tick`
+periodically for time-based flushes, retention and the recovery-point checkpoint; there are no
+threads here.  A :class:`ReadSlice` (an fd and a byte range for ``os.sendfile``) stays valid until
+the next call that deletes or truncates segments (``tick``, ``enforce_retention``,
+``truncate_to``, ``delete_records_before``, ``close``); ``os.dup`` the fd to keep it longer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from shmbroker.config import LogConfig
+from shmbroker.errors import (
+    CorruptRecordError,
+    LogClosedError,
+    OffsetOutOfRangeError,
+    StorageError,
+)
+from shmbroker.format import record_batch
+from shmbroker.format.record_batch import set_base_offset, validate_batch
+from shmbroker.storage.checkpoint_file import CheckpointFile, fsync_directory
+from shmbroker.storage.recovery import RecoveryReport, load_segments
+from shmbroker.storage.segment import (
+    POSITION_MAX,
+    RELATIVE_OFFSET_MAX,
+    BatchSpan,
+    Segment,
+)
+
+logger = logging.getLogger("shmbroker.storage")
+
+RECOVERY_POINT_CHECKPOINT = "recovery-point-offset-checkpoint"
+LOG_START_CHECKPOINT = "log-start-offset-checkpoint"
+# Kafka's log.flush.offset.checkpoint.interval.ms; not a topic config (see the report).
+RECOVERY_POINT_CHECKPOINT_INTERVAL_MS = 60_000
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class AppendResult(NamedTuple):
+    """Offsets assigned by one :meth:`PartitionLog.append`."""
+
+    first_offset: int
+    last_offset: int
+    base_offsets: list[int]  # one per batch, in buffer order
+    append_time_ms: int
+    log_end_offset: int  # after the append
+
+
+class ReadSlice(NamedTuple):
+    """Whole batches of one segment: send ``size_bytes`` from ``position`` of ``fd``."""
+
+    fd: int
+    position: int
+    size_bytes: int
+    segment_base_offset: int
+    first_offset: int  # base offset of the first batch (<= the offset asked for); log_end if empty
+    log_end_offset: int  # at the time of the read
+    next_offset: int  # offset after the slice's last batch: where the next read starts
+
+
+class PartitionLog:
+    """Ordered segments holding dense offsets ``[log_start_offset, log_end_offset)``.
+
+    Invariants:
+    - at least one segment; segments are sorted by base offset and contiguous
+      (``segments[i].next_offset == segments[i + 1].base_offset``); only the last is active.
+    - ``segments[0].base_offset <= log_start_offset <= log_end_offset == segments[-1].next_offset``
+    - ``flushed_offset <= log_end_offset``.
+    - a failed append (bad batch, disk error) leaves files and state exactly as before the call.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        config: LogConfig,
+        *,
+        clock_ms: Callable[[], int] = _wall_clock_ms,
+    ) -> None:
+        self.directory = os.fspath(directory)
+        self.config = config
+        self._clock_ms = clock_ms
+        os.makedirs(self.directory, exist_ok=True)
+        self._recovery_checkpoint = CheckpointFile(
+            os.path.join(self.directory, RECOVERY_POINT_CHECKPOINT))
+        self._log_start_checkpoint = CheckpointFile(
+            os.path.join(self.directory, LOG_START_CHECKPOINT))
+        recovery = self._read_checkpoint(self._recovery_checkpoint)
+        recovery_point = recovery.get("recovery_point_offset", 0)
+        clean_shutdown = recovery.get("clean_shutdown", 0) == 1
+        self.recovery_report: RecoveryReport
+        segments, self.recovery_report = load_segments(
+            self.directory, config, recovery_point, clean_shutdown,
+            frozenset((RECOVERY_POINT_CHECKPOINT, LOG_START_CHECKPOINT)))
+        stored_log_start = self._read_checkpoint(self._log_start_checkpoint).get(
+            "log_start_offset", 0)
+        if segments and stored_log_start > segments[-1].next_offset:
+            # A crash lost unflushed batches below a durable log start: restart empty there,
+            # offsets never go back below a log start consumers may have seen.
+            logger.warning("%s: log start %s is past the recovered log end %s; restarting the "
+                           "log empty at %s", self.directory, stored_log_start,
+                           segments[-1].next_offset, stored_log_start)
+            for segment in segments:
+                segment.delete_files()
+                self.recovery_report.segments_deleted.append(segment.base_offset)
+            segments = []
+        if not segments:
+            segments = [Segment.create(self.directory, stored_log_start, config)]
+            fsync_directory(self.directory)
+        self._segments = segments
+        self._base_offsets = [segment.base_offset for segment in segments]
+        self._closed = False
+        self._log_end_offset = segments[-1].next_offset
+        self._log_start_offset = min(max(segments[0].base_offset, stored_log_start),
+                                     self._log_end_offset)
+        # What recovery kept past the recovery point may sit only in the page cache (a process
+        # crash): it counts as unflushed, and the flush policy takes it from here.
+        self._flushed_offset = min(max(recovery_point, segments[0].base_offset),
+                                   self._log_end_offset)
+        self._unflushed_since_ms: int | None = (
+            None if self._flushed_offset == self._log_end_offset else clock_ms())
+        self._directory_dirty = bool(self.recovery_report.segments_deleted)
+        self._checkpointed_recovery_point = -1
+        self._last_checkpoint_ms = clock_ms()
+        self._write_recovery_checkpoint(clean_shutdown=False)
+        self._check_invariants()
+
+    # -- cursors ------------------------------------------------------------------------------
+    @property
+    def log_start_offset(self) -> int:
+        return self._log_start_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        return self._log_end_offset
+
+    @property
+    def flushed_offset(self) -> int:
+        return self._flushed_offset
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(self._segments)
+
+    @property
+    def active_segment(self) -> Segment:
+        return self._segments[-1]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size_bytes for segment in self._segments)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def _check_invariants(self) -> None:
+        segments = self._segments
+        assert segments and self._base_offsets == [s.base_offset for s in segments]
+        assert segments[0].base_offset <= self._log_start_offset <= self._log_end_offset
+        assert self._log_end_offset == segments[-1].next_offset
+        assert self._flushed_offset <= self._log_end_offset
+        assert segments[-1].is_active
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"partition log {self.directory} is closed")
+
+    # -- append -------------------------------------------------------------------------------
+    def append(self, buffer: bytes | bytearray | memoryview) -> AppendResult:
+        """Append one or more concatenated batches; assign their offsets; return them.
+
+        Every batch is validated first (header, size <= max_batch_bytes, CRC-32C, and
+        ``records_count == last_offset_delta + 1`` as Kafka requires of producers); one bad batch
+        refuses the whole call with CorruptRecordError and nothing is written.  Base offsets are
+        rewritten *in place when ``buffer`` is writable* (a bytearray or writable memoryview, e.g.
+        a ring slot -- no copy), into a private copy otherwise.  Batches go to the active segment
+        with one os.write per segment touched, rolling between batches when needed.  A disk error
+        raises StorageError and leaves the log as it was.
+        """
+        self._check_open()
+        view = memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        spans = self._validate(view)
+        if view.readonly:
+            view = memoryview(bytearray(view))
+        for span in spans:
+            set_base_offset(view, span.position, span.base_offset)
+        now_ms = self._clock_ms()
+        self._write(view, spans, now_ms)
+        first, last = spans[0].base_offset, spans[-1].next_offset - 1
+        self._log_end_offset = last + 1
+        if self._unflushed_since_ms is None:
+            self._unflushed_since_ms = now_ms
+        flush_messages = self.config.flush_messages
+        if flush_messages and self._log_end_offset - self._flushed_offset >= flush_messages:
+            self.flush()
+        self._check_invariants()
+        return AppendResult(first, last, [span.base_offset for span in spans], now_ms,
+                            self._log_end_offset)
+
+    def _validate(self, view: memoryview) -> list[BatchSpan]:
+        if not view.nbytes:
+            raise CorruptRecordError("empty append: the buffer holds no batch")
+        spans: list[BatchSpan] = []
+        position = 0
+        next_offset = self._log_end_offset
+        max_batch_bytes = self.config.max_batch_bytes
+        while position < view.nbytes:
+            header = validate_batch(view, position, max_batch_bytes)
+            if header.records_count != header.last_offset_delta + 1:
+                raise CorruptRecordError(
+                    f"batch {len(spans)} declares {header.records_count} records but "
+                    f"last_offset_delta {header.last_offset_delta}; a produced batch must have "
+                    "records_count == last_offset_delta + 1", position)
+            spans.append(BatchSpan(position, next_offset, header.size,
+                                   header.last_offset_delta, header.max_timestamp))
+            next_offset += header.last_offset_delta + 1
+            position += header.size
+        return spans
+
+    def _write(self, view: memoryview, spans: list[BatchSpan], now_ms: int) -> None:
+        """Write ``spans`` of ``view`` segment by segment; undo everything on OSError."""
+        config = self.config
+        original = self._segments[-1]
+        snapshot = original.snapshot()
+        created: list[Segment] = []
+        target = original
+        try:
+            if (target.size_bytes and target.roll_start_ms is not None
+                    and now_ms - target.roll_start_ms >= config.segment_ms):
+                target = Segment.create(self.directory, spans[0].base_offset, config)
+                created.append(target)
+            index = 0
+            while index < len(spans):
+                stop = index
+                size_bytes = target.size_bytes
+                free_entries = target.free_index_entries()
+                while stop < len(spans) and stop - index < free_entries:
+                    span = spans[stop]
+                    if not _fits(target, size_bytes, span, config.segment_bytes):
+                        break
+                    size_bytes += span.size_bytes
+                    stop += 1
+                if stop == index:
+                    target = Segment.create(self.directory, spans[index].base_offset, config)
+                    created.append(target)
+                    continue
+                start_position = spans[index].position
+                chunk = view[start_position : spans[stop - 1].end_position]
+                target.append(chunk, [span._replace(position=span.position - start_position)
+                                      for span in spans[index:stop]], now_ms)
+                index = stop
+        except OSError as error:
+            for segment in created:
+                segment.delete_files()
+            try:
+                original.restore(snapshot)
+            except OSError:
+                logger.exception("cannot cut %s back after a failed append", original.log_path)
+            text = os.strerror(error.errno) if error.errno else str(error)
+            raise StorageError(
+                f"append to partition log {self.directory} failed: {text} "
+                f"({errno.errorcode.get(error.errno or 0, 'EIO')}); nothing was stored, log end "
+                f"stays {self._log_end_offset}; retry once the disk recovers") from error
+        for segment in created:
+            self._seal(self._segments[-1])
+            self._segments.append(segment)
+            self._base_offsets.append(segment.base_offset)
+            self._directory_dirty = True
+
+    def _seal(self, segment: Segment) -> None:
+        try:
+            segment.seal()
+        except OSError:  # indexes are derived data: recovery rebuilds them
+            logger.exception("cannot seal the indexes of %s", segment.log_path)
+
+    # -- reads --------------------------------------------------------------------------------
+    def _segment_for(self, offset: int) -> Segment:
+        if not self._log_start_offset <= offset <= self._log_end_offset:
+            raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
+        return self._segments[bisect.bisect_right(self._base_offsets, offset) - 1]
+
+    def read(self, offset: int, max_bytes: int) -> ReadSlice:
+        """Whole batches from the one holding ``offset``, within one segment, about ``max_bytes``
+        (at least one batch).  Empty at log_end; OffsetOutOfRangeError outside the log."""
+        self._check_open()
+        segment = self._segment_for(offset)
+        if offset == self._log_end_offset:
+            active = self._segments[-1]
+            return ReadSlice(active.fd, active.size_bytes, 0, active.base_offset,
+                             offset, self._log_end_offset, offset)
+        found = segment.read_range(offset, max_bytes)
+        assert found is not None, (offset, segment.base_offset, segment.next_offset)
+        position, size_bytes, first, next_offset = found
+        return ReadSlice(segment.fd, position, size_bytes, segment.base_offset,
+                         first.base_offset, self._log_end_offset, next_offset)
+
+    def read_bytes(self, offset: int, max_bytes: int) -> bytes:
+        """As :meth:`read`, but the bytes themselves (os.pread)."""
+        found = self.read(offset, max_bytes)
+        if not found.size_bytes:
+            return b""
+        segment = self._segments[bisect.bisect_right(self._base_offsets, found.first_offset) - 1]
+        return segment.pread_exact(found.position, found.size_bytes)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first record with timestamp >= ``timestamp_ms``
+        at or after log_start, or None when there is none."""
+        self._check_open()
+        log_start = self._log_start_offset
+        for segment in self._segments:
+            if segment.max_timestamp_ms < timestamp_ms or segment.next_offset <= log_start:
+                continue
+            for span in segment.iter_batches(segment.timestamp_start_position(timestamp_ms),
+                                             segment.size_bytes):
+                if span.max_timestamp_ms < timestamp_ms or span.next_offset <= log_start:
+                    continue
+                data = segment.pread_exact(span.position, span.size_bytes)
+                batch = record_batch.decode_columnar(data, 0)
+                wanted = (batch.timestamps >= timestamp_ms) & (batch.offsets >= log_start)
+                if wanted.any():
+                    found = int(wanted.argmax())
+                    return int(batch.offsets[found]), int(batch.timestamps[found])
+        return None
+
+    # -- durability ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        """fsync every segment holding unflushed offsets (and the directory after rolls)."""
+        self._check_open()
+        if self._flushed_offset == self._log_end_offset and not self._directory_dirty:
+            return
+        try:
+            for segment in reversed(self._segments):
+                if segment.next_offset <= self._flushed_offset and segment.size_bytes:
+                    break
+                segment.flush()
+            if self._directory_dirty:
+                fsync_directory(self.directory)
+                self._directory_dirty = False
+        except OSError as error:
+            raise StorageError(
+                f"fsync of partition log {self.directory} failed: "
+                f"{os.strerror(error.errno) if error.errno else error}") from error
+        self._flushed_offset = self._log_end_offset
+        self._unflushed_since_ms = None
+        self._check_invariants()
+
+    def maybe_flush(self, now_ms: int | None = None) -> bool:
+        """Flush when the oldest unflushed append is ``flush_ms`` old; True if it flushed."""
+        self._check_open()
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        flush_ms = self.config.flush_ms
+        if flush_ms and self._unflushed_since_ms is not None and (
+                now_ms - self._unflushed_since_ms >= flush_ms):
+            self.flush()
+            return True
+        return False
+
+    def tick(self, now_ms: int | None = None) -> list[int]:
+        """Periodic work: time-based flush, retention, recovery-point checkpoint.
+
+        Returns the base offsets of the segments retention deleted.
+        """
+        self._check_open()
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        self.maybe_flush(now_ms)
+        deleted = self.enforce_retention(now_ms)
+        if (self._flushed_offset != self._checkpointed_recovery_point
+                and now_ms - self._last_checkpoint_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS):
+            self._write_recovery_checkpoint(clean_shutdown=False)
+            self._last_checkpoint_ms = now_ms
+        return deleted
+
+    def _write_recovery_checkpoint(self, *, clean_shutdown: bool) -> None:
+        self._recovery_checkpoint.write({"recovery_point_offset": self._flushed_offset,
+                                         "clean_shutdown": int(clean_shutdown)})
+        self._checkpointed_recovery_point = self._flushed_offset
+
+    @staticmethod
+    def _read_checkpoint(checkpoint: CheckpointFile) -> dict[str, int]:
+        try:
+            return checkpoint.read() or {}
+        except StorageError:
+            logger.warning("ignoring unreadable checkpoint %s", checkpoint.path, exc_info=True)
+            return {}
+
+    # -- deletion -----------------------------------------------------------------------------
+    def enforce_retention(self, now_ms: int | None = None) -> list[int]:
+        """Delete the oldest sealed segments past retention_ms (by their largest timestamp)
+        or while the log is over retention_bytes.  Never the active segment."""
+        self._check_open()
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        retention_ms, retention_bytes = self.config.retention_ms, self.config.retention_bytes
+        deleted: list[int] = []
+        total_bytes = self.size_bytes
+        while len(self._segments) > 1:
+            oldest = self._segments[0]
+            expired = retention_ms >= 0 and now_ms - oldest.max_timestamp_ms > retention_ms
+            too_big = retention_bytes >= 0 and total_bytes - oldest.size_bytes >= retention_bytes
+            if not (expired or too_big):
+                break
+            total_bytes -= oldest.size_bytes
+            deleted.append(oldest.base_offset)
+            self._delete_oldest()
+        if deleted:
+            logger.info("retention deleted segments %s of %s", deleted, self.directory)
+        self._check_invariants()
+        return deleted
+
+    def _delete_oldest(self) -> None:
+        oldest = self._segments.pop(0)
+        self._base_offsets.pop(0)
+        oldest.delete_files()
+        self._log_start_offset = max(self._log_start_offset, self._segments[0].base_offset)
+        self._directory_dirty = True
+
+    def delete_records_before(self, offset: int) -> int:
+        """Make ``offset`` the new log start (Kafka's DeleteRecords); returns log_start_offset.
+
+        The new start is checkpointed before any file goes; segments wholly below it are deleted
+        (the active one too, by rolling first, when ``offset == log_end_offset``)."""
+        self._check_open()
+        if offset > self._log_end_offset or offset < 0:
+            raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
+        if offset <= self._log_start_offset:
+            return self._log_start_offset
+        self._log_start_checkpoint.write({"log_start_offset": offset})
+        self._log_start_offset = offset
+        active = self._segments[-1]
+        if active.size_bytes and active.next_offset <= offset:
+            new = Segment.create(self.directory, self._log_end_offset, self.config)
+            self._seal(active)
+            self._segments.append(new)
+            self._base_offsets.append(new.base_offset)
+        while len(self._segments) > 1 and self._segments[0].next_offset <= offset:
+            self._delete_oldest()
+        self.flush()
+        self._check_invariants()
+        return self._log_start_offset
+
+    def truncate_to(self, offset: int) -> int:
+        """Drop every batch holding an offset >= ``offset`` (mirrors); returns log_end_offset.
+
+        A batch straddling ``offset`` goes whole, so log_end may end below ``offset``.  Below
+        log_start the log is emptied and restarts at ``offset``.  Durable on return."""
+        self._check_open()
+        if offset >= self._log_end_offset:
+            return self._log_end_offset
+        if offset < 0:
+            raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
+        logger.info("truncating %s to offset %s (log end %s)", self.directory, offset,
+                    self._log_end_offset)
+        while self._segments and self._segments[-1].base_offset >= offset:
+            self._segments.pop().delete_files()
+            self._base_offsets.pop()
+        if not self._segments or offset < self._log_start_offset:
+            self._restart_at(offset)
+        else:
+            last = self._segments[-1]
+            last.truncate_to_offset(offset)
+            last.activate()
+            if last.next_offset < self._log_start_offset:
+                # The batch straddling log start went: restart empty at log start, so offsets
+                # never go back below a log start consumers may have seen.
+                self._restart_at(self._log_start_offset)
+        self._log_end_offset = self._segments[-1].next_offset
+        fsync_directory(self.directory)
+        self._directory_dirty = False
+        self._flushed_offset = min(self._flushed_offset, self._log_end_offset)
+        self._segments[-1].flush()
+        self._write_recovery_checkpoint(clean_shutdown=False)
+        self._check_invariants()
+        return self._log_end_offset
+
+    def _restart_at(self, offset: int) -> None:
+        for segment in self._segments:
+            segment.delete_files()
+        self._segments = [Segment.create(self.directory, offset, self.config)]
+        self._base_offsets = [offset]
+        self._log_start_offset = offset
+        self._log_start_checkpoint.write({"log_start_offset": offset})
+
+    # -- closing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush, trim the indexes, checkpoint a clean shutdown, close every fd."""
+        if self._closed:
+            return
+        self.flush()
+        for segment in self._segments:
+            segment.close()
+        self._write_recovery_checkpoint(clean_shutdown=True)
+        self._closed = True
+
+    def abandon(self) -> None:
+        """Close every fd without flushing, trimming or checkpointing: what a crash leaves
+        (tests; a worker that must exit at once).  The next open runs recovery."""
+        for segment in self._segments:
+            segment.abandon()
+        self._closed = True
+
+    def __enter__(self) -> PartitionLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"PartitionLog({self.directory!r}, log_start={self._log_start_offset}, "
+                f"log_end={self._log_end_offset}, segments={len(self._segments)})")
+
+
+def _fits(target: Segment, size_bytes: int, span: BatchSpan, segment_bytes: int) -> bool:
+    """Can ``span`` go into ``target`` once it holds ``size_bytes``?"""
+    if span.next_offset - 1 - target.base_offset > RELATIVE_OFFSET_MAX:
+        return False
+    if size_bytes == 0:
+        return True
+    return size_bytes + span.size_bytes <= segment_bytes and size_bytes <= POSITION_MAX

@@ -1,0 +1,186 @@
+"""Crash and corruption: the log reopens holding exactly the whole batches before the damage."""
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from storage_helpers import FakeClock, base_offset_of, segment_logs, sized_batch  # noqa: E402
+
+from shmbroker.config import LogConfig  # noqa: E402
+from shmbroker.format.record_batch import read_header  # noqa: E402
+from shmbroker.storage.partition_log import PartitionLog  # noqa: E402
+
+pytestmark = pytest.mark.fault
+
+CONFIG = LogConfig(segment_bytes=4000, index_interval_bytes=200, segment_index_bytes=2048,
+                   retention_ms=-1)
+
+
+def _build(directory, batches=40):
+    """A log of several segments, left as a crash leaves it; returns (offset, batch) pairs."""
+    log = PartitionLog(directory, CONFIG, clock_ms=FakeClock())
+    stored = []
+    for number in range(batches):
+        batch = sized_batch(1 + number % 3, 60 + number * 13 % 200, 1000 + number, tag=number)
+        result = log.append(batch)
+        stored.append((result.first_offset, result.first_offset.to_bytes(8, "big") + batch[8:]))
+    log.abandon()
+    return stored
+
+
+def _reopen(directory):
+    return PartitionLog(directory, CONFIG, clock_ms=FakeClock())
+
+
+def _check_holds(log, stored):
+    """The log holds exactly ``stored`` and every offset reads its batch."""
+    end = 0
+    for offset, batch in stored:
+        assert log.read_bytes(offset, 1) == batch
+    if stored:
+        end = read_header(stored[-1][1]).next_offset
+        last_offset = end - 1
+        assert base_offset_of(log.read_bytes(last_offset, 1)) == stored[-1][0]
+    assert log.log_end_offset == end
+    log.append(sized_batch(1, 5))  # and appends go on after it
+    assert base_offset_of(log.read_bytes(end, 1)) == end
+
+
+def _active_segment_batches(directory, stored):
+    active = segment_logs(directory)[-1]
+    base = int(os.path.basename(active)[:20])
+    return active, [(offset, batch) for offset, batch in stored if offset >= base]
+
+
+def test_garbage_tail(tmp_path):
+    stored = _build(tmp_path)
+    active, _ = _active_segment_batches(tmp_path, stored)
+    size = os.path.getsize(active)
+    with open(active, "ab") as file:
+        file.write(os.urandom(300))
+    log = _reopen(tmp_path)
+    report = log.recovery_report
+    assert report.bytes_truncated == 300
+    [segment] = [s for s in report.segments if s.truncated_bytes]
+    assert segment.first_bad_position == size and segment.reason
+    _check_holds(log, stored)
+    log.close()
+
+
+def test_flipped_byte_keeps_prefix(tmp_path):
+    stored = _build(tmp_path)
+    active, in_active = _active_segment_batches(tmp_path, stored)
+    assert len(in_active) >= 4
+    position = sum(len(batch) for _, batch in in_active[:2])
+    flip_at = position + len(in_active[2][1]) // 2
+    data = bytearray(Path(active).read_bytes())
+    data[flip_at] ^= 0x40
+    Path(active).write_bytes(data)
+    log = _reopen(tmp_path)
+    [segment] = [s for s in log.recovery_report.segments if s.truncated_bytes]
+    assert segment.first_bad_position == position
+    assert "CRC" in segment.reason
+    assert segment.truncated_bytes == len(data) - position
+    kept = stored[: stored.index(in_active[2])]
+    _check_holds(log, kept)
+    log.close()
+
+
+def test_zero_filled_tail(tmp_path):
+    stored = _build(tmp_path)
+    active, _ = _active_segment_batches(tmp_path, stored)
+    with open(active, "ab") as file:
+        file.write(bytes(4096))  # what a preallocating file system leaves
+    log = _reopen(tmp_path)
+    assert log.recovery_report.bytes_truncated == 4096
+    _check_holds(log, stored)
+    log.close()
+
+
+@pytest.mark.parametrize("which", ["active", "sealed"])
+@pytest.mark.parametrize("suffix", [".index", ".timeindex"])
+@pytest.mark.parametrize("damage", ["missing", "zeroed", "corrupt", "odd_size"])
+def test_damaged_index_rebuilt(tmp_path, which, suffix, damage, caplog):
+    stored = _build(tmp_path)
+    log = _reopen(tmp_path)  # a clean close first, so sealed segments are only checked
+    log.close()
+    logs = segment_logs(tmp_path)
+    assert len(logs) >= 3
+    path = (logs[-1] if which == "active" else logs[1])[:-4] + suffix
+    size = os.path.getsize(path)
+    assert size > 0
+    if damage == "missing":
+        os.unlink(path)
+    elif damage == "zeroed":
+        Path(path).write_bytes(bytes(size))
+    elif damage == "corrupt":
+        data = bytearray(Path(path).read_bytes())
+        data[-5] ^= 0x7F  # the last entry's position / offset
+        data[-12] ^= 0x01
+        Path(path).write_bytes(data)
+    else:
+        Path(path).write_bytes(Path(path).read_bytes()[:-3])
+    with caplog.at_level(logging.WARNING, logger="shmbroker.storage"):
+        log = _reopen(tmp_path)
+    assert os.path.basename(path) in log.recovery_report.indexes_rebuilt
+    assert log.recovery_report.bytes_truncated == 0
+    assert any("rebuilt" in record.getMessage() for record in caplog.records)
+    _check_holds(log, stored)
+    log.close()
+    log = _reopen(tmp_path)
+    assert not log.recovery_report.changed_anything
+    log.close()
+
+
+def test_stray_files(tmp_path):
+    stored = _build(tmp_path, batches=5)
+    (tmp_path / "recovery-point-offset-checkpoint.tmp").write_text("junk")
+    (tmp_path / "00000000000000099999.index").write_bytes(b"")  # index without a log
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "123.log").write_text("not a segment name")
+    log = _reopen(tmp_path)
+    report = log.recovery_report
+    assert set(report.files_removed) == {"recovery-point-offset-checkpoint.tmp",
+                                         "00000000000000099999.index"}
+    assert set(report.files_ignored) == {"notes.txt", "123.log"}
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "123.log").exists()
+    _check_holds(log, stored)
+    log.close()
+
+
+def test_crash_at_every_byte_of_the_last_append(tmp_path):
+    base = tmp_path / "base"
+    stored = _build(base, batches=12)
+    last_offset, last_batch = stored[-1]
+    active, _ = _active_segment_batches(base, stored)
+    full = Path(active).read_bytes()
+    start = len(full) - len(last_batch)
+    for cut in range(start, len(full) + 1):
+        directory = tmp_path / f"cut{cut}"
+        directory.mkdir()
+        for name in os.listdir(base):
+            (directory / name).write_bytes((base / name).read_bytes())
+        os.truncate(directory / os.path.basename(active), cut)
+        log = _reopen(directory)
+        expected = stored if cut == len(full) else stored[:-1]
+        assert log.recovery_report.bytes_truncated == (cut - start if cut < len(full) else 0)
+        _check_holds(log, expected)
+        log.abandon()
+
+
+def test_hole_drops_later_segments(tmp_path):
+    stored = _build(tmp_path)
+    logs = segment_logs(tmp_path)
+    middle = logs[1]
+    os.truncate(middle, os.path.getsize(middle) - 10)  # a sealed segment loses its tail
+    (tmp_path / "recovery-point-offset-checkpoint").unlink()  # scan everything
+    log = _reopen(tmp_path)
+    report = log.recovery_report
+    assert report.segments_deleted == [int(os.path.basename(p)[:20]) for p in logs[2:]]
+    second_base = int(os.path.basename(logs[1])[:20])
+    in_middle = [item for item in stored if second_base <= item[0] <
+                 int(os.path.basename(logs[2])[:20])]
+    kept = [item for item in stored if item[0] < second_base] + in_middle[:-1]
+    _check_holds(log, kept)
+    log.close()

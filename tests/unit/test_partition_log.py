@@ -1,0 +1,323 @@
+import errno
+import os
+import struct
+
+import pytest
+from crc32c import crc32c
+from storage_helpers import (  # noqa: E402
+    SMALL_CONFIG,
+    FakeClock,
+    base_offset_of,
+    make_batch,
+    segment_logs,
+    sized_batch,
+    split_batches,
+)
+
+from shmbroker.config import LogConfig  # noqa: E402
+from shmbroker.errors import (  # noqa: E402
+    CorruptRecordError,
+    LogClosedError,
+    OffsetOutOfRangeError,
+    StorageError,
+)
+from shmbroker.format.record_batch import read_header  # noqa: E402
+from shmbroker.storage import segment as segment_module  # noqa: E402
+from shmbroker.storage.partition_log import PartitionLog  # noqa: E402
+
+
+def _open(tmp_path, config=SMALL_CONFIG, clock=None):
+    return PartitionLog(tmp_path / "p0", config, clock_ms=clock or FakeClock())
+
+
+def _count_mismatch_batch():
+    """2 records, last_offset_delta 2 (a gap), CRC recomputed: valid but not a producer's."""
+    batch = bytearray(make_batch([b"a", b"b"]))
+    struct.pack_into(">i", batch, 23, 2)
+    struct.pack_into(">I", batch, 17, crc32c(bytes(batch[21:])))
+    return bytes(batch)
+
+
+def test_append_assigns_offsets_and_reads_back(tmp_path):
+    log = _open(tmp_path)
+    first = sized_batch(3, 10)
+    result = log.append(first)
+    assert (result.first_offset, result.last_offset, result.base_offsets) == (0, 2, [0])
+    assert result.append_time_ms == 1_000_000 and result.log_end_offset == 3
+    many = sized_batch(2, 5) + sized_batch(1, 5) + sized_batch(4, 5)
+    result = log.append(many)
+    assert (result.first_offset, result.last_offset, result.base_offsets) == (3, 9, [3, 5, 6])
+    assert log.log_end_offset == 10
+    stored = split_batches(log.read_bytes(0, 10**6))
+    assert [base_offset_of(batch) for batch in stored] == [0, 3, 5, 6]
+    assert stored[0][8:] == first[8:]  # only the base offset changed
+    for offset in range(10):
+        batch = log.read_bytes(offset, 1)
+        header = read_header(batch)
+        assert header.base_offset <= offset < header.next_offset
+        assert len(batch) == header.size
+    assert log.read_bytes(10, 100) == b""
+    empty = log.read(10, 100)
+    assert empty.size_bytes == 0 and empty.log_end_offset == 10
+    for bad in (-1, 11):
+        with pytest.raises(OffsetOutOfRangeError):
+            log.read(bad, 100)
+    log.close()
+
+
+def test_writable_buffer_rewritten_in_place_readonly_copied(tmp_path):
+    log = _open(tmp_path)
+    log.append(sized_batch(2, 4))
+    writable = bytearray(sized_batch(1, 4))
+    log.append(writable)
+    assert base_offset_of(writable) == 2
+    readonly = sized_batch(1, 4)
+    log.append(memoryview(readonly))
+    assert base_offset_of(readonly) == 0
+    assert base_offset_of(log.read_bytes(3, 1)) == 3
+    log.close()
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated", "count", "empty", "too_large", "trailer"])
+def test_bad_input_rejected_nothing_written(tmp_path, damage):
+    log = _open(tmp_path, SMALL_CONFIG.replace(max_batch_bytes=2000))
+    log.append(sized_batch(2, 10))
+    size = log.size_bytes
+    good = sized_batch(1, 10)
+    if damage == "crc":
+        bad = bytearray(good)
+        bad[-1] ^= 1
+        buffer = good + bytes(bad)
+    elif damage == "truncated":
+        buffer = good + good[:-1]
+    elif damage == "count":
+        buffer = good + _count_mismatch_batch()
+    elif damage == "empty":
+        buffer = b""
+    elif damage == "too_large":
+        buffer = good + sized_batch(1, 3000)
+    else:
+        buffer = good + b"\0" * 5
+    with pytest.raises(CorruptRecordError) as caught:
+        log.append(buffer)
+    if damage == "count":
+        assert "records_count == last_offset_delta + 1" in str(caught.value)
+    assert log.log_end_offset == 2 and log.size_bytes == size
+    assert os.path.getsize(segment_logs(tmp_path / "p0")[0]) == size
+    log.append(good)
+    assert log.log_end_offset == 3
+    log.close()
+
+
+def test_roll_by_segment_bytes_and_reads_stay_in_one_segment(tmp_path):
+    config = SMALL_CONFIG.replace(segment_bytes=1000)
+    log = _open(tmp_path, config)
+    batches = [sized_batch(2, 100, tag=n) for n in range(10)]
+    result = log.append(b"".join(batches))  # one call spanning several segments
+    assert result.base_offsets == list(range(0, 20, 2))
+    assert len(log.segments) > 2
+    for segment in log.segments:
+        assert segment.size_bytes <= 1000 and segment.file_size_bytes == segment.size_bytes
+    assert [s.is_active for s in log.segments] == [False] * (len(log.segments) - 1) + [True]
+    for offset in range(20):
+        piece = log.read(offset, 10**6)
+        segment = next(s for s in log.segments if s.base_offset == piece.segment_base_offset)
+        assert piece.position + piece.size_bytes == segment.size_bytes  # stops at its end
+    # a batch bigger than segment_bytes still goes in, alone
+    log.append(sized_batch(1, 1500))
+    assert log.segments[-1].size_bytes > 1000
+    log.close()
+
+
+def test_roll_by_segment_ms(tmp_path):
+    clock = FakeClock()
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_ms=1000), clock)
+    log.append(sized_batch(1, 10))
+    clock.advance(999)
+    log.append(sized_batch(1, 10))
+    assert len(log.segments) == 1
+    clock.advance(1)
+    log.append(sized_batch(1, 10))
+    assert [s.base_offset for s in log.segments] == [0, 2]
+    log.close()
+
+
+def test_full_index_rolls(tmp_path):
+    config = LogConfig(index_interval_bytes=0, segment_index_bytes=64, retention_ms=-1)
+    log = _open(tmp_path, config)
+    for number in range(12):
+        log.append(sized_batch(1, 10, first_timestamp_ms=1000 + number))
+    # 64 bytes of .timeindex hold 5 entries, one reserved for sealing: 4 batches per segment
+    assert [s.base_offset for s in log.segments] == [0, 4, 8]
+    for offset in range(12):
+        assert base_offset_of(log.read_bytes(offset, 1)) == offset
+    log.close()
+
+
+def test_retention_by_time_uses_largest_timestamp(tmp_path):
+    clock = FakeClock(now_ms=10_000)
+    config = SMALL_CONFIG.replace(segment_bytes=300, retention_ms=5_000)
+    log = _open(tmp_path, config, clock)
+    for number in range(6):
+        log.append(sized_batch(1, 150, first_timestamp_ms=1000 * number))
+    assert len(log.segments) == 6
+    clock.now_ms = 1000 * 2 + 5_000  # segments with largest timestamp < 2000 are expired
+    assert log.tick() == [0, 1]
+    assert log.log_start_offset == 2
+    clock.now_ms = 10**9
+    assert log.tick() == [2, 3, 4]  # never the active segment
+    assert log.log_start_offset == 5 and len(log.segments) == 1
+    with pytest.raises(OffsetOutOfRangeError):
+        log.read(4, 100)
+    log.close()
+
+
+def test_retention_by_bytes(tmp_path):
+    config = SMALL_CONFIG.replace(segment_bytes=300, retention_bytes=700)
+    log = _open(tmp_path, config)
+    for _ in range(6):
+        log.append(sized_batch(1, 150))
+    size = log.segments[0].size_bytes
+    deleted = log.enforce_retention()
+    assert deleted and log.size_bytes >= 700  # Kafka: keep at least retention_bytes
+    assert log.size_bytes - log.segments[0].size_bytes < 700
+    assert size == log.segments[0].size_bytes
+    assert deleted == list(range(len(deleted)))
+    log.close()
+
+
+def test_delete_records_before_persists(tmp_path):
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=300))
+    for _ in range(5):
+        log.append(sized_batch(2, 150))
+    assert log.delete_records_before(5) == 5
+    assert log.segments[0].base_offset == 4  # the segment holding 5 stays
+    assert base_offset_of(log.read_bytes(5, 1)) == 4  # whole batch, consumer skips offset 4
+    with pytest.raises(OffsetOutOfRangeError):
+        log.read(4, 1)
+    with pytest.raises(OffsetOutOfRangeError):
+        log.delete_records_before(11)
+    log.close()
+    log = _open(tmp_path)
+    assert (log.log_start_offset, log.log_end_offset) == (5, 10)
+    assert log.delete_records_before(10) == 10  # everything: rolls a fresh active segment
+    assert [s.base_offset for s in log.segments] == [10]
+    log.append(sized_batch(1, 1))
+    log.abandon()
+    log = _open(tmp_path)
+    assert (log.log_start_offset, log.log_end_offset) == (10, 11)
+    log.close()
+
+
+def test_truncate_to(tmp_path):
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=300))
+    for _ in range(6):
+        log.append(sized_batch(2, 150))
+    assert log.truncate_to(7) == 6  # the batch holding 7 (6..7) goes whole
+    assert log.log_end_offset == 6 and log.flushed_offset <= 6
+    assert log.truncate_to(100) == 6
+    result = log.append(sized_batch(1, 1))
+    assert result.first_offset == 6
+    log.close()
+    log = _open(tmp_path)
+    assert log.log_end_offset == 7 and base_offset_of(log.read_bytes(6, 1)) == 6
+    log.delete_records_before(4)
+    assert log.truncate_to(2) == 2  # below log start: restart empty at 2
+    assert (log.log_start_offset, log.log_end_offset) == (2, 2)
+    assert log.append(sized_batch(1, 1)).first_offset == 2
+    log.close()
+
+
+def test_flush_policies(tmp_path):
+    clock = FakeClock()
+    log = _open(tmp_path / "a", SMALL_CONFIG.replace(flush_messages=1), clock)
+    log.append(sized_batch(2, 1))
+    assert log.flushed_offset == log.log_end_offset == 2
+    log.close()
+    log = _open(tmp_path / "b", SMALL_CONFIG.replace(flush_messages=3), clock)
+    log.append(sized_batch(2, 1))
+    assert log.flushed_offset == 0
+    log.append(sized_batch(1, 1))
+    assert log.flushed_offset == 3
+    log.close()
+    log = _open(tmp_path / "c", SMALL_CONFIG.replace(flush_ms=100), clock)
+    log.append(sized_batch(2, 1))
+    clock.advance(99)
+    assert not log.maybe_flush() and log.flushed_offset == 0
+    clock.advance(1)
+    log.tick()
+    assert log.flushed_offset == 2
+    log.close()
+
+
+def test_disk_full_leaves_log_unchanged(tmp_path, monkeypatch):
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=500))
+    log.append(sized_batch(1, 100))
+    before = [(s.base_offset, s.size_bytes) for s in log.segments]
+    files_before = sorted(os.listdir(tmp_path / "p0"))
+    calls = []
+    real_write = os.write
+
+    def write_then_fail(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:  # the second segment of this append: disk full
+            real_write(fd, bytes(data)[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segment_module.os, "write", write_then_fail)
+    with pytest.raises(StorageError, match="No space left on device"):
+        log.append(b"".join(sized_batch(1, 200) for _ in range(4)))
+    monkeypatch.undo()
+    assert [(s.base_offset, s.size_bytes) for s in log.segments] == before
+    assert sorted(os.listdir(tmp_path / "p0")) == files_before
+    assert os.path.getsize(segment_logs(tmp_path / "p0")[0]) == before[0][1]
+    assert log.log_end_offset == 1
+    assert log.append(sized_batch(1, 200)).first_offset == 1
+    log.abandon()
+    log = _open(tmp_path)
+    assert log.log_end_offset == 2 and log.recovery_report.bytes_truncated == 0
+    log.close()
+
+
+def test_offset_for_timestamp(tmp_path):
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=400))
+    for number in range(10):  # batch n: records at 100n, 100n+10, 100n+20
+        log.append(make_batch([b"x" * 50] * 3, timestamps=[100 * number + 10 * k
+                                                           for k in range(3)]))
+    assert len(log.segments) > 2
+    assert log.offset_for_timestamp(0) == (0, 0)
+    assert log.offset_for_timestamp(11) == (2, 20)
+    assert log.offset_for_timestamp(21) == (3, 100)
+    assert log.offset_for_timestamp(920) == (29, 920)
+    assert log.offset_for_timestamp(921) is None
+    log.delete_records_before(4)
+    assert log.offset_for_timestamp(0) == (4, 110)
+    log.close()
+
+
+def test_closed_log_refuses(tmp_path):
+    log = _open(tmp_path)
+    log.close()
+    log.close()
+    for call in (lambda: log.append(sized_batch(1, 1)), lambda: log.read(0, 1), log.flush):
+        with pytest.raises(LogClosedError):
+            call()
+
+
+def test_clean_reopen_scans_nothing(tmp_path):
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=2000))
+    for number in range(30):
+        log.append(sized_batch(1 + number % 3, 100, tag=number))
+    content = log.read_bytes(0, 10**6)
+    log.close()
+    log = _open(tmp_path)
+    report = log.recovery_report
+    assert report.clean_shutdown and report.segments_scanned == 0
+    assert not report.changed_anything
+    assert log.read_bytes(0, 10**6) == content
+    end = log.log_end_offset
+    log.append(sized_batch(1, 1))  # appends land at the end, not over the first batch
+    assert log.read_bytes(0, 10**6) == content
+    assert base_offset_of(log.read_bytes(end, 100)) == end
+    log.close()

@@ -1,0 +1,141 @@
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from storage_helpers import sized_batch, with_base_offset  # noqa: E402
+
+from shmbroker.config import LogConfig  # noqa: E402
+from shmbroker.format.record_batch import read_header  # noqa: E402
+from shmbroker.storage import segment as segment_module  # noqa: E402
+from shmbroker.storage.segment import BatchSpan, Segment  # noqa: E402
+
+CONFIG = LogConfig(index_interval_bytes=300, segment_index_bytes=4096)
+
+
+def _fill(segment, count, base_offset=100):
+    """Append ``count`` batches of 1..3 records one by one; return (offset, bytes) pairs."""
+    stored = []
+    next_offset = base_offset
+    for number in range(count):
+        batch = with_base_offset(sized_batch(1 + number % 3, 40 + number * 7 % 90,
+                                             1000 + number, tag=number), next_offset)
+        header = read_header(batch)
+        span = BatchSpan(0, next_offset, header.size, header.last_offset_delta,
+                         header.max_timestamp)
+        segment.append(memoryview(batch), [span], now_ms=5)
+        stored.append((next_offset, batch))
+        next_offset = header.next_offset
+    return stored
+
+
+def test_append_read_and_indexes(tmp_path):
+    segment = Segment.create(str(tmp_path), 100, CONFIG)
+    assert os.path.basename(segment.log_path) == "00000000000000000100.log"
+    stored = _fill(segment, 40)
+    assert segment.next_offset == read_header(stored[-1][1]).next_offset
+    assert segment.size_bytes == sum(len(batch) for _, batch in stored)
+    assert segment.offset_index.entries_count > 5
+    positions = {}
+    position = 0
+    for offset, batch in stored:
+        positions[offset] = position
+        position += len(batch)
+    # every index entry points at a batch start with the right offset
+    for relative, index_position in zip(segment.offset_index.keys, segment.offset_index.values,
+                                        strict=True):
+        assert positions[100 + int(relative)] == int(index_position)
+    for offset, batch in stored:
+        header = read_header(batch)
+        for wanted in range(offset, header.next_offset):
+            span = segment.find_batch(wanted)
+            assert (span.position, span.base_offset) == (positions[offset], offset)
+    assert segment.find_batch(99) is None and segment.find_batch(segment.next_offset) is None
+
+
+def test_read_range_whole_batches_capped(tmp_path):
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    stored = _fill(segment, 30, base_offset=0)
+    sizes = [len(batch) for _, batch in stored]
+    # at least one batch even when max_bytes is tiny
+    assert segment.read_range(0, 1)[:2] == (0, sizes[0])
+    # exactly the whole batches that fit
+    for cap in (sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2] - 1, 1000, 5000):
+        position, size, first, next_offset = segment.read_range(0, cap)
+        total = 0
+        included = 0
+        for batch_size in sizes:
+            if total + batch_size > cap:
+                break
+            total += batch_size
+            included += 1
+        assert (position, size, first.base_offset) == (0, max(total, sizes[0]), 0)
+        assert next_offset == stored[max(included, 1)][0]
+    # from the middle, to the end of the segment
+    offset, _ = stored[10]
+    position, size, _, next_offset = segment.read_range(offset, 10**9)
+    assert position == sum(sizes[:10]) and position + size == segment.size_bytes
+    assert next_offset == segment.next_offset
+
+
+def test_seal_adds_last_time_entry_and_trims(tmp_path):
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    _fill(segment, 20, base_offset=0)
+    assert os.path.getsize(segment.offset_index.path) == 4096
+    segment.seal()
+    assert not segment.is_active
+    assert segment.time_index.last_entry()[0] == segment.max_timestamp_ms
+    assert os.path.getsize(segment.offset_index.path) == segment.offset_index.entries_count * 8
+    assert os.path.getsize(segment.time_index.path) == segment.time_index.entries_count * 12
+    segment.close()
+
+
+def test_recover_rebuilds_identical_indexes(tmp_path):
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    _fill(segment, 50, base_offset=0)
+    segment.close()
+    index_bytes = Path(segment.offset_index.path).read_bytes()
+    time_bytes = Path(segment.time_index.path).read_bytes()
+    os.unlink(segment.offset_index.path)
+    os.unlink(segment.time_index.path)
+    reopened = Segment.open_existing(str(tmp_path), 0, CONFIG)
+    scan = reopened.recover(bytearray(1024), is_last=True)  # small buffer: many refills
+    assert scan.reason is None and scan.truncated_bytes == 0
+    assert set(scan.indexes_rebuilt) == {"00000000000000000000.index",
+                                         "00000000000000000000.timeindex"}
+    reopened.close()
+    assert Path(segment.offset_index.path).read_bytes() == index_bytes
+    assert Path(segment.time_index.path).read_bytes() == time_bytes
+
+
+def test_truncate_to_offset(tmp_path):
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    stored = _fill(segment, 30, base_offset=0)
+    offset, batch = stored[12]
+    removed = segment.truncate_to_offset(offset + read_header(batch).last_offset_delta)
+    assert segment.next_offset == offset
+    assert removed == sum(len(b) for _, b in stored[12:])
+    assert segment.file_size_bytes == segment.size_bytes
+    assert all(int(p) < segment.size_bytes for p in segment.offset_index.values)
+    assert segment.max_timestamp_ms == max(read_header(b).max_timestamp for _, b in stored[:12])
+    _fill(segment, 5, base_offset=offset)  # appends continue
+    segment.close()
+
+
+def test_write_error_cuts_back(tmp_path, monkeypatch):
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    _fill(segment, 3, base_offset=0)
+    size = segment.size_bytes
+    real_write = os.write
+
+    def failing_write(fd, data):
+        real_write(fd, bytes(data)[:10])  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segment_module.os, "write", failing_write)
+    with pytest.raises(OSError):
+        _fill(segment, 1, base_offset=segment.next_offset)
+    monkeypatch.undo()
+    assert segment.size_bytes == size == segment.file_size_bytes
+    _fill(segment, 2, base_offset=segment.next_offset)
+    assert segment.file_size_bytes == segment.size_bytes

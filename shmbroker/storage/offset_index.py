@@ -48,6 +48,7 @@ class SparseIndex:
         self._keys = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
         self._values = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
         self.entries_count = 0
+        self._file_count = 0  # entries [0, _file_count) are known to be in the file
         self._fd = -1
 
     # -- state --------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class SparseIndex:
         self._keys[:count] = keys
         self._values[:count] = values
         self.entries_count = count
+        self._file_count = 0  # unknown: write_pending rewrites from the start if active
 
     def write_file(self, *, active: bool) -> None:
         """Rewrite the whole file from memory; preallocate it when ``active``."""
@@ -106,6 +108,7 @@ class SparseIndex:
         try:
             os.ftruncate(fd, 0)
             _pwrite_all(fd, self._encode(0, self.entries_count), 0)
+            self._file_count = self.entries_count
             if active:
                 os.ftruncate(fd, self.max_entries * self.ENTRY_SIZE)
         except BaseException:
@@ -129,11 +132,13 @@ class SparseIndex:
             os.close(fd)
             raise
         self._fd = fd
+        self._file_count = self.entries_count
 
     def seal(self, *, fsync: bool = True) -> None:
         """Trim the file to its entries, make it durable and close it."""
         if self._fd < 0:
             return
+        self.write_pending()
         os.ftruncate(self._fd, self.entries_count * self.ENTRY_SIZE)
         if fsync:
             os.fsync(self._fd)
@@ -141,6 +146,7 @@ class SparseIndex:
 
     def flush(self) -> None:
         if self._fd >= 0:
+            self.write_pending()
             os.fsync(self._fd)
 
     def abandon(self) -> None:
@@ -154,11 +160,13 @@ class SparseIndex:
 
     # -- entries ------------------------------------------------------------------------------
     def append(self, key: int, value: int) -> None:
-        """Add one entry at the end (memory, then file if active)."""
+        """Add one entry at the end, in memory; :meth:`write_pending` puts new entries in the
+        file (one pwrite per append call of the segment, not one per entry)."""
         count = self.entries_count
         assert count < self.max_entries, f"{self.path} is full"
-        assert count == 0 or key > self._keys[count - 1], (key, self.last_entry())
-        assert count == 0 or value >= self._values[count - 1], (value, self.last_entry())
+        if __debug__ and count:
+            last_key, last_value = self.last_entry()  # type: ignore[misc]
+            assert key > last_key and value >= last_value, (key, value, last_key, last_value)
         if count == len(self._keys):
             capacity = min(self.max_entries, 2 * count)
             self._keys = np.resize(self._keys, capacity)
@@ -166,17 +174,24 @@ class SparseIndex:
         self._keys[count] = key
         self._values[count] = value
         self.entries_count = count + 1
-        if self._fd >= 0:
-            os.pwrite(self._fd, self._encode(count, count + 1), count * self.ENTRY_SIZE)
+
+    def write_pending(self) -> None:
+        """Write the entries appended since the last write, in one pwrite (when active)."""
+        if self._fd >= 0 and self._file_count < self.entries_count:
+            start = self._file_count
+            _pwrite_all(self._fd, self._encode(start, self.entries_count),
+                        start * self.ENTRY_SIZE)
+            self._file_count = self.entries_count
 
     def truncate_entries(self, count: int) -> None:
         """Drop entries ``[count, entries_count)`` (zeroed in the file when active)."""
         if count >= self.entries_count:
             return
-        old = self.entries_count
+        old = min(self.entries_count, self._file_count)
         self.entries_count = count
-        if self._fd >= 0:
+        if self._fd >= 0 and old > count:
             os.pwrite(self._fd, bytes((old - count) * self.ENTRY_SIZE), count * self.ENTRY_SIZE)
+        self._file_count = min(self._file_count, count)
 
     def floor_index(self, key: int) -> int:
         """Index of the last entry whose key is <= ``key``; -1 when there is none."""

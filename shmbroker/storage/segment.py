@@ -230,6 +230,8 @@ class Segment:
             raise
         for span in batches:
             self._index_batch(start + span.position, span)
+        self.offset_index.write_pending()
+        self.time_index.write_pending()
         self.size_bytes = start + len(data)
         if self.roll_start_ms is None:
             self.roll_start_ms = now_ms

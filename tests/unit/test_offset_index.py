@@ -21,6 +21,9 @@ def test_offset_index_layout_and_lookup(tmp_path):
     assert index.lookup(150) == (150, 5000)
     assert index.lookup(10**6) == (150, 5000)
     with open(index.path, "rb") as file:
+        assert not file.read().strip(b"\x00")  # entries reach the file in write_pending
+    index.write_pending()
+    with open(index.path, "rb") as file:
         data = file.read()
     assert data[:8] == struct.pack(">II", 3, 100)  # Kafka's big-endian entry
     assert data[49 * 8 : 50 * 8] == struct.pack(">II", 150, 5000)

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Storage and codec benchmarks for issue 2, with the machine's own limits measured alongside.
+
+Prints medians of ``--runs`` runs; the systems under test and their baselines alternate
+(A B A B ...) so that a noisy machine hurts both alike.  Run from the repository root:
+
+    python bench/storage.py                    # defaults: 512 MiB per run, 5 runs
+    python bench/storage.py --size-mib 256 --runs 3 --dir /path/on/the/disk/to/test
+
+Figures:
+  append   pre-encoded 64 KiB batches into a PartitionLog, 1 and 16 batches per call, vs a raw
+           sequential os.write of the same bytes to the same directory (no fsync: page cache).
+  read     1 MiB ranges located through the index and sent with os.sendfile to a Unix socket
+           drained by another process, vs raw sendfile of the same file.
+  codec    100-byte records: list API (encode_batch / decode_batch) and columnar API
+           (encode_batch_columnar / decode_columnar) on equal-sized records.
+  recovery reopening the log after an unclean shutdown with no recovery checkpoint: every
+           batch header walked and CRC-checked (page cache warm, so CRC and Python are measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from shmbroker.config import LogConfig
+from shmbroker.format.record_batch import (
+    decode_batch,
+    decode_columnar,
+    encode_batch,
+    encode_batch_columnar,
+)
+from shmbroker.storage.partition_log import PartitionLog
+
+KIB = 1024
+MIB = 1024 * KIB
+RECORD_BYTES = 100
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def records_for(batch_bytes: int) -> int:
+    # 100-byte value + 8 bytes of record framing with a 2-byte offset delta: ~108 per record
+    return max(1, (batch_bytes - 61) // 108)
+
+
+def make_batch(batch_bytes: int) -> bytearray:
+    count = records_for(batch_bytes)
+    values = np.random.default_rng(7).integers(0, 256, count * RECORD_BYTES, dtype=np.uint8)
+    return encode_batch_columnar(values, np.full(count, RECORD_BYTES), timestamps=1_700_000_000_000)
+
+
+# -- append ---------------------------------------------------------------------------------------
+
+def raw_write(directory: Path, chunk: bytes | bytearray, total_bytes: int) -> float:
+    path = directory / "raw.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    view = memoryview(chunk)
+    started = time.perf_counter()
+    written = 0
+    while written < total_bytes:
+        written += os.write(fd, view)
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    path.unlink()
+    return written / elapsed
+
+
+def log_append(directory: Path, chunk: bytearray, total_bytes: int) -> float:
+    log_dir = directory / "log-append"
+    log = PartitionLog(log_dir, LogConfig(segment_bytes=1 << 30, retention_ms=-1))
+    started = time.perf_counter()
+    written = 0
+    while written < total_bytes:
+        log.append(chunk)  # base offsets rewritten in place: the buffer is writable
+        written += len(chunk)
+    elapsed = time.perf_counter() - started
+    log.close()
+    shutil.rmtree(log_dir)
+    return written / elapsed
+
+
+# -- read -----------------------------------------------------------------------------------------
+
+def _drain_process() -> tuple[socket.socket, int]:
+    """A child process that reads a Unix socket to EOF; returns (our end, child pid)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # child
+        ours.close()
+        buffer = bytearray(4 * MIB)
+        while theirs.recv_into(buffer):
+            pass
+        os._exit(0)
+    theirs.close()
+    return ours, pid
+
+
+def _sendfile_all(sock: socket.socket, fd: int, position: int, size: int) -> None:
+    while size:
+        sent = os.sendfile(sock.fileno(), fd, position, size)
+        position += sent
+        size -= sent
+
+
+def raw_sendfile(path: Path, range_bytes: int) -> float:
+    sock, pid = _drain_process()
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    started = time.perf_counter()
+    for position in range(0, size, range_bytes):
+        _sendfile_all(sock, fd, position, min(range_bytes, size - position))
+    sock.shutdown(socket.SHUT_WR)
+    os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - started
+    sock.close()
+    os.close(fd)
+    return size / elapsed
+
+
+def log_sendfile(log: PartitionLog, range_bytes: int) -> float:
+    sock, pid = _drain_process()
+    offset = log.log_start_offset
+    sent = 0
+    started = time.perf_counter()
+    while offset < log.log_end_offset:
+        piece = log.read(offset, range_bytes)
+        _sendfile_all(sock, piece.fd, piece.position, piece.size_bytes)
+        sent += piece.size_bytes
+        offset = piece.next_offset
+    sock.shutdown(socket.SHUT_WR)
+    os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - started
+    sock.close()
+    return sent / elapsed
+
+
+# -- codec ----------------------------------------------------------------------------------------
+
+def codec_rates(batch_bytes: int, runs: int) -> dict[str, float]:
+    count = records_for(batch_bytes)
+    rng = np.random.default_rng(11)
+    value_buffer = rng.integers(0, 256, count * RECORD_BYTES, dtype=np.uint8).tobytes()
+    values = [value_buffer[i * RECORD_BYTES : (i + 1) * RECORD_BYTES] for i in range(count)]
+    lengths = np.full(count, RECORD_BYTES, dtype=np.int64)
+    timestamps = 1_700_000_000_000 + np.arange(count, dtype=np.int64) // 50  # ~20 per ms
+    timestamp_list = timestamps.tolist()
+    encoded = encode_batch(values, timestamps=timestamp_list)
+    assert bytes(encode_batch_columnar(value_buffer, lengths, timestamps=timestamps)) == bytes(encoded)
+    cases: dict[str, Callable[[], object]] = {
+        "list encode": lambda: encode_batch(values, timestamps=timestamp_list),
+        "list decode": lambda: decode_batch(encoded),
+        "columnar encode": lambda: encode_batch_columnar(value_buffer, lengths, timestamps=timestamps),
+        "columnar decode": lambda: decode_columnar(encoded),
+    }
+    repeat = max(1, 2_000_000 // count)
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, case in cases.items():
+            started = time.perf_counter()
+            for _ in range(repeat):
+                case()
+            results[name].append(repeat * count / (time.perf_counter() - started))
+    return {name: median(rates) for name, rates in results.items()}
+
+
+# -- recovery -------------------------------------------------------------------------------------
+
+def recovery_rate(log_dir: Path) -> tuple[float, int]:
+    for name in os.listdir(log_dir):
+        if "checkpoint" in name:
+            os.unlink(log_dir / name)
+    started = time.perf_counter()
+    log = PartitionLog(log_dir, LogConfig(segment_bytes=1 << 30, retention_ms=-1))
+    elapsed = time.perf_counter() - started
+    scanned = sum(os.path.getsize(log_dir / n) for n in os.listdir(log_dir) if n.endswith(".log"))
+    log.abandon()
+    return scanned / elapsed, scanned
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="bytes written per run")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="directory on the filesystem to test (default: a temp dir here)")
+    args = parser.parse_args()
+    total = args.size_mib * MIB
+    base = Path(tempfile.mkdtemp(prefix="shmbroker-bench-", dir=args.dir or Path.cwd()))
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
+          f"Python {platform.python_version()}, numpy {np.__version__}")
+    print(f"directory: {base}  ({args.size_mib} MiB per run, {args.runs} runs, medians)\n")
+    try:
+        batch_64k = make_batch(64 * KIB)
+        region_1m = bytearray(b"".join([bytes(batch_64k)] * 16))
+        raw, one, sixteen = [], [], []
+        for _ in range(args.runs):
+            raw.append(raw_write(base, batch_64k, total))
+            one.append(log_append(base, batch_64k, total))
+            sixteen.append(log_append(base, region_1m, total))
+        print("append (GB/s)         median   ratio to raw os.write")
+        print(f"  raw os.write 64 KiB  {median(raw) / 1e9:6.2f}")
+        print(f"  log, 1 batch/call    {median(one) / 1e9:6.2f}   {median(one) / median(raw):.2f}")
+        print(f"  log, 16 batches/call {median(sixteen) / 1e9:6.2f}   "
+              f"{median(sixteen) / median(raw):.2f}\n")
+
+        log_dir = base / "log-read"
+        log = PartitionLog(log_dir, LogConfig(segment_bytes=1 << 30, retention_ms=-1))
+        written = 0
+        while written < total:
+            log.append(region_1m)
+            written += len(region_1m)
+        log.flush()
+        segment_path = log_dir / f"{0:020d}.log"
+        raw_reads, log_reads = [], []
+        for _ in range(args.runs):
+            raw_reads.append(raw_sendfile(segment_path, MIB))
+            log_reads.append(log_sendfile(log, MIB))
+        print("read, 1 MiB sendfile to a Unix socket drained by another process (GB/s)")
+        print(f"  raw sendfile         {median(raw_reads) / 1e9:6.2f}")
+        print(f"  log.read + sendfile  {median(log_reads) / 1e9:6.2f}   "
+              f"{median(log_reads) / median(raw_reads):.2f}\n")
+        log.abandon()  # unclean: the recovery benchmark scans it all
+
+        rates = [recovery_rate(log_dir) for _ in range(args.runs)]
+        print(f"recovery scan (no checkpoint, page cache warm): "
+              f"{median([r for r, _ in rates]) / 1e9:.2f} GB/s over {rates[0][1] / MIB:.0f} MiB\n")
+
+        for batch_bytes in (64 * KIB, 1 * MIB):
+            rates_by_case = codec_rates(batch_bytes, args.runs)
+            print(f"codec, 100-byte records, {batch_bytes // KIB} KiB batches "
+                  f"({records_for(batch_bytes)} records), M records/s")
+            for name, rate in rates_by_case.items():
+                print(f"  {name:18s} {rate / 1e6:7.2f}")
+            print()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -571,24 +571,36 @@ class ColumnarBatch:
         return self.data[start : start + length].tobytes()
 
     def values_equal_size(self) -> UInt8Array | None:
-        """When every value has one size and records share a stride, a 2-D zero-copy view
-        (records x value bytes) of the values; else None."""
+        """When every value has one size and the records one stride, a 2-D zero-copy view
+        (records x value bytes) of the values; else None.  Batches of more than 64 records
+        change stride where the offset-delta varint grows: use :meth:`value_blocks`."""
+        blocks = self.value_blocks()
+        return blocks[0] if blocks is not None and len(blocks) == 1 else None
+
+    def value_blocks(self) -> list[UInt8Array] | None:
+        """When every value has one size: the values as a few 2-D zero-copy views (records x
+        value bytes), one per run of records with one stride, in offset order; else None."""
         count = len(self.value_lengths)
         if count == 0:
             return None
         size = int(self.value_lengths[0])
         if size < 0 or not (self.value_lengths == size).all():
             return None
-        if count == 1:
-            start = int(self.value_positions[0])
-            return self.data[start : start + size].reshape(1, size)
         strides = np.diff(self.value_positions)
-        stride = int(strides[0])
-        if stride < size or not (strides == stride).all():
-            return None
-        start = int(self.value_positions[0])
-        return np.lib.stride_tricks.as_strided(
-            self.data[start:], shape=(count, size), strides=(stride, 1), writeable=False)
+        cuts = [0, *(np.flatnonzero(np.diff(strides)) + 1).tolist(), count - 1] if count > 1 else [0, 0]
+        blocks = []
+        first = 0
+        for cut in cuts[1:]:
+            last = cut + 1 if cut == count - 1 else cut  # run [first, last) shares strides
+            rows = last - first
+            start = int(self.value_positions[first])
+            stride = int(strides[first]) if rows > 1 else max(size, 1)
+            if stride < size:
+                return None
+            blocks.append(np.lib.stride_tricks.as_strided(
+                self.data[start:], shape=(rows, size), strides=(stride, 1), writeable=False))
+            first = last
+        return blocks
 
     def records(self) -> list[Record]:
         """Materialise the batch as :class:`Record` tuples (values copied into bytes)."""

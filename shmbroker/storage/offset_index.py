@@ -20,6 +20,7 @@ is written with ``os.pwrite`` per appended entry, never through mmap.
 from __future__ import annotations
 
 import os
+import struct
 from typing import ClassVar
 
 import numpy as np
@@ -38,6 +39,7 @@ class SparseIndex:
     """
 
     FILE_DTYPE: ClassVar[np.dtype]  # structured, big-endian: (key, value)
+    ENTRY_STRUCT: ClassVar[struct.Struct]  # the same entry, for a few at a time
     ENTRY_SIZE: ClassVar[int]
     KEY_NAME: ClassVar[str]
     VALUE_NAME: ClassVar[str]
@@ -50,6 +52,8 @@ class SparseIndex:
         self.entries_count = 0
         self._file_count = 0  # entries [0, _file_count) are known to be in the file
         self._fd = -1
+        self._last_entry = (0, 0)
+        self._last_entry_count = -1  # _last_entry is valid while entries_count equals this
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -71,7 +75,11 @@ class SparseIndex:
     def last_entry(self) -> tuple[int, int] | None:
         if self.entries_count == 0:
             return None
-        return int(self._keys[self.entries_count - 1]), int(self._values[self.entries_count - 1])
+        if self._last_entry_count != self.entries_count:  # Python ints, cached: hot path
+            self._last_entry = (int(self._keys[self.entries_count - 1]),
+                                int(self._values[self.entries_count - 1]))
+            self._last_entry_count = self.entries_count
+        return self._last_entry
 
     # -- file ---------------------------------------------------------------------------------
     def read_file(self) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -101,6 +109,7 @@ class SparseIndex:
         self._values[:count] = values
         self.entries_count = count
         self._file_count = 0  # unknown: write_pending rewrites from the start if active
+        self._last_entry_count = -1
 
     def write_file(self, *, active: bool) -> None:
         """Rewrite the whole file from memory; preallocate it when ``active``."""
@@ -174,6 +183,8 @@ class SparseIndex:
         self._keys[count] = key
         self._values[count] = value
         self.entries_count = count + 1
+        self._last_entry = (key, value)
+        self._last_entry_count = count + 1
 
     def write_pending(self) -> None:
         """Write the entries appended since the last write, in one pwrite (when active)."""
@@ -189,6 +200,7 @@ class SparseIndex:
             return
         old = min(self.entries_count, self._file_count)
         self.entries_count = count
+        self._last_entry_count = -1
         if self._fd >= 0 and old > count:
             os.pwrite(self._fd, bytes((old - count) * self.ENTRY_SIZE), count * self.ENTRY_SIZE)
         self._file_count = min(self._file_count, count)
@@ -202,6 +214,10 @@ class SparseIndex:
         return int(np.searchsorted(self.values, value, side="left"))
 
     def _encode(self, start: int, stop: int) -> bytes:
+        if stop - start <= 4:  # the usual append: a struct per entry beats a numpy record array
+            pack = self.ENTRY_STRUCT.pack
+            return b"".join(pack(int(self._keys[i]), int(self._values[i]))
+                            for i in range(start, stop))
         out = np.empty(stop - start, dtype=self.FILE_DTYPE)
         out[self.KEY_NAME] = self._keys[start:stop]
         out[self.VALUE_NAME] = self._values[start:stop]
@@ -224,6 +240,7 @@ class OffsetIndex(SparseIndex):
     """relative offset -> position.  Also: positions strictly increase (one entry per batch)."""
 
     FILE_DTYPE = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
+    ENTRY_STRUCT = struct.Struct(">II")
     ENTRY_SIZE = 8
     KEY_NAME = "relative_offset"
     VALUE_NAME = "position"

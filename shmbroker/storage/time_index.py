@@ -16,6 +16,8 @@ largest timestamp, so ``last_entry()`` of a sealed segment's index is its larges
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from shmbroker.storage.offset_index import SparseIndex
@@ -26,6 +28,7 @@ class TimeIndex(SparseIndex):
     offsets never decrease."""
 
     FILE_DTYPE = np.dtype([("timestamp", ">i8"), ("relative_offset", ">u4")])
+    ENTRY_STRUCT = struct.Struct(">qI")
     ENTRY_SIZE = 12
     KEY_NAME = "timestamp"
     VALUE_NAME = "relative_offset"

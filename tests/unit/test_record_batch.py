@@ -806,3 +806,26 @@ def test_last_offset_past_int64_is_rejected() -> None:
     set_base_offset(batch, 0, 2**63 - 1)
     with pytest.raises(CorruptRecordError):
         decode_batch(batch)
+
+
+@pytest.mark.parametrize("count", [1, 2, 63, 64, 65, 700, 8193, 10_000])
+@pytest.mark.parametrize("stamps", ["one", "slow", "fast"])
+def test_value_blocks_are_zero_copy_views_of_every_value(count: int, stamps: str) -> None:
+    values = np.random.default_rng(count).integers(0, 256, count * 100, dtype=np.uint8)
+    timestamps = {"one": 5, "slow": 1000 + np.arange(count) // 3,
+                  "fast": 1000 + np.arange(count) * 100}[stamps]
+    batch = encode_batch_columnar(values, np.full(count, 100), timestamps=timestamps)
+    columns = decode_columnar(batch)
+    blocks = columns.value_blocks()
+    assert blocks is not None and len(blocks) <= 8
+    assert np.array_equal(np.concatenate(blocks), values.reshape(count, 100))
+    for block in blocks:
+        assert np.shares_memory(block, columns.data)  # views into the batch, not copies
+    single = columns.values_equal_size()
+    assert (single is not None) == (len(blocks) == 1)
+
+
+def test_value_blocks_none_for_mixed_sizes() -> None:
+    batch = encode_batch([b"a", b"bb", b"c"], timestamps=1)
+    assert decode_columnar(batch).value_blocks() is None
+    assert decode_columnar(encode_batch([b"a", None], timestamps=1)).value_blocks() is None

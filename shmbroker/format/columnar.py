@@ -4,15 +4,15 @@ The record layout is in :mod:`shmbroker.format.record_batch`.  Here the section 
 columns -- one numpy array per field -- so that a whole batch costs O(1) numpy calls, not O(records)
 Python operations:
 
-* **encode**: field sizes are computed as arrays, positions by ``cumsum``; records that share one
-  layout (same encoded size of every field: the usual case of equal-sized values) are written as
-  *runs*, a 2-D ``(records, record_size)`` view of the output where each field is a column
-  block, so a run is a handful of numpy calls whatever its length.  Anything else goes through
-  the general path: varints scattered per byte-column, payloads scattered through a mask.
-* **decode**: record boundaries form a chain (each record starts with its own length), walked by
-  runs as well: once one record's length is known, the next ``k`` records of the same size are
-  verified at once on a strided view, and only irregular records are stepped one by one.  The
-  fields of all records are then parsed with vectorised varint reads.
+* records that share one shape (equal value sizes, keys absent or equal-sized, no headers) go
+  through :mod:`shmbroker.format.uniform_records`: runs of fixed-size rows as 2-D views, a
+  handful of numpy calls per run whatever its length;
+* anything else takes the general path here.  **encode**: field sizes as arrays, positions by
+  ``cumsum``, varints scattered per byte-column, values placed through a mask.  **decode**:
+  record boundaries form a chain (each record starts with its own length); once a few records
+  of one size follow each other, the next ones are verified at once on a strided view, and only
+  irregular records are stepped one by one.  The fields of all records are then parsed with
+  vectorised varint reads.
 
 All positions returned by the decoder index into the buffer that was passed in, so values are
 never copied.  Inputs are untrusted: every length is bounds-checked and inconsistencies raise
@@ -44,8 +44,6 @@ U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
 
 NO_HEADERS = b"\x00"  # a headers section with zero headers
-# A layout must repeat this many times on average before the run path beats the general one.
-RUN_LENGTH_MIN = 16
 
 
 def _exclusive_cumsum(sizes: I64) -> I64:

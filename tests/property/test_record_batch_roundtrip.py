@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from record_reference import Header, headers_section
 
 from shmbroker.format import record_batch as rb
 
@@ -21,7 +22,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 CODECS = ("none", "gzip", "lz4", "zstd")
 
-Header = tuple[str, bytes | None]
 SETTINGS = settings(deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -34,25 +34,6 @@ class Batch:
     timestamps: list[int] | int
     codec: str
     fields: dict[str, int | bool] = field(default_factory=dict)
-
-
-def varint(value: int) -> bytes:
-    z = (value << 1) if value >= 0 else ((-value) << 1) - 1
-    out = bytearray()
-    while z >= 0x80:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-def headers_section(headers: list[Header]) -> bytes:
-    """Written from the spec, not with the codec's own encode_headers."""
-    parts = [varint(len(headers))]
-    for key, value in headers:
-        parts += [varint(len(key.encode())), key.encode()]
-        parts += [varint(-1)] if value is None else [varint(len(value)), value]
-    return b"".join(parts)
 
 
 @st.composite

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zstandard
 from crc32c import crc32c
+from record_reference import varint
 
 from shmbroker import limits
 from shmbroker.errors import CorruptRecordError, UnsupportedCodecError
@@ -42,14 +43,6 @@ CODEC_NUMBERS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 # an independent reference encoder
 # ------------------------------------------------------------------------------------------------
 
-def varint(value: int) -> bytes:
-    z = (value << 1) if value >= 0 else ((-value) << 1) - 1
-    out = bytearray()
-    while z >= 0x80:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
 
 
 def nullable(data: bytes | None) -> bytes:

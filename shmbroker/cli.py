@@ -53,5 +53,36 @@ def dump_log(paths: tuple[Path, ...], print_data: bool, verify: bool) -> None:
         sys.exit(1)
 
 
+DATA_DIR_OPTION = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Broker data directory (default: $SHMBROKER_DATA_DIR or ./shmbroker-data).")
+
+
+@main.command("serve")
+@DATA_DIR_OPTION
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Broker settings (TOML); [topic_defaults] sets topic configs' defaults.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                               case_sensitive=False), default="INFO",
+              show_default=True)
+def serve(data_dir: Path | None, config_file: str | None, log_level: str) -> None:
+    """Run the broker in the foreground until SIGTERM or Ctrl-C."""
+    import logging
+
+    from shmbroker.config import BrokerConfig
+    from shmbroker.errors import ShmbrokerError
+    from shmbroker.supervisor.supervisor import default_data_dir, run
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    try:
+        config = BrokerConfig.load(config_file)
+        code = run(data_dir or default_data_dir(), config, log_level.upper())
+    except ShmbrokerError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

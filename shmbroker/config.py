@@ -148,3 +148,84 @@ def reference_table() -> str:
 
 if __name__ == "__main__":
     print(reference_table())
+
+
+# ================================================================================================
+# Broker settings: `shmbroker serve --config FILE.toml`.  Top-level keys are these settings; a
+# `[topic_defaults]` table holds LogConfig values that topics without an override get.
+# ================================================================================================
+
+BROKER_SETTINGS: tuple[Setting, ...] = (
+    Setting("socket_mode", 0o660, "octal mode",
+            "permissions of broker.sock and the workers' sockets", minimum=0),
+    Setting("data_dir_mode", 0o750, "octal mode",
+            "permissions the data dir and its subdirectories are created with", minimum=0),
+    Setting("worker_restart_backoff_ms_max", 5000, "ms",
+            "longest wait before restarting a worker that keeps dying", minimum=0),
+    Setting("worker_boot_failures_max", 5, "count",
+            "consecutive failed boots after which a partition's worker is not restarted",
+            minimum=1),
+    Setting("worker_stop_timeout_ms", 30_000, "ms",
+            "how long a stopping worker may drain and flush before it is killed", minimum=1),
+    Setting("topic_ready_timeout_ms", 30_000, "ms",
+            "how long topic creation waits for its workers to come up", minimum=1),
+)
+
+_BROKER_BY_NAME = {setting.name: setting for setting in BROKER_SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfig:
+    """Process-level settings of one broker (not per topic)."""
+
+    socket_mode: int = _BROKER_BY_NAME["socket_mode"].default
+    data_dir_mode: int = _BROKER_BY_NAME["data_dir_mode"].default
+    worker_restart_backoff_ms_max: int = _BROKER_BY_NAME["worker_restart_backoff_ms_max"].default
+    worker_boot_failures_max: int = _BROKER_BY_NAME["worker_boot_failures_max"].default
+    worker_stop_timeout_ms: int = _BROKER_BY_NAME["worker_stop_timeout_ms"].default
+    topic_ready_timeout_ms: int = _BROKER_BY_NAME["topic_ready_timeout_ms"].default
+    topic_defaults: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if field.name != "topic_defaults":
+                _check(_BROKER_BY_NAME[field.name], getattr(self, field.name))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> BrokerConfig:
+        converted: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name == "topic_defaults":
+                if not isinstance(raw, Mapping):
+                    raise InvalidConfigError("[topic_defaults] must be a table of topic configs")
+                converted[name] = LogConfig.from_mapping(raw)
+                continue
+            setting = _BROKER_BY_NAME.get(name)
+            if setting is None:
+                known = ", ".join(sorted([*_BROKER_BY_NAME, "topic_defaults"]))
+                raise InvalidConfigError(f"unknown broker setting {name!r}; known: {known}")
+            converted[name] = _convert(setting, raw)
+        return cls(**converted)
+
+    @classmethod
+    def load(cls, path: str | None) -> BrokerConfig:
+        """Read a TOML file (None = all defaults); InvalidConfigError names the file."""
+        if path is None:
+            return cls()
+        import tomllib
+
+        try:
+            with open(path, "rb") as file:
+                values = tomllib.load(file)
+        except OSError as error:
+            raise InvalidConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise InvalidConfigError(f"config file {path} is not valid TOML: {error}") from None
+        try:
+            return cls.from_mapping(values)
+        except InvalidConfigError as error:
+            raise InvalidConfigError(f"{path}: {error}") from None
+
+    def topic_config(self, overrides: Mapping[str, Any]) -> LogConfig:
+        """A topic's effective config: its overrides on top of the broker's topic defaults."""
+        return LogConfig.from_mapping({**self.topic_defaults.as_dict(), **overrides})

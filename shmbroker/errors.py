@@ -59,3 +59,142 @@ class LogClosedError(ShmbrokerError):
 
 class StorageError(ShmbrokerError):
     """The file system failed us (ENOSPC, EIO, permissions); the log was left consistent."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Broker and client errors.  Each one that crosses a socket has a ``code``: the string carried in
+# a response's ``error`` field (see shmbroker.protocol.messages), mapped back to the same class on
+# the other side by :func:`error_from_code`.
+# ------------------------------------------------------------------------------------------------
+
+class BrokerError(ShmbrokerError):
+    """The broker reported an error for a request (the base of every coded error)."""
+
+    code = "BROKER_ERROR"
+
+
+class ProtocolError(BrokerError):
+    """The peer broke the framing or message rules (a malformed frame, a wrong JSON type)."""
+
+    code = "INVALID_REQUEST"
+
+
+class BrokerNotRunningError(BrokerError):
+    """No broker answers on the data dir's socket."""
+
+    code = "BROKER_NOT_RUNNING"
+
+
+class BrokerAlreadyRunningError(BrokerError):
+    """Another broker holds the data dir's lock."""
+
+    code = "BROKER_ALREADY_RUNNING"
+
+
+class UnknownTopicOrPartitionError(BrokerError):
+    """The topic, or that partition of it, does not exist."""
+
+    code = "UNKNOWN_TOPIC_OR_PARTITION"
+
+
+class TopicExistsError(BrokerError):
+    code = "TOPIC_ALREADY_EXISTS"
+
+
+class InvalidTopicNameError(BrokerError, ValueError):
+    code = "INVALID_TOPIC_NAME"
+
+
+class InvalidPartitionsError(BrokerError, ValueError):
+    code = "INVALID_PARTITIONS"
+
+
+class PartitionOfflineError(BrokerError):
+    """The partition's worker is not running (starting, restarting, or given up after boot
+    failures)."""
+
+    code = "PARTITION_OFFLINE"
+
+
+class RequestTimeoutError(BrokerError, TimeoutError):
+    """A request, an acknowledgement or a blocking call did not complete in time."""
+
+    code = "REQUEST_TIMED_OUT"
+
+
+class BufferFullError(RequestTimeoutError):
+    """A producer's ring or buffer memory stayed full for max_block_ms."""
+
+    code = "BUFFER_FULL"
+
+
+class ClosedError(BrokerError):
+    """The producer, consumer or admin client was closed by its owner."""
+
+    code = "CLOSED"
+
+
+class ShuttingDownError(BrokerError):
+    """The broker or worker is stopping and takes no new requests."""
+
+    code = "SHUTTING_DOWN"
+
+
+class RingError(BrokerError):
+    """A shared-memory ring is missing, of the wrong layout, or was marked broken."""
+
+    code = "RING_ERROR"
+
+
+class CorruptBatchError(BrokerError):
+    """The broker refused a produced batch as corrupt (bad CRC, magic, sizes or counts)."""
+
+    code = "CORRUPT_MESSAGE"
+
+
+class BatchTooLargeError(BrokerError, RecordTooLargeError):
+    """The broker refused a produced batch larger than the topic's max_batch_bytes."""
+
+    code = "MESSAGE_TOO_LARGE"
+
+
+class BrokerStorageError(BrokerError):
+    """The broker could not store a batch (disk full, I/O error); nothing was written."""
+
+    code = "KAFKA_STORAGE_ERROR"
+
+
+class OffsetOutOfRangeBrokerError(BrokerError, OffsetOutOfRangeError):
+    """A fetch or list-offsets request named an offset outside the partition's log."""
+
+    code = "OFFSET_OUT_OF_RANGE"
+
+    def __init__(self, offset: int, log_start_offset: int, log_end_offset: int) -> None:
+        OffsetOutOfRangeError.__init__(self, offset, log_start_offset, log_end_offset)
+
+
+class NoOffsetForPartitionError(BrokerError):
+    """A consumer has no position and no reset policy for a partition."""
+
+    code = "NO_OFFSET_FOR_PARTITION"
+
+
+def _coded_classes() -> dict[str, type[BrokerError]]:
+    found: dict[str, type[BrokerError]] = {}
+    pending: list[type[BrokerError]] = [BrokerError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_code(code: str, message: str, **fields: int) -> BrokerError:
+    """The exception for an ``error`` code received from a peer (unknown codes -> BrokerError)."""
+    cls = _coded_classes().get(code, BrokerError)
+    if cls is OffsetOutOfRangeBrokerError:
+        return OffsetOutOfRangeBrokerError(fields.get("offset", -1),
+                                           fields.get("log_start_offset", -1),
+                                           fields.get("log_end_offset", -1))
+    error = cls(message)
+    return error

@@ -16,3 +16,32 @@ batch_bytes_max = 64 * MIB
 batch_records_max = 1 << 22
 # Chunk the recovery scan reads at a time.
 recovery_read_bytes = 16 * MIB
+
+# -- sockets and frames (shmbroker.protocol) -----------------------------------------------------
+# Largest frame on any local socket: a produce over the socket fallback carries batches up to
+# batch_bytes_max; fetch responses are capped by fetch_bytes_max.
+frame_bytes_max = batch_bytes_max + 1 * MIB
+# JSON part of a frame (control messages are small).
+frame_json_bytes_max = 1 * MIB
+# Bytes one fetch response may carry (a request's max_bytes is clamped to it).
+fetch_bytes_max = 64 * MIB
+# Longest a fetch may park waiting for data.
+fetch_wait_ms_max = 60_000
+# Connections one worker or the supervisor accepts at once.
+connections_max = 4096
+# Requests received but not yet answered on one connection (pipelined fetches included).
+pending_requests_per_connection_max = 64
+# Produce rings one worker attaches in total, and per producer client.
+rings_per_worker_max = 1024
+# Topics, and partitions per topic.
+topics_max = 10_000
+partitions_per_topic_max = 4096
+# Kafka's topic-name rule.
+topic_name_chars_max = 249
+
+# -- produce rings (shmbroker.shm) ---------------------------------------------------------------
+ring_data_bytes_min = 64 * 1024
+ring_data_bytes_max = 1024 * MIB
+ring_ack_slots_max = 1 << 20
+# Bytes a worker takes from its rings per loop iteration (then it serves fetches).
+drain_bytes_max = 1 * MIB

@@ -3,8 +3,8 @@
 
 * pure layers (``shmbroker.format``, ``shmbroker.protocol``, ``shmbroker.coordinator``) import no
   ``os``, ``socket``, ``mmap``, ``multiprocessing``, ``selectors`` or ``threading``;
-* a layer imports only layers below it: format < {protocol, storage, shm} < {partition,
-  coordinator, replication} < supervisor < server; client imports protocol/format/errors only.
+* a layer imports only layers below it: format < {protocol, storage, shm} < transport < {partition,
+  coordinator, replication} < supervisor < server; client imports protocol/format/shm/transport/errors only.
 
 Run: ``python tools/check_layers.py`` (exit 1 and a list of violations on failure).  The test
 suite runs it too.
@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "shmbroker"
 PURE = {"format", "protocol", "coordinator"}
 IO_MODULES = {"os", "socket", "mmap", "multiprocessing", "selectors", "threading", "subprocess"}
-RANK = {"format": 0, "protocol": 1, "storage": 1, "shm": 1, "partition": 2, "coordinator": 2,
-        "replication": 2, "supervisor": 3, "server": 4}
-CLIENT_ALLOWED = {"protocol", "format", "client"}
+RANK = {"format": 0, "protocol": 1, "storage": 1, "shm": 1, "transport": 2, "partition": 3,
+        "coordinator": 3, "replication": 3, "supervisor": 4, "server": 5}
+CLIENT_ALLOWED = {"protocol", "format", "shm", "transport", "client"}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:

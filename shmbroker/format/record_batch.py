@@ -59,7 +59,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Any, NamedTuple
 
 import lz4.frame
@@ -602,8 +602,13 @@ class ColumnarBatch:
             first = last
         return blocks
 
-    def records(self) -> list[Record]:
-        """Materialise the batch as :class:`Record` tuples (values copied into bytes)."""
+    def records(self, record_type: type = Record, leading: tuple[Any, ...] = (),
+                min_offset: int | None = None) -> list[Any]:
+        """Materialise the batch as :class:`Record` tuples (values copied into bytes).
+
+        ``record_type`` (a tuple subclass) and ``leading`` let a caller build wider records in
+        the same C-level pass: each row is ``leading + (offset, timestamp, key, value,
+        headers)``; records below ``min_offset`` are left out."""
         # One copy of this batch's records section, then slices of it (a fetch buffer may hold
         # many batches: never copy more than this one).
         base = self.records_start
@@ -628,8 +633,13 @@ class ColumnarBatch:
                                 self.header_counts.tolist())]
         else:
             headers = repeat(_NO_HEADERS)
-        rows = zip(self.offsets.tolist(), self.timestamps.tolist(), keys, values, headers)
-        return list(map(_new_record, repeat(Record), rows))  # C-level: no Python frame per record
+        columns = [self.offsets.tolist(), self.timestamps.tolist(), keys, values, headers]
+        if leading:
+            columns[:0] = [repeat(value) for value in leading]
+        rows: Iterable[tuple[Any, ...]] = zip(*columns)
+        if min_offset is not None and int(self.offsets[0]) < min_offset:
+            rows = islice(rows, int(np.searchsorted(self.offsets, min_offset)), None)
+        return list(map(_new_record, repeat(record_type), rows))  # C-level: no frame per record
 
 
 def decode_columnar(

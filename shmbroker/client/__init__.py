@@ -1,0 +1,1 @@
+"""Producer, consumer and admin clients (import protocol, format, shm and errors only)."""

@@ -1,0 +1,100 @@
+"""Blocking request/response over one Unix socket (the client side of protocol.frames).
+
+Thread-safe: one request at a time per connection (a lock); responses are matched by correlation
+id.  A failed connection is closed and reopened by the next request.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shmbroker.errors import BrokerNotRunningError, ProtocolError, RequestTimeoutError
+from shmbroker.protocol.frames import HEADER_SIZE, frame_head, parse_header
+from shmbroker.protocol.messages import check_response
+from shmbroker.transport.unix import connect, recv_exact_into
+
+CONNECT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
+
+
+def not_running(path: Path) -> BrokerNotRunningError:
+    return BrokerNotRunningError(
+        f"no broker at {path} — start one with `shmbroker serve --data-dir {path.parent}`")
+
+
+class Connection:
+    """One Unix-socket connection for framed requests."""
+
+    def __init__(self, path: Path, timeout_s: float = 30.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._correlation = itertools.count(1)
+
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                self._sock = connect(self.path, self.timeout_s)
+            except OSError as error:
+                if error.errno in CONNECT_ERRNOS:
+                    raise not_running(self.path) from None
+                raise
+        return self._sock
+
+    def request(self, api_key: int, body: dict[str, Any] | None = None,
+                raw: bytes | memoryview = b"", timeout_s: float | None = None
+                ) -> tuple[dict[str, Any], memoryview]:
+        """Send one request and return (body, raw) of its response; raise the error it carries."""
+        with self._lock:
+            sock = self._connected()
+            correlation_id = next(self._correlation) & 0xFFFFFFFF
+            try:
+                sock.settimeout(self.timeout_s if timeout_s is None else timeout_s)
+                head = frame_head(api_key, correlation_id, body, len(raw))
+                sock.sendall(head + bytes(raw) if len(raw) < 65536 else head)
+                if len(raw) >= 65536:
+                    sock.sendall(raw)
+                response_body, response_raw, response_id = read_frame(sock)
+            except TimeoutError:
+                self.close_locked()
+                raise RequestTimeoutError(
+                    f"no answer from {self.path} in "
+                    f"{self.timeout_s if timeout_s is None else timeout_s} s") from None
+            except (ConnectionError, OSError) as error:
+                self.close_locked()
+                raise not_running(self.path) from error
+            if response_id != correlation_id and response_id != 0:
+                self.close_locked()
+                raise ProtocolError(f"response {response_id} does not match request "
+                                    f"{correlation_id}")
+            return check_response(response_body), response_raw
+
+    def close_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def read_frame(sock: socket.socket) -> tuple[dict[str, Any], memoryview, int]:
+    """Read one whole frame (blocking): (JSON body, raw bytes, correlation id)."""
+    head = bytearray(HEADER_SIZE)
+    recv_exact_into(sock, memoryview(head))
+    header = parse_header(head)
+    rest = bytearray(header.frame_length - (HEADER_SIZE - 4))
+    recv_exact_into(sock, memoryview(rest))
+    json_part = rest[: header.json_length]
+    body = orjson.loads(json_part) if json_part else {}
+    if not isinstance(body, dict):
+        raise ProtocolError("response body is not a JSON object")
+    return body, memoryview(rest)[header.json_length:], header.correlation_id

@@ -1,0 +1,406 @@
+"""The consumer: fetches from partition workers (long poll), decodes batches, tracks positions.
+
+>>> with Consumer(data_dir="./shmbroker-data") as consumer:
+...     consumer.assign([TopicPartition("metrics", 0)])
+...     consumer.seek_to_beginning()
+...     for record in consumer.poll(timeout_ms=1000):
+...         print(record.offset, record.value)
+
+Each assigned partition keeps one fetch in flight on its worker's socket: as soon as a response
+arrives the next fetch is sent, before the records are decoded, so the worker reads the next
+range while we decode this one.  A response is whole RecordBatches straight from the segment file
+(the worker uses sendfile); records below the position are skipped (a fetch starts at the batch
+holding the position).  Group membership and commits are the consumer-group issue's work: this
+consumer is assigned partitions explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from shmbroker.client.connection import Connection, read_frame
+from shmbroker.client.metadata import Metadata, PartitionInfo
+from shmbroker.client.types import (
+    ColumnarRecords,
+    OffsetAndTimestamp,
+    Record,
+    TopicPartition,
+    resolve_data_dir,
+)
+from shmbroker.errors import (
+    BrokerNotRunningError,
+    ClosedError,
+    CorruptRecordError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    ProtocolError,
+    RequestTimeoutError,
+)
+from shmbroker.format import record_batch
+from shmbroker.protocol.frames import frame_head
+from shmbroker.protocol.messages import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, ApiKey, check_response
+from shmbroker.transport.unix import connect
+
+RECONNECT_PAUSE_S = 0.05
+
+
+class _Fetcher:
+    """One assigned partition: its position, its worker connection and the fetch in flight."""
+
+    def __init__(self, info: PartitionInfo, tp: TopicPartition) -> None:
+        self.info = info
+        self.tp = tp
+        self.position: int | None = None
+        self.paused = False
+        self.sock: socket.socket | None = None
+        self.in_flight_offset: int | None = None  # offset of the fetch in flight
+        self.correlation_id = 0
+        self.buffered: list[Any] = []  # decoded, not yet returned (max_records)
+        self.retry_at = 0.0
+        self.high_watermark = -1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        self.in_flight_offset = None
+
+
+class Consumer:
+    """Kafka-shaped consumer with explicit assignment.  Not thread-safe (as Kafka's)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
+                 auto_offset_reset: str = "latest", fetch_max_bytes: int = 4 * 1024 * 1024,
+                 fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
+                 max_poll_records: int | None = None, check_crcs: bool = True,
+                 request_timeout_ms: int = 30_000) -> None:
+        if auto_offset_reset not in ("earliest", "latest", "none"):
+            raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not "
+                             f"{auto_offset_reset!r}")
+        self.data_dir = resolve_data_dir(data_dir)
+        self.auto_offset_reset = auto_offset_reset
+        self.fetch_max_bytes = fetch_max_bytes
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.fetch_min_bytes = fetch_min_bytes
+        self.max_poll_records = max_poll_records
+        self.check_crcs = check_crcs
+        self.request_timeout_s = request_timeout_ms / 1000
+        self._metadata = Metadata(self.data_dir, self.request_timeout_s)
+        self._metadata.refresh()
+        self._fetchers: dict[TopicPartition, _Fetcher] = {}
+        self._selector = selectors.DefaultSelector()
+        self._closed = False
+        self._correlation = 0
+
+    # -- assignment and positions ----------------------------------------------------------------
+    def assign(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
+        """Consume exactly these partitions (replacing any previous assignment)."""
+        self._check_open()
+        wanted = [TopicPartition(*tp) for tp in partitions]
+        infos = {tp: self._metadata.partition(tp.topic, tp.partition) for tp in wanted}
+        for tp in list(self._fetchers):
+            if tp not in infos:
+                self._drop(tp)
+        for tp, info in infos.items():
+            if tp not in self._fetchers:
+                self._fetchers[tp] = _Fetcher(info, tp)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._fetchers)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Consume ``partition`` from ``offset`` on the next poll."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"offset must be an int >= 0, not {offset!r}")
+        fetcher = self._fetcher(partition)
+        self._reset_fetch(fetcher)
+        fetcher.position = offset
+
+    def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        for tp in partitions or tuple(self._fetchers):
+            self.seek(tp, self._list_offset(self._fetcher(tp), EARLIEST_TIMESTAMP).offset)
+
+    def seek_to_end(self, *partitions: TopicPartition) -> None:
+        for tp in partitions or tuple(self._fetchers):
+            self.seek(tp, self._list_offset(self._fetcher(tp), LATEST_TIMESTAMP).offset)
+
+    def position(self, partition: TopicPartition) -> int:
+        """The offset of the next record poll will return for ``partition``."""
+        fetcher = self._fetcher(partition)
+        if fetcher.position is None:
+            self._reset_position(fetcher)
+        assert fetcher.position is not None
+        if fetcher.buffered:
+            return int(_first_offset(fetcher.buffered[0][0]))
+        return fetcher.position
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._fetcher(tp).paused = True
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._fetcher(tp).paused = False
+
+    def paused(self) -> set[TopicPartition]:
+        return {tp for tp, fetcher in self._fetchers.items() if fetcher.paused}
+
+    def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self._list_offset(self._info_fetcher(tp), EARLIEST_TIMESTAMP).offset
+                for tp in partitions}
+
+    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self._list_offset(self._info_fetcher(tp), LATEST_TIMESTAMP).offset
+                for tp in partitions}
+
+    def offsets_for_times(self, timestamps: Mapping[TopicPartition, int]
+                          ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        """The earliest offset whose timestamp is >= the given one (None if there is none)."""
+        found: dict[TopicPartition, OffsetAndTimestamp | None] = {}
+        for tp, timestamp_ms in timestamps.items():
+            if not isinstance(timestamp_ms, int) or timestamp_ms < 0:
+                raise ValueError(f"timestamp for {tp} must be an int >= 0, not {timestamp_ms!r}")
+            answer = self._list_offset(self._info_fetcher(tp), timestamp_ms)
+            found[tp] = answer if answer.offset >= 0 else None
+        return found
+
+    # -- polling -----------------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> list[Record]:
+        """Records fetched since the last poll, waiting up to ``timeout_ms`` for the first."""
+        limit = max_records or self.max_poll_records
+        out: list[Record] = []
+        for fetcher, batch, min_offset in self._poll_batches(timeout_ms):
+            tp = fetcher.tp
+            out += batch.records(Record, (tp.topic, tp.partition), min_offset)
+        if limit is not None and len(out) > limit:
+            self._push_back(out[limit:])
+            del out[limit:]
+        return out
+
+    def poll_columnar(self, timeout_ms: int = 0) -> list[ColumnarRecords]:
+        """As :meth:`poll`, one :class:`ColumnarRecords` per partition that had records: numpy
+        offsets and timestamps, values as positions into the fetched bytes (zero copy).  Whole
+        batches: a first batch may start before the position (use ``offsets`` to filter)."""
+        grouped: dict[TopicPartition, list[Any]] = {}
+        for fetcher, batch, _ in self._poll_batches(timeout_ms):
+            grouped.setdefault(fetcher.tp, []).append(batch)
+        return [ColumnarRecords(tp.topic, tp.partition, batches)
+                for tp, batches in grouped.items()]
+
+    def _poll_batches(self, timeout_ms: int) -> list[tuple[_Fetcher, Any, int]]:
+        self._check_open()
+        if not self._fetchers:
+            raise ClosedError("the consumer has no assigned partitions: call assign() first")
+        deadline = time.monotonic() + max(0, timeout_ms) / 1000
+        ready: list[tuple[_Fetcher, Any, int]] = []
+        while True:
+            for fetcher in self._fetchers.values():
+                if fetcher.buffered and not fetcher.paused:
+                    ready += [(fetcher, batch, min_offset)
+                              for batch, min_offset in fetcher.buffered]
+                    fetcher.buffered = []
+            if ready:
+                break
+            now = time.monotonic()
+            wait_ms = int(max(0.0, deadline - now) * 1000)
+            for fetcher in self._fetchers.values():
+                if not fetcher.paused and fetcher.in_flight_offset is None:
+                    self._send_fetch(fetcher, min(wait_ms, self.fetch_max_wait_ms), now)
+            timeout = max(0.0, deadline - time.monotonic())
+            retry = [f.retry_at for f in self._fetchers.values() if f.sock is None]
+            if retry:
+                timeout = min(timeout, max(0.0, min(retry) - time.monotonic()))
+            events = self._selector.select(timeout) if self._selector.get_map() else (
+                time.sleep(timeout) or [])
+            for key, _ in events:
+                fetcher = key.data
+                ready += self._receive(fetcher)
+            if ready or time.monotonic() >= deadline:
+                break
+        return ready
+
+    def _send_fetch(self, fetcher: _Fetcher, wait_ms: int, now: float) -> None:
+        if fetcher.position is None:
+            try:
+                self._reset_position(fetcher)
+            except (BrokerNotRunningError, RequestTimeoutError):
+                fetcher.retry_at = now + RECONNECT_PAUSE_S
+                return
+        if fetcher.sock is None:
+            if now < fetcher.retry_at:
+                return
+            try:
+                fetcher.sock = connect(fetcher.info.socket, self.request_timeout_s)
+            except OSError:
+                fetcher.retry_at = now + RECONNECT_PAUSE_S
+                return
+            self._selector.register(fetcher.sock, selectors.EVENT_READ, fetcher)
+        self._correlation = (self._correlation + 1) & 0xFFFFFFFF
+        fetcher.correlation_id = self._correlation
+        body = {"offset": fetcher.position, "max_bytes": self.fetch_max_bytes,
+                "max_wait_ms": wait_ms, "min_bytes": self.fetch_min_bytes}
+        try:
+            fetcher.sock.sendall(frame_head(ApiKey.FETCH, fetcher.correlation_id, body))
+        except OSError:
+            self._disconnect(fetcher)
+            return
+        fetcher.in_flight_offset = fetcher.position
+
+    def _receive(self, fetcher: _Fetcher) -> list[tuple[_Fetcher, Any, int]]:
+        """Read the response of ``fetcher``'s fetch; send the next one; decode this one."""
+        assert fetcher.sock is not None
+        try:
+            body, raw, correlation_id = read_frame(fetcher.sock)
+        except (OSError, ProtocolError):
+            self._disconnect(fetcher)
+            return []
+        fetcher.in_flight_offset = None
+        if correlation_id != fetcher.correlation_id:
+            self._disconnect(fetcher)
+            return []
+        try:
+            check_response(body)
+        except OffsetOutOfRangeError as error:
+            self._out_of_range(fetcher, error)
+            return []
+        fetcher.high_watermark = body.get("high_watermark", -1)
+        min_offset = fetcher.position or 0
+        batches = self._decode(raw, min_offset)
+        if batches:
+            fetcher.position = max(min_offset, batches[-1].header.next_offset)
+            if not fetcher.paused:  # prefetch: the worker reads on while we decode
+                self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())
+        return [(fetcher, batch, min_offset) for batch in batches]
+
+    def _decode(self, raw: memoryview, min_offset: int) -> list[Any]:
+        """The batches of a fetch response holding records at or after ``min_offset``
+        (CRC-checked when check_crcs, as Kafka's consumer does)."""
+        batches = []
+        verify = self.check_crcs
+        position = 0
+        end = len(raw)
+        while end - position >= record_batch.LOG_OVERHEAD:
+            size = record_batch.batch_size_at(raw, position)
+            if size < record_batch.HEADER_SIZE or position + size > end:
+                if size < record_batch.HEADER_SIZE:
+                    raise CorruptRecordError(f"batch size {size} is smaller than a header",
+                                             position)
+                break
+            header = record_batch.read_header(raw, position)
+            if header.next_offset > min_offset and not header.is_control:
+                batches.append(record_batch.decode_columnar(raw, position, verify_crc=verify))
+            position += size
+        return batches
+
+    def _out_of_range(self, fetcher: _Fetcher, error: OffsetOutOfRangeError) -> None:
+        if self.auto_offset_reset == "none":
+            raise error
+        fetcher.position = (error.log_start_offset if self.auto_offset_reset == "earliest"
+                            or (fetcher.position or 0) < error.log_start_offset
+                            else error.log_end_offset)
+
+    def _push_back(self, records: list[Record]) -> None:
+        """Keep records beyond max_records for the next poll (as already-decoded tuples)."""
+        for record in records:
+            fetcher = self._fetchers[TopicPartition(record.topic, record.partition)]
+            fetcher.buffered.append((_Leftover(record), record.offset))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the consumer is closed")
+
+    def _fetcher(self, tp: TopicPartition | tuple[str, int]) -> _Fetcher:
+        fetcher = self._fetchers.get(TopicPartition(*tp))
+        if fetcher is None:
+            raise ValueError(f"partition {tp[0]}/{tp[1]} is not assigned to this consumer")
+        return fetcher
+
+    def _info_fetcher(self, tp: TopicPartition) -> _Fetcher:
+        fetcher = self._fetchers.get(TopicPartition(*tp))
+        if fetcher is not None:
+            return fetcher
+        return _Fetcher(self._metadata.partition(tp[0], tp[1]), TopicPartition(*tp))
+
+    def _reset_fetch(self, fetcher: _Fetcher) -> None:
+        fetcher.buffered = []
+        if fetcher.in_flight_offset is not None:
+            self._disconnect(fetcher)  # drop the answer to a fetch from the old position
+            fetcher.retry_at = 0.0
+
+    def _reset_position(self, fetcher: _Fetcher) -> None:
+        if self.auto_offset_reset == "none":
+            raise NoOffsetForPartitionError(
+                f"no position for {fetcher.tp.topic}/{fetcher.tp.partition} and "
+                "auto_offset_reset is 'none': seek() first")
+        timestamp = EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest" else (
+            LATEST_TIMESTAMP)
+        fetcher.position = self._list_offset(fetcher, timestamp).offset
+
+    def _list_offset(self, fetcher: _Fetcher, timestamp_ms: int) -> OffsetAndTimestamp:
+        connection = Connection(fetcher.info.socket, self.request_timeout_s)
+        try:
+            body, _ = connection.request(ApiKey.LIST_OFFSETS, {"timestamp_ms": timestamp_ms})
+        finally:
+            connection.close()
+        return OffsetAndTimestamp(body["offset"], body["timestamp_ms"])
+
+    def _disconnect(self, fetcher: _Fetcher) -> None:
+        if fetcher.sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(fetcher.sock)
+        fetcher.close()
+        fetcher.retry_at = time.monotonic() + RECONNECT_PAUSE_S
+
+    def _drop(self, tp: TopicPartition) -> None:
+        fetcher = self._fetchers.pop(tp)
+        self._disconnect(fetcher)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for tp in list(self._fetchers):
+            self._drop(tp)
+        self._selector.close()
+        self._metadata.close()
+        self._closed = True
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Leftover:
+    """A record decoded by an earlier poll and held back by max_records: quacks like a batch."""
+
+    __slots__ = ("record", "header")
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        self.header = _LeftoverHeader(record.offset + 1)
+
+    def records(self, record_type: type, leading: tuple[Any, ...],
+                min_offset: int | None = None) -> list[Record]:
+        return [self.record]
+
+
+class _LeftoverHeader:
+    __slots__ = ("next_offset",)
+
+    def __init__(self, next_offset: int) -> None:
+        self.next_offset = next_offset
+
+
+def _first_offset(batch: Any) -> int:
+    if isinstance(batch, _Leftover):
+        return batch.record.offset
+    return int(batch.offsets[0])

@@ -1,0 +1,775 @@
+"""The producer: batches records per partition and hands them to the partition's worker.
+
+>>> with Producer(data_dir="./shmbroker-data", acks=1, linger_ms=5) as producer:
+...     future = producer.send("metrics", value=b"21.5", key=b"sensor-7")
+...     future.result(timeout=5)      # RecordMetadata(topic, partition, offset, timestamp_ms)
+
+Path of a record: ``send`` appends it to its partition's open batch (under one lock); the batch
+is sealed when it reaches ``batch_size_bytes``, when ``linger_ms`` has passed since its first
+record (the I/O thread seals it), or at ``flush``.  ``linger_ms=0`` seals at once, in the
+calling thread: the lowest latency, one batch per record.  A sealed batch is encoded as a Kafka
+RecordBatch v2 (producer id = the ring's id, base sequence = records sent so far to that
+partition, so a restarted worker can recognise what it already appended) and copied into this
+producer's shared-memory ring for that partition; the worker is woken through its doorbell only
+when its control block says it sleeps.  The worker writes each batch's base offset (or an error
+number) into the ring's ack slots; the I/O thread reads them and completes the futures.
+
+Nothing in a ring is lost when a worker dies: the restarted worker re-attaches the ring and
+appends what is left.  A partition whose ring cannot be created (no /dev/shm access, another
+user's broker) falls back to PRODUCE requests over the worker's socket, one round trip per batch,
+retried after a worker restart (at least once: a batch the dead worker had appended may be
+appended again).
+
+Backpressure: a full ring blocks ``send`` up to ``max_block_ms`` (BufferFullError after), and
+records waiting in open batches are bounded by ``buffer_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shmbroker import limits
+from shmbroker.client.connection import Connection
+from shmbroker.client.metadata import Metadata, PartitionInfo
+from shmbroker.client.partitioner import StickyPartitioner, partition_for_key
+from shmbroker.client.types import RecordMetadata, resolve_data_dir
+from shmbroker.errors import (
+    BrokerError,
+    BrokerNotRunningError,
+    BufferFullError,
+    ClosedError,
+    RecordTooLargeError,
+    RequestTimeoutError,
+    RingError,
+    ShmbrokerError,
+    error_from_code,
+)
+from shmbroker.format import record_batch
+from shmbroker.protocol.messages import (
+    ACKS_ALL,
+    ACKS_LEADER,
+    ACKS_NONE,
+    RING_RESULT_ERRORS,
+    ApiKey,
+)
+from shmbroker.shm import doorbell, names
+from shmbroker.shm.control_block import ControlBlock
+from shmbroker.shm.ring import RingWriter
+
+SEQUENCE_MODULUS = 1 << 31
+RECORD_OVERHEAD_BYTES = 12  # length, attributes, deltas, key/value lengths, header count
+SPIN_S = 0.0001
+IO_WAIT_S_MAX = 0.1
+IN_FLIGHT_WAIT_S = 0.005
+ATTACH_RETRY_S = 0.1
+CONNECTION_CHECK_S = 0.5
+
+
+def _acks_number(acks: int | str) -> int:
+    if acks in (0, "0"):
+        return ACKS_NONE
+    if acks in (1, "1"):
+        return ACKS_LEADER
+    if acks in (-1, "-1", "all"):
+        return ACKS_ALL
+    raise ValueError(f"acks must be 0, 1 or 'all', not {acks!r}")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Batch:
+    """One sealed (or open) batch's outcome, shared by the futures of its records."""
+
+    __slots__ = ("topic", "partition", "count", "timestamps", "base_offset", "error", "_event",
+                 "_callbacks", "done", "_lock")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.count = 0
+        self.timestamps: list[int] | int = 0
+        self.base_offset = -1
+        self.error: BaseException | None = None
+        self.done = False
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
+        self._lock = threading.Lock()
+
+    def complete(self, base_offset: int, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.base_offset = base_offset
+            self.error = error
+            self.done = True
+            event, callbacks = self._event, self._callbacks
+            self._callbacks = None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
+            with contextlib.suppress(Exception):
+                callback()
+
+    def wait(self, timeout: float | None) -> bool:
+        if self.done:
+            return True
+        with self._lock:
+            if self.done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def timestamp(self, index: int) -> int:
+        timestamps = self.timestamps
+        return timestamps if isinstance(timestamps, int) else timestamps[index]
+
+
+class RecordFuture:
+    """The outcome of one ``send``: ``result(timeout)`` -> :class:`RecordMetadata`."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.done
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        batch = self._batch
+        if not batch.wait(timeout):
+            raise RequestTimeoutError(
+                f"record to {batch.topic}/{batch.partition} not acknowledged within {timeout} s")
+        if batch.error is not None:
+            raise batch.error
+        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamp(self._index))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except RequestTimeoutError:
+            raise
+        except ShmbrokerError as error:
+            return error
+        return None
+
+    def add_done_callback(self, callback: Callable[[RecordFuture], Any]) -> None:
+        self._batch.on_done(lambda: callback(self))
+
+
+class BatchMetadata(NamedTuple):
+    """Where a ``send_batch`` landed: one base offset per RecordBatch it was cut into."""
+
+    topic: str
+    partition: int
+    base_offsets: list[int]
+    counts: list[int]
+
+    def offsets(self) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Every record's offset, in order."""
+        if not self.counts:
+            return np.empty(0, dtype=np.int64)
+        counts = np.asarray(self.counts, dtype=np.int64)
+        starts = np.repeat(np.asarray(self.base_offsets, dtype=np.int64) - np.cumsum(counts)
+                           + counts, counts)
+        return starts + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+class BatchFuture:
+    """The outcome of one ``send_batch``: ``result(timeout)`` -> :class:`BatchMetadata`."""
+
+    def __init__(self, topic: str, partition: int, batches: list[_Batch]) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._batches = batches
+
+    def done(self) -> bool:
+        return all(batch.done for batch in self._batches)
+
+    def result(self, timeout: float | None = None) -> BatchMetadata:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for batch in self._batches:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not batch.wait(left):
+                raise RequestTimeoutError(f"batch to {self.topic}/{self.partition} not "
+                                          f"acknowledged within {timeout} s")
+            if batch.error is not None:
+                raise batch.error
+        return BatchMetadata(self.topic, self.partition,
+                             [batch.base_offset for batch in self._batches],
+                             [batch.count for batch in self._batches])
+
+
+class _Partition:
+    """A partition's open batch, ring (or socket fallback) and batches in flight."""
+
+    def __init__(self, info: PartitionInfo) -> None:
+        self.info = info
+        self.topic = info.topic
+        self.partition = info.partition
+        self.ring: RingWriter | None = None
+        self.control: ControlBlock | None = None
+        self.worker_doorbell = b"\0" + info.doorbell.encode()
+        self.connection: Connection | None = None
+        self.attached = False
+        self.use_socket = False
+        self.next_attach = 0.0
+        self.sequence = 0
+        self.in_flight: collections.deque[_Batch | None] = collections.deque()
+        self.reset_open()
+
+    def reset_open(self) -> None:
+        self.values: list[bytes | None] = []
+        self.keys: list[bytes | None] | None = None
+        self.headers: list[Any] | None = None
+        self.timestamps: list[int] = []
+        self.open_bytes = 0
+        self.opened_at = 0.0
+        self.batch: _Batch | None = None
+
+
+class Producer:
+    """Kafka-shaped producer.  Thread-safe; one I/O thread completes futures."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
+                 acks: int | str = 1, linger_ms: int = 5, batch_size_bytes: int = 65536,
+                 max_block_ms: int = 60_000, buffer_memory_bytes: int = 32 * limits.MIB,
+                 delivery_timeout_ms: int = 120_000, compression: str | None = None,
+                 ring_bytes: int = 8 * limits.MIB, ring_ack_slots: int = 4096,
+                 transport: str = "auto", request_timeout_ms: int = 30_000) -> None:
+        if transport not in ("auto", "shm", "socket"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'socket', not {transport!r}")
+        for name, value in (("linger_ms", linger_ms), ("max_block_ms", max_block_ms),
+                            ("batch_size_bytes", batch_size_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+        self.data_dir = resolve_data_dir(data_dir)
+        self.acks = _acks_number(acks)
+        self.linger_s = linger_ms / 1000
+        self.batch_size_bytes = max(batch_size_bytes, 1)
+        self.max_block_s = max_block_ms / 1000
+        self.buffer_memory_bytes = buffer_memory_bytes
+        self.delivery_timeout_s = delivery_timeout_ms / 1000
+        self.codec = record_batch.CODEC_NONE if compression in (None, "none") else compression
+        if self.codec != record_batch.CODEC_NONE:
+            record_batch.compress(record_batch._codec_number(self.codec), b"")  # type: ignore[arg-type]
+        self.ring_bytes = ring_bytes
+        self.ring_ack_slots = ring_ack_slots
+        self.transport = transport
+        self.request_timeout_s = request_timeout_ms / 1000
+        self._metadata = Metadata(self.data_dir, request_timeout_ms / 1000)
+        self._metadata.refresh()  # fail fast when no broker runs
+        self._partitions: dict[tuple[str, int], _Partition] = {}
+        self._sticky = StickyPartitioner()
+        self._lock = threading.RLock()
+        self._open_bytes = 0
+        self._closed = False
+        self._doorbell = doorbell.Doorbell.bind(
+            doorbell.Doorbell.new_name(names.shm_prefix(self.data_dir)))
+        self._io_idle = False
+        self._io_stop = False
+        self._io_error: BaseException | None = None
+        self._io_thread = threading.Thread(target=self._io_loop, name="shmbroker-producer-io",
+                                           daemon=True)
+        self._io_thread.start()
+
+    # -- public API -----------------------------------------------------------------------------
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, *,
+             headers: Sequence[tuple[str, bytes | None]] | None = None,
+             partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
+        """Queue one record; a future of its :class:`RecordMetadata`."""
+        if value is not None and not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"value must be bytes or None, not {type(value).__name__}")
+        if key is not None and not isinstance(key, bytes | bytearray | memoryview):
+            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+        size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0)
+        with self._lock:
+            self._check_open()
+            state = self._choose(topic, key, partition)
+            if state.open_bytes and state.open_bytes + size > self.batch_size_bytes:
+                self._seal(state)
+            if self._open_bytes + size > self.buffer_memory_bytes:
+                self._flush_open_batches()
+            if not state.values:
+                state.batch = _Batch(topic, state.partition)
+                state.opened_at = time.monotonic()
+                if self._io_idle and self.linger_s:
+                    doorbell.ring(self._doorbell.address)
+            batch = state.batch
+            assert batch is not None
+            index = len(state.values)
+            state.values.append(value)
+            if key is not None or state.keys is not None:
+                if state.keys is None:
+                    state.keys = [None] * index
+                state.keys.append(key)
+            if headers or state.headers is not None:
+                if state.headers is None:
+                    state.headers = [None] * index
+                state.headers.append(list(headers) if headers else None)
+            state.timestamps.append(_now_ms() if timestamp_ms is None else timestamp_ms)
+            state.open_bytes += size + RECORD_OVERHEAD_BYTES
+            self._open_bytes += size + RECORD_OVERHEAD_BYTES
+            if not self.linger_s or state.open_bytes >= self.batch_size_bytes:
+                self._seal(state)
+            return RecordFuture(batch, index)
+
+    def send_batch(self, topic: str, values: Sequence[bytes | None] | tuple[Any, Any], *,
+                   partition: int | None = None, keys: Sequence[bytes | None] | None = None,
+                   timestamps: Any = None) -> BatchFuture:
+        """Queue many records for one partition at once.
+
+        ``values``: a list of bytes, or a ``(buffer, lengths)`` pair (one buffer of values back
+        to back and an int array of their lengths: the columnar API, O(1) Python work per
+        RecordBatch).  ``timestamps``: one int for all, an int64 array, or None for now.  The
+        records are cut into RecordBatches of about ``batch_size_bytes`` and written in order.
+        """
+        columnar = isinstance(values, tuple)
+        if columnar:
+            buffer, lengths = values
+            lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+            key_buffer = key_lengths = None
+            if keys is not None:
+                key_buffer, key_lengths = record_batch._lengths_and_buffer(keys, "keys")
+            count = len(lengths)
+            sizes = lengths.clip(0) + (key_lengths.clip(0) if key_lengths is not None else 0)
+        else:
+            count = len(values)
+            if keys is not None and len(keys) != count:
+                raise ValueError(f"{len(keys)} keys for {count} values")
+            sizes = np.fromiter((len(v) if v is not None else 0 for v in values),
+                                dtype=np.int64, count=count)
+        if count == 0:
+            raise ValueError("send_batch needs at least one record")
+        if timestamps is None:
+            timestamps = _now_ms()
+        with self._lock:
+            self._check_open()
+            if partition is None and keys is not None:
+                first_key = keys[0]
+                partition = (partition_for_key(bytes(first_key), len(self._topic(topic)))
+                             if first_key is not None else None)
+            state = self._choose(topic, None, partition)
+            if state.values:
+                self._seal(state)
+            cuts = _cut_points(sizes + RECORD_OVERHEAD_BYTES, self.batch_size_bytes)
+            batches: list[_Batch] = []
+            value_ends = np.cumsum(lengths.clip(0)) if columnar else None
+            key_ends = (np.cumsum(key_lengths.clip(0))
+                        if columnar and key_lengths is not None else None)
+            for start, stop in zip(cuts[:-1], cuts[1:]):
+                stamp = (timestamps if isinstance(timestamps, int)
+                         else np.asarray(timestamps, dtype=np.int64)[start:stop])
+                if columnar:
+                    assert value_ends is not None
+                    v0 = int(value_ends[start - 1]) if start else 0
+                    v1 = int(value_ends[stop - 1])
+                    kwargs: dict[str, Any] = {}
+                    if key_ends is not None:
+                        k0 = int(key_ends[start - 1]) if start else 0
+                        kwargs = {"keys": memoryview(key_buffer)[k0:int(key_ends[stop - 1])],
+                                  "key_lengths": key_lengths[start:stop]}
+                    encode = _Encoder(lambda pid, seq, v0=v0, v1=v1, start=start, stop=stop,
+                                      stamp=stamp, kwargs=kwargs:
+                                      record_batch.encode_batch_columnar(
+                                          memoryview(buffer)[v0:v1], lengths[start:stop],
+                                          timestamps=stamp, codec=self.codec, producer_id=pid,
+                                          producer_epoch=0, base_sequence=seq, **kwargs))
+                else:
+                    chunk_keys = list(keys[start:stop]) if keys is not None else None
+                    encode = _Encoder(lambda pid, seq, start=start, stop=stop, stamp=stamp,
+                                      chunk_keys=chunk_keys:
+                                      record_batch.encode_batch(
+                                          values[start:stop], keys=chunk_keys,  # type: ignore[index]
+                                          timestamps=stamp, codec=self.codec, producer_id=pid,
+                                          producer_epoch=0, base_sequence=seq))
+                batch = _Batch(topic, state.partition)
+                batch.count = stop - start
+                batch.timestamps = (stamp if isinstance(stamp, int)
+                                    else stamp.tolist())  # type: ignore[assignment]
+                self._write(state, batch, encode)
+                batches.append(batch)
+            if self._io_idle:
+                doorbell.ring(self._doorbell.address)
+        return BatchFuture(topic, state.partition, batches)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send every open batch and wait until all sent batches are acknowledged."""
+        with self._lock:
+            self._check_open()
+            self._flush_open_batches()
+            waiting = [batch for state in self._partitions.values()
+                       for batch in state.in_flight if batch is not None]
+            if self._io_idle:
+                doorbell.ring(self._doorbell.address)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for batch in waiting:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not batch.wait(left):
+                raise RequestTimeoutError(f"flush: batches still unacknowledged after {timeout} s")
+
+    def partitions_for(self, topic: str) -> list[int]:
+        return list(range(len(self._topic(topic))))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (up to ``timeout``), stop the I/O thread, close the rings (the workers drain
+        and remove them)."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        except (ShmbrokerError, OSError):
+            pass
+        with self._lock:
+            self._closed = True
+            self._io_stop = True
+        doorbell.ring(self._doorbell.address)
+        self._io_thread.join(timeout=5)
+        with self._lock:
+            for state in self._partitions.values():
+                for batch in state.in_flight:
+                    if batch is not None:
+                        batch.complete(-1, ClosedError("the producer was closed before the "
+                                                       "broker acknowledged this record"))
+                if state.ring is not None:
+                    state.ring.close()
+                if state.control is not None:
+                    state.control.close()
+                if state.connection is not None:
+                    state.connection.close()
+            self._doorbell.close()
+            self._metadata.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals (called with self._lock held) -------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the producer is closed")
+        if self._io_error is not None:
+            raise ClosedError(f"the producer's I/O thread failed: {self._io_error}")
+
+    def _topic(self, topic: str) -> list[PartitionInfo]:
+        return self._metadata.partitions(topic)
+
+    def _choose(self, topic: str, key: bytes | None, partition: int | None) -> _Partition:
+        infos = self._topic(topic)
+        if partition is None:
+            if key is not None:
+                partition = partition_for_key(bytes(key), len(infos))
+            else:
+                partition = self._sticky.partition(topic, len(infos))
+        elif not isinstance(partition, int) or not 0 <= partition < len(infos):
+            from shmbroker.errors import UnknownTopicOrPartitionError
+
+            raise UnknownTopicOrPartitionError(
+                f"topic {topic!r} has {len(infos)} partitions; partition {partition} does not "
+                "exist")
+        state = self._partitions.get((topic, partition))
+        if state is None:
+            state = _Partition(infos[partition])
+            self._partitions[(topic, partition)] = state
+        return state
+
+    def _flush_open_batches(self) -> None:
+        for state in list(self._partitions.values()):
+            if state.values:
+                self._seal(state)
+
+    def _seal(self, state: _Partition) -> None:
+        """Encode the open batch of ``state`` and write it out."""
+        batch = state.batch
+        assert batch is not None and state.values
+        values, keys, headers, timestamps = (state.values, state.keys, state.headers,
+                                             state.timestamps)
+        self._open_bytes -= state.open_bytes
+        state.reset_open()
+        batch.count = len(values)
+        batch.timestamps = timestamps
+        if state.partition == self._sticky.partition(state.topic, len(self._topic(state.topic))):
+            self._sticky.on_new_batch(state.topic, len(self._topic(state.topic)),
+                                      state.partition)
+        encode = _Encoder(lambda pid, seq: record_batch.encode_batch(
+            values, keys=keys, headers=headers, timestamps=timestamps, codec=self.codec,
+            producer_id=pid, producer_epoch=0, base_sequence=seq))
+        self._write(state, batch, encode)
+
+    def _write(self, state: _Partition, batch: _Batch, encode: _Encoder) -> None:
+        if state.ring is None and not state.use_socket:
+            self._open_ring(state)
+        if state.use_socket:
+            self._write_socket(state, batch, encode)
+            return
+        ring = state.ring
+        assert ring is not None
+        data = encode(ring.producer_id, state.sequence)
+        state.sequence = (state.sequence + batch.count) % SEQUENCE_MODULUS
+        try:
+            seq = ring.try_write(data)
+        except RecordTooLargeError:
+            raise RecordTooLargeError(
+                f"a batch of {len(data)} bytes does not fit in the ring of "
+                f"{state.topic}/{state.partition} ({ring.frame_bytes_max} bytes at most); "
+                "lower batch_size_bytes or raise ring_bytes") from None
+        if seq is None:
+            seq = self._wait_for_room(state, data)
+        state.in_flight.append(batch if self.acks != ACKS_NONE else None)
+        if self.acks == ACKS_NONE:
+            batch.complete(-1)
+        control = state.control
+        if control is not None and control.worker_sleeping:
+            doorbell.ring(state.worker_doorbell)
+        if self._io_idle:
+            doorbell.ring(self._doorbell.address)
+
+    def _wait_for_room(self, state: _Partition, data: bytearray) -> int:
+        ring = state.ring
+        assert ring is not None
+        deadline = time.monotonic() + self.max_block_s
+        pause = 0.00005
+        while True:
+            if ring.broken:
+                raise RingError(f"the worker of {state.topic}/{state.partition} marked our ring "
+                                f"broken (error {ring.broken})")
+            control = state.control
+            if control is not None and control.worker_sleeping:
+                doorbell.ring(state.worker_doorbell)
+            if time.monotonic() > deadline:
+                raise BufferFullError(
+                    f"the ring of {state.topic}/{state.partition} stayed full for "
+                    f"{self.max_block_s * 1000:.0f} ms (max_block_ms): is the broker running "
+                    "and keeping up?")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+            seq = ring.try_write(data)
+            if seq is not None:
+                return seq
+
+    def _open_ring(self, state: _Partition) -> None:
+        info = state.info
+        if self.transport == "socket":
+            state.use_socket = True
+        else:
+            ring_id = names.new_ring_id()
+            name = names.ring_name(info.shm_prefix, info.topic_id, info.partition, ring_id)
+            try:
+                state.ring = RingWriter.create(
+                    name, data_bytes=self.ring_bytes, ack_slots=self.ring_ack_slots,
+                    producer_id=ring_id, doorbell_address=self._doorbell.address)
+                with contextlib.suppress(ShmbrokerError):
+                    state.control = ControlBlock.open(info.control_block, readonly=True)
+            except (OSError, PermissionError, RingError) as error:
+                if self.transport == "shm":
+                    raise
+                state.use_socket = True
+                state.ring = None
+                del error
+        state.connection = Connection(info.socket, self.request_timeout_s)
+        if state.ring is not None:
+            self._attach(state)
+
+    def _attach(self, state: _Partition) -> None:
+        """Tell the worker about our ring (it also finds rings by name when it restarts)."""
+        assert state.ring is not None and state.connection is not None
+        try:
+            state.connection.request(ApiKey.ATTACH_RING, {"name": state.ring.name},
+                                     timeout_s=min(self.request_timeout_s, 5.0))
+            state.attached = True
+        except (BrokerNotRunningError, RequestTimeoutError):
+            state.attached = False
+            state.next_attach = time.monotonic() + ATTACH_RETRY_S
+
+    def _write_socket(self, state: _Partition, batch: _Batch, encode: _Encoder) -> None:
+        """The fallback: one PRODUCE round trip per batch, retried across worker restarts."""
+        assert state.connection is not None
+        producer_id = hash((id(self), state.topic, state.partition)) & ((1 << 62) - 1) | 1
+        data = encode(producer_id, state.sequence)
+        state.sequence = (state.sequence + batch.count) % SEQUENCE_MODULUS
+        deadline = time.monotonic() + self.delivery_timeout_s
+        while True:
+            try:
+                body, _ = state.connection.request(ApiKey.PRODUCE, {"acks": ACKS_LEADER}, data)
+                break
+            except BrokerNotRunningError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            except BrokerError as error:
+                batch.complete(-1, error)
+                return
+        result = body["results"][0]
+        batch.complete(*_outcome(result))
+
+    # -- the I/O thread ---------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        try:
+            self._io_run()
+        except BaseException as error:  # noqa: BLE001 - reported to every caller afterwards
+            self._io_error = error
+            with self._lock:
+                for state in self._partitions.values():
+                    for batch in state.in_flight:
+                        if batch is not None:
+                            batch.complete(-1, ClosedError(f"producer I/O failed: {error}"))
+
+    def _io_run(self) -> None:
+        next_check = 0.0
+        while True:
+            with self._lock:
+                if self._io_stop:
+                    return
+                now = time.monotonic()
+                linger_wait = self._seal_lingering(now)
+                in_flight = self._collect_acks(now)
+                if now >= next_check:
+                    self._check_connections(now)
+                    next_check = now + CONNECTION_CHECK_S
+            if in_flight:
+                spin_until = time.monotonic() + SPIN_S
+                progressed = False
+                while time.monotonic() < spin_until:
+                    if self._acks_ready():
+                        progressed = True
+                        break
+                if progressed:
+                    continue
+                self._set_waiting(True)
+                try:
+                    if not self._acks_ready():
+                        self._doorbell.wait(min(IN_FLIGHT_WAIT_S, linger_wait))
+                finally:
+                    self._set_waiting(False)
+            else:
+                self._io_idle = True
+                try:
+                    self._doorbell.wait(min(IO_WAIT_S_MAX, linger_wait))
+                finally:
+                    self._io_idle = False
+
+    def _seal_lingering(self, now: float) -> float:
+        wait = IO_WAIT_S_MAX
+        for state in list(self._partitions.values()):
+            if state.values:
+                due = state.opened_at + self.linger_s
+                if now >= due:
+                    self._seal(state)
+                else:
+                    wait = min(wait, due - now)
+        return wait
+
+    def _collect_acks(self, now: float) -> bool:
+        """Complete the batches the workers acknowledged; True while any are in flight."""
+        any_in_flight = False
+        for state in self._partitions.values():
+            ring = state.ring
+            if ring is None or not state.in_flight:
+                continue
+            _, results = ring.acks()
+            in_flight = state.in_flight
+            for result in results:
+                batch = in_flight.popleft()
+                if batch is not None:
+                    batch.complete(*_outcome(result))
+            if in_flight:
+                any_in_flight = True
+                if ring.broken:
+                    error = RingError(f"the worker of {state.topic}/{state.partition} marked "
+                                      f"our ring broken (error {ring.broken})")
+                    while in_flight:
+                        batch = in_flight.popleft()
+                        if batch is not None:
+                            batch.complete(-1, error)
+        return any_in_flight
+
+    def _acks_ready(self) -> bool:
+        for state in list(self._partitions.values()):
+            ring = state.ring
+            if ring is not None and state.in_flight and ring.in_flight < len(state.in_flight):
+                return True
+        return False
+
+    def _set_waiting(self, waiting: bool) -> None:
+        for state in list(self._partitions.values()):
+            if state.ring is not None and state.in_flight:
+                state.ring.set_waiting(waiting)
+
+    def _check_connections(self, now: float) -> None:
+        for state in self._partitions.values():
+            if state.ring is None or state.connection is None:
+                continue
+            if state.attached:
+                sock = state.connection._sock
+                if sock is not None:
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable:  # EOF: the worker went away; the next one re-attaches
+                        state.connection.close()
+                        state.attached = False
+                        state.next_attach = now
+            if not state.attached and now >= state.next_attach:
+                self._attach(state)
+                if state.attached and state.control is None:
+                    with contextlib.suppress(ShmbrokerError):
+                        state.control = ControlBlock.open(state.info.control_block)
+
+
+class _Encoder:
+    """Deferred encoding: ``(producer_id, base_sequence) -> batch bytes``."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[[int, int], bytearray]) -> None:
+        self._function = function
+
+    def __call__(self, producer_id: int, base_sequence: int) -> bytearray:
+        return self._function(producer_id, base_sequence)
+
+
+def _outcome(result: int) -> tuple[int, BaseException | None]:
+    if result >= 0:
+        return result, None
+    code = RING_RESULT_ERRORS.get(result, "BROKER_ERROR")
+    return -1, error_from_code(code, f"the broker refused the batch: {code}")
+
+
+def _cut_points(sizes: np.ndarray[Any, Any], target_bytes: int) -> list[int]:
+    """Indices cutting ``sizes`` into runs of about ``target_bytes`` (each at least one)."""
+    ends = np.cumsum(sizes)
+    cuts = [0]
+    total = int(ends[-1])
+    while cuts[-1] < len(sizes):
+        start = cuts[-1]
+        base = int(ends[start - 1]) if start else 0
+        stop = int(np.searchsorted(ends, base + target_bytes, side="right"))
+        cuts.append(max(stop, start + 1))
+        if base >= total:
+            break
+    cuts[-1] = len(sizes)
+    return cuts

@@ -1,0 +1,1 @@
+"""The partition worker process: the one writer of a partition's log (worker.py)."""

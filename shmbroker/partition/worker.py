@@ -1,0 +1,769 @@
+"""The partition worker: one process per partition, the only writer of its log.
+
+Loop (single thread, no locks; every blocking call has a timeout)::
+
+    drain rings -> append -> acknowledge through shared memory -> wake parked fetches
+    serve sockets (fetch with sendfile, produce fallback, attach ring, list offsets)
+    every tick_ms: log.tick (flush, retention, checkpoint), ring liveness, control block
+
+Waiting: when a pass found no ring data, spin ``spin_us`` re-reading the ring heads, then set
+``worker_sleeping`` in the control block, look once more, and block in ``select`` (which also
+watches the doorbell datagram socket) for at most ``sleep_ms_max``; producers ring the doorbell
+only when they see ``worker_sleeping``.  The timed wait bounds the rare lost wake-up (x86 may
+reorder our flag store after the head load).
+
+Appending a ring region: the frames are copied out of shared memory first (one memcpy), then
+validated and appended from the private copy.  Appending straight from the ring would let a
+misbehaving producer rewrite bytes between the CRC check and the write, and a CRC-bad batch in
+the middle of a segment would make recovery truncate everyone's later records.
+
+Crash safety of rings: before appending a region the worker writes each frame's *intended* base
+offset into its ack slot (not yet published).  A restarted worker finds unconsumed frames still
+in the ring; for the first ones whose slot holds an intent, it checks the log: a batch at that
+offset with the same producer id and base sequence means the append happened, so the frame is
+acknowledged, not appended twice.  Everything after is appended as new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shmbroker import limits
+from shmbroker.config import LogConfig
+from shmbroker.errors import (
+    CorruptRecordError,
+    OffsetOutOfRangeError,
+    ProtocolError,
+    RingError,
+    ShmbrokerError,
+    ShuttingDownError,
+    StorageError,
+)
+from shmbroker.format import record_batch
+from shmbroker.partition.paths import PartitionPaths
+from shmbroker.protocol import messages
+from shmbroker.protocol.frames import Frame, frame_head
+from shmbroker.protocol.messages import RING_RESULT_NUMBERS, ApiKey, error_frame, field
+from shmbroker.shm import doorbell, names
+from shmbroker.shm.control_block import ControlBlock
+from shmbroker.shm.ring import RingReader
+from shmbroker.storage.partition_log import PartitionLog
+from shmbroker.transport.unix import ServerConnection, listen
+
+logger = logging.getLogger("shmbroker.worker")
+
+# Named exit codes (gunicorn's arbiter habit): the supervisor stops restarting a worker that keeps
+# failing at boot, and restarts one that crashed later.
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_USAGE = 2
+EXIT_BOOT_FAILED = 3
+
+TICK_MS = 100
+SPIN_US = 50
+SLEEP_MS_MAX = 20
+RING_LIVENESS_CHECK_MS = 1000
+PARTITION_LOCK_WAIT_S = 15.0
+STOP_DRAIN_S_MAX = 10.0
+STOP_FLUSH_OUTPUT_S_MAX = 2.0
+
+_LAST_OFFSET_DELTA = struct.Struct(">i")
+_PRODUCER_ID_AND_SEQUENCE = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence
+_LAST_OFFSET_DELTA_POSITION = 23
+_PRODUCER_ID_POSITION = 43
+
+RESULT_CORRUPT = RING_RESULT_NUMBERS["CORRUPT_MESSAGE"]
+RESULT_TOO_LARGE = RING_RESULT_NUMBERS["MESSAGE_TOO_LARGE"]
+RESULT_STORAGE = RING_RESULT_NUMBERS["KAFKA_STORAGE_ERROR"]
+
+
+class AttachedRing:
+    """A producer's ring as the worker sees it."""
+
+    __slots__ = ("reader", "connection", "recovering", "last_alive_check_ms")
+
+    def __init__(self, reader: RingReader, connection: ServerConnection | None,
+                 recovering: bool) -> None:
+        self.reader = reader
+        self.connection = connection
+        self.recovering = recovering  # first region after a worker restart: check intents
+        self.last_alive_check_ms = 0
+
+
+class ParkedFetch:
+    __slots__ = ("connection", "correlation_id", "offset", "max_bytes", "min_bytes",
+                 "deadline")
+
+    def __init__(self, connection: ServerConnection, correlation_id: int, offset: int,
+                 max_bytes: int, min_bytes: int, deadline: float) -> None:
+        self.connection = connection
+        self.correlation_id = correlation_id
+        self.offset = offset
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self.deadline = deadline
+
+
+def read_topic_config(paths: PartitionPaths) -> LogConfig:
+    try:
+        overrides = orjson.loads(paths.topic_config_file.read_bytes())
+    except FileNotFoundError:
+        return LogConfig()
+    return LogConfig.from_mapping(overrides)
+
+
+class PartitionWorker:
+    """Owns one partition: its log, rings, control block, doorbell and socket."""
+
+    def __init__(self, paths: PartitionPaths, *, socket_mode: int = 0o660) -> None:
+        self.paths = paths
+        self.socket_mode = socket_mode
+        self.config = read_topic_config(paths)
+        self.log: PartitionLog | None = None
+        self.rings: dict[str, AttachedRing] = {}
+        self.parked: list[ParkedFetch] = []
+        self.selector = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.control: ControlBlock | None = None
+        self.doorbell: doorbell.Doorbell | None = None
+        self._signal_r, self._signal_w = socket.socketpair()
+        self._lock_fd: int | None = None
+        self._stop_requested = False
+        self._reload_requested = False
+        self._next_tick = 0.0
+
+    # -- boot ---------------------------------------------------------------------------------
+    def boot(self) -> None:
+        """Lock, recover the log, attach rings left by producers, listen.  Raises on failure."""
+        paths = self.paths
+        (paths.data_dir / "run").mkdir(mode=0o750, exist_ok=True)
+        self._lock_partition()
+        self.log = PartitionLog(paths.log_dir, self.config)
+        report = self.log.recovery_report
+        if report.bytes_truncated or report.segments_deleted:
+            logger.warning("%s: recovery %s", self.name, report)
+        self.control = ControlBlock.create_or_open(paths.control_block_name)
+        self.control.worker_pid = os.getpid()
+        self.control.generation = self.control.generation + 1
+        self.control.state = 0
+        self._publish_positions()
+        self.doorbell = doorbell.Doorbell.bind(paths.doorbell_name)
+        self.selector.register(self.doorbell.fileno(), selectors.EVENT_READ, "doorbell")
+        self._signal_r.setblocking(False)
+        self._signal_w.setblocking(False)
+        self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+        for name in names.list_rings(paths.shm_prefix, paths.topic_id, paths.partition):
+            self._attach(name, None, recovering=True)
+        self.listener = listen(paths.socket_path, self.socket_mode)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.control.state = 1
+        logger.info("%s: serving offsets [%d, %d) with %d ring(s) from before", self.name,
+                    self.log.log_start_offset, self.log.log_end_offset, len(self.rings))
+
+    @property
+    def name(self) -> str:
+        return f"{self.paths.topic}/{self.paths.partition}"
+
+    def _lock_partition(self) -> None:
+        fd = os.open(self.paths.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        deadline = time.monotonic() + PARTITION_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RuntimeError(
+                        f"partition {self.name} is locked by another worker "
+                        f"({self.paths.lock_path}); is an old broker still running?") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            self._signal_w.send(b"s")
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        with contextlib.suppress(OSError):
+            self._signal_w.send(b"r")
+
+    # -- rings --------------------------------------------------------------------------------
+    def _attach(self, name: str, connection: ServerConnection | None, *,
+                recovering: bool) -> None:
+        existing = self.rings.get(name)
+        if existing is not None:
+            existing.connection = connection
+            return
+        if len(self.rings) >= limits.rings_per_worker_max:
+            raise RingError(f"partition {self.name} already has {len(self.rings)} rings "
+                            f"(rings_per_worker_max {limits.rings_per_worker_max})")
+        try:
+            reader = RingReader.attach(name)
+        except RingError:
+            if connection is not None:
+                raise
+            logger.warning("%s: ignoring unusable ring %s", self.name, name, exc_info=True)
+            return
+        self.rings[name] = AttachedRing(reader, connection, recovering)
+
+    def _drain_rings(self) -> int:
+        """Append what the rings hold, at most drain_bytes_max; the bytes taken."""
+        budget = limits.drain_bytes_max
+        taken = 0
+        for ring in list(self.rings.values()):
+            reader = ring.reader
+            while budget > 0 and reader.pending():
+                region = reader.next_region(budget)
+                if region is None:
+                    break
+                size = len(region.view)
+                self._append_region(ring, region)
+                taken += size
+                budget -= size
+            if budget <= 0:
+                break
+        return taken
+
+    def _append_region(self, ring: AttachedRing, region: Any) -> None:
+        log = self.log
+        assert log is not None
+        reader = ring.reader
+        copy = bytearray(region.view)  # private copy: see the module docstring
+        view = memoryview(copy)
+        positions = region.positions
+        skip = self._already_appended(ring, region, view) if ring.recovering else []
+        ring.recovering = False
+        results = list(skip)
+        intents = list(skip)
+        next_offset = log.log_end_offset
+        for position in positions[len(skip):]:
+            intents.append(next_offset)
+            next_offset += _LAST_OFFSET_DELTA.unpack_from(
+                view, position + _LAST_OFFSET_DELTA_POSITION)[0] + 1
+        reader.record_results(region, intents)
+        if len(skip) < len(positions):
+            start = positions[len(skip)]
+            try:
+                results += log.append(view[start:]).base_offsets
+            except CorruptRecordError:
+                results += self._append_one_by_one(reader, region, view, results)
+            except StorageError as error:
+                logger.error("%s: %s", self.name, error)
+                results += [RESULT_STORAGE] * (len(positions) - len(results))
+        reader.record_results(region, results)
+        reader.publish(region)
+        if reader.producer_waiting:
+            doorbell.ring(reader.doorbell_address)
+        self._after_append()
+
+    def _append_one_by_one(self, reader: RingReader, region: Any, view: memoryview,
+                           done: list[int]) -> list[int]:
+        """A region holding a bad batch: append the good ones, an error number for each bad."""
+        log = self.log
+        assert log is not None
+        results: list[int] = []
+        max_batch_bytes = self.config.max_batch_bytes
+        for position, size in zip(region.positions[len(done):], region.sizes[len(done):]):
+            if size > max_batch_bytes:
+                logger.warning("%s: refused a batch of %d bytes (max_batch_bytes %d)", self.name,
+                               size, max_batch_bytes)
+                results.append(RESULT_TOO_LARGE)
+                continue
+            reader.record_results(region, done + results + [log.log_end_offset])
+            try:
+                results.append(log.append(view[position:position + size]).base_offsets[0])
+            except CorruptRecordError as error:
+                logger.warning("%s: refused a corrupt batch from ring %s: %s", self.name,
+                               reader.name, error)
+                results.append(RESULT_CORRUPT)
+            except StorageError as error:
+                logger.error("%s: %s", self.name, error)
+                results.append(RESULT_STORAGE)
+        return results
+
+    def _already_appended(self, ring: AttachedRing, region: Any, view: memoryview) -> list[int]:
+        """Offsets of the region's first frames that a previous worker appended before dying."""
+        log = self.log
+        assert log is not None
+        found: list[int] = []
+        for index, position in enumerate(region.positions):
+            seq = region.first_seq + index
+            slot_seq, intended = ring.reader.slot(seq)
+            if slot_seq != seq or not log.log_start_offset <= intended < log.log_end_offset:
+                break
+            stored = log.read_bytes(intended, 1)
+            if len(stored) < record_batch.HEADER_SIZE:
+                break
+            header = record_batch.read_header(stored, 0)
+            ours = _PRODUCER_ID_AND_SEQUENCE.unpack_from(view, position + _PRODUCER_ID_POSITION)
+            theirs = _PRODUCER_ID_AND_SEQUENCE.unpack_from(stored, _PRODUCER_ID_POSITION)
+            if header.base_offset != intended or ours != theirs or ours[0] < 0:
+                break
+            found.append(intended)
+        if found:
+            logger.info("%s: %d batch(es) of ring %s were appended before the restart",
+                        self.name, len(found), ring.reader.name)
+        return found
+
+    def _release_finished_rings(self, now_ms: int) -> None:
+        for name, ring in list(self.rings.items()):
+            reader = ring.reader
+            if reader.pending():
+                continue
+            gone = reader.producer_closed or reader.broken
+            if not gone and ring.connection is None:
+                if now_ms - ring.last_alive_check_ms < RING_LIVENESS_CHECK_MS:
+                    continue
+                ring.last_alive_check_ms = now_ms
+                gone = not reader.producer_alive()
+            if gone:
+                del self.rings[name]
+                reader.unlink()
+                reader.close()
+
+    # -- after appends: positions and fetches -------------------------------------------------
+    def _after_append(self) -> None:
+        self._publish_positions()
+
+    def _publish_positions(self) -> None:
+        log, control = self.log, self.control
+        assert log is not None and control is not None
+        control.log_start_offset = log.log_start_offset
+        control.log_end_offset = log.log_end_offset
+        control.high_watermark = log.log_end_offset  # no mirrors yet: everything is committed
+
+    def _serve_parked(self, now: float) -> None:
+        if not self.parked:
+            return
+        log = self.log
+        assert log is not None
+        log_end = log.log_end_offset
+        still: list[ParkedFetch] = []
+        for fetch in self.parked:
+            if fetch.connection.closed:
+                continue
+            if fetch.offset < log_end or now >= fetch.deadline or self._stop_requested:
+                if (fetch.offset < log_end and fetch.min_bytes > 1 and now < fetch.deadline
+                        and not self._stop_requested):
+                    if log.read(fetch.offset, fetch.max_bytes).size_bytes < fetch.min_bytes:
+                        still.append(fetch)
+                        continue
+                self._answer_fetch(fetch.connection, fetch.correlation_id, fetch.offset,
+                                   fetch.max_bytes)
+            else:
+                still.append(fetch)
+        self.parked = still
+
+    # -- sockets ------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            connections = len(self.selector.get_map()) - 3
+            if connections >= limits.connections_max:
+                logger.warning("%s: refusing a connection: connections_max %d reached",
+                               self.name, limits.connections_max)
+                sock.close()
+                continue
+            connection = ServerConnection(sock)
+            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+
+    def _on_readable(self, connection: ServerConnection) -> None:
+        try:
+            frames = connection.receive()
+        except ProtocolError as error:
+            connection.send(error_frame(ApiKey.ERROR, 0, error))
+            self._close(connection)
+            return
+        if frames is None:
+            self._close(connection)
+            return
+        for frame in frames:
+            try:
+                self._handle(connection, frame)
+            except ProtocolError as error:
+                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+                self._close(connection)
+                return
+            except (ShmbrokerError, OSError) as error:
+                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+        self._update_interest(connection)
+
+    def _update_interest(self, connection: ServerConnection) -> None:
+        if connection.closed:
+            self._close(connection)
+            return
+        events = selectors.EVENT_READ
+        if connection.pending_output:
+            events |= selectors.EVENT_WRITE
+        key = self.selector.get_key(connection.sock)
+        if key.events != events:
+            self.selector.modify(connection.sock, events, connection)
+
+    def _close(self, connection: ServerConnection) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(connection.sock)
+        connection.close()
+        for ring in self.rings.values():
+            if ring.connection is connection:
+                ring.connection = None
+                ring.last_alive_check_ms = 0
+
+    def _handle(self, connection: ServerConnection, frame: Frame) -> None:
+        api_key, body = frame.api_key, frame.body
+        if api_key == ApiKey.FETCH:
+            self._fetch(connection, frame.correlation_id, body)
+        elif api_key == ApiKey.PRODUCE:
+            self._produce(connection, frame)
+        elif api_key == ApiKey.ATTACH_RING:
+            name = field(body, "name", str)
+            if not self.paths.is_ring_name(name):
+                raise ProtocolError(f"{name!r} is not a ring name of partition {self.name}")
+            self._attach(name, connection, recovering=False)
+            self._reply(connection, frame, {})
+        elif api_key == ApiKey.LIST_OFFSETS:
+            self._reply(connection, frame, self._list_offsets(body))
+        elif api_key == ApiKey.PING:
+            self._reply(connection, frame, self._positions())
+        else:
+            raise ProtocolError(f"api key {api_key} is not served by a partition worker")
+
+    def _reply(self, connection: ServerConnection, frame: Frame, body: dict[str, Any]) -> None:
+        connection.send(frame_head(frame.api_key, frame.correlation_id, body))
+
+    def _positions(self) -> dict[str, int]:
+        log = self.log
+        assert log is not None
+        return {"log_start_offset": log.log_start_offset, "log_end_offset": log.log_end_offset,
+                "high_watermark": log.log_end_offset}
+
+    def _fetch(self, connection: ServerConnection, correlation_id: int,
+               body: dict[str, Any]) -> None:
+        log = self.log
+        assert log is not None
+        offset = field(body, "offset", int, minimum=0)
+        max_bytes = min(field(body, "max_bytes", int, default=1 << 20, minimum=1),
+                        limits.fetch_bytes_max)
+        max_wait_ms = field(body, "max_wait_ms", int, default=0, minimum=0,
+                            maximum=limits.fetch_wait_ms_max)
+        min_bytes = field(body, "min_bytes", int, default=1, minimum=0)
+        if not log.log_start_offset <= offset <= log.log_end_offset:
+            raise OffsetOutOfRangeError(offset, log.log_start_offset, log.log_end_offset)
+        if max_wait_ms and not self._stop_requested and (
+                offset == log.log_end_offset
+                or min_bytes > 1 and log.read(offset, max_bytes).size_bytes < min_bytes):
+            if len(self.parked) >= limits.connections_max * 4:
+                raise ProtocolError("too many parked fetches")
+            self.parked.append(ParkedFetch(connection, correlation_id, offset, max_bytes,
+                                           min_bytes, time.monotonic() + max_wait_ms / 1000))
+            return
+        self._answer_fetch(connection, correlation_id, offset, max_bytes)
+
+    def _answer_fetch(self, connection: ServerConnection, correlation_id: int, offset: int,
+                      max_bytes: int) -> None:
+        log = self.log
+        assert log is not None
+        try:
+            found = log.read(offset, max_bytes)
+        except OffsetOutOfRangeError as error:  # retention moved log_start while it waited
+            connection.send(error_frame(ApiKey.FETCH, correlation_id, error))
+            self._update_interest(connection)
+            return
+        head = frame_head(ApiKey.FETCH, correlation_id, self._positions(), found.size_bytes)
+        connection.send_file(head, found.fd, found.position, found.size_bytes)
+        self._update_interest(connection)
+
+    def _list_offsets(self, body: dict[str, Any]) -> dict[str, Any]:
+        log = self.log
+        assert log is not None
+        timestamp_ms = field(body, "timestamp_ms", int)
+        if timestamp_ms == messages.EARLIEST_TIMESTAMP:
+            return {"offset": log.log_start_offset, "timestamp_ms": -1, **self._positions()}
+        if timestamp_ms == messages.LATEST_TIMESTAMP:
+            return {"offset": log.log_end_offset, "timestamp_ms": -1, **self._positions()}
+        if timestamp_ms < 0:
+            raise ProtocolError(f"timestamp_ms must be >= 0, -1 (latest) or -2 (earliest), "
+                                f"not {timestamp_ms}")
+        found = log.offset_for_timestamp(timestamp_ms)
+        offset, timestamp = found if found is not None else (-1, -1)
+        return {"offset": offset, "timestamp_ms": timestamp, **self._positions()}
+
+    def _produce(self, connection: ServerConnection, frame: Frame) -> None:
+        """The socket fallback of the rings: same validation, same offsets, a response frame."""
+        log = self.log
+        assert log is not None
+        acks = field(frame.body, "acks", int, default=1, minimum=-1, maximum=1)
+        if self._stop_requested:
+            raise ShuttingDownError(
+                "the partition worker is stopping; retry on the restarted broker")
+        raw = frame.raw
+        if not len(raw):
+            raise ProtocolError("a produce request carries at least one batch")
+        view = memoryview(bytearray(raw))
+        try:
+            results = log.append(view).base_offsets
+        except CorruptRecordError:
+            positions, sizes = _split_batches(view)
+            if positions is None:
+                raise
+            region = _Region(view, positions, sizes)
+            results = self._append_one_by_one(_NoIntents(), region, view, [])
+        except StorageError as error:
+            logger.error("%s: %s", self.name, error)
+            raise
+        self._after_append()
+        if acks != 0:
+            connection.send(frame_head(frame.api_key, frame.correlation_id,
+                                       {"results": results}))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _rings_pending(self) -> bool:
+        return any(ring.reader.pending() for ring in self.rings.values())
+
+    def _wait(self, busy: bool, now: float) -> list[tuple[selectors.SelectorKey, int]]:
+        if busy:
+            return self.selector.select(0)
+        spin_until = now + SPIN_US / 1e6
+        while time.monotonic() < spin_until:
+            if self._rings_pending():
+                return self.selector.select(0)
+        control = self.control
+        assert control is not None
+        timeout = min(SLEEP_MS_MAX / 1000, max(0.0, self._next_tick - now))
+        for fetch in self.parked:
+            timeout = min(timeout, max(0.0, fetch.deadline - now))
+        control.worker_sleeping = 1
+        try:
+            if self._rings_pending():
+                timeout = 0.0
+            return self.selector.select(timeout)
+        finally:
+            control.worker_sleeping = 0
+
+    def serve(self) -> None:
+        log = self.log
+        assert log is not None and self.doorbell is not None
+        busy = True
+        while True:
+            if self._stop_requested:
+                break
+            taken = self._drain_rings()
+            now = time.monotonic()
+            events = self._wait(busy or bool(taken), now)
+            for key, mask in events:
+                data = key.data
+                if isinstance(data, ServerConnection):
+                    if mask & selectors.EVENT_WRITE:
+                        data.flush()
+                    if mask & selectors.EVENT_READ and not data.closed:
+                        self._on_readable(data)
+                    else:
+                        self._update_interest(data)
+                elif data == "accept":
+                    self._accept()
+                elif data == "doorbell":
+                    self.doorbell.drain()
+                elif data == "signal":
+                    with contextlib.suppress(BlockingIOError):
+                        self._signal_r.recv(4096)
+            now = time.monotonic()
+            self._serve_parked(now)
+            busy = bool(taken)
+            if now >= self._next_tick:
+                self._tick(now)
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload_config()
+
+    def _tick(self, now: float) -> None:
+        log = self.log
+        assert log is not None and self.control is not None
+        self._next_tick = now + TICK_MS / 1000
+        now_ms = time.time_ns() // 1_000_000
+        try:
+            deleted = log.tick(now_ms)
+        except StorageError as error:
+            logger.error("%s: periodic flush/retention failed: %s", self.name, error)
+            deleted = []
+        if deleted:
+            logger.info("%s: retention deleted segment(s) %s", self.name, deleted)
+        self._publish_positions()
+        self.control.updated_ms = now_ms
+        self._release_finished_rings(now_ms)
+
+    def _reload_config(self) -> None:
+        try:
+            config = read_topic_config(self.paths)
+        except (ShmbrokerError, OSError, ValueError) as error:
+            logger.error("%s: keeping the old config; cannot read the new one: %s", self.name,
+                         error)
+            return
+        assert self.log is not None
+        self.config = config
+        self.log.config = config
+        logger.info("%s: config reloaded", self.name)
+
+    # -- stop ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop taking connections, drain the rings, answer parked fetches, flush and close."""
+        log, control = self.log, self.control
+        if control is not None:
+            control.state = 2
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                self.paths.socket_path.unlink()
+        if log is not None:
+            deadline = time.monotonic() + STOP_DRAIN_S_MAX
+            heads = {name: ring.reader.head for name, ring in self.rings.items()}
+            while time.monotonic() < deadline and any(
+                    ring.reader.progress[0] < heads[name] and not ring.reader.broken
+                    for name, ring in self.rings.items()):
+                if not self._drain_rings():
+                    break
+            self._serve_parked(time.monotonic())
+            self._flush_outputs(time.monotonic() + STOP_FLUSH_OUTPUT_S_MAX)
+            self._release_finished_rings(time.time_ns() // 1_000_000)
+            log.close()
+        for ring in self.rings.values():
+            ring.reader.close()
+        self.rings.clear()
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.data, ServerConnection):
+                key.data.close()
+        if self.doorbell is not None:
+            self.doorbell.close()
+        if control is not None:
+            control.state = 3
+            control.worker_sleeping = 0
+            control.close()
+
+    def _flush_outputs(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            pending = [key.data for key in self.selector.get_map().values()
+                       if isinstance(key.data, ServerConnection) and key.data.pending_output
+                       and not key.data.closed]
+            if not pending:
+                return
+            for connection in pending:
+                connection.flush()
+            time.sleep(0.001)
+
+
+class _Region:
+    """A buffer split into batches, shaped like a RingRegion for _append_one_by_one."""
+
+    def __init__(self, view: memoryview, positions: list[int], sizes: list[int]) -> None:
+        self.view = view
+        self.positions = positions
+        self.sizes = sizes
+        self.first_seq = 0
+
+
+class _NoIntents:
+    """Stands in for a RingReader where there is no ring (socket produce)."""
+
+    name = "socket"
+
+    def record_results(self, region: object, results: object) -> None:
+        pass
+
+
+def _split_batches(view: memoryview) -> tuple[list[int], list[int]] | tuple[None, None]:
+    positions: list[int] = []
+    sizes: list[int] = []
+    position = 0
+    while position < len(view):
+        try:
+            size = record_batch.batch_size_at(view, position)
+        except CorruptRecordError:
+            return None, None
+        if size < record_batch.HEADER_SIZE or position + size > len(view):
+            return None, None
+        positions.append(position)
+        sizes.append(size)
+        position += size
+    return positions, sizes
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the supervisor dies (PR_SET_PDEATHSIG), so a killed broker
+    leaves no orphan writers behind; a new worker waits for this one's partition lock."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shmbroker-worker")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--topic-id", required=True, type=int)
+    parser.add_argument("--partition", required=True, type=int)
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    _die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return EXIT_BOOT_FAILED  # the supervisor died before we set the death signal
+    paths = PartitionPaths(args.data_dir.resolve(), args.topic, args.topic_id, args.partition)
+    worker = PartitionWorker(paths, socket_mode=args.socket_mode)
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: worker.request_reload())
+    try:
+        worker.boot()
+    except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
+        logger.error("%s/%d: cannot start: %s", args.topic, args.partition, error,
+                     exc_info=not isinstance(error, ShmbrokerError | OSError | RuntimeError))
+        with contextlib.suppress(Exception):
+            worker.stop()
+        return EXIT_BOOT_FAILED
+    if args.ready_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+    try:
+        worker.serve()
+    except Exception:
+        logger.exception("%s: crashed", worker.name)
+        with contextlib.suppress(Exception):
+            worker.stop()
+        return EXIT_CRASHED
+    worker.stop()
+    logger.info("%s: stopped", worker.name)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

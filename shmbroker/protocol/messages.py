@@ -1,0 +1,122 @@
+"""Messages of the local protocol: api keys, request fields, error responses.
+
+Every request is a frame (protocol.frames) whose ``api_key`` names it and whose JSON part holds
+its fields; the response repeats api key and correlation id.  A successful response's JSON has
+no ``error``; a failed one is ``{"error": CODE, "message": "...", ...}`` where CODE is the
+``code`` of a class in :mod:`shmbroker.errors` (``error_from_code`` turns it back into that
+exception).  Requests are checked field by field here (:func:`field`), so handlers never see a
+wrong type: JSON of the wrong shape is a ProtocolError with the field named.
+
+Supervisor (``broker.sock``)         Worker (one socket per partition)
+  METADATA       topics?               FETCH          offset, max_bytes, max_wait_ms, min_bytes
+  CREATE_TOPIC   name, partitions,     PRODUCE        acks (+ raw batches)
+                 config?               ATTACH_RING    name
+  DELETE_TOPIC   name                  LIST_OFFSETS   timestamp_ms (-2 earliest, -1 latest)
+  LIST_TOPICS    -                     UPDATE_CONFIG  config
+  DESCRIBE_TOPIC name                  PING           -
+  ALTER_CONFIGS  name, config
+  ADD_PARTITIONS name, partitions
+  STATUS         -
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from shmbroker.errors import BrokerError, OffsetOutOfRangeError, ProtocolError, error_from_code
+from shmbroker.protocol.frames import encode_frame
+
+
+class ApiKey(enum.IntEnum):
+    ERROR = 0  # a response to a frame that could not be parsed at all
+    # supervisor
+    METADATA = 1
+    CREATE_TOPIC = 2
+    DELETE_TOPIC = 3
+    LIST_TOPICS = 4
+    DESCRIBE_TOPIC = 5
+    ALTER_CONFIGS = 6
+    ADD_PARTITIONS = 7
+    STATUS = 8
+    # worker
+    FETCH = 20
+    PRODUCE = 21
+    ATTACH_RING = 22
+    LIST_OFFSETS = 23
+    UPDATE_CONFIG = 24
+    PING = 25
+
+
+SUPERVISOR_APIS = frozenset({ApiKey.METADATA, ApiKey.CREATE_TOPIC, ApiKey.DELETE_TOPIC,
+                             ApiKey.LIST_TOPICS, ApiKey.DESCRIBE_TOPIC, ApiKey.ALTER_CONFIGS,
+                             ApiKey.ADD_PARTITIONS, ApiKey.STATUS})
+WORKER_APIS = frozenset({ApiKey.FETCH, ApiKey.PRODUCE, ApiKey.ATTACH_RING, ApiKey.LIST_OFFSETS,
+                         ApiKey.UPDATE_CONFIG, ApiKey.PING})
+
+# Kafka's ListOffsets sentinels.
+LATEST_TIMESTAMP = -1
+EARLIEST_TIMESTAMP = -2
+
+# acks, as Kafka: 0 none, 1 leader, -1 all in-sync replicas.
+ACKS_NONE, ACKS_LEADER, ACKS_ALL = 0, 1, -1
+
+# Error numbers in ring ack slots (a negative result instead of a base offset).
+RING_RESULT_ERRORS: dict[int, str] = {
+    -1: "CORRUPT_MESSAGE",
+    -2: "MESSAGE_TOO_LARGE",
+    -3: "KAFKA_STORAGE_ERROR",
+    -4: "SHUTTING_DOWN",
+    -5: "BROKER_ERROR",
+}
+RING_RESULT_NUMBERS: dict[str, int] = {code: number for number, code in RING_RESULT_ERRORS.items()}
+
+_MISSING = object()
+
+
+def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
+          default: Any = _MISSING, minimum: int | None = None, maximum: int | None = None) -> Any:
+    """``body[name]`` checked to be of ``kind`` (bool is never an int), within bounds."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None and default is not _MISSING:
+        if default is _MISSING:
+            raise ProtocolError(f"request field {name!r} is missing")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise ProtocolError(
+            f"request field {name!r} must be {expected}, not {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if minimum is not None and value < minimum:
+            raise ProtocolError(f"request field {name!r} must be >= {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            raise ProtocolError(f"request field {name!r} must be <= {maximum}, not {value}")
+    return value
+
+
+def error_body(error: BaseException) -> dict[str, Any]:
+    """The JSON of an error response for ``error``."""
+    code = getattr(error, "code", None)
+    if not isinstance(error, BrokerError) or not isinstance(code, str):
+        code = BrokerError.code
+    body: dict[str, Any] = {"error": code, "message": str(error)}
+    if isinstance(error, OffsetOutOfRangeError):
+        body.update(error="OFFSET_OUT_OF_RANGE", offset=error.offset,
+                    log_start_offset=error.log_start_offset,
+                    log_end_offset=error.log_end_offset)
+    return body
+
+
+def error_frame(api_key: int, correlation_id: int, error: BaseException) -> bytes:
+    return encode_frame(api_key, correlation_id, error_body(error))
+
+
+def check_response(body: dict[str, Any]) -> dict[str, Any]:
+    """Raise the error a response carries; return the body otherwise."""
+    code = body.get("error")
+    if code is None:
+        return body
+    fields = {key: body[key] for key in ("offset", "log_start_offset", "log_end_offset")
+              if isinstance(body.get(key), int)}
+    raise error_from_code(str(code), str(body.get("message", code)), **fields)

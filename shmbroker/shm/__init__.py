@@ -1,0 +1,1 @@
+"""Shared memory: produce rings, partition control blocks, doorbells and their names."""

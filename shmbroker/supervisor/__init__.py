@@ -1,0 +1,1 @@
+"""The supervisor: topic metadata, worker lifecycle, groups and committed offsets."""

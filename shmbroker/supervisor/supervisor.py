@@ -1,0 +1,518 @@
+"""The supervisor: the broker's parent process.
+
+It owns the data dir (an exclusive ``flock`` on ``broker.lock``), ``broker.sock`` (topic admin,
+metadata, status), the topic metadata (meta_store), and one worker process per partition
+(workers.py).  Everything runs in one selector loop; signal handlers only set flags and wake the
+loop through ``signal.set_wakeup_fd`` (gunicorn's arbiter habit).
+
+Topic creation and partition addition answer once the new workers said ready (or failed, or
+``topic_ready_timeout_ms`` passed).  Deletion answers once the topic's workers have stopped and
+its files are gone: the directory is first renamed into ``deleted/`` (atomic), then removed.
+Shutdown (SIGTERM/SIGINT): stop accepting, SIGTERM every worker (they drain their rings, answer
+fetches, flush and close), wait up to ``worker_stop_timeout_ms``, exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import posix_ipc
+
+from shmbroker import __version__, limits
+from shmbroker.config import BrokerConfig
+from shmbroker.errors import (
+    BrokerAlreadyRunningError,
+    ProtocolError,
+    ShmbrokerError,
+    ShuttingDownError,
+    StorageError,
+)
+from shmbroker.format.names import validate_topic_name
+from shmbroker.partition.paths import RUN_DIR, TOPICS_DIR, PartitionPaths, describe
+from shmbroker.protocol.frames import Frame, frame_head
+from shmbroker.protocol.messages import ApiKey, error_frame, field
+from shmbroker.shm import names
+from shmbroker.shm.control_block import ControlBlock
+from shmbroker.storage.checkpoint_file import fsync_directory
+from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
+from shmbroker.supervisor.workers import WorkerHandle
+from shmbroker.transport.unix import ServerConnection, listen
+
+logger = logging.getLogger("shmbroker.supervisor")
+
+LOCK_FILE = "broker.lock"
+SOCKET_FILE = "broker.sock"
+META_DIR = "meta"
+DELETED_DIR = "deleted"
+LOOP_WAIT_S_MAX = 0.1
+
+
+class _Pending:
+    """An admin request answered when ``done()`` says so, or at ``deadline``."""
+
+    __slots__ = ("connection", "frame", "done", "answer", "deadline")
+
+    def __init__(self, connection: ServerConnection, frame: Frame, done: Callable[[], bool],
+                 answer: Callable[[], dict[str, Any]], deadline: float) -> None:
+        self.connection = connection
+        self.frame = frame
+        self.done = done
+        self.answer = answer
+        self.deadline = deadline
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock; BrokerAlreadyRunningError if another broker has it."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BrokerAlreadyRunningError(
+            f"another broker (pid {holder}) is already serving {data_dir}; stop it first or "
+            "use another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, config: BrokerConfig, log_level: str = "INFO") -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.log_level = log_level
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[tuple[str, int], WorkerHandle] = {}
+        self.pending: list[_Pending] = []
+        self.started_at = time.time()
+        self.listener: socket.socket | None = None
+        self.store: MetaStore | None = None
+        self._lock_fd: int | None = None
+        self._stopping = False
+        self._signal_r, self._signal_w = socket.socketpair()
+
+    # -- start --------------------------------------------------------------------------------
+    def start(self) -> None:
+        mode = self.config.data_dir_mode
+        self.data_dir.mkdir(mode=mode, parents=True, exist_ok=True)
+        self._lock_fd = lock_data_dir(self.data_dir)
+        for sub in (META_DIR, TOPICS_DIR, RUN_DIR, DELETED_DIR):
+            (self.data_dir / sub).mkdir(mode=mode, exist_ok=True)
+        self.store = MetaStore(self.data_dir / META_DIR)
+        self._remove_deleted()
+        self._clean_shared_memory()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self._signal_r.setblocking(False)
+        self._signal_w.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
+        self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+        for topic in self.store.topics():
+            self._write_topic_config(topic)
+            for partition in range(topic.partitions):
+                self._add_worker(topic, partition)
+        self.listener = listen(self.data_dir / SOCKET_FILE, self.config.socket_mode)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        logger.info("shmbroker %s serving %s (pid %d): %d topic(s), %d partition worker(s)",
+                    __version__, self.data_dir, os.getpid(), len(self.store.topics()),
+                    len(self.workers))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+
+    def _remove_deleted(self) -> None:
+        for entry in (self.data_dir / DELETED_DIR).iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def _clean_shared_memory(self) -> None:
+        """Unlink shm names of topics that no longer exist (a killed broker's leftovers); rings of
+        live topics stay: their producers may still be writing, the workers drain them."""
+        assert self.store is not None
+        prefix = names.shm_prefix(self.data_dir)
+        live = {topic.topic_id for topic in self.store.topics()}
+        for name in names.list_names(prefix):
+            rest = name.lstrip("/")[len(prefix) + 1:]
+            if rest.startswith("t"):
+                topic_id = rest[1:].split(".", 1)[0]
+                if topic_id.isdigit() and int(topic_id) in live:
+                    continue
+            _unlink_shm(name)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _paths(self, topic: TopicMeta, partition: int) -> PartitionPaths:
+        return PartitionPaths(self.data_dir, topic.name, topic.topic_id, partition)
+
+    def _add_worker(self, topic: TopicMeta, partition: int) -> WorkerHandle:
+        handle = WorkerHandle(self._paths(topic, partition), self.config, self.log_level)
+        self.workers[(topic.name, partition)] = handle
+        self._spawn(handle)
+        return handle
+
+    def _spawn(self, handle: WorkerHandle) -> None:
+        try:
+            ready_fd = handle.spawn()
+        except OSError as error:
+            logger.error("%s: cannot start a worker: %s", handle.name, error)
+            handle.on_exit(1, time.monotonic())
+            return
+        self.selector.register(ready_fd, selectors.EVENT_READ, handle)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for handle in list(self.workers.values()):
+            process = handle.process
+            if process is None or process.poll() is None:
+                continue
+            if handle.ready_fd is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(handle.ready_fd)
+            handle.on_exit(process.returncode, now)
+
+    def _restart_due(self, now: float) -> None:
+        if self._stopping:
+            return
+        for handle in self.workers.values():
+            if handle.state == "backoff" and now >= handle.restart_at:
+                self._spawn(handle)
+
+    def _write_topic_config(self, topic: TopicMeta) -> None:
+        """The effective config workers read (at boot and on SIGHUP), written atomically."""
+        directory = self.data_dir / TOPICS_DIR / topic.name
+        directory.mkdir(mode=self.config.data_dir_mode, exist_ok=True)
+        effective = self.config.topic_config(topic.config).as_dict()
+        target = directory / "config.json"
+        temporary = directory / "config.json.tmp"
+        with open(temporary, "wb") as file:
+            file.write(orjson.dumps(effective))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+        fsync_directory(directory)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def serve(self) -> None:
+        while not self._stopping:
+            self._loop_once()
+        self._shutdown()
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        timeout = LOOP_WAIT_S_MAX
+        for handle in self.workers.values():
+            if handle.state == "backoff":
+                timeout = min(timeout, max(0.0, handle.restart_at - now))
+        for key, mask in self.selector.select(timeout):
+            data = key.data
+            if data == "accept":
+                self._accept()
+            elif data == "signal":
+                with contextlib.suppress(BlockingIOError):
+                    self._signal_r.recv(4096)
+            elif isinstance(data, WorkerHandle):
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(key.fd)
+                if data.on_ready_readable():
+                    logger.info("%s: worker pid %s ready", data.name, data.pid)
+            elif isinstance(data, ServerConnection):
+                if mask & selectors.EVENT_WRITE:
+                    data.flush()
+                if mask & selectors.EVENT_READ:
+                    self._on_readable(data)
+                self._update_interest(data)
+        self._reap()
+        now = time.monotonic()
+        self._restart_due(now)
+        for handle in self.workers.values():
+            handle.kill_if_overdue(now)
+        self._answer_pending(now)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(self.selector.get_map()) >= limits.connections_max:
+                sock.close()
+                continue
+            connection = ServerConnection(sock, limits.frame_json_bytes_max + 64)
+            self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _on_readable(self, connection: ServerConnection) -> None:
+        try:
+            frames = connection.receive()
+        except ProtocolError as error:
+            connection.send(error_frame(ApiKey.ERROR, 0, error))
+            connection.close()
+            return
+        if frames is None:
+            connection.close()
+            return
+        for frame in frames:
+            try:
+                body = self._handle(connection, frame)
+            except ProtocolError as error:
+                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+                connection.close()
+                return
+            except (ShmbrokerError, OSError) as error:
+                if isinstance(error, OSError):
+                    logger.exception("request %s failed", frame.api_key)
+                    error = StorageError(f"the broker could not do it: {error}")
+                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+                continue
+            if body is not None:
+                connection.send(frame_head(frame.api_key, frame.correlation_id, body))
+
+    def _update_interest(self, connection: ServerConnection) -> None:
+        if connection.closed:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(connection.sock)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.pending_output
+                                         else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            if self.selector.get_key(connection.sock).events != events:
+                self.selector.modify(connection.sock, events, connection)
+
+    def _answer_pending(self, now: float) -> None:
+        still = []
+        for pending in self.pending:
+            if pending.connection.closed:
+                continue
+            if pending.done() or now >= pending.deadline:
+                try:
+                    body = pending.answer()
+                    head = frame_head(pending.frame.api_key, pending.frame.correlation_id, body)
+                except ShmbrokerError as error:
+                    head = error_frame(pending.frame.api_key, pending.frame.correlation_id,
+                                       error)
+                pending.connection.send(head)
+                self._update_interest(pending.connection)
+            else:
+                still.append(pending)
+        self.pending = still
+
+    # -- requests -----------------------------------------------------------------------------
+    def _handle(self, connection: ServerConnection, frame: Frame) -> dict[str, Any] | None:
+        store = self.store
+        assert store is not None
+        api_key, body = frame.api_key, frame.body
+        if api_key == ApiKey.METADATA:
+            wanted = field(body, "topics", list, default=None)
+            topics = ([store.get(validate_topic_name(name)) for name in wanted]
+                      if wanted is not None else store.topics())
+            return {"topics": [self._topic_metadata(topic) for topic in topics]}
+        if api_key == ApiKey.LIST_TOPICS:
+            return {"topics": [topic.name for topic in store.topics()]}
+        if api_key == ApiKey.DESCRIBE_TOPIC:
+            return self._describe(store.get(validate_topic_name(field(body, "name", str))))
+        if api_key == ApiKey.STATUS:
+            return self._status()
+        if self._stopping:
+            raise ShuttingDownError("the broker is shutting down")
+        if api_key == ApiKey.CREATE_TOPIC:
+            config = field(body, "config", dict, default={})
+            self.config.topic_config(config)  # refuse bad values before anything is stored
+            topic = store.create(field(body, "name", str), field(body, "partitions", int),
+                                 config)
+            self._write_topic_config(topic)
+            for partition in range(topic.partitions):
+                self._add_worker(topic, partition)
+            self._park_until_ready(connection, frame, topic, range(topic.partitions))
+            return None
+        if api_key == ApiKey.ADD_PARTITIONS:
+            old = store.get(validate_topic_name(field(body, "name", str)))
+            topic = store.add_partitions(old.name, field(body, "partitions", int))
+            for partition in range(old.partitions, topic.partitions):
+                self._add_worker(topic, partition)
+            self._park_until_ready(connection, frame, topic,
+                                   range(old.partitions, topic.partitions))
+            return None
+        if api_key == ApiKey.ALTER_CONFIGS:
+            name = validate_topic_name(field(body, "name", str))
+            changes = field(body, "config", dict)
+            current = store.get(name)
+            merged = {**current.config, **changes}
+            self.config.topic_config({k: v for k, v in merged.items() if v is not None})
+            topic = store.alter_config(name, changes)
+            self._write_topic_config(topic)
+            for partition in range(topic.partitions):
+                self.workers[(topic.name, partition)].signal(signal.SIGHUP)
+            return {"topic": self._topic_metadata(topic)}
+        if api_key == ApiKey.DELETE_TOPIC:
+            topic = store.delete(validate_topic_name(field(body, "name", str)))
+            self._delete_topic(connection, frame, topic)
+            return None
+        raise ProtocolError(f"api key {api_key} is not served by the supervisor")
+
+    def _park_until_ready(self, connection: ServerConnection, frame: Frame, topic: TopicMeta,
+                          partitions: range) -> None:
+        handles = [self.workers[(topic.name, partition)] for partition in partitions]
+
+        def done() -> bool:
+            return all(handle.state in ("running", "failed") for handle in handles)
+
+        self.pending.append(_Pending(
+            connection, frame, done, lambda: {"topic": self._topic_metadata(topic)},
+            time.monotonic() + self.config.topic_ready_timeout_ms / 1000))
+
+    def _delete_topic(self, connection: ServerConnection, frame: Frame,
+                      topic: TopicMeta) -> None:
+        now = time.monotonic()
+        handles = [self.workers.pop((topic.name, partition))
+                   for partition in range(topic.partitions)
+                   if (topic.name, partition) in self.workers]
+        for handle in handles:
+            handle.stop(now)
+
+        def done() -> bool:
+            for handle in handles:
+                if handle.process is not None and handle.process.poll() is not None:
+                    handle.on_exit(handle.process.returncode, time.monotonic())
+                handle.kill_if_overdue(time.monotonic())
+            return all(handle.process is None for handle in handles)
+
+        def answer() -> dict[str, Any]:
+            self._remove_topic_files(topic)
+            return {"topic": topic.to_json()}
+
+        self.pending.append(_Pending(connection, frame, done, answer,
+                                     now + self.config.worker_stop_timeout_ms / 1000 + 1))
+
+    def _remove_topic_files(self, topic: TopicMeta) -> None:
+        source = self.data_dir / TOPICS_DIR / topic.name
+        target = self.data_dir / DELETED_DIR / f"{topic.name}-{topic.topic_id}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(source, target)
+            fsync_directory(self.data_dir / TOPICS_DIR)
+            shutil.rmtree(target, ignore_errors=True)
+        prefix = names.shm_prefix(self.data_dir)
+        for name in names.list_names(prefix):
+            if name.lstrip("/").startswith(f"{prefix}.t{topic.topic_id}."):
+                _unlink_shm(name)
+        for partition in range(topic.partitions):
+            paths = self._paths(topic, partition)
+            for path in (paths.lock_path, paths.socket_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    # -- views --------------------------------------------------------------------------------
+    def _topic_metadata(self, topic: TopicMeta) -> dict[str, Any]:
+        partitions = []
+        for partition in range(topic.partitions):
+            paths = self._paths(topic, partition)
+            handle = self.workers.get((topic.name, partition))
+            partitions.append({**describe(paths),
+                               "state": handle.state if handle else "stopped",
+                               "worker_pid": handle.pid if handle else None})
+        return {"name": topic.name, "topic_id": topic.topic_id,
+                "partitions": partitions, "config": topic.config}
+
+    def _describe(self, topic: TopicMeta) -> dict[str, Any]:
+        view = self._topic_metadata(topic)
+        for entry in view["partitions"]:
+            paths = self._paths(topic, entry["partition"])
+            entry["size_bytes"] = _directory_bytes(paths.log_dir)
+            positions = (-1, -1, -1)
+            with contextlib.suppress(ShmbrokerError, OSError):
+                block = ControlBlock.open(paths.control_block_name, readonly=True)
+                try:
+                    positions = block.positions()
+                finally:
+                    block.close()
+            entry["log_start_offset"], entry["log_end_offset"], entry["high_watermark"] = (
+                positions)
+        view["effective_config"] = self.config.topic_config(topic.config).as_dict()
+        return view
+
+    def _status(self) -> dict[str, Any]:
+        assert self.store is not None
+        workers = [{"topic": handle.paths.topic, "partition": handle.paths.partition,
+                    "pid": handle.pid, "state": handle.state, "restarts": handle.restarts}
+                   for handle in self.workers.values()]
+        return {"pid": os.getpid(), "version": __version__, "data_dir": str(self.data_dir),
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "topics": len(self.store.topics()), "partitions": len(workers),
+                "workers_alive": sum(1 for worker in workers
+                                     if worker["state"] in ("running", "starting")),
+                "workers": workers}
+
+    # -- stop ---------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        logger.info("shutting down: stopping %d worker(s)", len(self.workers))
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.data_dir / SOCKET_FILE).unlink()
+        now = time.monotonic()
+        for handle in self.workers.values():
+            handle.stop(now)
+        while any(handle.process is not None for handle in self.workers.values()):
+            self.selector.select(0.05)
+            with contextlib.suppress(BlockingIOError):
+                self._signal_r.recv(4096)
+            now = time.monotonic()
+            for handle in self.workers.values():
+                if handle.process is not None and handle.process.poll() is not None:
+                    handle.on_exit(handle.process.returncode, now)
+                handle.kill_if_overdue(now)
+        for handle in self.workers.values():
+            handle.close_ready_fd()
+            _unlink_shm(handle.paths.control_block_name)
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.data, ServerConnection):
+                key.data.close()
+        signal.set_wakeup_fd(-1)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        logger.info("stopped")
+
+
+def _unlink_shm(name: str) -> None:
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(name)
+
+
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.is_file(follow_symlinks=False) and entry.name.endswith(".log"):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SHMBROKER_DATA_DIR") or "./shmbroker-data")
+
+
+def run(data_dir: Path, config: BrokerConfig, log_level: str = "INFO") -> int:
+    """``shmbroker serve``: start, serve until SIGTERM/SIGINT, return the exit code."""
+    supervisor = Supervisor(data_dir.resolve(), config, log_level)
+    try:
+        supervisor.start()
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise StorageError(f"cannot use data dir {data_dir}: {error.strerror}") from None
+        raise
+    supervisor.serve()
+    return 0

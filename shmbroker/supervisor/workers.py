@@ -1,0 +1,157 @@
+"""Worker lifecycle: spawn, readiness, exit, restart with backoff, give up on boot failures.
+
+States (transitions are the only ones listed)::
+
+    starting --ready--> running --exit(unasked)--> backoff --delay--> starting
+    starting --exit(EXIT_BOOT_FAILED) x worker_boot_failures_max--> failed
+    starting|running|backoff --stop()--> stopping --exit--> stopped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shmbroker.config import BrokerConfig
+from shmbroker.partition.paths import PartitionPaths
+from shmbroker.partition.worker import EXIT_BOOT_FAILED, EXIT_OK
+
+logger = logging.getLogger("shmbroker.supervisor")
+
+HEALTHY_RUN_S = 10.0  # a worker that ran this long starts its backoff from scratch
+FIRST_RESTART_DELAY_S = 0.05
+
+
+class WorkerHandle:
+    """One partition's worker process as the supervisor tracks it."""
+
+    def __init__(self, paths: PartitionPaths, config: BrokerConfig, log_level: str) -> None:
+        self.paths = paths
+        self.config = config
+        self.log_level = log_level
+        self.state = "backoff"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready_fd: int | None = None
+        self.started_at = 0.0
+        self.restart_at = 0.0
+        self.consecutive_failures = 0
+        self.boot_failures = 0
+        self.restarts = 0
+        self.stop_deadline = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.paths.topic}/{self.paths.partition}"
+
+    def spawn(self) -> int:
+        """Start the process; return the read end of its ready pipe (the caller watches it)."""
+        read_fd, write_fd = os.pipe()
+        os.set_inheritable(write_fd, True)
+        command = [sys.executable, "-m", "shmbroker.partition.worker",
+                   "--data-dir", os.fspath(self.paths.data_dir), "--topic", self.paths.topic,
+                   "--topic-id", str(self.paths.topic_id),
+                   "--partition", str(self.paths.partition), "--ready-fd", str(write_fd),
+                   "--parent-pid", str(os.getpid()),
+                   "--socket-mode", format(self.config.socket_mode, "o"),
+                   "--log-level", self.log_level]
+        try:
+            self.process = subprocess.Popen(command, pass_fds=(write_fd,),
+                                            stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write_fd)
+        self.ready_fd = read_fd
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        return read_fd
+
+    def on_ready_readable(self) -> bool:
+        """The ready pipe has data or EOF; True once the worker said ready."""
+        assert self.ready_fd is not None
+        try:
+            data = os.read(self.ready_fd, 64)
+        except OSError:
+            data = b""
+        self.close_ready_fd()
+        if data.startswith(b"ready") and self.state == "starting":
+            self.state = "running"
+            self.boot_failures = 0
+            return True
+        return False
+
+    def close_ready_fd(self) -> None:
+        if self.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.ready_fd)
+            self.ready_fd = None
+
+    def on_exit(self, returncode: int, now: float) -> None:
+        """The process is gone: decide what comes next."""
+        self.close_ready_fd()
+        self.process = None
+        if self.state == "stopping":
+            self.state = "stopped"
+            if returncode != EXIT_OK:
+                logger.warning("%s: worker exited with %s while stopping", self.name,
+                               _describe(returncode))
+            return
+        booting = self.state == "starting"
+        if booting and returncode == EXIT_BOOT_FAILED:
+            self.boot_failures += 1
+            if self.boot_failures >= self.config.worker_boot_failures_max:
+                self.state = "failed"
+                logger.error("%s: worker failed to boot %d times in a row; not restarting it "
+                             "(fix the cause, then restart the broker)", self.name,
+                             self.boot_failures)
+                return
+        if now - self.started_at >= HEALTHY_RUN_S:
+            self.consecutive_failures = 0
+        delay = min(self.config.worker_restart_backoff_ms_max / 1000,
+                    FIRST_RESTART_DELAY_S * (2 ** self.consecutive_failures))
+        self.consecutive_failures += 1
+        self.restarts += 1
+        self.state = "backoff"
+        self.restart_at = now + delay
+        logger.warning("%s: worker %s; restarting in %.0f ms", self.name, _describe(returncode),
+                       delay * 1000)
+
+    def stop(self, now: float) -> None:
+        """Ask the worker to drain and exit (SIGTERM); kill() after the deadline."""
+        if self.process is None:
+            self.state = "stopped"
+            self.close_ready_fd()
+            return
+        if self.state != "stopping":
+            self.state = "stopping"
+            self.stop_deadline = now + self.config.worker_stop_timeout_ms / 1000
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+
+    def kill_if_overdue(self, now: float) -> None:
+        if self.state == "stopping" and self.process is not None and now > self.stop_deadline:
+            logger.error("%s: worker did not stop in time; killing it", self.name)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.state in ("starting", "running"):
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    names = {0: "exited cleanly", 1: "crashed (exit 1)", 2: "exited with a usage error (2)",
+             EXIT_BOOT_FAILED: f"failed to boot (exit {EXIT_BOOT_FAILED})"}
+    return names.get(returncode, f"exited with code {returncode}")

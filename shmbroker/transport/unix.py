@@ -1,0 +1,217 @@
+"""Unix stream sockets: addresses, listening, connecting, and a non-blocking server connection.
+
+``sun_path`` holds at most 107 bytes, and data dirs under pytest's or a user's temp dir are often
+longer.  :func:`usable_address` then goes through ``/proc/self/fd/<dirfd>/<name>`` (Linux), which
+the kernel resolves like the real path, so long data dirs work for bind and connect alike.
+
+:class:`ServerConnection` is one accepted connection of a single-threaded selector loop: a
+:class:`FrameDecoder` for input (bounded by ``frame_bytes_max``) and an output queue of byte
+strings and file ranges, written with ``send`` and ``os.sendfile`` as the socket accepts them.
+A file range that cannot be sent at once keeps a ``dup`` of its fd, so retention deleting the
+segment meanwhile cannot make the connection send from a reused descriptor.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+from shmbroker.errors import ProtocolError
+from shmbroker.protocol.frames import Frame, FrameDecoder
+
+SUN_PATH_BYTES_MAX = 107
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+RECV_BYTES = 256 * 1024
+
+_directory_fds: dict[str, int] = {}
+_directory_lock = threading.Lock()
+
+
+def usable_address(path: str | os.PathLike[str]) -> str:
+    """``path``, or an equivalent short ``/proc/self/fd`` path when it is too long to bind."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) <= SUN_PATH_BYTES_MAX:
+        return path
+    directory, name = os.path.split(os.path.abspath(path))
+    with _directory_lock:
+        fd = _directory_fds.get(directory)
+        if fd is None:
+            fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            _directory_fds[directory] = fd
+    short = f"/proc/self/fd/{fd}/{name}"
+    if len(os.fsencode(short)) > SUN_PATH_BYTES_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"socket name {name!r} is too long", path)
+    return short
+
+
+def listen(path: str | os.PathLike[str], mode: int = 0o660, backlog: int = 512) -> socket.socket:
+    """A non-blocking listening socket at ``path`` (a stale socket file there is replaced; the
+    caller must own the path, e.g. by holding the data dir's lock)."""
+    path = Path(path)
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(usable_address(path))
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect(path: str | os.PathLike[str], timeout_s: float | None = None) -> socket.socket:
+    """A blocking connection to ``path`` (OSError as the kernel says: ENOENT, ECONNREFUSED...)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        sock.connect(usable_address(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (blocking); ConnectionError at EOF."""
+    got = 0
+    size = len(view)
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if not count:
+            raise ConnectionResetError("the broker closed the connection")
+        got += count
+
+
+class _FileRange:
+    __slots__ = ("fd", "position", "remaining", "owned")
+
+    def __init__(self, fd: int, position: int, remaining: int) -> None:
+        self.fd = fd
+        self.position = position
+        self.remaining = remaining
+        self.owned = False
+
+
+class ServerConnection:
+    """One accepted, non-blocking connection: framed input, queued output (bytes + sendfile).
+
+    Invariant: output goes out in the order it was queued; ``pending_output`` is True exactly
+    when the queue is not empty (the owner then watches the socket for EVENT_WRITE).
+    """
+
+    def __init__(self, sock: socket.socket, frame_bytes_max: int | None = None) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+        self.sock = sock
+        self.decoder = FrameDecoder(frame_bytes_max)
+        self._output: collections.deque[bytes | memoryview | _FileRange] = collections.deque()
+        self.closed = False
+        self.pending_requests = 0
+        self.user: object = None  # what the owner hangs on the connection (rings, member ids)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def pending_output(self) -> bool:
+        return bool(self._output)
+
+    def receive(self) -> list[Frame] | None:
+        """Read what is there; the whole frames received, or None at EOF.  ProtocolError on a
+        malformed frame (the owner answers with an error frame and closes)."""
+        frames: list[Frame] = []
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return frames
+        except OSError:
+            return None
+        if not data:
+            return None
+        self.decoder.receive_data(data)
+        while (frame := self.decoder.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def send(self, data: bytes | memoryview) -> None:
+        self._output.append(data)
+        self.flush()
+
+    def send_file(self, head: bytes, fd: int, position: int, size: int) -> None:
+        """Queue ``head`` then ``size`` bytes of file ``fd`` from ``position`` (sendfile)."""
+        self._output.append(head)
+        if size:
+            self._output.append(_FileRange(fd, position, size))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write as much queued output as the socket takes now."""
+        output = self._output
+        sock = self.sock
+        try:
+            while output:
+                item = output[0]
+                if isinstance(item, _FileRange):
+                    sent = os.sendfile(sock.fileno(), item.fd, item.position, item.remaining)
+                    if sent == 0:
+                        raise BrokenPipeError("file range ended early (segment truncated?)")
+                    item.position += sent
+                    item.remaining -= sent
+                    if item.remaining:
+                        self._own(item)
+                        return
+                    if item.owned:
+                        os.close(item.fd)
+                else:
+                    sent = sock.send(item)
+                    if sent < len(item):
+                        output[0] = memoryview(item)[sent:]
+                        self._own_file_ranges()
+                        return
+                output.popleft()
+        except (BlockingIOError, InterruptedError):
+            self._own_file_ranges()
+        except OSError:
+            self.close()
+
+    def _own(self, item: _FileRange) -> None:
+        if not item.owned:
+            item.fd = os.dup(item.fd)
+            item.owned = True
+
+    def _own_file_ranges(self) -> None:
+        for item in self._output:
+            if isinstance(item, _FileRange):
+                self._own(item)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for item in self._output:
+            if isinstance(item, _FileRange) and item.owned:
+                os.close(item.fd)
+        self._output.clear()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+__all__ = ["ProtocolError", "ServerConnection", "connect", "listen", "recv_exact_into",
+           "usable_address"]

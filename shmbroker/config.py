@@ -219,7 +219,7 @@ class BrokerConfig:
                 values = tomllib.load(file)
         except OSError as error:
             raise InvalidConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise InvalidConfigError(f"config file {path} is not valid TOML: {error}") from None
         try:
             return cls.from_mapping(values)

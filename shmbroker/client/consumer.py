@@ -176,9 +176,14 @@ class Consumer:
         """Records fetched since the last poll, waiting up to ``timeout_ms`` for the first."""
         limit = max_records or self.max_poll_records
         out: list[Record] = []
-        for fetcher, batch, min_offset in self._poll_batches(timeout_ms):
+        decode_rows = record_batch.decode_rows
+        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
+            if isinstance(fetched, _Leftover):
+                out.append(fetched.record)
+                continue
             tp = fetcher.tp
-            out += batch.records(Record, (tp.topic, tp.partition), min_offset)
+            out += decode_rows(fetched.raw, fetched.position, fetched.header, Record,
+                               (tp.topic, tp.partition), min_offset)
         if limit is not None and len(out) > limit:
             self._push_back(out[limit:])
             del out[limit:]
@@ -189,8 +194,11 @@ class Consumer:
         offsets and timestamps, values as positions into the fetched bytes (zero copy).  Whole
         batches: a first batch may start before the position (use ``offsets`` to filter)."""
         grouped: dict[TopicPartition, list[Any]] = {}
-        for fetcher, batch, _ in self._poll_batches(timeout_ms):
-            grouped.setdefault(fetcher.tp, []).append(batch)
+        for fetcher, fetched, _ in self._poll_batches(timeout_ms):
+            if isinstance(fetched, _Leftover):
+                continue  # held back by an earlier poll(max_records); already returned as rows
+            grouped.setdefault(fetcher.tp, []).append(record_batch.decode_columnar(
+                fetched.raw, fetched.position, verify_crc=False))
         return [ColumnarRecords(tp.topic, tp.partition, batches)
                 for tp, batches in grouped.items()]
 
@@ -295,7 +303,9 @@ class Consumer:
                 break
             header = record_batch.read_header(raw, position)
             if header.next_offset > min_offset and not header.is_control:
-                batches.append(record_batch.decode_columnar(raw, position, verify_crc=verify))
+                if verify:
+                    record_batch.validate_batch(raw, position)
+                batches.append(_Fetched(raw, position, header))
             position += size
         return batches
 
@@ -379,6 +389,17 @@ class Consumer:
         self.close()
 
 
+class _Fetched:
+    """One RecordBatch of a fetch response, decoded only when poll knows how."""
+
+    __slots__ = ("raw", "position", "header")
+
+    def __init__(self, raw: memoryview, position: int, header: Any) -> None:
+        self.raw = raw
+        self.position = position
+        self.header = header
+
+
 class _Leftover:
     """A record decoded by an earlier poll and held back by max_records: quacks like a batch."""
 
@@ -387,10 +408,6 @@ class _Leftover:
     def __init__(self, record: Record) -> None:
         self.record = record
         self.header = _LeftoverHeader(record.offset + 1)
-
-    def records(self, record_type: type, leading: tuple[Any, ...],
-                min_offset: int | None = None) -> list[Record]:
-        return [self.record]
 
 
 class _LeftoverHeader:
@@ -403,4 +420,4 @@ class _LeftoverHeader:
 def _first_offset(batch: Any) -> int:
     if isinstance(batch, _Leftover):
         return batch.record.offset
-    return int(batch.offsets[0])
+    return int(batch.header.base_offset)

@@ -51,6 +51,7 @@ from shmbroker.errors import (
     RequestTimeoutError,
     RingError,
     ShmbrokerError,
+    UnknownTopicOrPartitionError,
     error_from_code,
 )
 from shmbroker.format import record_batch
@@ -72,6 +73,7 @@ IO_WAIT_S_MAX = 0.1
 IN_FLIGHT_WAIT_S = 0.005
 ATTACH_RETRY_S = 0.1
 CONNECTION_CHECK_S = 0.5
+KEY_CACHE_ENTRIES_MAX = 65_536  # key -> partition, so murmur2 runs once per distinct key
 
 
 def _acks_number(acks: int | str) -> int:
@@ -88,11 +90,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_time_ns = time.time_ns
+
+
 class _Batch:
     """One sealed (or open) batch's outcome, shared by the futures of its records."""
 
     __slots__ = ("topic", "partition", "count", "timestamps", "base_offset", "error", "_event",
-                 "_callbacks", "done", "_lock")
+                 "_callbacks", "done", "_lock", "sent_at")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -102,6 +107,7 @@ class _Batch:
         self.base_offset = -1
         self.error: BaseException | None = None
         self.done = False
+        self.sent_at = 0.0  # monotonic time it went into the ring (delivery_timeout_ms)
         self._event: threading.Event | None = None
         self._callbacks: list[Callable[[], None]] | None = None
         self._lock = threading.Lock()
@@ -286,6 +292,8 @@ class Producer:
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self._sticky = StickyPartitioner()
         self._lock = threading.RLock()
+        self._routes: dict[tuple[str, int | None], _Partition] = {}
+        self._key_partitions: dict[tuple[str, bytes], int] = {}
         self._open_bytes = 0
         self._closed = False
         self._doorbell = doorbell.Doorbell.bind(
@@ -302,27 +310,35 @@ class Producer:
              headers: Sequence[tuple[str, bytes | None]] | None = None,
              partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
         """Queue one record; a future of its :class:`RecordMetadata`."""
-        if value is not None and not isinstance(value, bytes | bytearray | memoryview):
-            raise TypeError(f"value must be bytes or None, not {type(value).__name__}")
-        if key is not None and not isinstance(key, bytes | bytearray | memoryview):
-            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-        size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0)
+        # The hot path: a few dict lookups and list appends under one lock (~1 µs a record).
+        if type(value) is not bytes and value is not None:
+            if not isinstance(value, bytearray | memoryview):
+                raise TypeError(f"value must be bytes or None, not {type(value).__name__}")
+            value = bytes(value)
+        size = RECORD_OVERHEAD_BYTES + (len(value) if value is not None else 0)
+        if key is not None:
+            if type(key) is not bytes:
+                if not isinstance(key, bytearray | memoryview):
+                    raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
+                key = bytes(key)
+            size += len(key)
         with self._lock:
-            self._check_open()
-            state = self._choose(topic, key, partition)
-            if state.open_bytes and state.open_bytes + size > self.batch_size_bytes:
+            if self._closed or self._io_error is not None:
+                self._check_open()
+            state = self._routes.get((topic, partition)) if key is None else None
+            if state is None:
+                state = self._route(topic, key, partition)
+            values = state.values
+            if values and state.open_bytes + size > self.batch_size_bytes:
                 self._seal(state)
-            if self._open_bytes + size > self.buffer_memory_bytes:
-                self._flush_open_batches()
-            if not state.values:
-                state.batch = _Batch(topic, state.partition)
-                state.opened_at = time.monotonic()
-                if self._io_idle and self.linger_s:
-                    doorbell.ring(self._doorbell.address)
+                if key is None and partition is None:
+                    state = self._routes[(topic, None)]
+                values = state.values
+            if not values:
+                self._open_batch(state, size)
             batch = state.batch
-            assert batch is not None
-            index = len(state.values)
-            state.values.append(value)
+            index = len(values)
+            values.append(value)
             if key is not None or state.keys is not None:
                 if state.keys is None:
                     state.keys = [None] * index
@@ -331,12 +347,21 @@ class Producer:
                 if state.headers is None:
                     state.headers = [None] * index
                 state.headers.append(list(headers) if headers else None)
-            state.timestamps.append(_now_ms() if timestamp_ms is None else timestamp_ms)
-            state.open_bytes += size + RECORD_OVERHEAD_BYTES
-            self._open_bytes += size + RECORD_OVERHEAD_BYTES
+            state.timestamps.append(_time_ns() // 1_000_000 if timestamp_ms is None
+                                    else timestamp_ms)
+            state.open_bytes += size
+            self._open_bytes += size
             if not self.linger_s or state.open_bytes >= self.batch_size_bytes:
                 self._seal(state)
-            return RecordFuture(batch, index)
+            return RecordFuture(batch, index)  # type: ignore[arg-type]
+
+    def _open_batch(self, state: _Partition, size: int) -> None:
+        if self._open_bytes + size > self.buffer_memory_bytes:
+            self._flush_open_batches()
+        state.batch = _Batch(state.topic, state.partition)
+        state.opened_at = time.monotonic()
+        if self._io_idle and self.linger_s:
+            doorbell.ring(self._doorbell.address)
 
     def send_batch(self, topic: str, values: Sequence[bytes | None] | tuple[Any, Any], *,
                    partition: int | None = None, keys: Sequence[bytes | None] | None = None,
@@ -480,6 +505,21 @@ class Producer:
     def _topic(self, topic: str) -> list[PartitionInfo]:
         return self._metadata.partitions(topic)
 
+    def _route(self, topic: str, key: bytes | None, partition: int | None) -> _Partition:
+        """The partition a record goes to (slow path of send; caches keyless routes)."""
+        if key is not None and partition is None:
+            partition = self._key_partitions.get((topic, key))
+            if partition is None:
+                partition = partition_for_key(key, len(self._topic(topic)))
+                if len(self._key_partitions) >= KEY_CACHE_ENTRIES_MAX:
+                    self._key_partitions.clear()
+                self._key_partitions[(topic, key)] = partition
+            return self._choose(topic, None, partition)
+        state = self._choose(topic, key, partition)
+        if key is None:
+            self._routes[(topic, partition)] = state
+        return state
+
     def _choose(self, topic: str, key: bytes | None, partition: int | None) -> _Partition:
         infos = self._topic(topic)
         if partition is None:
@@ -488,8 +528,6 @@ class Producer:
             else:
                 partition = self._sticky.partition(topic, len(infos))
         elif not isinstance(partition, int) or not 0 <= partition < len(infos):
-            from shmbroker.errors import UnknownTopicOrPartitionError
-
             raise UnknownTopicOrPartitionError(
                 f"topic {topic!r} has {len(infos)} partitions; partition {partition} does not "
                 "exist")
@@ -514,9 +552,11 @@ class Producer:
         state.reset_open()
         batch.count = len(values)
         batch.timestamps = timestamps
-        if state.partition == self._sticky.partition(state.topic, len(self._topic(state.topic))):
-            self._sticky.on_new_batch(state.topic, len(self._topic(state.topic)),
-                                      state.partition)
+        sticky = self._routes.get((state.topic, None))
+        if sticky is state:  # KIP-480: a keyless topic moves on when its batch is sealed
+            partitions = len(self._topic(state.topic))
+            self._sticky.on_new_batch(state.topic, partitions, state.partition)
+            self._routes[(state.topic, None)] = self._choose(state.topic, None, None)
         encode = _Encoder(lambda pid, seq: record_batch.encode_batch(
             values, keys=keys, headers=headers, timestamps=timestamps, codec=self.codec,
             producer_id=pid, producer_epoch=0, base_sequence=seq))
@@ -541,6 +581,7 @@ class Producer:
                 "lower batch_size_bytes or raise ring_bytes") from None
         if seq is None:
             seq = self._wait_for_room(state, data)
+        batch.sent_at = time.monotonic()
         state.in_flight.append(batch if self.acks != ACKS_NONE else None)
         if self.acks == ACKS_NONE:
             batch.complete(-1)
@@ -700,6 +741,18 @@ class Producer:
                     batch.complete(*_outcome(result))
             if in_flight:
                 any_in_flight = True
+                oldest = in_flight[0]
+                if (oldest is not None and not oldest.done
+                        and now - oldest.sent_at > self.delivery_timeout_s):
+                    # Fail the waiting futures, but keep the batches queued: the frames are in
+                    # the ring and their acks, if the worker comes back, must still line up.
+                    error = RequestTimeoutError(
+                        f"{state.topic}/{state.partition}: no acknowledgement within "
+                        f"delivery_timeout_ms ({self.delivery_timeout_s * 1000:.0f} ms); is the "
+                        "partition's worker running? (`shmbroker status`)")
+                    for batch in in_flight:
+                        if batch is not None and now - batch.sent_at > self.delivery_timeout_s:
+                            batch.complete(-1, error)
                 if ring.broken:
                     error = RingError(f"the worker of {state.topic}/{state.partition} marked "
                                       f"our ring broken (error {ring.broken})")

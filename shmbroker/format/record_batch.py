@@ -70,7 +70,7 @@ from crc32c import crc32c
 
 from shmbroker import limits
 from shmbroker.errors import CorruptRecordError, UnsupportedCodecError
-from shmbroker.format import columnar
+from shmbroker.format import columnar, small_batch
 
 IntArray = npt.NDArray[np.int64]
 UInt8Array = npt.NDArray[np.uint8]
@@ -507,12 +507,67 @@ def encode_batch(
             raise ValueError(f"{len(headers)} header lists for {len(values)} values")
         sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
         header_buffer, header_lengths = _lengths_and_buffer(sections, "headers")
+    if len(values) <= small_batch.SMALL_BATCH_RECORDS_MAX and values:
+        return _encode_small(values, keys, timestamps, headers, base_offset, codec,
+                             **batch_fields)
     if timestamps is not None and not isinstance(timestamps, int):
         timestamps = np.asarray(timestamps, dtype=np.int64)  # length checked by the columnar path
     return encode_batch_columnar(
         value_buffer, value_lengths, keys=key_buffer, key_lengths=key_lengths,
         timestamps=timestamps, headers=header_buffer, header_lengths=header_lengths,
         base_offset=base_offset, codec=codec, **batch_fields)
+
+
+_TWO_63 = 1 << 63
+_TWO_64 = 1 << 64
+
+
+def _encode_small(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                  timestamps: Sequence[int] | int | None,
+                  headers: Sequence[Sequence[tuple[str, bytes | None]] | None] | None,
+                  base_offset: int, codec: int | str, *, producer_id: int = NO_PRODUCER_ID,
+                  producer_epoch: int = NO_PRODUCER_EPOCH, base_sequence: int = NO_SEQUENCE,
+                  partition_leader_epoch: int = NO_PARTITION_LEADER_EPOCH,
+                  log_append_time: bool = False, transactional: bool = False,
+                  control: bool = False) -> bytearray:
+    """encode_batch for a few records: scalar Python, no numpy (see small_batch.py)."""
+    count = len(values)
+    if count > limits.batch_records_max:
+        raise ValueError(f"{count} records exceed batch_records_max {limits.batch_records_max}")
+    for value in values:
+        if value is not None and not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"values must be bytes (or None), not {type(value).__name__}")
+    if keys is not None:
+        if len(keys) != count:
+            raise ValueError(f"{len(keys)} keys for {count} values")
+        for key in keys:
+            if key is not None and not isinstance(key, bytes | bytearray | memoryview):
+                raise TypeError(f"keys must be bytes (or None), not {type(key).__name__}")
+    if timestamps is None or isinstance(timestamps, int):
+        base_timestamp = max_timestamp = time_ms() if timestamps is None else timestamps
+        deltas = None
+    else:
+        stamps = [int(stamp) for stamp in timestamps]
+        if len(stamps) != count:
+            raise ValueError(f"{len(stamps)} timestamps for {count} records")
+        base_timestamp, max_timestamp = stamps[0], max(stamps)
+        # int64 arithmetic, as the columnar path (numpy) and Kafka's Java encoder do
+        deltas = [(stamp - base_timestamp + _TWO_63) % _TWO_64 - _TWO_63 for stamp in stamps]
+    sections = None
+    if headers is not None and any(headers):
+        if len(headers) != count:
+            raise ValueError(f"{len(headers)} header lists for {count} values")
+        sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
+    codec_number = _codec_number(codec)
+    records = small_batch.encode_records(values, keys, deltas, sections)
+    if codec_number != CODEC_NONE:
+        records = compress(codec_number, records)
+    return finish_batch(
+        bytearray(HEADER_SIZE) + records, count,
+        attributes=_attributes(codec_number, log_append_time, transactional, control),
+        base_offset=base_offset, base_timestamp=base_timestamp, max_timestamp=max_timestamp,
+        producer_id=producer_id, producer_epoch=producer_epoch, base_sequence=base_sequence,
+        partition_leader_epoch=partition_leader_epoch)
 
 
 def time_ms() -> int:
@@ -727,3 +782,25 @@ def iter_records(
         for record in decode_batch(buffer, batch_position, verify_crc=False):
             if record.offset >= min_offset:
                 yield record
+
+
+def decode_rows(buffer: bytes | bytearray | memoryview, position: int, header: BatchHeader,
+                record_type: type = Record, leading: tuple[Any, ...] = (),
+                min_offset: int = 0) -> list[Any]:
+    """The records of the (already validated) batch at ``position`` as ``record_type`` tuples:
+    the scalar decoder for a few records, the columnar one otherwise."""
+    if header.records_count > small_batch.SMALL_BATCH_RECORDS_MAX:
+        return decode_columnar(buffer, position, verify_crc=False).records(
+            record_type, leading, min_offset)
+    start, end = position + HEADER_SIZE, position + header.size
+    data: bytes | bytearray | memoryview = buffer
+    if header.codec != CODEC_NONE:
+        data = decompress(header.codec, memoryview(buffer)[start:end], position)
+        start, end = 0, len(data)
+    try:
+        rows = small_batch.decode_records(
+            data, start, end, header.records_count, header.base_offset, header.base_timestamp,
+            header.max_timestamp if header.is_log_append_time else None, leading, min_offset)
+    except (CorruptRecordError, IndexError, ValueError) as error:
+        raise CorruptRecordError(f"bad record in batch: {error}", position) from None
+    return list(map(_new_record, repeat(record_type), rows))

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""End-to-end broker benchmark: one partition, one producer process, one consumer process.
+
+Runs a real broker (``shmbroker serve``) in a temp dir and measures, with 100-byte records and
+acks=1 (issue 3's performance section):
+
+* ``per-record``: ``Producer.send`` with linger, ``Consumer.poll`` -> records/s end to end;
+* ``columnar``: ``Producer.send_batch((buffer, lengths))``, ``Consumer.poll_columnar`` -> records/s
+  and GB/s end to end;
+* ``latency``: 10k records/s, linger 0, each value carries its send time (CLOCK_MONOTONIC, one
+  clock for every process); the consumer reports p50/p99/p99.9 produce-to-consume.
+
+End to end = first send to last record consumed, both processes running at once.  Each scenario
+runs ``--repeat`` times alternating with the others; the medians are printed (machines here are
+noisy, so compare runs of one invocation only).  ``--json FILE`` writes every run.
+
+    python bench/broker.py --records 2000000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+RECORD_BYTES = 100
+TOPIC = "bench"
+
+
+def _wait_socket(path: Path, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"broker did not start (exit {process.poll()})")
+        time.sleep(0.02)
+
+
+def produce_per_record(data_dir: str, count: int, start: Any) -> None:
+    from shmbroker import Producer
+
+    value = b"x" * RECORD_BYTES
+    with Producer(data_dir, acks=1, linger_ms=5, batch_size_bytes=256 * 1024) as producer:
+        start.wait()
+        send = producer.send
+        for _ in range(count):
+            send(TOPIC, value, partition=0)
+        producer.flush()
+
+
+def produce_columnar(data_dir: str, count: int, start: Any) -> None:
+    from shmbroker import Producer
+
+    chunk = 100_000
+    buffer = b"x" * (RECORD_BYTES * chunk)
+    lengths = np.full(chunk, RECORD_BYTES, dtype=np.int64)
+    with Producer(data_dir, acks=1, batch_size_bytes=1000 * 1024, ring_bytes=32 << 20) as producer:
+        start.wait()
+        sent = 0
+        while sent < count:
+            n = min(chunk, count - sent)
+            producer.send_batch(TOPIC, (memoryview(buffer)[: n * RECORD_BYTES], lengths[:n]),
+                                partition=0)
+            sent += n
+        producer.flush()
+
+
+def produce_paced(data_dir: str, count: int, start: Any, rate_per_s: int) -> None:
+    from shmbroker import Producer
+
+    pad = b"x" * (RECORD_BYTES - 8)
+    with Producer(data_dir, acks=1, linger_ms=0) as producer:
+        start.wait()
+        began = time.monotonic_ns()
+        interval_ns = 1_000_000_000 // rate_per_s
+        for index in range(count):
+            intended = began + index * interval_ns
+            while time.monotonic_ns() < intended:
+                pass
+            # the intended send time, not the actual one (no coordinated omission)
+            producer.send(TOPIC, struct.pack("<q", intended) + pad, partition=0)
+        producer.flush()
+
+
+def consume(data_dir: str, count: int, start_offset: int, mode: str, start: Any,
+            results: Any) -> None:
+    from shmbroker import Consumer, TopicPartition
+
+    tp = TopicPartition(TOPIC, 0)
+    latencies: list[np.ndarray[Any, Any]] = []
+    with Consumer(data_dir, fetch_max_bytes=8 << 20, fetch_max_wait_ms=100) as consumer:
+        consumer.assign([tp])
+        consumer.seek(tp, start_offset)
+        start.wait()
+        began = time.perf_counter()
+        got = 0
+        deadline = time.monotonic() + 300
+        while got < count and time.monotonic() < deadline:
+            if mode == "columnar":
+                for part in consumer.poll_columnar(timeout_ms=100):
+                    got += int((part.offsets >= start_offset).sum())
+            elif mode == "latency":
+                records = consumer.poll(timeout_ms=100)
+                now = time.monotonic_ns()
+                if records:
+                    sent = np.array([struct.unpack_from("<q", r.value)[0] for r in records])
+                    latencies.append(now - sent)
+                got += len(records)
+            else:
+                got += len(consumer.poll(timeout_ms=100))
+        elapsed = time.perf_counter() - began
+    lat = np.concatenate(latencies) / 1000 if latencies else np.empty(0)
+    results.put({"records": got, "elapsed_s": elapsed,
+                 "latency_us": {q: float(np.percentile(lat, q)) for q in (50, 99, 99.9)}
+                 if len(lat) else {}})
+
+
+def run_scenario(data_dir: str, mode: str, count: int, offset: int) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    results = context.Queue()
+    consumer = context.Process(target=consume,
+                               args=(data_dir, count, offset, mode, start, results))
+    if mode == "per-record":
+        producer = context.Process(target=produce_per_record, args=(data_dir, count, start))
+    elif mode == "columnar":
+        producer = context.Process(target=produce_columnar, args=(data_dir, count, start))
+    else:
+        producer = context.Process(target=produce_paced, args=(data_dir, count, start, 10_000))
+    consumer.start()
+    producer.start()
+    time.sleep(1.0)  # both processes imported numpy and connected
+    start.set()
+    result = results.get(timeout=600)
+    producer.join(60)
+    consumer.join(60)
+    result["mode"] = mode
+    result["records_per_s"] = result["records"] / result["elapsed_s"]
+    result["gb_per_s"] = result["records_per_s"] * RECORD_BYTES / 1e9
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=2_000_000)
+    parser.add_argument("--columnar-records", type=int, default=20_000_000)
+    parser.add_argument("--latency-records", type=int, default=30_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", default="per-record,columnar,latency")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    counts = {"per-record": args.records, "columnar": args.columnar_records,
+              "latency": args.latency_records}
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="shmbroker-bench-") as temp:
+        data_dir = os.path.join(temp, "data")
+        broker = subprocess.Popen([sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
+                                   data_dir, "--log-level", "WARNING"])
+        try:
+            _wait_socket(Path(data_dir) / "broker.sock", broker)
+            from shmbroker import Admin
+
+            with Admin(data_dir) as admin:
+                admin.create_topic(TOPIC, partitions=1,
+                                   config={"segment_bytes": 1 << 30, "retention_bytes": 4 << 30})
+            offset = 0
+            for round_index in range(args.repeat):
+                for mode in modes:
+                    result = run_scenario(data_dir, mode, counts[mode], offset)
+                    offset += counts[mode]
+                    result["round"] = round_index
+                    runs.append(result)
+                    latency = result["latency_us"]
+                    print(f"round {round_index} {mode:10s} {result['records_per_s'] / 1e6:7.3f}M "
+                          f"rec/s {result['gb_per_s']:6.3f} GB/s"
+                          + (f"  p50 {latency[50]:.0f} us p99 {latency[99]:.0f} us "
+                             f"p99.9 {latency[99.9]:.0f} us" if latency else ""), flush=True)
+        finally:
+            broker.terminate()
+            broker.wait(60)
+    print("\nmedians:")
+    for mode in modes:
+        mine = [run for run in runs if run["mode"] == mode]
+        rate = statistics.median(run["records_per_s"] for run in mine)
+        line = f"  {mode:10s} {rate / 1e6:7.3f}M rec/s {rate * RECORD_BYTES / 1e9:6.3f} GB/s"
+        if mode == "latency":
+            for q in (50, 99, 99.9):
+                line += f"  p{q} {statistics.median(run['latency_us'][q] for run in mine):.0f} us"
+        print(line)
+    print(f"  machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    if args.json:
+        args.json.write_bytes(orjson.dumps({"runs": runs}, option=orjson.OPT_NON_STR_KEYS))
+
+
+if __name__ == "__main__":
+    main()

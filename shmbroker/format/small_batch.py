@@ -22,6 +22,7 @@ from shmbroker.format.columnar import decode_headers
 from shmbroker.format.varint import VARLONG_BYTES_MAX, decode_varint, encode_varint
 
 SMALL_BATCH_RECORDS_MAX = 16
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NULL = encode_varint(-1)
 _NO_HEADERS = encode_varint(0)
 
@@ -82,8 +83,12 @@ def decode_records(buffer: bytes | bytearray | memoryview, start: int, end: int,
         position = record_end
         offset = base_offset + offset_delta
         if offset >= min_offset:
-            timestamp = append_time if append_time is not None else (
-                base_timestamp + timestamp_delta)
+            if append_time is not None:
+                timestamp = append_time
+            else:
+                timestamp = base_timestamp + timestamp_delta
+                if not _INT64_MIN <= timestamp <= _INT64_MAX:  # int64 arithmetic, as Java's
+                    timestamp = (timestamp - _INT64_MIN) % (1 << 64) + _INT64_MIN
             rows.append((*leading, offset, timestamp, key, value, headers))
     if position != end:
         raise CorruptRecordError(f"{end - position} bytes left after the batch's {count} records")

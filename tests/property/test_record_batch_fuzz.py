@@ -74,6 +74,11 @@ def read_everything(buffer: bytes | bytearray, position: int = 0) -> None:
             check_consistent(buffer, position, columns, records)  # type: ignore[arg-type]
         if verify_crc and validated is None:
             assert columns is None, "decoded a batch that does not validate"
+        if (not verify_crc and header is not None
+                and position + header.size <= len(buffer)):  # type: ignore[attr-defined]
+            rows = attempt(lambda: rb.decode_rows(buffer, position, header))
+            if rows is not None and records is not None:
+                assert rows == records, "decode_rows and decode_batch disagree"
     walked = attempt(lambda: list(rb.iter_batch_positions(buffer, position)))
     if walked:
         at = position

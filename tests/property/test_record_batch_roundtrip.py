@@ -172,6 +172,11 @@ def check_decoded(batch: Batch, encoded: bytearray | bytes, position: int = 0) -
         assert getattr(header, name) == batch.fields.get(name, default)
 
     assert rb.decode_batch(encoded, position) == expected
+    # decode_rows: the scalar decoder below SMALL_BATCH_RECORDS_MAX, the columnar one above
+    assert rb.decode_rows(encoded, position, header) == expected
+    skip = count // 2
+    assert rb.decode_rows(encoded, position, header, tuple, ("t", 7), base_offset + skip) == [
+        ("t", 7, *record) for record in expected[skip:]]
     columns = rb.decode_columnar(encoded, position)
     assert columns.header == header and len(columns) == count
     assert columns.offsets.tolist() == [r.offset for r in expected]

@@ -138,16 +138,16 @@ def _check(setting: Setting, value: Any) -> None:
         )
 
 
-def reference_table() -> str:
+def reference_table(settings: tuple[Setting, ...] = LOG_SETTINGS) -> str:
     """The Markdown config reference printed into the README."""
     lines = ["| name | default | unit | meaning |", "| --- | --- | --- | --- |"]
-    for setting in LOG_SETTINGS:
-        lines.append(f"| `{setting.name}` | {setting.default} | {setting.unit} | {setting.doc} |")
+    for setting in settings:
+        default = (oct(setting.default) if setting.unit == "octal mode" else setting.default)
+        lines.append(f"| `{setting.name}` | {default} | {setting.unit} | {setting.doc} |")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(reference_table())
+
 
 
 # ================================================================================================
@@ -229,3 +229,10 @@ class BrokerConfig:
     def topic_config(self, overrides: Mapping[str, Any]) -> LogConfig:
         """A topic's effective config: its overrides on top of the broker's topic defaults."""
         return LogConfig.from_mapping({**self.topic_defaults.as_dict(), **overrides})
+
+
+if __name__ == "__main__":
+    print("Topic configs (`--config KEY=VALUE`, `[topic_defaults]`):\n")
+    print(reference_table(LOG_SETTINGS))
+    print("\nBroker settings (`shmbroker serve --config FILE.toml`, top-level keys):\n")
+    print(reference_table(BROKER_SETTINGS))

@@ -494,7 +494,7 @@ def _unlink_shm(name: str) -> None:
 
 def _directory_bytes(directory: Path) -> int:
     total = 0
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # gone, not a directory, unreadable: describe goes on
         for entry in os.scandir(directory):
             if entry.is_file(follow_symlinks=False) and entry.name.endswith(".log"):
                 total += entry.stat(follow_symlinks=False).st_size

@@ -40,6 +40,11 @@ def usable_address(path: str | os.PathLike[str]) -> str:
     directory, name = os.path.split(os.path.abspath(path))
     with _directory_lock:
         fd = _directory_fds.get(directory)
+        if fd is not None and not _still_names(fd, directory):
+            # the directory was removed (and maybe recreated): the cached fd points at the old one
+            os.close(fd)
+            del _directory_fds[directory]
+            fd = None
         if fd is None:
             fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             _directory_fds[directory] = fd
@@ -47,6 +52,16 @@ def usable_address(path: str | os.PathLike[str]) -> str:
     if len(os.fsencode(short)) > SUN_PATH_BYTES_MAX:
         raise OSError(errno.ENAMETOOLONG, f"socket name {name!r} is too long", path)
     return short
+
+
+def _still_names(fd: int, directory: str) -> bool:
+    """Whether the cached ``O_PATH`` fd ``fd`` is still the directory at path ``directory``."""
+    try:
+        now = os.stat(directory)
+    except OSError:
+        return False
+    cached = os.fstat(fd)
+    return (cached.st_dev, cached.st_ino) == (now.st_dev, now.st_ino)
 
 
 def listen(path: str | os.PathLike[str], mode: int = 0o660, backlog: int = 512) -> socket.socket:
@@ -173,7 +188,8 @@ class ServerConnection:
                     item.position += sent
                     item.remaining -= sent
                     if item.remaining:
-                        self._own(item)
+                        # every queued range, not just this one: the caller may close its fds
+                        self._own_file_ranges()
                         return
                     if item.owned:
                         os.close(item.fd)

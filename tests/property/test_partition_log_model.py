@@ -14,7 +14,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from storage_helpers import FakeClock, make_batch, split_batches  # noqa: E402
 
 from shmbroker.config import LogConfig  # noqa: E402
-from shmbroker.format.record_batch import decode_columnar, read_header  # noqa: E402
+from shmbroker.format.record_batch import (  # noqa: E402
+    decode_columnar,
+    iter_batch_positions,
+    read_header,
+)
 from shmbroker.storage.partition_log import PartitionLog  # noqa: E402
 
 BATCH = st.builds(
@@ -139,6 +143,10 @@ class PartitionLogMachine(RuleBasedStateMachine):
         self.log.abandon()
         logs = sorted(name for name in os.listdir(self.directory) if name.endswith(".log"))
         active_path = os.path.join(self.directory, logs[-1])
+        # where each batch of the active segment ends in its file (batches dropped from the
+        # model by delete_records_before still occupy their bytes)
+        ends = {header.base_offset: position + header.size for position, header
+                in iter_batch_positions(Path(active_path).read_bytes())}
         cut = data.draw(st.integers(0, os.path.getsize(active_path)), label="cut")
         os.truncate(active_path, cut)
         if damage != "none":
@@ -157,13 +165,10 @@ class PartitionLogMachine(RuleBasedStateMachine):
             else:
                 os.truncate(path, max(0, size - 5))
         # the model: the active segment keeps the batches wholly before the cut
-        position = 0
         kept = []
         for base, batch in self.model:
-            if base >= active_base:
-                if position + len(batch) > cut:
-                    break
-                position += len(batch)
+            if base >= active_base and ends[base] > cut:
+                break
             kept.append((base, batch))
         self.model = kept
         self.log_end = (kept[-1][0] + read_header(kept[-1][1]).last_offset_delta + 1

@@ -36,3 +36,13 @@ def test_reference_table_lists_every_setting() -> None:
     table = reference_table()
     for setting in LOG_SETTINGS:
         assert f"`{setting.name}`" in table
+
+
+def test_readme_config_tables_are_generated_from_the_settings() -> None:
+    from pathlib import Path
+
+    from shmbroker.config import BROKER_SETTINGS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert reference_table(LOG_SETTINGS) in readme
+    assert reference_table(BROKER_SETTINGS) in readme

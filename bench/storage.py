@@ -159,11 +159,13 @@ def codec_rates(batch_bytes: int, runs: int) -> dict[str, float]:
     timestamps = 1_700_000_000_000 + np.arange(count, dtype=np.int64) // 50  # ~20 per ms
     timestamp_list = timestamps.tolist()
     encoded = encode_batch(values, timestamps=timestamp_list)
-    assert bytes(encode_batch_columnar(value_buffer, lengths, timestamps=timestamps)) == bytes(encoded)
+    columnar = encode_batch_columnar(value_buffer, lengths, timestamps=timestamps)
+    assert bytes(columnar) == bytes(encoded)
     cases: dict[str, Callable[[], object]] = {
         "list encode": lambda: encode_batch(values, timestamps=timestamp_list),
         "list decode": lambda: decode_batch(encoded),
-        "columnar encode": lambda: encode_batch_columnar(value_buffer, lengths, timestamps=timestamps),
+        "columnar encode": lambda: encode_batch_columnar(value_buffer, lengths,
+                                                         timestamps=timestamps),
         "columnar decode": lambda: decode_columnar(encoded),
     }
     repeat = max(1, 2_000_000 // count)

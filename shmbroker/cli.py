@@ -5,12 +5,20 @@ Exit codes: 0 ok, 1 an error (one line on stderr), 2 usage (click's own).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
 from shmbroker import __version__
+from shmbroker.errors import ShmbrokerError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,6 +90,503 @@ def serve(data_dir: Path | None, config_file: str | None, log_level: str) -> Non
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands of a Kafka user's daily work: topics, produce, consume, status.  Each imports the
+# client lazily (``shmbroker --help`` stays quick) and runs under ``_expected_errors``, the one
+# place where ShmbrokerError and OSError become ``error: ...`` and exit 1.
+# ------------------------------------------------------------------------------------------------
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
+PRODUCE_PENDING_RECORDS_MAX = 65_536  # futures held before the oldest half is checked
+CONSUME_POLL_WAIT_MS_MAX = 1_000  # one poll's wait when no --timeout-ms bounds it
+PRODUCE_INTERRUPT_FLUSH_S = 10.0  # Ctrl-C: how long the records already read may take
+PRODUCE_CLOSE_TIMEOUT_S = 10.0  # after an error: how long records still queued may take
+NULL_FIELD = b"null"  # a null key or value, as kafka-console-consumer prints it
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _error_message(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, ShmbrokerError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{error.strerror}: {where}" if where else error.strerror
+    return str(error) or type(error).__name__
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (``| head``): point fd 1 at /dev/null so the
+    interpreter's final flush does not complain, then exit quietly."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _expected_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Expected failures (no broker, unknown topic, a bad config, a full disk) exit 1 with one
+    line on stderr; a closed stdout pipe exits 0 without a word; anything else is our bug and
+    keeps its traceback."""
+
+    @functools.wraps(command)
+    def run_command(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(0)
+        except (ShmbrokerError, OSError) as error:
+            _fail(_error_message(error))
+
+    return run_command
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does (KeyboardInterrupt), so it can end cleanly."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _parse_configs(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> dict[str, str]:
+    configs: dict[str, str] = {}
+    for item in values:
+        key, found, value = item.partition("=")
+        if not found or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. retention_ms=3600000)",
+                                     ctx=ctx, param=param)
+        configs[key.strip()] = value.strip()
+    return configs
+
+
+def _separator(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    if value == "":
+        raise click.BadParameter("the separator cannot be empty", ctx=ctx, param=param)
+    return os.fsencode(value)
+
+
+def _format_configs(config: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(config.items()))
+
+
+def _format_bytes(size: int) -> str:
+    if size < 1024:
+        return "-" if size < 0 else f"{size} B"
+    scaled = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "TiB":
+            break
+    return f"{scaled:.1f} {unit}"
+
+
+def _format_duration(seconds: float) -> str:
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m")]
+    leading = [f"{amount}{unit}" for amount, unit in parts if amount] + [f"{secs}s"]
+    return " ".join(leading)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in [headers, *rows]]
+
+
+def _dump_json(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+# -- topics ----------------------------------------------------------------------------------------
+@main.group("topics")
+def topics() -> None:
+    """Create, list, describe, alter and delete topics (like kafka-topics.sh)."""
+
+
+CONFIG_OPTION_HELP = ("A topic config override KEY=VALUE (repeatable); the names are those of "
+                      "`python -m shmbroker.config`, e.g. retention_ms=3600000.")
+
+
+@topics.command("create")
+@click.argument("name")
+@click.option("--partitions", type=int, default=1, show_default=True,
+              help="Number of partitions.")
+@click.option("--config", "configs", multiple=True, callback=_parse_configs,
+              metavar="KEY=VALUE", help=CONFIG_OPTION_HELP)
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_create(name: str, partitions: int, configs: dict[str, str],
+                  data_dir: Path | None) -> None:
+    """Create topic NAME; returns once every partition's worker runs."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        topic = admin.create_topic(name, partitions=partitions, config=configs)
+    click.echo(f"Created topic {topic['name']} with {len(topic['partitions'])} partition(s).")
+
+
+@topics.command("list")
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_list(data_dir: Path | None) -> None:
+    """Print every topic's name, one per line."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        names = admin.list_topics()
+    for name in sorted(names):
+        click.echo(name)
+
+
+@topics.command("describe")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the broker's raw JSON answer.")
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_describe(name: str, as_json: bool, data_dir: Path | None) -> None:
+    """Show topic NAME: its id, partition count and config overrides, then per partition the
+    log start and end offsets, high watermark, size on disk, worker pid and state.
+
+    An offset of -1 means the partition's worker has not published its positions (yet)."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        topic = admin.describe_topic(name)
+    if as_json:
+        click.echo(_dump_json(topic))
+        return
+    partitions = topic["partitions"]
+    click.echo(f"Topic: {topic['name']}\tTopicId: {topic['topic_id']}\t"
+               f"PartitionCount: {len(partitions)}\tConfigs: {_format_configs(topic['config'])}")
+    rows = [[str(entry["partition"]), str(entry["log_start_offset"]),
+             str(entry["log_end_offset"]), str(entry["high_watermark"]),
+             _format_bytes(entry["size_bytes"]),
+             str(entry["worker_pid"]) if entry["worker_pid"] else "-", entry["state"]]
+            for entry in partitions]
+    for line in _table(["PARTITION", "LOG_START", "LOG_END", "HIGH_WATERMARK", "SIZE",
+                        "WORKER_PID", "STATE"], rows):
+        click.echo(f"  {line}")
+
+
+@topics.command("alter")
+@click.argument("name")
+@click.option("--config", "configs", multiple=True, callback=_parse_configs,
+              metavar="KEY=VALUE", help=CONFIG_OPTION_HELP)
+@click.option("--delete-config", "deleted", multiple=True, metavar="KEY",
+              help="Remove the override KEY (the broker default applies again); repeatable.")
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_alter(name: str, configs: dict[str, str], deleted: tuple[str, ...],
+                 data_dir: Path | None) -> None:
+    """Set or remove config overrides of topic NAME; its workers apply them at once."""
+    from shmbroker.client.admin import Admin
+
+    if not configs and not deleted:
+        raise click.UsageError("give at least one --config KEY=VALUE or --delete-config KEY")
+    both = sorted(set(configs) & set(deleted))
+    if both:
+        raise click.UsageError(f"{', '.join(both)}: both set and deleted")
+    changes: dict[str, Any] = {**configs, **dict.fromkeys(deleted)}
+    with Admin(data_dir) as admin:
+        topic = admin.alter_configs(name, changes)
+    click.echo(f"Altered topic {topic['name']}; config overrides now: "
+               f"{_format_configs(topic['config']) or '(none)'}")
+
+
+@topics.command("add-partitions")
+@click.argument("name")
+@click.option("--partitions", type=int, required=True,
+              help="The new total number of partitions (partitions are never removed).")
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_add_partitions(name: str, partitions: int, data_dir: Path | None) -> None:
+    """Grow topic NAME to --partitions partitions in all."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        topic = admin.create_partitions(name, partitions)
+    click.echo(f"Topic {topic['name']} now has {len(topic['partitions'])} partition(s).")
+
+
+@topics.command("delete")
+@click.argument("name")
+@DATA_DIR_OPTION
+@_expected_errors
+def topics_delete(name: str, data_dir: Path | None) -> None:
+    """Delete topic NAME: its workers stop and its records are removed from disk."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        admin.delete_topic(name)
+    click.echo(f"Deleted topic {name}.")
+
+
+# -- produce -----------------------------------------------------------------------------------
+class _PendingAcks:
+    """The futures of records sent but not yet checked, with the stdin line of the first.
+
+    Checked oldest first when PRODUCE_PENDING_RECORDS_MAX are held (by then most are done), and
+    all at EOF, so a failed record is named by its line without waiting on each record."""
+
+    def __init__(self) -> None:
+        self.first_line_number = 1
+        self.futures: list[Any] = []
+
+    def add(self, future: Any) -> None:
+        self.futures.append(future)
+        if len(self.futures) >= PRODUCE_PENDING_RECORDS_MAX:
+            self.check(len(self.futures) // 2)
+
+    def check(self, count: int | None = None) -> None:
+        """Wait for the oldest ``count`` futures (all by default); raise the first error."""
+        count = len(self.futures) if count is None else count
+        for index, future in enumerate(self.futures[:count]):
+            try:
+                future.result()
+            except ShmbrokerError as error:
+                raise _LineError(self.first_line_number + index, error) from None
+        del self.futures[:count]
+        self.first_line_number += count
+
+
+class _LineError(ShmbrokerError):
+    def __init__(self, line_number: int, error: BaseException) -> None:
+        super().__init__(f"line {line_number}: {_error_message(error)}")
+
+
+@main.command("produce")
+@click.argument("topic")
+@click.option("--partition", type=click.IntRange(min=0), default=None,
+              help="Send every record to this partition (default: by key hash, or sticky "
+                   "batches across partitions when records have no key).")
+@click.option("--key-separator", callback=_separator, default=None, metavar="SEP",
+              help="Each line is KEY<SEP>VALUE, split at the first SEP; a line without SEP is "
+                   "an error (as kafka-console-producer's parse.key=true).")
+@click.option("--acks", type=click.Choice(["0", "1", "all"]), default="1", show_default=True,
+              help="0: do not wait for the broker; 1: wait until the partition log has each "
+                   "record; all: also until every replica has it.")
+@click.option("--linger-ms", type=click.IntRange(min=0), default=5, show_default=True,
+              help="How long a batch waits for more records before it is sent.")
+@DATA_DIR_OPTION
+@_expected_errors
+def produce(topic: str, partition: int | None, key_separator: bytes | None, acks: str,
+            linger_ms: int, data_dir: Path | None) -> None:
+    """Send one record per line of stdin to TOPIC.
+
+    The line's bytes, newline removed, are the value: any bytes work, not only UTF-8 (an empty
+    line is an empty value).  At end of input every record is flushed and, unless --acks 0, its
+    acknowledgement awaited; a record the broker refused stops the command with exit 1 and an
+    error naming its line.  Ctrl-C flushes what was read and exits 130.
+
+    \b
+    Example:
+      printf 'sensor-7\\t21.5\\n' | shmbroker produce metrics --key-separator $'\\t'
+    """
+    from shmbroker.client.producer import Producer
+    from shmbroker.errors import UnknownTopicOrPartitionError
+
+    stdin = sys.stdin.buffer
+    producer = Producer(data_dir, acks=acks, linger_ms=linger_ms)
+    try:
+        partition_count = len(producer.partitions_for(topic))  # unknown topic: before any input
+        if partition is not None and partition >= partition_count:
+            raise UnknownTopicOrPartitionError(
+                f"topic {topic!r} has {partition_count} partition(s); partition {partition} "
+                "does not exist")
+        pending = _PendingAcks()
+        try:
+            with _sigterm_as_interrupt():
+                _produce_lines(producer, stdin, topic, partition, key_separator, pending)
+        except KeyboardInterrupt:
+            producer.flush(PRODUCE_INTERRUPT_FLUSH_S)
+            pending.check()
+            sys.exit(EXIT_INTERRUPTED)
+        producer.flush()
+        pending.check()
+    finally:
+        producer.close(timeout=PRODUCE_CLOSE_TIMEOUT_S)
+
+
+def _produce_lines(producer: Any, stdin: Any, topic: str, partition: int | None,
+                   key_separator: bytes | None, pending: _PendingAcks) -> None:
+    for line_number, line in enumerate(stdin, 1):
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        key = None
+        if key_separator is not None:
+            key, found, line = line.partition(key_separator)
+            if not found:
+                producer.flush()
+                pending.check()
+                _fail(f"line {line_number} has no key separator "
+                      f"{os.fsdecode(key_separator)!r}: with --key-separator every line is "
+                      f"KEY<SEP>VALUE ({line_number - 1} line(s) before it were sent)")
+        pending.add(producer.send(topic, line, key, partition=partition))
+
+
+# -- consume -----------------------------------------------------------------------------------
+@main.command("consume")
+@click.argument("topic")
+@click.option("--partition", type=click.IntRange(min=0), default=None,
+              help="Consume only this partition (default: every partition of TOPIC).")
+@click.option("--from-beginning", is_flag=True,
+              help="Start at each partition's earliest record (default: only new records).")
+@click.option("--offset", type=click.IntRange(min=0), default=None,
+              help="Start at this offset (needs --partition).")
+@click.option("--max-messages", type=click.IntRange(min=1), default=None,
+              help="Exit after this many records.")
+@click.option("--timeout-ms", type=click.IntRange(min=0), default=None,
+              help="Exit when no record arrived for this long (default: run until Ctrl-C).")
+@click.option("--print-key", is_flag=True, help="Print KEY<SEP> before each value.")
+@click.option("--print-offset", is_flag=True,
+              help="Print PARTITION:OFFSET and a tab at the start of each line.")
+@click.option("--key-separator", callback=_separator, default="\t", show_default="tab",
+              metavar="SEP", help="What follows the key with --print-key.")
+@DATA_DIR_OPTION
+@_expected_errors
+def consume(topic: str, partition: int | None, from_beginning: bool, offset: int | None,
+            max_messages: int | None, timeout_ms: int | None, print_key: bool,
+            print_offset: bool, key_separator: bytes, data_dir: Path | None) -> None:
+    """Print the records of TOPIC to stdout, one per line.
+
+    \b
+    Each line is   [PARTITION:OFFSET<TAB>][KEY<SEP>]VALUE
+      PARTITION:OFFSET<TAB>  with --print-offset, e.g. "0:42\\t"
+      KEY<SEP>               with --print-key (SEP: --key-separator, a tab by default)
+      VALUE                  the value's bytes as they are (not decoded), then a newline
+    A null key or value prints as: null
+
+    Records of one partition come in offset order; partitions interleave.  Ends after
+    --max-messages records, after --timeout-ms without a record, or at Ctrl-C / SIGTERM
+    (exit 0).  A closed stdout (`| head`) ends it quietly, with exit 0.
+    """
+    from shmbroker.client.admin import Admin
+    from shmbroker.client.consumer import Consumer
+    from shmbroker.client.types import TopicPartition
+
+    if offset is not None and partition is None:
+        raise click.UsageError("--offset needs --partition")
+    if offset is not None and from_beginning:
+        raise click.UsageError("--offset and --from-beginning exclude each other")
+    printer = _RecordPrinter(sys.stdout.buffer, print_key, print_offset, key_separator)
+    try:
+        with _sigterm_as_interrupt():
+            if partition is None:
+                with Admin(data_dir) as admin:
+                    (found,) = admin.metadata([topic])
+                wanted = [TopicPartition(topic, entry["partition"])
+                          for entry in found["partitions"]]
+            else:
+                wanted = [TopicPartition(topic, partition)]
+            # An --offset past the log end is an error; otherwise a position that retention
+            # passed resets to the earliest record left (Kafka's auto.offset.reset=earliest).
+            with Consumer(data_dir, auto_offset_reset="none" if offset is not None
+                          else "earliest") as consumer:
+                consumer.assign(wanted)
+                if offset is not None:
+                    consumer.seek(wanted[0], offset)
+                elif from_beginning:
+                    consumer.seek_to_beginning()
+                else:
+                    consumer.seek_to_end()
+                _consume_until_done(consumer, printer, max_messages, timeout_ms)
+    except KeyboardInterrupt:
+        pass
+    click.echo(f"Processed a total of {printer.count} message(s).", err=True)
+
+
+class _RecordPrinter:
+    """Writes records as [PARTITION:OFFSET<TAB>][KEY<SEP>]VALUE<LF>, one write per poll."""
+
+    def __init__(self, stdout: Any, print_key: bool, print_offset: bool,
+                 key_separator: bytes) -> None:
+        self.stdout = stdout
+        self.print_key = print_key
+        self.print_offset = print_offset
+        self.key_separator = key_separator
+        self.count = 0
+
+    def write(self, records: list[Any]) -> None:
+        out: list[bytes] = []
+        for record in records:
+            if self.print_offset:
+                out.append(b"%d:%d\t" % (record.partition, record.offset))
+            if self.print_key:
+                out += (NULL_FIELD if record.key is None else record.key, self.key_separator)
+            out += (NULL_FIELD if record.value is None else record.value, b"\n")
+        self.count += len(records)  # before the write: a signal may follow its last byte
+        self.stdout.write(b"".join(out))
+        self.stdout.flush()
+
+
+def _consume_until_done(consumer: Any, printer: _RecordPrinter, max_messages: int | None,
+                        timeout_ms: int | None) -> None:
+    idle_s = None if timeout_ms is None else timeout_ms / 1000
+    last_record_at = time.monotonic()
+    while max_messages is None or printer.count < max_messages:
+        if idle_s is None:
+            wait_ms = CONSUME_POLL_WAIT_MS_MAX
+        else:
+            left_s = last_record_at + idle_s - time.monotonic()
+            if left_s <= 0:
+                return
+            wait_ms = max(1, int(left_s * 1000))
+        records = consumer.poll(timeout_ms=wait_ms, max_records=(
+            None if max_messages is None else max_messages - printer.count))
+        if records:
+            last_record_at = time.monotonic()
+            printer.write(records)
+
+
+# -- status ------------------------------------------------------------------------------------
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the broker's raw JSON answer.")
+@DATA_DIR_OPTION
+@_expected_errors
+def status(as_json: bool, data_dir: Path | None) -> None:
+    """Show the broker: pid, data dir, uptime, topics, and the state of every worker."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        answer = admin.status()
+    if as_json:
+        click.echo(_dump_json(answer))
+        return
+    workers = answer["workers"]
+    for label, value in (
+            ("Broker pid", answer["pid"]), ("Data dir", answer["data_dir"]),
+            ("Uptime", _format_duration(answer["uptime_s"])), ("Version", answer["version"]),
+            ("Topics", answer["topics"]), ("Partitions", answer["partitions"]),
+            ("Workers alive", f"{answer['workers_alive']}/{len(workers)}")):
+        click.echo(f"{label + ':':<15}{value}")
+    if workers:
+        rows = [[f"{worker['topic']}/{worker['partition']}",
+                 str(worker["pid"]) if worker["pid"] else "-", worker["state"],
+                 str(worker["restarts"])]
+                for worker in sorted(workers, key=lambda w: (w["topic"], w["partition"]))]
+        click.echo("")
+        for line in _table(["TOPIC/PARTITION", "PID", "STATE", "RESTARTS"], rows):
+            click.echo(line)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def _convert(setting: Setting, raw: Any) -> Any:
     if isinstance(setting.default, str):
         return str(raw)
     if isinstance(raw, bool):
-        raise InvalidConfigError(f"config {setting.name} takes an integer ({setting.unit}), not {raw!r}")
+        raise InvalidConfigError(
+            f"config {setting.name} takes an integer ({setting.unit}), not {raw!r}")
     if isinstance(raw, int):
         return raw
     if isinstance(raw, str):

@@ -92,10 +92,12 @@ def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
             return
         crc_valid = compute_crc(data, position, size) == header.crc
         timestamp_kind = "LogAppendTime" if header.is_log_append_time else "CreateTime"
+        last_sequence = (header.base_sequence + header.last_offset_delta
+                         if header.base_sequence >= 0 else -1)
         emit(
             f"baseOffset: {header.base_offset} lastOffset: {header.last_offset} "
             f"count: {header.records_count} baseSequence: {header.base_sequence} "
-            f"lastSequence: {header.base_sequence + header.last_offset_delta if header.base_sequence >= 0 else -1} "
+            f"lastSequence: {last_sequence} "
             f"producerId: {header.producer_id} producerEpoch: {header.producer_epoch} "
             f"partitionLeaderEpoch: {header.partition_leader_epoch} "
             f"isTransactional: {str(header.is_transactional).lower()} "

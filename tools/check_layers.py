@@ -3,8 +3,9 @@
 
 * pure layers (``shmbroker.format``, ``shmbroker.protocol``, ``shmbroker.coordinator``) import no
   ``os``, ``socket``, ``mmap``, ``multiprocessing``, ``selectors`` or ``threading``;
-* a layer imports only layers below it: format < {protocol, storage, shm} < transport < {partition,
-  coordinator, replication} < supervisor < server; client imports protocol/format/shm/transport/errors only.
+* a layer imports only layers below it: format < {protocol, storage, shm} < transport <
+  {partition, coordinator, replication} < supervisor < server; client imports protocol, format,
+  shm, transport and the top-level modules only.
 
 Run: ``python tools/check_layers.py`` (exit 1 and a list of violations on failure).  The test
 suite runs it too.

@@ -424,7 +424,9 @@ def decode_headers(raw: memoryview, position: int, end: int) -> tuple[list[tuple
     return headers, position
 
 
-def encode_headers(headers: list[tuple[str, bytes | None]] | tuple[tuple[str, bytes | None], ...]) -> bytes:
+def encode_headers(
+    headers: list[tuple[str, bytes | None]] | tuple[tuple[str, bytes | None], ...],
+) -> bytes:
     """One record's encoded headers section (count varint included)."""
     if not headers:
         return NO_HEADERS

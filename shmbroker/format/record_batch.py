@@ -125,7 +125,7 @@ NO_PARTITION_LEADER_EPOCH = -1
 # header count -- one byte each.
 RECORD_SIZE_MIN = 7
 INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class BatchHeader(NamedTuple):
@@ -197,7 +197,8 @@ def read_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> Ba
 
 def check_header(header: BatchHeader, position: int | None = None) -> None:
     if header.magic != MAGIC:
-        raise CorruptRecordError(f"unsupported magic {header.magic}; only magic 2 is stored", position)
+        raise CorruptRecordError(f"unsupported magic {header.magic}; only magic 2 is stored",
+                                 position)
     if header.batch_length < HEADER_SIZE - LOG_OVERHEAD:
         raise CorruptRecordError(
             f"batch_length {header.batch_length} is shorter than a batch header", position
@@ -289,7 +290,8 @@ def compress(codec: int, data: bytes | bytearray | memoryview) -> bytes:
     raise UnsupportedCodecError(f"cannot encode codec {CODEC_NAMES.get(codec, codec)}")
 
 
-def decompress(codec: int, data: bytes | bytearray | memoryview, position: int | None = None) -> bytes:
+def decompress(codec: int, data: bytes | bytearray | memoryview,
+               position: int | None = None) -> bytes:
     """Inflate a records section; never more than ``limits.decompressed_batch_bytes_max``."""
     limit = limits.decompressed_batch_bytes_max
     try:
@@ -473,7 +475,8 @@ def _lengths_and_buffer(items: Sequence[bytes | None], what: str) -> tuple[bytes
             return b"".join(item for item in items if item is not None), lengths
         return b"".join(items), np.fromiter(map(len, items), dtype=np.int64, count=count)  # type: ignore[arg-type]
     except TypeError:
-        bad = next(item for item in items if not isinstance(item, bytes | bytearray | memoryview | None))
+        bad = next(item for item in items
+                   if not isinstance(item, bytes | bytearray | memoryview | None))
         raise TypeError(f"{what} must be bytes (or None), not {type(bad).__name__}") from None
 
 
@@ -642,7 +645,8 @@ class ColumnarBatch:
         if size < 0 or not (self.value_lengths == size).all():
             return None
         strides = np.diff(self.value_positions)
-        cuts = [0, *(np.flatnonzero(np.diff(strides)) + 1).tolist(), count - 1] if count > 1 else [0, 0]
+        cuts = ([0, *(np.flatnonzero(np.diff(strides)) + 1).tolist(), count - 1] if count > 1
+                else [0, 0])
         blocks = []
         first = 0
         for cut in cuts[1:]:
@@ -786,7 +790,7 @@ def iter_records(
 
 def decode_rows(buffer: bytes | bytearray | memoryview, position: int, header: BatchHeader,
                 record_type: type = Record, leading: tuple[Any, ...] = (),
-                min_offset: int = 0) -> list[Any]:
+                min_offset: int | None = None) -> list[Any]:
     """The records of the (already validated) batch at ``position`` as ``record_type`` tuples:
     the scalar decoder for a few records, the columnar one otherwise."""
     if header.records_count > small_batch.SMALL_BATCH_RECORDS_MAX:
@@ -800,7 +804,8 @@ def decode_rows(buffer: bytes | bytearray | memoryview, position: int, header: B
     try:
         rows = small_batch.decode_records(
             data, start, end, header.records_count, header.base_offset, header.base_timestamp,
-            header.max_timestamp if header.is_log_append_time else None, leading, min_offset)
+            header.max_timestamp if header.is_log_append_time else None, leading,
+            INT64_MIN if min_offset is None else min_offset)
     except (CorruptRecordError, IndexError, ValueError) as error:
         raise CorruptRecordError(f"bad record in batch: {error}", position) from None
     return list(map(_new_record, repeat(record_type), rows))

@@ -56,7 +56,8 @@ def encode_varint(value: int) -> bytes:
 
 
 def decode_varint(
-    buffer: bytes | bytearray | memoryview, position: int, end: int, max_bytes: int = VARINT_BYTES_MAX
+    buffer: bytes | bytearray | memoryview, position: int, end: int,
+    max_bytes: int = VARINT_BYTES_MAX,
 ) -> tuple[int, int]:
     """Decode the varint at ``position`` (not reading at or past ``end``); return (value, next)."""
     shift = 0
@@ -129,7 +130,6 @@ def read_varints(
         return z.view(np.int64), sizes
     if int(positions.max()) >= end or int(positions.min()) < 0:
         raise CorruptRecordError("record field starts past the end of the records")
-    active = np.ones(count, dtype=bool)
     active_index = np.arange(count)
     for byte_index in range(max_bytes):
         where = positions[active_index] + byte_index

@@ -13,6 +13,7 @@ carries no meaning, only "look at the shared memory again".  Invariants:
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import secrets
@@ -34,6 +35,7 @@ def sender_socket() -> socket.socket:
     if _sender is None:
         _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         _sender.setblocking(False)
+        atexit.register(_sender.close)
     return _sender
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import signal
 import sys
@@ -119,10 +120,25 @@ def _error_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+class _StdoutClosed(Exception):
+    """The reader of our stdout went away (``| head``): the end of the output, not an error.
+
+    Raised only by the writes to stdout (``_out``, ``_RecordPrinter``), so that a broken pipe
+    to the broker still counts as the error it is."""
+
+
+def _out(text: str = "") -> None:
+    """One line to stdout."""
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
 def _quiet_stdout() -> None:
-    """The reader of our stdout went away (``| head``): point fd 1 at /dev/null so the
-    interpreter's final flush does not complain, then exit quietly."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    """Point fd 1 at /dev/null, so that the interpreter's final flush of what a failed write
+    left buffered does not complain about the closed pipe."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
@@ -137,7 +153,7 @@ def _expected_errors(command: Callable[..., None]) -> Callable[..., None]:
     def run_command(*args: Any, **kwargs: Any) -> None:
         try:
             command(*args, **kwargs)
-        except BrokenPipeError:
+        except _StdoutClosed:
             _quiet_stdout()
             sys.exit(0)
         except (ShmbrokerError, OSError) as error:
@@ -242,7 +258,7 @@ def topics_create(name: str, partitions: int, configs: dict[str, str],
 
     with Admin(data_dir) as admin:
         topic = admin.create_topic(name, partitions=partitions, config=configs)
-    click.echo(f"Created topic {topic['name']} with {len(topic['partitions'])} partition(s).")
+    _out(f"Created topic {topic['name']} with {len(topic['partitions'])} partition(s).")
 
 
 @topics.command("list")
@@ -255,7 +271,7 @@ def topics_list(data_dir: Path | None) -> None:
     with Admin(data_dir) as admin:
         names = admin.list_topics()
     for name in sorted(names):
-        click.echo(name)
+        _out(name)
 
 
 @topics.command("describe")
@@ -273,10 +289,10 @@ def topics_describe(name: str, as_json: bool, data_dir: Path | None) -> None:
     with Admin(data_dir) as admin:
         topic = admin.describe_topic(name)
     if as_json:
-        click.echo(_dump_json(topic))
+        _out(_dump_json(topic))
         return
     partitions = topic["partitions"]
-    click.echo(f"Topic: {topic['name']}\tTopicId: {topic['topic_id']}\t"
+    _out(f"Topic: {topic['name']}\tTopicId: {topic['topic_id']}\t"
                f"PartitionCount: {len(partitions)}\tConfigs: {_format_configs(topic['config'])}")
     rows = [[str(entry["partition"]), str(entry["log_start_offset"]),
              str(entry["log_end_offset"]), str(entry["high_watermark"]),
@@ -285,7 +301,7 @@ def topics_describe(name: str, as_json: bool, data_dir: Path | None) -> None:
             for entry in partitions]
     for line in _table(["PARTITION", "LOG_START", "LOG_END", "HIGH_WATERMARK", "SIZE",
                         "WORKER_PID", "STATE"], rows):
-        click.echo(f"  {line}")
+        _out(f"  {line}")
 
 
 @topics.command("alter")
@@ -309,7 +325,7 @@ def topics_alter(name: str, configs: dict[str, str], deleted: tuple[str, ...],
     changes: dict[str, Any] = {**configs, **dict.fromkeys(deleted)}
     with Admin(data_dir) as admin:
         topic = admin.alter_configs(name, changes)
-    click.echo(f"Altered topic {topic['name']}; config overrides now: "
+    _out(f"Altered topic {topic['name']}; config overrides now: "
                f"{_format_configs(topic['config']) or '(none)'}")
 
 
@@ -325,7 +341,7 @@ def topics_add_partitions(name: str, partitions: int, data_dir: Path | None) -> 
 
     with Admin(data_dir) as admin:
         topic = admin.create_partitions(name, partitions)
-    click.echo(f"Topic {topic['name']} now has {len(topic['partitions'])} partition(s).")
+    _out(f"Topic {topic['name']} now has {len(topic['partitions'])} partition(s).")
 
 
 @topics.command("delete")
@@ -338,7 +354,7 @@ def topics_delete(name: str, data_dir: Path | None) -> None:
 
     with Admin(data_dir) as admin:
         admin.delete_topic(name)
-    click.echo(f"Deleted topic {name}.")
+    _out(f"Deleted topic {name}.")
 
 
 # -- produce -----------------------------------------------------------------------------------
@@ -535,8 +551,11 @@ class _RecordPrinter:
                 out += (NULL_FIELD if record.key is None else record.key, self.key_separator)
             out += (NULL_FIELD if record.value is None else record.value, b"\n")
         self.count += len(records)  # before the write: a signal may follow its last byte
-        self.stdout.write(b"".join(out))
-        self.stdout.flush()
+        try:
+            self.stdout.write(b"".join(out))
+            self.stdout.flush()
+        except BrokenPipeError:
+            raise _StdoutClosed from None
 
 
 def _consume_until_done(consumer: Any, printer: _RecordPrinter, max_messages: int | None,
@@ -570,7 +589,7 @@ def status(as_json: bool, data_dir: Path | None) -> None:
     with Admin(data_dir) as admin:
         answer = admin.status()
     if as_json:
-        click.echo(_dump_json(answer))
+        _out(_dump_json(answer))
         return
     workers = answer["workers"]
     for label, value in (
@@ -578,15 +597,15 @@ def status(as_json: bool, data_dir: Path | None) -> None:
             ("Uptime", _format_duration(answer["uptime_s"])), ("Version", answer["version"]),
             ("Topics", answer["topics"]), ("Partitions", answer["partitions"]),
             ("Workers alive", f"{answer['workers_alive']}/{len(workers)}")):
-        click.echo(f"{label + ':':<15}{value}")
+        _out(f"{label + ':':<15}{value}")
     if workers:
         rows = [[f"{worker['topic']}/{worker['partition']}",
                  str(worker["pid"]) if worker["pid"] else "-", worker["state"],
                  str(worker["restarts"])]
                 for worker in sorted(workers, key=lambda w: (w["topic"], w["partition"]))]
-        click.echo("")
+        _out()
         for line in _table(["TOPIC/PARTITION", "PID", "STATE", "RESTARTS"], rows):
-            click.echo(line)
+            _out(line)
 
 
 if __name__ == "__main__":

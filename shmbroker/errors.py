@@ -36,8 +36,16 @@ class RecordTooLargeError(ShmbrokerError):
     """A batch or record exceeds a declared size limit."""
 
 
-class InvalidConfigError(ShmbrokerError, ValueError):
+class BrokerError(ShmbrokerError):
+    """The broker reported an error for a request (the base of every coded error)."""
+
+    code = "BROKER_ERROR"
+
+
+class InvalidConfigError(BrokerError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+
+    code = "INVALID_CONFIG"
 
 
 class OffsetOutOfRangeError(ShmbrokerError):
@@ -66,12 +74,6 @@ class StorageError(ShmbrokerError):
 # a response's ``error`` field (see shmbroker.protocol.messages), mapped back to the same class on
 # the other side by :func:`error_from_code`.
 # ------------------------------------------------------------------------------------------------
-
-class BrokerError(ShmbrokerError):
-    """The broker reported an error for a request (the base of every coded error)."""
-
-    code = "BROKER_ERROR"
-
 
 class ProtocolError(BrokerError):
     """The peer broke the framing or message rules (a malformed frame, a wrong JSON type)."""

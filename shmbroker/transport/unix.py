@@ -14,6 +14,7 @@ segment meanwhile cannot make the connection send from a reused descriptor.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import socket
@@ -73,14 +74,24 @@ def listen(path: str | os.PathLike[str], mode: int = 0o660, backlog: int = 512) 
             path.unlink()
     except FileNotFoundError:
         pass
+    # Bind under a temporary name, listen, then rename into place: a client never finds a
+    # socket file that refuses connections (the broker is "up" once the path exists).
+    if os.path.lexists(path):  # not a socket (a stale one was removed above): never replace it
+        raise OSError(errno.EADDRINUSE, "a file that is not a socket is in the way", str(path))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(usable_address(path))
-        os.chmod(path, mode)
+        sock.bind(usable_address(temporary))
+        os.chmod(temporary, mode)
         sock.listen(backlog)
         sock.setblocking(False)
+        os.rename(temporary, path)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            temporary.unlink()
         raise
     return sock
 

@@ -29,8 +29,9 @@ fetch_bytes_max = 64 * MIB
 fetch_wait_ms_max = 60_000
 # Connections one worker or the supervisor accepts at once.
 connections_max = 4096
-# Requests received but not yet answered on one connection (pipelined fetches included).
-pending_requests_per_connection_max = 64
+# Requests are answered in order, one at a time per connection; a worker parks at most one fetch
+# per connection (a later request on it answers the parked one first).  Input a client pipelines
+# waits in its socket buffer and in the frame decoder, which frame_bytes_max bounds.
 # Produce rings one worker attaches in total, and per producer client.
 rings_per_worker_max = 1024
 # Topics, and partitions per topic.

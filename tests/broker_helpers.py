@@ -77,14 +77,25 @@ class RunningBroker:
         return self
 
     def wait_ready(self) -> None:
+        """Wait until the supervisor answers STATUS and no worker is still starting."""
+        from shmbroker.errors import BrokerNotRunningError
+
         def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"broker exited with {self.process.returncode} at start:\n"
                                      f"{self.log()}")
-            return self.socket_path.exists()
+            if not self.socket_path.exists():
+                return False
+            try:
+                with self.admin() as admin:
+                    status = admin.status()
+            except BrokerNotRunningError:
+                return False
+            return status["pid"] == self.pid and all(
+                worker["state"] != "starting" for worker in status["workers"])
 
-        wait_for(ready, STARTUP_TIMEOUT_S, message=f"broker.sock in {self.data_dir}")
+        wait_for(ready, STARTUP_TIMEOUT_S, message=f"the broker serving {self.data_dir}")
 
     def log(self) -> str:
         with contextlib.suppress(OSError):

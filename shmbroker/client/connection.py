@@ -24,6 +24,10 @@ CONNECT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
 
 
 def not_running(path: Path) -> BrokerNotRunningError:
+    if path.name != "broker.sock":  # a partition worker's socket (<data_dir>/run/t1p0.sock)
+        return BrokerNotRunningError(
+            f"the partition worker at {path} does not answer (restarting, stopped or failed: "
+            "see `shmbroker status`)")
     return BrokerNotRunningError(
         f"no broker at {path} — start one with `shmbroker serve --data-dir {path.parent}`")
 
@@ -74,7 +78,11 @@ class Connection:
                 self.close_locked()
                 raise ProtocolError(f"response {response_id} does not match request "
                                     f"{correlation_id}")
-            return check_response(response_body), response_raw
+            try:
+                return check_response(response_body), response_raw
+            except ProtocolError:
+                self.close_locked()  # the peer closes after INVALID_REQUEST: so do we
+                raise
 
     def close_locked(self) -> None:
         if self._sock is not None:

@@ -355,9 +355,20 @@ class Consumer:
         fetcher.position = self._list_offset(fetcher, timestamp).offset
 
     def _list_offset(self, fetcher: _Fetcher, timestamp_ms: int) -> OffsetAndTimestamp:
+        """One LIST_OFFSETS, retried while the partition's worker restarts (up to
+        request_timeout_ms, as Kafka's default.api.timeout.ms)."""
+        deadline = time.monotonic() + self.request_timeout_s
         connection = Connection(fetcher.info.socket, self.request_timeout_s)
         try:
-            body, _ = connection.request(ApiKey.LIST_OFFSETS, {"timestamp_ms": timestamp_ms})
+            while True:
+                try:
+                    body, _ = connection.request(ApiKey.LIST_OFFSETS,
+                                                 {"timestamp_ms": timestamp_ms})
+                    break
+                except BrokerNotRunningError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(RECONNECT_PAUSE_S)
         finally:
             connection.close()
         return OffsetAndTimestamp(body["offset"], body["timestamp_ms"])

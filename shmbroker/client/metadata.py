@@ -4,6 +4,7 @@ doorbell are (from the supervisor's METADATA response)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ class PartitionInfo(NamedTuple):
     control_block: str
     doorbell: str
     shm_prefix: str
+    max_batch_bytes: int
 
 
 class Metadata:
@@ -33,6 +35,7 @@ class Metadata:
         self.connection = Connection(data_dir / BROKER_SOCKET, timeout_s)
         self._topics: dict[str, list[PartitionInfo]] = {}
         self._lock = threading.Lock()
+        self.refreshed_at = 0.0
 
     def refresh(self, topics: list[str] | None = None) -> None:
         body: dict[str, Any] = {"topics": topics} if topics is not None else {}
@@ -42,13 +45,14 @@ class Metadata:
             found[topic["name"]] = [
                 PartitionInfo(topic["name"], topic["topic_id"], entry["partition"],
                               Path(entry["socket"]), entry["control_block"], entry["doorbell"],
-                              entry["shm_prefix"])
+                              entry["shm_prefix"], topic.get("max_batch_bytes", 1 << 20))
                 for entry in topic["partitions"]]
         with self._lock:
             if topics is None:
                 self._topics = found
             else:
                 self._topics.update(found)
+            self.refreshed_at = time.monotonic()
 
     def partitions(self, topic: str) -> list[PartitionInfo]:
         """The partitions of ``topic`` (asks the supervisor the first time)."""
@@ -75,6 +79,10 @@ class Metadata:
                     f"topic {topic!r} has {len(infos)} partitions; partition {partition} does "
                     "not exist")
         return infos[partition]
+
+    def cached(self) -> dict[str, list[PartitionInfo]]:
+        with self._lock:
+            return dict(self._topics)
 
     def forget(self, topic: str) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ from shmbroker.client.metadata import Metadata, PartitionInfo
 from shmbroker.client.partitioner import StickyPartitioner, partition_for_key
 from shmbroker.client.types import RecordMetadata, resolve_data_dir
 from shmbroker.errors import (
+    BatchTooLargeError,
     BrokerError,
     BrokerNotRunningError,
     BufferFullError,
@@ -67,7 +68,10 @@ from shmbroker.shm.control_block import ControlBlock
 from shmbroker.shm.ring import RingWriter
 
 SEQUENCE_MODULUS = 1 << 31
-RECORD_OVERHEAD_BYTES = 12  # length, attributes, deltas, key/value lengths, header count
+# Upper bound of a record's framing: length, attributes, timestamp and offset deltas, key and
+# value lengths, header count (varints; a timestamp delta can take 10 bytes).
+RECORD_OVERHEAD_BYTES = 24
+METADATA_RETRY_AFTER_S = 1.0  # a worker unreachable this long: ask the supervisor what changed
 SPIN_S = 0.0001
 IO_WAIT_S_MAX = 0.1
 IN_FLIGHT_WAIT_S = 0.005
@@ -246,6 +250,10 @@ class _Partition:
         self.next_attach = 0.0
         self.sequence = 0
         self.in_flight: collections.deque[_Batch | None] = collections.deque()
+        self.unreachable_since = 0.0
+        # A RecordBatch may not exceed the topic's max_batch_bytes (header included).
+        self.record_bytes_max = info.max_batch_bytes - record_batch.HEADER_SIZE
+        self.batch_limit = self.record_bytes_max
         self.reset_open()
 
     def reset_open(self) -> None:
@@ -266,7 +274,8 @@ class Producer:
                  max_block_ms: int = 60_000, buffer_memory_bytes: int = 32 * limits.MIB,
                  delivery_timeout_ms: int = 120_000, compression: str | None = None,
                  ring_bytes: int = 8 * limits.MIB, ring_ack_slots: int = 4096,
-                 transport: str = "auto", request_timeout_ms: int = 30_000) -> None:
+                 transport: str = "auto", request_timeout_ms: int = 30_000,
+                 metadata_max_age_ms: int = 300_000) -> None:
         if transport not in ("auto", "shm", "socket"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'socket', not {transport!r}")
         for name, value in (("linger_ms", linger_ms), ("max_block_ms", max_block_ms),
@@ -287,6 +296,7 @@ class Producer:
         self.ring_ack_slots = ring_ack_slots
         self.transport = transport
         self.request_timeout_s = request_timeout_ms / 1000
+        self.metadata_max_age_s = metadata_max_age_ms / 1000
         self._metadata = Metadata(self.data_dir, request_timeout_ms / 1000)
         self._metadata.refresh()  # fail fast when no broker runs
         self._partitions: dict[tuple[str, int], _Partition] = {}
@@ -322,14 +332,24 @@ class Producer:
                     raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
                 key = bytes(key)
             size += len(key)
+        if headers:
+            size += sum(len(name) + (len(value) if value else 0) + 4 for name, value in headers)
         with self._lock:
             if self._closed or self._io_error is not None:
                 self._check_open()
             state = self._routes.get((topic, partition)) if key is None else None
             if state is None:
                 state = self._route(topic, key, partition)
+            if size > state.record_bytes_max:  # a failed future, as Kafka's Java producer
+                failed = _Batch(topic, state.partition)
+                failed.count = 1
+                failed.complete(-1, BatchTooLargeError(
+                    f"a record of about {size} bytes does not fit in a batch for "
+                    f"{topic}/{state.partition}: the topic's max_batch_bytes is "
+                    f"{state.info.max_batch_bytes} (header included) [MESSAGE_TOO_LARGE]"))
+                return RecordFuture(failed, 0)
             values = state.values
-            if values and state.open_bytes + size > self.batch_size_bytes:
+            if values and state.open_bytes + size > state.batch_limit:
                 self._seal(state)
                 if key is None and partition is None:
                     state = self._routes[(topic, None)]
@@ -351,7 +371,7 @@ class Producer:
                                     else timestamp_ms)
             state.open_bytes += size
             self._open_bytes += size
-            if not self.linger_s or state.open_bytes >= self.batch_size_bytes:
+            if not self.linger_s or state.open_bytes >= state.batch_limit:
                 self._seal(state)
             return RecordFuture(batch, index)  # type: ignore[arg-type]
 
@@ -401,7 +421,13 @@ class Producer:
             state = self._choose(topic, None, partition)
             if state.values:
                 self._seal(state)
-            cuts = _cut_points(sizes + RECORD_OVERHEAD_BYTES, self.batch_size_bytes)
+            sizes = sizes + RECORD_OVERHEAD_BYTES
+            if int(sizes.max()) > state.record_bytes_max:
+                raise RecordTooLargeError(
+                    f"a record of about {int(sizes.max())} bytes does not fit in a batch for "
+                    f"{topic}/{state.partition}: the topic's max_batch_bytes is "
+                    f"{state.info.max_batch_bytes} (header included)")
+            cuts = _cut_points(sizes, state.batch_limit)
             batches: list[_Batch] = []
             value_ends = np.cumsum(lengths.clip(0)) if columnar else None
             key_ends = (np.cumsum(key_lengths.clip(0))
@@ -528,12 +554,17 @@ class Producer:
             else:
                 partition = self._sticky.partition(topic, len(infos))
         elif not isinstance(partition, int) or not 0 <= partition < len(infos):
+            if isinstance(partition, int) and not isinstance(partition, bool) and partition >= 0:
+                infos = self._refresh_topic(topic)  # maybe the topic grew
+                if partition < len(infos):
+                    return self._choose(topic, key, partition)
             raise UnknownTopicOrPartitionError(
                 f"topic {topic!r} has {len(infos)} partitions; partition {partition} does not "
                 "exist")
         state = self._partitions.get((topic, partition))
         if state is None:
             state = _Partition(infos[partition])
+            state.batch_limit = min(self.batch_size_bytes, state.record_bytes_max)
             self._partitions[(topic, partition)] = state
         return state
 
@@ -667,7 +698,7 @@ class Producer:
                 batch.complete(-1, error)
                 return
         result = body["results"][0]
-        batch.complete(*_outcome(result))
+        batch.complete(*_outcome(result, state, batch))
 
     # -- the I/O thread ---------------------------------------------------------------------------
     def _io_loop(self) -> None:
@@ -738,7 +769,7 @@ class Producer:
             for result in results:
                 batch = in_flight.popleft()
                 if batch is not None:
-                    batch.complete(*_outcome(result))
+                    batch.complete(*_outcome(result, state, batch))
             if in_flight:
                 any_in_flight = True
                 oldest = in_flight[0]
@@ -775,7 +806,8 @@ class Producer:
                 state.ring.set_waiting(waiting)
 
     def _check_connections(self, now: float) -> None:
-        for state in self._partitions.values():
+        stale: set[str] = set()
+        for state in list(self._partitions.values()):
             if state.ring is None or state.connection is None:
                 continue
             if state.attached:
@@ -788,9 +820,72 @@ class Producer:
                         state.next_attach = now
             if not state.attached and now >= state.next_attach:
                 self._attach(state)
-                if state.attached and state.control is None:
+                if state.attached:
+                    state.unreachable_since = 0.0
+                    # a restarted broker made a new control block: map the new one
+                    if state.control is not None:
+                        state.control.close()
+                        state.control = None
                     with contextlib.suppress(ShmbrokerError):
                         state.control = ControlBlock.open(state.info.control_block)
+                elif not state.unreachable_since:
+                    state.unreachable_since = now
+                elif now - state.unreachable_since > METADATA_RETRY_AFTER_S:
+                    state.unreachable_since = now
+                    stale.add(state.topic)
+        for topic in stale:
+            self._check_topic(topic)
+        if now - self._metadata.refreshed_at > self.metadata_max_age_s:
+            for topic in {state.topic for state in self._partitions.values()}:
+                self._check_topic(topic)
+
+    def _refresh_topic(self, topic: str) -> list[PartitionInfo]:
+        """Ask the supervisor about ``topic`` again; forget cached routes if it changed."""
+        self._metadata.refresh([topic])
+        infos = self._metadata.partitions(topic)
+        for key in [key for key in self._routes if key[0] == topic]:
+            del self._routes[key]
+        for key in [key for key in self._key_partitions if key[0] == topic]:
+            del self._key_partitions[key]
+        return infos
+
+    def _check_topic(self, topic: str) -> None:
+        """Refresh ``topic``; retire our partitions of it if it was deleted or recreated."""
+        try:
+            infos = self._refresh_topic(topic)
+        except UnknownTopicOrPartitionError:
+            infos = []
+        except (BrokerNotRunningError, RequestTimeoutError):
+            return
+        for (name, partition), state in list(self._partitions.items()):
+            if name != topic:
+                continue
+            if partition < len(infos) and infos[partition].topic_id == state.info.topic_id:
+                continue
+            self._retire(state, UnknownTopicOrPartitionError(
+                f"topic {topic!r} was deleted{' and recreated' if infos else ''} while "
+                "records to it were in flight; they were not stored"))
+
+    def _retire(self, state: _Partition, error: BaseException) -> None:
+        """Forget a partition that no longer exists: fail its batches, remove its ring."""
+        for batch in state.in_flight:
+            if batch is not None:
+                batch.complete(-1, error)
+        state.in_flight.clear()
+        if state.batch is not None:
+            state.batch.complete(-1, error)
+        self._open_bytes -= state.open_bytes
+        state.reset_open()
+        if state.ring is not None:
+            state.ring.unlink()
+            state.ring.close()
+        if state.control is not None:
+            state.control.close()
+        if state.connection is not None:
+            state.connection.close()
+        del self._partitions[(state.topic, state.partition)]
+        for key in [key for key, value in self._routes.items() if value is state]:
+            del self._routes[key]
 
 
 class _Encoder:
@@ -805,11 +900,22 @@ class _Encoder:
         return self._function(producer_id, base_sequence)
 
 
-def _outcome(result: int) -> tuple[int, BaseException | None]:
+def _outcome(result: int, state: _Partition | None = None,
+             batch: _Batch | None = None) -> tuple[int, BaseException | None]:
     if result >= 0:
         return result, None
     code = RING_RESULT_ERRORS.get(result, "BROKER_ERROR")
-    return -1, error_from_code(code, f"the broker refused the batch: {code}")
+    where = f" for {state.topic}/{state.partition}" if state is not None else ""
+    what = f" ({batch.count} record(s))" if batch is not None else ""
+    reasons = {
+        "MESSAGE_TOO_LARGE": " larger than the topic's max_batch_bytes "
+                             f"({state.info.max_batch_bytes if state else '?'})",
+        "CORRUPT_MESSAGE": " that failed validation (CRC, magic, sizes or record count)",
+        "KAFKA_STORAGE_ERROR": ": the broker could not write it (disk full or I/O error; see "
+                               "its log); nothing was stored",
+    }
+    return -1, error_from_code(code, f"the broker refused a batch{what}{where}"
+                                     f"{reasons.get(code, '')} [{code}]")
 
 
 def _cut_points(sizes: np.ndarray[Any, Any], target_bytes: int) -> list[int]:

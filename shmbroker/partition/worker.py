@@ -374,6 +374,15 @@ class PartitionWorker:
                 still.append(fetch)
         self.parked = still
 
+    def _answer_parked_of(self, connection: ServerConnection) -> None:
+        """Answer now (with what there is) the fetch ``connection`` has parked, if any."""
+        mine = [fetch for fetch in self.parked if fetch.connection is connection]
+        if not mine:
+            return
+        self.parked = [fetch for fetch in self.parked if fetch.connection is not connection]
+        for fetch in mine:
+            self._answer_fetch(connection, fetch.correlation_id, fetch.offset, fetch.max_bytes)
+
     # -- sockets ------------------------------------------------------------------------------
     def _accept(self) -> None:
         assert self.listener is not None
@@ -402,6 +411,8 @@ class PartitionWorker:
             self._close(connection)
             return
         for frame in frames:
+            if self.parked:
+                self._answer_parked_of(connection)  # responses leave in request order
             try:
                 self._handle(connection, frame)
             except ProtocolError as error:
@@ -475,8 +486,8 @@ class PartitionWorker:
         if max_wait_ms and not self._stop_requested and (
                 offset == log.log_end_offset
                 or min_bytes > 1 and log.read(offset, max_bytes).size_bytes < min_bytes):
-            if len(self.parked) >= limits.connections_max * 4:
-                raise ProtocolError("too many parked fetches")
+            # at most one parked fetch per connection (a later request answers it first), so
+            # parked fetches are bounded by connections_max
             self.parked.append(ParkedFetch(connection, correlation_id, offset, max_bytes,
                                            min_bytes, time.monotonic() + max_wait_ms / 1000))
             return

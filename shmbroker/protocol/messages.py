@@ -24,7 +24,14 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from shmbroker.errors import BrokerError, OffsetOutOfRangeError, ProtocolError, error_from_code
+from shmbroker.errors import (
+    BrokerError,
+    CorruptRecordError,
+    OffsetOutOfRangeError,
+    ProtocolError,
+    RecordTooLargeError,
+    error_from_code,
+)
 from shmbroker.protocol.frames import encode_frame
 
 
@@ -99,7 +106,12 @@ def error_body(error: BaseException) -> dict[str, Any]:
     """The JSON of an error response for ``error``."""
     code = getattr(error, "code", None)
     if not isinstance(error, BrokerError) or not isinstance(code, str):
-        code = BrokerError.code
+        if isinstance(error, CorruptRecordError):
+            code = "CORRUPT_MESSAGE"
+        elif isinstance(error, RecordTooLargeError):
+            code = "MESSAGE_TOO_LARGE"
+        else:
+            code = BrokerError.code
     body: dict[str, Any] = {"error": code, "message": str(error)}
     if isinstance(error, OffsetOutOfRangeError):
         body.update(error="OFFSET_OUT_OF_RANGE", offset=error.offset,

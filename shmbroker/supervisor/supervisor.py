@@ -423,7 +423,8 @@ class Supervisor:
                                "state": handle.state if handle else "stopped",
                                "worker_pid": handle.pid if handle else None})
         return {"name": topic.name, "topic_id": topic.topic_id,
-                "partitions": partitions, "config": topic.config}
+                "partitions": partitions, "config": topic.config,
+                "max_batch_bytes": self.config.topic_config(topic.config).max_batch_bytes}
 
     def _describe(self, topic: TopicMeta) -> dict[str, Any]:
         view = self._topic_metadata(topic)

@@ -619,8 +619,6 @@ class Producer:
         control = state.control
         if control is not None and control.worker_sleeping:
             doorbell.ring(state.worker_doorbell)
-        if self._io_idle:
-            doorbell.ring(self._doorbell.address)
 
     def _wait_for_room(self, state: _Partition, data: bytearray) -> int:
         ring = state.ring
@@ -666,6 +664,8 @@ class Producer:
                 del error
         state.connection = Connection(info.socket, self.request_timeout_s)
         if state.ring is not None:
+            if self._io_idle:  # the I/O thread sleeps: the worker must ring it for our acks
+                state.ring.set_waiting(True)
             self._attach(state)
 
     def _attach(self, state: _Partition) -> None:
@@ -725,26 +725,28 @@ class Producer:
                     self._check_connections(now)
                     next_check = now + CONNECTION_CHECK_S
             if in_flight:
+                # Spin briefly for acks, yielding the GIL on every turn (a spin that kept it
+                # would stall the application's sending thread for up to the switch interval).
                 spin_until = time.monotonic() + SPIN_S
                 progressed = False
                 while time.monotonic() < spin_until:
                     if self._acks_ready():
                         progressed = True
                         break
+                    time.sleep(0)
                 if progressed:
                     continue
-                self._set_waiting(True)
-                try:
-                    if not self._acks_ready():
-                        self._doorbell.wait(min(IN_FLIGHT_WAIT_S, linger_wait))
-                finally:
-                    self._set_waiting(False)
-            else:
-                self._io_idle = True
-                try:
-                    self._doorbell.wait(min(IO_WAIT_S_MAX, linger_wait))
-                finally:
-                    self._io_idle = False
+            # Sleep on our doorbell; every ring says we wait, so the worker rings it when it
+            # acknowledges anything, and senders need not wake us for their acks.
+            self._io_idle = True
+            self._set_waiting(True)
+            try:
+                if not self._acks_ready():
+                    self._doorbell.wait(min(IN_FLIGHT_WAIT_S if in_flight else IO_WAIT_S_MAX,
+                                            linger_wait))
+            finally:
+                self._set_waiting(False)
+                self._io_idle = False
 
     def _seal_lingering(self, now: float) -> float:
         wait = IO_WAIT_S_MAX
@@ -802,7 +804,7 @@ class Producer:
 
     def _set_waiting(self, waiting: bool) -> None:
         for state in list(self._partitions.values()):
-            if state.ring is not None and state.in_flight:
+            if state.ring is not None:
                 state.ring.set_waiting(waiting)
 
     def _check_connections(self, now: float) -> None:

@@ -496,6 +496,9 @@ def encode_batch(
     per record, one int for all, or None for now; ``headers``: per record a list of
     (str, bytes) pairs, or None.  Other keyword arguments as :func:`encode_batch_columnar`.
     """
+    if 0 < len(values) <= small_batch.SMALL_BATCH_RECORDS_MAX:
+        return _encode_small(values, keys, timestamps, headers, base_offset, codec,
+                             **batch_fields)
     value_buffer, value_lengths = _lengths_and_buffer(values, "values")
     key_buffer: bytes | None = None
     key_lengths: IntArray | None = None
@@ -510,9 +513,6 @@ def encode_batch(
             raise ValueError(f"{len(headers)} header lists for {len(values)} values")
         sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
         header_buffer, header_lengths = _lengths_and_buffer(sections, "headers")
-    if len(values) <= small_batch.SMALL_BATCH_RECORDS_MAX and values:
-        return _encode_small(values, keys, timestamps, headers, base_offset, codec,
-                             **batch_fields)
     if timestamps is not None and not isinstance(timestamps, int):
         timestamps = np.asarray(timestamps, dtype=np.int64)  # length checked by the columnar path
     return encode_batch_columnar(

@@ -41,10 +41,13 @@ from shmbroker.errors import (
     OffsetOutOfRangeError,
     ProtocolError,
     RequestTimeoutError,
+    ShmbrokerError,
 )
 from shmbroker.format import record_batch
 from shmbroker.protocol.frames import frame_head
 from shmbroker.protocol.messages import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, ApiKey, check_response
+from shmbroker.shm import control_block
+from shmbroker.shm.control_block import ControlBlock
 from shmbroker.transport.unix import connect
 
 RECONNECT_PAUSE_S = 0.05
@@ -96,6 +99,7 @@ class Consumer:
         self._metadata.refresh()
         self._fetchers: dict[TopicPartition, _Fetcher] = {}
         self._selector = selectors.DefaultSelector()
+        self._control_blocks: dict[TopicPartition, ControlBlock] = {}
         self._closed = False
         self._correlation = 0
 
@@ -354,9 +358,38 @@ class Consumer:
             LATEST_TIMESTAMP)
         fetcher.position = self._list_offset(fetcher, timestamp).offset
 
+    def highwater(self, partition: TopicPartition) -> int:
+        """The partition's high watermark, read from its shared control block (no round trip;
+        -1 when the worker is not running)."""
+        positions = self._shared_positions(self._info_fetcher(partition))
+        return positions[2] if positions is not None else -1
+
+    def _shared_positions(self, fetcher: _Fetcher) -> tuple[int, int, int] | None:
+        """(log_start, log_end, high_watermark) from the worker's control block, or None when
+        it is unavailable or its worker is not running (then ask the worker)."""
+        block = self._control_blocks.get(fetcher.tp)
+        if block is None:
+            try:
+                block = ControlBlock.open(fetcher.info.control_block, readonly=True)
+            except (ShmbrokerError, OSError):
+                return None
+            self._control_blocks[fetcher.tp] = block
+        if block.state != control_block.RUNNING:
+            block.close()  # a restarted broker makes a new block: map it again next time
+            del self._control_blocks[fetcher.tp]
+            return None
+        return block.positions()
+
     def _list_offset(self, fetcher: _Fetcher, timestamp_ms: int) -> OffsetAndTimestamp:
-        """One LIST_OFFSETS, retried while the partition's worker restarts (up to
-        request_timeout_ms, as Kafka's default.api.timeout.ms)."""
+        """The offset for ``timestamp_ms`` (-2 earliest, -1 latest): earliest and latest come from
+        the shared control block when the worker runs; otherwise one LIST_OFFSETS, retried while
+        the partition's worker restarts (up to request_timeout_ms, as Kafka's
+        default.api.timeout.ms)."""
+        if timestamp_ms in (EARLIEST_TIMESTAMP, LATEST_TIMESTAMP):
+            positions = self._shared_positions(fetcher)
+            if positions is not None:
+                offset = positions[0] if timestamp_ms == EARLIEST_TIMESTAMP else positions[2]
+                return OffsetAndTimestamp(offset, -1)
         deadline = time.monotonic() + self.request_timeout_s
         connection = Connection(fetcher.info.socket, self.request_timeout_s)
         try:
@@ -389,6 +422,9 @@ class Consumer:
             return
         for tp in list(self._fetchers):
             self._drop(tp)
+        for block in self._control_blocks.values():
+            block.close()
+        self._control_blocks.clear()
         self._selector.close()
         self._metadata.close()
         self._closed = True

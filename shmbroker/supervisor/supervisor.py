@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 import posix_ipc
+import psutil
 
 from shmbroker import __version__, limits
 from shmbroker.config import BrokerConfig
@@ -58,6 +59,9 @@ SOCKET_FILE = "broker.sock"
 META_DIR = "meta"
 DELETED_DIR = "deleted"
 LOOP_WAIT_S_MAX = 0.1
+# A running worker ticks its control block every 100 ms; much older means stopped or hung
+# (reported by status; not killed: a SIGSTOPped worker must survive its SIGCONT).
+WORKER_UNRESPONSIVE_MS = 5000
 
 
 class _Pending:
@@ -446,7 +450,8 @@ class Supervisor:
     def _status(self) -> dict[str, Any]:
         assert self.store is not None
         workers = [{"topic": handle.paths.topic, "partition": handle.paths.partition,
-                    "pid": handle.pid, "state": handle.state, "restarts": handle.restarts}
+                    "pid": handle.pid, "state": handle.state, "restarts": handle.restarts,
+                    **_process_view(handle)}
                    for handle in self.workers.values()]
         return {"pid": os.getpid(), "version": __version__, "data_dir": str(self.data_dir),
                 "uptime_s": round(time.time() - self.started_at, 3),
@@ -491,6 +496,30 @@ class Supervisor:
 def _unlink_shm(name: str) -> None:
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_shared_memory(name)
+
+
+def _process_view(handle: WorkerHandle) -> dict[str, Any]:
+    """What psutil and the control block say about a worker process: its OS status (running,
+    sleeping, stopped, zombie), RSS, CPU seconds, and whether its loop ticked recently."""
+    view: dict[str, Any] = {"process_status": None, "rss_bytes": None, "cpu_s": None,
+                            "responsive": None}
+    if handle.pid is None:
+        return view
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process(handle.pid)
+        with process.oneshot():
+            times = process.cpu_times()
+            view.update(process_status=process.status(), rss_bytes=process.memory_info().rss,
+                        cpu_s=round(times.user + times.system, 3))
+    if handle.state == "running":
+        with contextlib.suppress(ShmbrokerError, OSError):
+            block = ControlBlock.open(handle.paths.control_block_name, readonly=True)
+            try:
+                age_ms = time.time_ns() // 1_000_000 - block.updated_ms
+            finally:
+                block.close()
+            view["responsive"] = age_ms < WORKER_UNRESPONSIVE_MS
+    return view
 
 
 def _directory_bytes(directory: Path) -> int:

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Producer": "shmbroker.client.producer",
-    "RecordFuture": "shmbroker.client.producer",
-    "BatchMetadata": "shmbroker.client.producer",
+    "RecordFuture": "shmbroker.client.futures",
+    "BatchMetadata": "shmbroker.client.futures",
     "Consumer": "shmbroker.client.consumer",
     "Admin": "shmbroker.client.admin",
     "TopicPartition": "shmbroker.client.types",

@@ -33,15 +33,16 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from shmbroker import limits
 from shmbroker.client.connection import Connection
+from shmbroker.client.futures import BatchFuture, ProducedBatch, RecordFuture
 from shmbroker.client.metadata import Metadata, PartitionInfo
 from shmbroker.client.partitioner import StickyPartitioner, partition_for_key
-from shmbroker.client.types import RecordMetadata, resolve_data_dir
+from shmbroker.client.types import resolve_data_dir
 from shmbroker.errors import (
     BatchTooLargeError,
     BrokerError,
@@ -97,143 +98,6 @@ def _now_ms() -> int:
 _time_ns = time.time_ns
 
 
-class _Batch:
-    """One sealed (or open) batch's outcome, shared by the futures of its records."""
-
-    __slots__ = ("topic", "partition", "count", "timestamps", "base_offset", "error", "_event",
-                 "_callbacks", "done", "_lock", "sent_at")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.count = 0
-        self.timestamps: list[int] | int = 0
-        self.base_offset = -1
-        self.error: BaseException | None = None
-        self.done = False
-        self.sent_at = 0.0  # monotonic time it went into the ring (delivery_timeout_ms)
-        self._event: threading.Event | None = None
-        self._callbacks: list[Callable[[], None]] | None = None
-        self._lock = threading.Lock()
-
-    def complete(self, base_offset: int, error: BaseException | None = None) -> None:
-        with self._lock:
-            if self.done:
-                return
-            self.base_offset = base_offset
-            self.error = error
-            self.done = True
-            event, callbacks = self._event, self._callbacks
-            self._callbacks = None
-        if event is not None:
-            event.set()
-        for callback in callbacks or ():
-            with contextlib.suppress(Exception):
-                callback()
-
-    def wait(self, timeout: float | None) -> bool:
-        if self.done:
-            return True
-        with self._lock:
-            if self.done:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self.done:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def timestamp(self, index: int) -> int:
-        timestamps = self.timestamps
-        return timestamps if isinstance(timestamps, int) else timestamps[index]
-
-
-class RecordFuture:
-    """The outcome of one ``send``: ``result(timeout)`` -> :class:`RecordMetadata`."""
-
-    __slots__ = ("_batch", "_index")
-
-    def __init__(self, batch: _Batch, index: int) -> None:
-        self._batch = batch
-        self._index = index
-
-    def done(self) -> bool:
-        return self._batch.done
-
-    def result(self, timeout: float | None = None) -> RecordMetadata:
-        batch = self._batch
-        if not batch.wait(timeout):
-            raise RequestTimeoutError(
-                f"record to {batch.topic}/{batch.partition} not acknowledged within {timeout} s")
-        if batch.error is not None:
-            raise batch.error
-        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
-        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamp(self._index))
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            self.result(timeout)
-        except RequestTimeoutError:
-            raise
-        except ShmbrokerError as error:
-            return error
-        return None
-
-    def add_done_callback(self, callback: Callable[[RecordFuture], Any]) -> None:
-        self._batch.on_done(lambda: callback(self))
-
-
-class BatchMetadata(NamedTuple):
-    """Where a ``send_batch`` landed: one base offset per RecordBatch it was cut into."""
-
-    topic: str
-    partition: int
-    base_offsets: list[int]
-    counts: list[int]
-
-    def offsets(self) -> np.ndarray[Any, np.dtype[np.int64]]:
-        """Every record's offset, in order."""
-        if not self.counts:
-            return np.empty(0, dtype=np.int64)
-        counts = np.asarray(self.counts, dtype=np.int64)
-        starts = np.repeat(np.asarray(self.base_offsets, dtype=np.int64) - np.cumsum(counts)
-                           + counts, counts)
-        return starts + np.arange(int(counts.sum()), dtype=np.int64)
-
-
-class BatchFuture:
-    """The outcome of one ``send_batch``: ``result(timeout)`` -> :class:`BatchMetadata`."""
-
-    def __init__(self, topic: str, partition: int, batches: list[_Batch]) -> None:
-        self.topic = topic
-        self.partition = partition
-        self._batches = batches
-
-    def done(self) -> bool:
-        return all(batch.done for batch in self._batches)
-
-    def result(self, timeout: float | None = None) -> BatchMetadata:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for batch in self._batches:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not batch.wait(left):
-                raise RequestTimeoutError(f"batch to {self.topic}/{self.partition} not "
-                                          f"acknowledged within {timeout} s")
-            if batch.error is not None:
-                raise batch.error
-        return BatchMetadata(self.topic, self.partition,
-                             [batch.base_offset for batch in self._batches],
-                             [batch.count for batch in self._batches])
-
-
 class _Partition:
     """A partition's open batch, ring (or socket fallback) and batches in flight."""
 
@@ -249,7 +113,7 @@ class _Partition:
         self.use_socket = False
         self.next_attach = 0.0
         self.sequence = 0
-        self.in_flight: collections.deque[_Batch | None] = collections.deque()
+        self.in_flight: collections.deque[ProducedBatch | None] = collections.deque()
         self.unreachable_since = 0.0
         # A RecordBatch may not exceed the topic's max_batch_bytes (header included).
         self.record_bytes_max = info.max_batch_bytes - record_batch.HEADER_SIZE
@@ -263,7 +127,7 @@ class _Partition:
         self.timestamps: list[int] = []
         self.open_bytes = 0
         self.opened_at = 0.0
-        self.batch: _Batch | None = None
+        self.batch: ProducedBatch | None = None
 
 
 class Producer:
@@ -341,7 +205,7 @@ class Producer:
             if state is None:
                 state = self._route(topic, key, partition)
             if size > state.record_bytes_max:  # a failed future, as Kafka's Java producer
-                failed = _Batch(topic, state.partition)
+                failed = ProducedBatch(topic, state.partition)
                 failed.count = 1
                 failed.complete(-1, BatchTooLargeError(
                     f"a record of about {size} bytes does not fit in a batch for "
@@ -378,7 +242,7 @@ class Producer:
     def _open_batch(self, state: _Partition, size: int) -> None:
         if self._open_bytes + size > self.buffer_memory_bytes:
             self._flush_open_batches()
-        state.batch = _Batch(state.topic, state.partition)
+        state.batch = ProducedBatch(state.topic, state.partition)
         state.opened_at = time.monotonic()
         if self._io_idle and self.linger_s:
             doorbell.ring(self._doorbell.address)
@@ -428,7 +292,7 @@ class Producer:
                     f"{topic}/{state.partition}: the topic's max_batch_bytes is "
                     f"{state.info.max_batch_bytes} (header included)")
             cuts = _cut_points(sizes, state.batch_limit)
-            batches: list[_Batch] = []
+            batches: list[ProducedBatch] = []
             value_ends = np.cumsum(lengths.clip(0)) if columnar else None
             key_ends = (np.cumsum(key_lengths.clip(0))
                         if columnar and key_lengths is not None else None)
@@ -458,7 +322,7 @@ class Producer:
                                           values[start:stop], keys=chunk_keys,  # type: ignore[index]
                                           timestamps=stamp, codec=self.codec, producer_id=pid,
                                           producer_epoch=0, base_sequence=seq))
-                batch = _Batch(topic, state.partition)
+                batch = ProducedBatch(topic, state.partition)
                 batch.count = stop - start
                 batch.timestamps = (stamp if isinstance(stamp, int)
                                     else stamp.tolist())  # type: ignore[assignment]
@@ -593,7 +457,7 @@ class Producer:
             producer_id=pid, producer_epoch=0, base_sequence=seq))
         self._write(state, batch, encode)
 
-    def _write(self, state: _Partition, batch: _Batch, encode: _Encoder) -> None:
+    def _write(self, state: _Partition, batch: ProducedBatch, encode: _Encoder) -> None:
         if state.ring is None and not state.use_socket:
             self._open_ring(state)
         if state.use_socket:
@@ -679,7 +543,7 @@ class Producer:
             state.attached = False
             state.next_attach = time.monotonic() + ATTACH_RETRY_S
 
-    def _write_socket(self, state: _Partition, batch: _Batch, encode: _Encoder) -> None:
+    def _write_socket(self, state: _Partition, batch: ProducedBatch, encode: _Encoder) -> None:
         """The fallback: one PRODUCE round trip per batch, retried across worker restarts."""
         assert state.connection is not None
         producer_id = hash((id(self), state.topic, state.partition)) & ((1 << 62) - 1) | 1
@@ -903,7 +767,7 @@ class _Encoder:
 
 
 def _outcome(result: int, state: _Partition | None = None,
-             batch: _Batch | None = None) -> tuple[int, BaseException | None]:
+             batch: ProducedBatch | None = None) -> tuple[int, BaseException | None]:
     if result >= 0:
         return result, None
     code = RING_RESULT_ERRORS.get(result, "BROKER_ERROR")

@@ -171,6 +171,7 @@ class PartitionWorker:
             self._attach(name, None, recovering=True)
         self.listener = listen(paths.socket_path, self.socket_mode)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.control.updated_ms = time.time_ns() // 1_000_000
         self.control.state = 1
         logger.info("%s: serving offsets [%d, %d) with %d ring(s) from before", self.name,
                     self.log.log_start_offset, self.log.log_end_offset, len(self.rings))
@@ -271,10 +272,11 @@ class PartitionWorker:
                 logger.error("%s: %s", self.name, error)
                 results += [RESULT_STORAGE] * (len(positions) - len(results))
         reader.record_results(region, results)
+        # positions first: whoever sees the ack must see a high watermark that covers it
+        self._after_append()
         reader.publish(region)
         if reader.producer_waiting:
             doorbell.ring(reader.doorbell_address)
-        self._after_append()
 
     def _append_one_by_one(self, reader: RingReader, region: Any, view: memoryview,
                            done: list[int]) -> list[int]:

@@ -1,0 +1,156 @@
+"""The outcomes of produced records: futures shared per batch (thread-safe, cheap per record).
+
+One :class:`ProducedBatch` holds the outcome of every record of one RecordBatch; a record's
+:class:`RecordFuture` is just (batch, index), so ``send`` allocates one small object per record
+and no lock or event until somebody waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shmbroker.client.types import RecordMetadata
+from shmbroker.errors import RequestTimeoutError, ShmbrokerError
+
+
+class ProducedBatch:
+    """One sealed (or open) batch's outcome, shared by the futures of its records."""
+
+    __slots__ = ("topic", "partition", "count", "timestamps", "base_offset", "error", "_event",
+                 "_callbacks", "done", "_lock", "sent_at")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.count = 0
+        self.timestamps: list[int] | int = 0
+        self.base_offset = -1
+        self.error: BaseException | None = None
+        self.done = False
+        self.sent_at = 0.0  # monotonic time it went into the ring (delivery_timeout_ms)
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
+        self._lock = threading.Lock()
+
+    def complete(self, base_offset: int, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.base_offset = base_offset
+            self.error = error
+            self.done = True
+            event, callbacks = self._event, self._callbacks
+            self._callbacks = None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
+            with contextlib.suppress(Exception):
+                callback()
+
+    def wait(self, timeout: float | None) -> bool:
+        if self.done:
+            return True
+        with self._lock:
+            if self.done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def timestamp(self, index: int) -> int:
+        timestamps = self.timestamps
+        return timestamps if isinstance(timestamps, int) else timestamps[index]
+
+
+class RecordFuture:
+    """The outcome of one ``send``: ``result(timeout)`` -> :class:`RecordMetadata`."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: ProducedBatch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.done
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        batch = self._batch
+        if not batch.wait(timeout):
+            raise RequestTimeoutError(
+                f"record to {batch.topic}/{batch.partition} not acknowledged within {timeout} s")
+        if batch.error is not None:
+            raise batch.error
+        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamp(self._index))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except RequestTimeoutError:
+            raise
+        except ShmbrokerError as error:
+            return error
+        return None
+
+    def add_done_callback(self, callback: Callable[[RecordFuture], Any]) -> None:
+        self._batch.on_done(lambda: callback(self))
+
+
+class BatchMetadata(NamedTuple):
+    """Where a ``send_batch`` landed: one base offset per RecordBatch it was cut into."""
+
+    topic: str
+    partition: int
+    base_offsets: list[int]
+    counts: list[int]
+
+    def offsets(self) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Every record's offset, in order."""
+        if not self.counts:
+            return np.empty(0, dtype=np.int64)
+        counts = np.asarray(self.counts, dtype=np.int64)
+        starts = np.repeat(np.asarray(self.base_offsets, dtype=np.int64) - np.cumsum(counts)
+                           + counts, counts)
+        return starts + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+class BatchFuture:
+    """The outcome of one ``send_batch``: ``result(timeout)`` -> :class:`BatchMetadata`."""
+
+    def __init__(self, topic: str, partition: int, batches: list[ProducedBatch]) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._batches = batches
+
+    def done(self) -> bool:
+        return all(batch.done for batch in self._batches)
+
+    def result(self, timeout: float | None = None) -> BatchMetadata:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for batch in self._batches:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not batch.wait(left):
+                raise RequestTimeoutError(f"batch to {self.topic}/{self.partition} not "
+                                          f"acknowledged within {timeout} s")
+            if batch.error is not None:
+                raise batch.error
+        return BatchMetadata(self.topic, self.partition,
+                             [batch.base_offset for batch in self._batches],
+                             [batch.count for batch in self._batches])

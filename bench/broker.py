@@ -20,6 +20,7 @@ noisy, so compare runs of one invocation only).  ``--json FILE`` writes every ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,38 @@ def run_scenario(data_dir: str, mode: str, count: int, offset: int) -> dict[str,
     return result
 
 
+@contextlib.contextmanager
+def running_broker(temp: str, name: str, config_toml: str = "") -> Iterator[str]:
+    """A broker serving a fresh data dir with the bench topic; yields the data dir."""
+    data_dir = os.path.join(temp, name)
+    command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir", data_dir,
+               "--log-level", "WARNING"]
+    if config_toml:
+        config_path = os.path.join(temp, f"{name}.toml")
+        Path(config_path).write_text(config_toml)
+        command += ["--config", config_path]
+    broker = subprocess.Popen(command)
+    try:
+        _wait_socket(Path(data_dir) / "broker.sock", broker)
+        from shmbroker import Admin
+
+        with Admin(data_dir) as admin:
+            admin.create_topic(TOPIC, partitions=1,
+                               config={"segment_bytes": 1 << 30, "retention_bytes": 4 << 30})
+        yield data_dir
+    finally:
+        broker.terminate()
+        broker.wait(60)
+
+
+def _print_run(label: str, result: dict[str, Any]) -> None:
+    latency = result["latency_us"]
+    print(f"{label:28s} {result['records_per_s'] / 1e6:7.3f}M rec/s "
+          f"{result['gb_per_s']:6.3f} GB/s"
+          + (f"  p50 {latency[50]:.0f} us p99 {latency[99]:.0f} us "
+             f"p99.9 {latency[99.9]:.0f} us" if latency else ""), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=2_000_000)
@@ -163,44 +197,41 @@ def main() -> None:
     parser.add_argument("--latency-records", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="per-record,columnar,latency")
+    parser.add_argument("--spin-sweep", default="",
+                        help="comma-separated worker_spin_us values: run the latency scenario "
+                             "once per value per round, each on its own broker")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    modes = args.modes.split(",")
+    modes = [mode for mode in args.modes.split(",") if mode]
+    spins = [int(value) for value in args.spin_sweep.split(",") if value]
     counts = {"per-record": args.records, "columnar": args.columnar_records,
               "latency": args.latency_records}
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="shmbroker-bench-") as temp:
-        data_dir = os.path.join(temp, "data")
-        broker = subprocess.Popen([sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
-                                   data_dir, "--log-level", "WARNING"])
-        try:
-            _wait_socket(Path(data_dir) / "broker.sock", broker)
-            from shmbroker import Admin
-
-            with Admin(data_dir) as admin:
-                admin.create_topic(TOPIC, partitions=1,
-                                   config={"segment_bytes": 1 << 30, "retention_bytes": 4 << 30})
-            offset = 0
-            for round_index in range(args.repeat):
-                for mode in modes:
-                    result = run_scenario(data_dir, mode, counts[mode], offset)
-                    offset += counts[mode]
-                    result["round"] = round_index
-                    runs.append(result)
-                    latency = result["latency_us"]
-                    print(f"round {round_index} {mode:10s} {result['records_per_s'] / 1e6:7.3f}M "
-                          f"rec/s {result['gb_per_s']:6.3f} GB/s"
-                          + (f"  p50 {latency[50]:.0f} us p99 {latency[99]:.0f} us "
-                             f"p99.9 {latency[99.9]:.0f} us" if latency else ""), flush=True)
-        finally:
-            broker.terminate()
-            broker.wait(60)
+        if modes:
+            with running_broker(temp, "data") as data_dir:
+                offset = 0
+                for round_index in range(args.repeat):
+                    for mode in modes:
+                        result = run_scenario(data_dir, mode, counts[mode], offset)
+                        offset += counts[mode]
+                        result["round"] = round_index
+                        runs.append(result)
+                        _print_run(f"round {round_index} {mode}", result)
+        for round_index in range(args.repeat if spins else 0):
+            for spin in spins:
+                with running_broker(temp, f"spin{spin}-{round_index}",
+                                    f"worker_spin_us = {spin}\n") as data_dir:
+                    result = run_scenario(data_dir, "latency", counts["latency"], 0)
+                result.update(round=round_index, mode=f"latency spin {spin} us")
+                runs.append(result)
+                _print_run(f"round {round_index} {result['mode']}", result)
     print("\nmedians:")
-    for mode in modes:
+    for mode in dict.fromkeys(run["mode"] for run in runs):
         mine = [run for run in runs if run["mode"] == mode]
         rate = statistics.median(run["records_per_s"] for run in mine)
-        line = f"  {mode:10s} {rate / 1e6:7.3f}M rec/s {rate * RECORD_BYTES / 1e9:6.3f} GB/s"
-        if mode == "latency":
+        line = f"  {mode:22s} {rate / 1e6:7.3f}M rec/s {rate * RECORD_BYTES / 1e9:6.3f} GB/s"
+        if mode.startswith("latency"):
             for q in (50, 99, 99.9):
                 line += f"  p{q} {statistics.median(run['latency_us'][q] for run in mine):.0f} us"
         print(line)

@@ -75,7 +75,7 @@ EXIT_USAGE = 2
 EXIT_BOOT_FAILED = 3
 
 TICK_MS = 100
-SPIN_US = 50
+SPIN_US = 50  # default of the broker setting worker_spin_us
 SLEEP_MS_MAX = 50
 RING_LIVENESS_CHECK_MS = 1000
 PARTITION_LOCK_WAIT_S = 15.0
@@ -130,9 +130,11 @@ def read_topic_config(paths: PartitionPaths) -> LogConfig:
 class PartitionWorker:
     """Owns one partition: its log, rings, control block, doorbell and socket."""
 
-    def __init__(self, paths: PartitionPaths, *, socket_mode: int = 0o660) -> None:
+    def __init__(self, paths: PartitionPaths, *, socket_mode: int = 0o660,
+                 spin_us: int = SPIN_US) -> None:
         self.paths = paths
         self.socket_mode = socket_mode
+        self.spin_s = spin_us / 1e6
         self.config = read_topic_config(paths)
         self.log: PartitionLog | None = None
         self.rings: dict[str, AttachedRing] = {}
@@ -559,7 +561,7 @@ class PartitionWorker:
     def _wait(self, busy: bool, now: float) -> list[tuple[selectors.SelectorKey, int]]:
         if busy:
             return self.selector.select(0)
-        spin_until = now + SPIN_US / 1e6
+        spin_until = now + self.spin_s
         while time.monotonic() < spin_until:
             if self._rings_pending():
                 return self.selector.select(0)
@@ -741,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
+    parser.add_argument("--spin-us", type=int, default=SPIN_US)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -750,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_BOOT_FAILED  # the supervisor died before we set the death signal
     paths = PartitionPaths(args.data_dir.resolve(), args.topic, args.topic_id, args.partition)
-    worker = PartitionWorker(paths, socket_mode=args.socket_mode)
+    worker = PartitionWorker(paths, socket_mode=args.socket_mode, spin_us=args.spin_us)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: worker.request_reload())

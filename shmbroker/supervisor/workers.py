@@ -62,6 +62,7 @@ class WorkerHandle:
                    "--partition", str(self.paths.partition), "--ready-fd", str(write_fd),
                    "--parent-pid", str(os.getpid()),
                    "--socket-mode", format(self.config.socket_mode, "o"),
+                   "--spin-us", str(self.config.worker_spin_us),
                    "--log-level", self.log_level]
         try:
             self.process = subprocess.Popen(command, pass_fds=(write_fd,),

@@ -158,6 +158,29 @@ def run_scenario(data_dir: str, mode: str, count: int, offset: int) -> dict[str,
     return result
 
 
+def python_call_floor(count: int = 300_000) -> float:
+    """Calls/s of the cheapest possible ``send``: a function taking a lock and appending the
+    value and a timestamp to lists.  No per-record API can beat it on this machine; it is the
+    baseline the per-record figure is compared with."""
+    import threading
+
+    lock = threading.Lock()
+    values: list[bytes] = []
+    stamps: list[int] = []
+
+    def send(topic: str, value: bytes, partition: int | None = None) -> int:
+        with lock:
+            values.append(value)
+            stamps.append(time.time_ns())
+            return len(values)
+
+    value = b"x" * RECORD_BYTES
+    began = time.perf_counter()
+    for _ in range(count):
+        send(TOPIC, value, partition=0)
+    return count / (time.perf_counter() - began)
+
+
 @contextlib.contextmanager
 def running_broker(temp: str, name: str, config_toml: str = "") -> Iterator[str]:
     """A broker serving a fresh data dir with the bench topic; yields the data dir."""
@@ -212,6 +235,11 @@ def main() -> None:
             with running_broker(temp, "data") as data_dir:
                 offset = 0
                 for round_index in range(args.repeat):
+                    floor = {"mode": "python call floor", "round": round_index,
+                             "records_per_s": python_call_floor(), "latency_us": {}}
+                    floor["gb_per_s"] = floor["records_per_s"] * RECORD_BYTES / 1e9
+                    runs.append(floor)
+                    _print_run(f"round {round_index} python call floor", floor)
                     for mode in modes:
                         result = run_scenario(data_dir, mode, counts[mode], offset)
                         offset += counts[mode]

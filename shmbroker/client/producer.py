@@ -197,7 +197,7 @@ class Producer:
                 key = bytes(key)
             size += len(key)
         if headers:
-            size += sum(len(name) + (len(value) if value else 0) + 4 for name, value in headers)
+            size += sum(len(name) + (len(data) if data else 0) + 4 for name, data in headers)
         with self._lock:
             if self._closed or self._io_error is not None:
                 self._check_open()

@@ -147,6 +147,7 @@ class PartitionWorker:
         self._lock_fd: int | None = None
         self._stop_requested = False
         self._reload_requested = False
+        self._ring_cursor = 0
         self._next_tick = 0.0
 
     # -- boot ---------------------------------------------------------------------------------
@@ -233,7 +234,11 @@ class PartitionWorker:
         """Append what the rings hold, at most drain_bytes_max; the bytes taken."""
         budget = limits.drain_bytes_max
         taken = 0
-        for ring in list(self.rings.values()):
+        rings = list(self.rings.values())
+        if len(rings) > 1:  # start one ring further each pass: no producer starves the others
+            self._ring_cursor = (self._ring_cursor + 1) % len(rings)
+            rings = rings[self._ring_cursor:] + rings[:self._ring_cursor]
+        for ring in rings:
             reader = ring.reader
             while budget > 0 and reader.pending():
                 region = reader.next_region(budget)

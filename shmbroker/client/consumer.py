@@ -142,7 +142,8 @@ class Consumer:
             self._reset_position(fetcher)
         assert fetcher.position is not None
         if fetcher.buffered:
-            return int(_first_offset(fetcher.buffered[0][0]))
+            first, min_offset = fetcher.buffered[0]
+            return max(int(_first_offset(first)), min_offset)
         return fetcher.position
 
     def pause(self, *partitions: TopicPartition) -> None:
@@ -198,11 +199,28 @@ class Consumer:
         offsets and timestamps, values as positions into the fetched bytes (zero copy).  Whole
         batches: a first batch may start before the position (use ``offsets`` to filter)."""
         grouped: dict[TopicPartition, list[Any]] = {}
+        leftovers: dict[TopicPartition, list[Record]] = {}
         for fetcher, fetched, _ in self._poll_batches(timeout_ms):
-            if isinstance(fetched, _Leftover):
-                continue  # held back by an earlier poll(max_records); already returned as rows
+            if isinstance(fetched, _Leftover):  # held back by an earlier poll(max_records)
+                leftovers.setdefault(fetcher.tp, []).append(fetched.record)
+                continue
             grouped.setdefault(fetcher.tp, []).append(record_batch.decode_columnar(
                 fetched.raw, fetched.position, verify_crc=False))
+        for tp, records in leftovers.items():
+            # they come first (lower offsets); as columns, via batches rebuilt from the rows,
+            # one per run of consecutive offsets
+            rebuilt = []
+            start = 0
+            for index in range(1, len(records) + 1):
+                if index < len(records) and records[index].offset == records[index - 1].offset + 1:
+                    continue
+                run = records[start:index]
+                rebuilt.append(record_batch.decode_columnar(record_batch.encode_batch(
+                    [r.value for r in run], keys=[r.key for r in run],
+                    timestamps=[r.timestamp_ms for r in run],
+                    headers=[list(r.headers) for r in run], base_offset=run[0].offset)))
+                start = index
+            grouped[tp] = [*rebuilt, *grouped.get(tp, [])]
         return [ColumnarRecords(tp.topic, tp.partition, batches)
                 for tp, batches in grouped.items()]
 
@@ -287,8 +305,10 @@ class Consumer:
         batches = self._decode(raw, min_offset)
         if batches:
             fetcher.position = max(min_offset, batches[-1].header.next_offset)
-            if not fetcher.paused:  # prefetch: the worker reads on while we decode
-                self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())
+            if fetcher.paused:  # paused while this fetch was in flight: keep it for resume
+                fetcher.buffered += [(batch, min_offset) for batch in batches]
+                return []
+            self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())  # prefetch
         return [(fetcher, batch, min_offset) for batch in batches]
 
     def _decode(self, raw: memoryview, min_offset: int) -> list[Any]:

@@ -53,6 +53,7 @@ from shmbroker.errors import (
     RequestTimeoutError,
     RingError,
     ShmbrokerError,
+    ShuttingDownError,
     UnknownTopicOrPartitionError,
     error_from_code,
 )
@@ -458,6 +459,17 @@ class Producer:
         self._write(state, batch, encode)
 
     def _write(self, state: _Partition, batch: ProducedBatch, encode: _Encoder) -> None:
+        """Hand a sealed batch to the worker; on any failure its futures fail with the error
+        (then it propagates: the caller of send learns it too)."""
+        try:
+            self._write_or_raise(state, batch, encode)
+        except BaseException as error:
+            batch.complete(-1, error if isinstance(error, ShmbrokerError | OSError)
+                           else ClosedError(f"sending the batch failed: {error!r}"))
+            raise
+
+    def _write_or_raise(self, state: _Partition, batch: ProducedBatch,
+                        encode: _Encoder) -> None:
         if state.ring is None and not state.use_socket:
             self._open_ring(state)
         if state.use_socket:
@@ -466,7 +478,6 @@ class Producer:
         ring = state.ring
         assert ring is not None
         data = encode(ring.producer_id, state.sequence)
-        state.sequence = (state.sequence + batch.count) % SEQUENCE_MODULUS
         try:
             seq = ring.try_write(data)
         except RecordTooLargeError:
@@ -476,6 +487,8 @@ class Producer:
                 "lower batch_size_bytes or raise ring_bytes") from None
         if seq is None:
             seq = self._wait_for_room(state, data)
+        # only a written batch takes sequence numbers (the worker's dedup relies on them)
+        state.sequence = (state.sequence + batch.count) % SEQUENCE_MODULUS
         batch.sent_at = time.monotonic()
         state.in_flight.append(batch if self.acks != ACKS_NONE else None)
         if self.acks == ACKS_NONE:
@@ -554,7 +567,7 @@ class Producer:
             try:
                 body, _ = state.connection.request(ApiKey.PRODUCE, {"acks": ACKS_LEADER}, data)
                 break
-            except BrokerNotRunningError:
+            except (BrokerNotRunningError, ShuttingDownError):  # a worker restart: retry
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -618,7 +631,10 @@ class Producer:
             if state.values:
                 due = state.opened_at + self.linger_s
                 if now >= due:
-                    self._seal(state)
+                    try:
+                        self._seal(state)
+                    except (ShmbrokerError, OSError):
+                        pass  # its futures carry the error; the I/O thread goes on
                 else:
                     wait = min(wait, due - now)
         return wait

@@ -240,7 +240,7 @@ class PartitionWorker:
             rings = rings[self._ring_cursor:] + rings[:self._ring_cursor]
         for ring in rings:
             reader = ring.reader
-            while budget > 0 and reader.pending():
+            while budget > 0 and reader.pending() and not reader.broken:
                 region = reader.next_region(budget)
                 if region is None:
                     break
@@ -260,7 +260,11 @@ class PartitionWorker:
         view = memoryview(copy)
         positions = region.positions
         skip = self._already_appended(ring, region, view) if ring.recovering else []
-        ring.recovering = False
+        if len(skip) < len(positions):
+            # Past the frames a dead worker decided: the rest are new.  While a whole region
+            # was decided, keep checking the next one (regions need not match the dead
+            # worker's: the drain budget is shared between rings).
+            ring.recovering = False
         results = list(skip)
         intents = list(skip)
         next_offset = log.log_end_offset
@@ -311,14 +315,21 @@ class PartitionWorker:
         return results
 
     def _already_appended(self, ring: AttachedRing, region: Any, view: memoryview) -> list[int]:
-        """Offsets of the region's first frames that a previous worker appended before dying."""
+        """Results of the region's first frames that a previous worker decided before dying:
+        the offset of each batch it appended (checked against the log), or the error number of
+        each it refused."""
         log = self.log
         assert log is not None
         found: list[int] = []
         for index, position in enumerate(region.positions):
             seq = region.first_seq + index
             slot_seq, intended = ring.reader.slot(seq)
-            if slot_seq != seq or not log.log_start_offset <= intended < log.log_end_offset:
+            if slot_seq != seq:
+                break
+            if intended < 0:  # refused (corrupt, too large, disk error): decided, not stored
+                found.append(intended)
+                continue
+            if not log.log_start_offset <= intended < log.log_end_offset:
                 break
             stored = log.read_bytes(intended, 1)
             if len(stored) < record_batch.HEADER_SIZE:
@@ -330,16 +341,18 @@ class PartitionWorker:
                 break
             found.append(intended)
         if found:
-            logger.info("%s: %d batch(es) of ring %s were appended before the restart",
+            logger.info("%s: %d batch(es) of ring %s were decided before the restart",
                         self.name, len(found), ring.reader.name)
         return found
 
     def _release_finished_rings(self, now_ms: int) -> None:
         for name, ring in list(self.rings.items()):
             reader = ring.reader
-            if reader.pending():
+            broken = reader.broken  # nothing more will be read from it
+            closed = reader.producer_closed  # before pending(): a frame published before the
+            if not broken and reader.pending():  # close flag is then still seen as pending
                 continue
-            gone = reader.producer_closed or reader.broken
+            gone = closed or broken
             if not gone and ring.connection is None:
                 if now_ms - ring.last_alive_check_ms < RING_LIVENESS_CHECK_MS:
                     continue
@@ -370,6 +383,10 @@ class PartitionWorker:
         still: list[ParkedFetch] = []
         for fetch in self.parked:
             if fetch.connection.closed:
+                continue
+            if fetch.offset < log.log_start_offset:  # retention passed it while it waited
+                self._answer_fetch(fetch.connection, fetch.correlation_id, fetch.offset,
+                                   fetch.max_bytes)
                 continue
             if fetch.offset < log_end or now >= fetch.deadline or self._stop_requested:
                 if (fetch.offset < log_end and fetch.min_bytes > 1 and now < fetch.deadline
@@ -561,7 +578,8 @@ class PartitionWorker:
 
     # -- the loop -----------------------------------------------------------------------------
     def _rings_pending(self) -> bool:
-        return any(ring.reader.pending() for ring in self.rings.values())
+        return any(ring.reader.pending() and not ring.reader.broken
+                   for ring in self.rings.values())
 
     def _wait(self, busy: bool, now: float) -> list[tuple[selectors.SelectorKey, int]]:
         if busy:

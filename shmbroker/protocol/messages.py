@@ -30,6 +30,7 @@ from shmbroker.errors import (
     OffsetOutOfRangeError,
     ProtocolError,
     RecordTooLargeError,
+    StorageError,
     error_from_code,
 )
 from shmbroker.protocol.frames import encode_frame
@@ -110,6 +111,8 @@ def error_body(error: BaseException) -> dict[str, Any]:
             code = "CORRUPT_MESSAGE"
         elif isinstance(error, RecordTooLargeError):
             code = "MESSAGE_TOO_LARGE"
+        elif isinstance(error, StorageError):
+            code = "KAFKA_STORAGE_ERROR"
         else:
             code = BrokerError.code
     body: dict[str, Any] = {"error": code, "message": str(error)}

@@ -40,6 +40,7 @@ from shmbroker.errors import (
     ShmbrokerError,
     ShuttingDownError,
     StorageError,
+    TopicExistsError,
 )
 from shmbroker.format.names import validate_topic_name
 from shmbroker.partition.paths import RUN_DIR, TOPICS_DIR, PartitionPaths, describe
@@ -102,6 +103,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.workers: dict[tuple[str, int], WorkerHandle] = {}
         self.pending: list[_Pending] = []
+        self.deleting: set[str] = set()  # topics whose workers are stopping, files not gone yet
         self.started_at = time.time()
         self.listener: socket.socket | None = None
         self.store: MetaStore | None = None
@@ -140,6 +142,15 @@ class Supervisor:
             self._stopping = True
 
     def _remove_deleted(self) -> None:
+        """Finish deletions a killed broker left: everything in deleted/, and topic dirs whose
+        topic is no longer in the metadata (deleted, then killed before the files went)."""
+        assert self.store is not None
+        live = {topic.name for topic in self.store.topics()}
+        for entry in (self.data_dir / TOPICS_DIR).iterdir():
+            if entry.name not in live:
+                logger.warning("removing %s: its topic was deleted", entry)
+                target = self.data_dir / DELETED_DIR / f"{entry.name}-orphan-{time.time_ns()}"
+                os.rename(entry, target)
         for entry in (self.data_dir / DELETED_DIR).iterdir():
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -332,10 +343,13 @@ class Supervisor:
         if self._stopping:
             raise ShuttingDownError("the broker is shutting down")
         if api_key == ApiKey.CREATE_TOPIC:
+            name = field(body, "name", str)
+            if name in self.deleting:
+                raise TopicExistsError(f"topic {name!r} is still being deleted; retry in a "
+                                       "moment")
             config = field(body, "config", dict, default={})
             self.config.topic_config(config)  # refuse bad values before anything is stored
-            topic = store.create(field(body, "name", str), field(body, "partitions", int),
-                                 config)
+            topic = store.create(name, field(body, "partitions", int), config)
             self._write_topic_config(topic)
             for partition in range(topic.partitions):
                 self._add_worker(topic, partition)
@@ -358,7 +372,7 @@ class Supervisor:
             topic = store.alter_config(name, changes)
             self._write_topic_config(topic)
             for partition in range(topic.partitions):
-                self.workers[(topic.name, partition)].signal(signal.SIGHUP)
+                self.workers[(topic.name, partition)].reload()
             return {"topic": self._topic_metadata(topic)}
         if api_key == ApiKey.DELETE_TOPIC:
             topic = store.delete(validate_topic_name(field(body, "name", str)))
@@ -385,16 +399,28 @@ class Supervisor:
                    if (topic.name, partition) in self.workers]
         for handle in handles:
             handle.stop(now)
+        self.deleting.add(topic.name)
 
         def done() -> bool:
             for handle in handles:
                 if handle.process is not None and handle.process.poll() is not None:
+                    if handle.ready_fd is not None:
+                        with contextlib.suppress(KeyError, ValueError):
+                            self.selector.unregister(handle.ready_fd)
                     handle.on_exit(handle.process.returncode, time.monotonic())
                 handle.kill_if_overdue(time.monotonic())
             return all(handle.process is None for handle in handles)
 
         def answer() -> dict[str, Any]:
+            if not done():  # past the deadline: kill what is left and reap it
+                for handle in handles:
+                    if handle.process is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            handle.process.kill()
+                        handle.process.wait()
+                        handle.on_exit(handle.process.returncode, time.monotonic())
             self._remove_topic_files(topic)
+            self.deleting.discard(topic.name)
             return {"topic": topic.to_json()}
 
         self.pending.append(_Pending(connection, frame, done, answer,

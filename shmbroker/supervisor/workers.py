@@ -43,6 +43,7 @@ class WorkerHandle:
         self.boot_failures = 0
         self.restarts = 0
         self.stop_deadline = 0.0
+        self.reload_pending = False
 
     @property
     def pid(self) -> int | None:
@@ -85,6 +86,9 @@ class WorkerHandle:
         if data.startswith(b"ready") and self.state == "starting":
             self.state = "running"
             self.boot_failures = 0
+            if self.reload_pending:
+                self.reload_pending = False
+                self.reload()
             return True
         return False
 
@@ -142,10 +146,16 @@ class WorkerHandle:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
-    def signal(self, signum: int) -> None:
-        if self.process is not None and self.state in ("starting", "running"):
+    def reload(self) -> None:
+        """Make the worker re-read its topic config (SIGHUP).  A starting worker may not have
+        its handler yet (SIGHUP would kill it): it is signalled once it says ready."""
+        if self.process is None:
+            return  # the next process reads the new config at boot
+        if self.state == "running":
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
+                self.process.send_signal(signal.SIGHUP)
+        elif self.state == "starting":
+            self.reload_pending = True
 
 
 def _describe(returncode: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shmbroker.client.types import RecordMetadata
-from shmbroker.errors import RequestTimeoutError, ShmbrokerError
+from shmbroker.errors import RequestTimeoutError
 
 
 class ProducedBatch:
@@ -101,13 +101,14 @@ class RecordFuture:
         return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamp(self._index))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            self.result(timeout)
-        except RequestTimeoutError:
-            raise
-        except ShmbrokerError as error:
-            return error
-        return None
+        """The error the record failed with, None if it was stored; RequestTimeoutError only
+        when the outcome is not known within ``timeout`` (a failure that is itself a timeout,
+        e.g. BufferFullError, is returned)."""
+        batch = self._batch
+        if not batch.wait(timeout):
+            raise RequestTimeoutError(
+                f"record to {batch.topic}/{batch.partition} not acknowledged within {timeout} s")
+        return batch.error
 
     def add_done_callback(self, callback: Callable[[RecordFuture], Any]) -> None:
         self._batch.on_done(lambda: callback(self))

@@ -46,3 +46,42 @@ ring_data_bytes_max = 1024 * MIB
 ring_ack_slots_max = 1 << 20
 # Bytes a worker takes from its rings per loop iteration (then it serves fetches).
 drain_bytes_max = 1 * MIB
+
+# -- committed offsets (shmbroker.storage.offset_log) --------------------------------------------
+# A consumer group id is a str of 1 to this many characters (Kafka sets no bound; we reuse the
+# topic-name length).
+group_id_chars_max = 249
+# UTF-8 bytes of the metadata string committed with an offset (Kafka's offset.metadata.max.bytes).
+offset_metadata_bytes_max = 4096
+# Longest record of the offset log: a commit with the longest group id, topic and metadata fits
+# (about 5.4 KiB); a length field above it marks a corrupt record.
+offset_log_record_bytes_max = 8 * 1024
+# Encoded bytes staged (not yet synced) at once; stage() refuses more until the next sync().
+offset_log_staged_bytes_max = 16 * MIB
+# The log is compacted only once it is at least this big (replaying 4 MiB at start takes ~0.1 s).
+offset_log_compact_bytes_min = 4 * MIB
+
+# -- consumer groups (shmbroker.coordinator) -----------------------------------------------------
+# Groups one coordinator holds, and members per group (static members that left and may return
+# count until their session timeout).
+groups_max = 10_000
+members_per_group_max = 1000
+# Lengths of the names a member sends (a group id: group_id_chars_max, above).
+group_instance_id_chars_max = 255
+client_id_chars_max = 255
+# Topics one member may name in a subscription, and the length of a subscription regex (Python
+# `re`, matched in full against each topic name; topic names are at most topic_name_chars_max).
+subscribed_topics_max = topics_max
+subscribed_pattern_chars_max = 1000
+# A member is removed when it sends no heartbeat for session_timeout_ms, or does not acknowledge
+# a revocation within rebalance_timeout_ms (Kafka's max.poll.interval.ms).  One host sees a dead
+# process at once (its socket closes), so the lower bounds are far below Kafka's 6 s.
+session_timeout_ms_min = 100
+session_timeout_ms_max = 1_800_000
+rebalance_timeout_ms_min = 100
+rebalance_timeout_ms_max = 3_600_000
+# Longest interval the coordinator asks members to heartbeat at (it asks for at most a third of
+# their session timeout).
+heartbeat_interval_ms_max = 5000
+# Partitions one offset commit may name (metadata: offset_metadata_bytes_max, above).
+commit_partitions_max = 100_000

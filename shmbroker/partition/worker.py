@@ -101,7 +101,7 @@ class AttachedRing:
                  recovering: bool) -> None:
         self.reader = reader
         self.connection = connection
-        self.recovering = recovering  # first region after a worker restart: check intents
+        self.recovering = recovering  # after a restart: check intents until a frame is new
         self.last_alive_check_ms = 0
 
 

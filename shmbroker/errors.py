@@ -200,3 +200,120 @@ def error_from_code(code: str, message: str, **fields: int) -> BrokerError:
                                            fields.get("log_end_offset", -1))
     error = cls(message)
     return error
+
+
+# ------------------------------------------------------------------------------------------------
+# Consumer groups and committed offsets (shmbroker.coordinator).  Kafka's error names where Kafka
+# has one (the KIP-848 ones for the heartbeat protocol; ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS
+# and FENCED_INSTANCE_ID serve the classic JoinGroup/SyncGroup adapter).
+# ------------------------------------------------------------------------------------------------
+
+class InvalidGroupIdError(BrokerError, ValueError):
+    """A group id is empty, too long or not a string."""
+
+    code = "INVALID_GROUP_ID"
+
+
+class GroupIdNotFoundError(BrokerError):
+    """No group of that id exists (describe, delete, heartbeat to a group never joined)."""
+
+    code = "GROUP_ID_NOT_FOUND"
+
+
+class NonEmptyGroupError(BrokerError):
+    """The operation needs a group without members (delete, offset reset, member-less commit)."""
+
+    code = "NON_EMPTY_GROUP"
+
+
+class GroupMaxSizeReachedError(BrokerError):
+    """The group already has ``limits.members_per_group_max`` members."""
+
+    code = "GROUP_MAX_SIZE_REACHED"
+
+
+class UnknownMemberIdError(BrokerError):
+    """The member id is not (or no longer) in the group: it left or was removed after its session
+    timed out.  The client drops its partitions and joins again without a member id."""
+
+    code = "UNKNOWN_MEMBER_ID"
+
+
+class FencedMemberEpochError(BrokerError):
+    """A heartbeat carried a member epoch the coordinator did not give (a zombie, or a member that
+    missed more than one response).  The client drops all its partitions and joins again with its
+    member id (KIP-848)."""
+
+    code = "FENCED_MEMBER_EPOCH"
+
+
+class StaleMemberEpochError(BrokerError):
+    """A commit carried an older member epoch than the member's current or previous one; the
+    client retries with the epoch of its latest heartbeat response (KIP-848)."""
+
+    code = "STALE_MEMBER_EPOCH"
+
+
+class PartitionNotOwnedError(BrokerError):
+    """A group member committed offsets of partitions the coordinator does not assign to it now
+    (revoked, never granted, or still owned by another member).  Kafka's clients report this as
+    CommitFailedException; the commit is refused so a zombie cannot rewind another's progress."""
+
+    code = "PARTITION_NOT_OWNED"
+
+
+class UnreleasedInstanceIdError(BrokerError):
+    """A member joined with a ``group_instance_id`` that a live member of the group still uses; it
+    is released when that member leaves, its connection closes or its session times out."""
+
+    code = "UNRELEASED_INSTANCE_ID"
+
+
+class FencedInstanceIdError(BrokerError):
+    """Another member joined with the same ``group_instance_id`` and took over (classic
+    protocol), or a join named a member id that does not go with its instance id."""
+
+    code = "FENCED_INSTANCE_ID"
+
+
+class IllegalGenerationError(BrokerError):
+    """A classic-protocol request carried a generation id other than the group's current one."""
+
+    code = "ILLEGAL_GENERATION"
+
+
+class RebalanceInProgressError(BrokerError):
+    """A classic-protocol group is rebalancing; the member must rejoin (JoinGroup)."""
+
+    code = "REBALANCE_IN_PROGRESS"
+
+
+class UnsupportedAssignorError(BrokerError, ValueError):
+    """A member asked for a partition assignor the coordinator does not have."""
+
+    code = "UNSUPPORTED_ASSIGNOR"
+
+
+class InvalidRegularExpressionError(BrokerError, ValueError):
+    """A subscription pattern is not a valid regular expression, or too long."""
+
+    code = "INVALID_REGULAR_EXPRESSION"
+
+
+class InvalidSessionTimeoutError(BrokerError, ValueError):
+    """A session or rebalance timeout lies outside the limits the coordinator accepts."""
+
+    code = "INVALID_SESSION_TIMEOUT"
+
+
+class InvalidCommitOffsetSizeError(BrokerError, ValueError):
+    """An offset commit names more partitions than ``limits.commit_partitions_max``."""
+
+    code = "INVALID_COMMIT_OFFSET_SIZE"
+
+
+class OffsetMetadataTooLargeError(BrokerError, ValueError):
+    """A committed offset's metadata string is longer than ``limits.offset_metadata_bytes_max``
+    (UTF-8 bytes)."""
+
+    code = "OFFSET_METADATA_TOO_LARGE"

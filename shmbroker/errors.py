@@ -317,3 +317,9 @@ class OffsetMetadataTooLargeError(BrokerError, ValueError):
     (UTF-8 bytes)."""
 
     code = "OFFSET_METADATA_TOO_LARGE"
+
+
+class InvalidCommitOffsetError(BrokerError, ValueError):
+    """A committed offset is not a valid position (negative)."""
+
+    code = "INVALID_COMMIT_OFFSET"

@@ -58,6 +58,11 @@ class Admin:
         body = {"topics": topics} if topics is not None else {}
         return list(self._request(ApiKey.METADATA, body)["topics"])
 
+    def list_consumer_group_offsets(self, group_id: str) -> dict[tuple[str, int], int]:
+        """The committed offsets of ``group_id``: {(topic, partition): offset}."""
+        body = self._request(ApiKey.OFFSET_FETCH, {"group_id": group_id})
+        return {(topic, partition): offset for topic, partition, offset, _ in body["offsets"]}
+
     def status(self) -> dict[str, Any]:
         """Broker pid, uptime, topics, partitions and the state of every worker."""
         return self._request(ApiKey.STATUS)

@@ -83,7 +83,8 @@ class Consumer:
                  auto_offset_reset: str = "latest", fetch_max_bytes: int = 4 * 1024 * 1024,
                  fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  max_poll_records: int | None = None, check_crcs: bool = True,
-                 request_timeout_ms: int = 30_000) -> None:
+                 request_timeout_ms: int = 30_000, group_id: str | None = None,
+                 enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000) -> None:
         if auto_offset_reset not in ("earliest", "latest", "none"):
             raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not "
                              f"{auto_offset_reset!r}")
@@ -97,6 +98,12 @@ class Consumer:
         self.request_timeout_s = request_timeout_ms / 1000
         self._metadata = Metadata(self.data_dir, self.request_timeout_s)
         self._metadata.refresh()
+        # Committed offsets of group_id, for manually assigned partitions (Kafka's
+        # generation -1 commits).  Group membership (subscribe) is the consumer-group issue's.
+        self.group_id = group_id
+        self.auto_commit_s = (auto_commit_interval_ms / 1000
+                              if group_id is not None and enable_auto_commit else None)
+        self._next_auto_commit = time.monotonic() + (self.auto_commit_s or 0)
         self._fetchers: dict[TopicPartition, _Fetcher] = {}
         self._selector = selectors.DefaultSelector()
         self._control_blocks: dict[TopicPartition, ControlBlock] = {}
@@ -179,6 +186,7 @@ class Consumer:
     # -- polling -----------------------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> list[Record]:
         """Records fetched since the last poll, waiting up to ``timeout_ms`` for the first."""
+        self._maybe_auto_commit()
         limit = max_records or self.max_poll_records
         out: list[Record] = []
         decode_rows = record_batch.decode_rows
@@ -198,6 +206,7 @@ class Consumer:
         """As :meth:`poll`, one :class:`ColumnarRecords` per partition that had records: numpy
         offsets and timestamps, values as positions into the fetched bytes (zero copy).  Whole
         batches: a first batch may start before the position (use ``offsets`` to filter)."""
+        self._maybe_auto_commit()
         grouped: dict[TopicPartition, list[Any]] = {}
         leftovers: dict[TopicPartition, list[Record]] = {}
         for fetcher, fetched, _ in self._poll_batches(timeout_ms):
@@ -369,7 +378,45 @@ class Consumer:
             self._disconnect(fetcher)  # drop the answer to a fetch from the old position
             fetcher.retry_at = 0.0
 
+    # -- committed offsets ---------------------------------------------------------------------
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Durably commit ``offsets`` (default: the position of every assigned partition, the
+        next record to consume) for this consumer's group_id; returns once stored."""
+        if self.group_id is None:
+            raise ValueError("commit() needs a group_id (Consumer(group_id=...))")
+        if offsets is None:  # what poll returned so far (held-back records not included)
+            offsets = {tp: self.position(tp) for tp, fetcher in self._fetchers.items()
+                       if fetcher.position is not None}
+        if not offsets:
+            return
+        entries = [[tp[0], tp[1], offset, None] for tp, offset in offsets.items()]
+        self._metadata.connection.request(ApiKey.OFFSET_COMMIT,
+                                          {"group_id": self.group_id, "offsets": entries})
+
+    def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """The group's committed offset of each partition (None where nothing is committed)."""
+        if self.group_id is None:
+            raise ValueError("committed() needs a group_id (Consumer(group_id=...))")
+        wanted = [TopicPartition(*tp) for tp in partitions]
+        body, _ = self._metadata.connection.request(
+            ApiKey.OFFSET_FETCH, {"group_id": self.group_id,
+                                  "partitions": [[tp.topic, tp.partition] for tp in wanted]})
+        found = {TopicPartition(topic, partition): offset
+                 for topic, partition, offset, _ in body["offsets"]}
+        return {tp: (found.get(tp, -1) if found.get(tp, -1) >= 0 else None) for tp in wanted}
+
+    def _maybe_auto_commit(self) -> None:
+        if self.auto_commit_s is None or time.monotonic() < self._next_auto_commit:
+            return
+        self._next_auto_commit = time.monotonic() + self.auto_commit_s
+        self.commit()
+
     def _reset_position(self, fetcher: _Fetcher) -> None:
+        if self.group_id is not None:
+            committed = self.committed([fetcher.tp])[fetcher.tp]
+            if committed is not None:
+                fetcher.position = committed
+                return
         if self.auto_offset_reset == "none":
             raise NoOffsetForPartitionError(
                 f"no position for {fetcher.tp.topic}/{fetcher.tp.partition} and "
@@ -438,8 +485,12 @@ class Consumer:
         self._disconnect(fetcher)
 
     def close(self) -> None:
+        """Close; with auto-commit on, commit the positions first (as Kafka's consumer)."""
         if self._closed:
             return
+        if self.auto_commit_s is not None:
+            with contextlib.suppress(ShmbrokerError, OSError):
+                self.commit()
         for tp in list(self._fetchers):
             self._drop(tp)
         for block in self._control_blocks.values():

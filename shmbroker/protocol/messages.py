@@ -12,11 +12,14 @@ Supervisor (``broker.sock``)         Worker (one socket per partition)
   CREATE_TOPIC   name, partitions,     PRODUCE        acks (+ raw batches)
                  config?               ATTACH_RING    name
   DELETE_TOPIC   name                  LIST_OFFSETS   timestamp_ms (-2 earliest, -1 latest)
-  LIST_TOPICS    -                     UPDATE_CONFIG  config
-  DESCRIBE_TOPIC name                  PING           -
+  LIST_TOPICS    -                     PING           -
+  DESCRIBE_TOPIC name
   ALTER_CONFIGS  name, config
   ADD_PARTITIONS name, partitions
   STATUS         -
+  OFFSET_COMMIT  group_id, offsets
+                 [[topic, partition, offset, metadata]]
+  OFFSET_FETCH   group_id, partitions?
 """
 
 from __future__ import annotations
@@ -47,20 +50,22 @@ class ApiKey(enum.IntEnum):
     ALTER_CONFIGS = 6
     ADD_PARTITIONS = 7
     STATUS = 8
+    OFFSET_COMMIT = 9
+    OFFSET_FETCH = 10
     # worker
     FETCH = 20
     PRODUCE = 21
     ATTACH_RING = 22
     LIST_OFFSETS = 23
-    UPDATE_CONFIG = 24
-    PING = 25
+    PING = 25  # (24 was a config update; workers re-read their topic config on SIGHUP)
 
 
 SUPERVISOR_APIS = frozenset({ApiKey.METADATA, ApiKey.CREATE_TOPIC, ApiKey.DELETE_TOPIC,
                              ApiKey.LIST_TOPICS, ApiKey.DESCRIBE_TOPIC, ApiKey.ALTER_CONFIGS,
-                             ApiKey.ADD_PARTITIONS, ApiKey.STATUS})
+                             ApiKey.ADD_PARTITIONS, ApiKey.STATUS, ApiKey.OFFSET_COMMIT,
+                             ApiKey.OFFSET_FETCH})
 WORKER_APIS = frozenset({ApiKey.FETCH, ApiKey.PRODUCE, ApiKey.ATTACH_RING, ApiKey.LIST_OFFSETS,
-                         ApiKey.UPDATE_CONFIG, ApiKey.PING})
+                         ApiKey.PING})
 
 # Kafka's ListOffsets sentinels.
 LATEST_TIMESTAMP = -1

@@ -34,21 +34,25 @@ import psutil
 
 from shmbroker import __version__, limits
 from shmbroker.config import BrokerConfig
+from shmbroker.coordinator.group import GroupCoordinator
 from shmbroker.errors import (
     BrokerAlreadyRunningError,
+    BrokerStorageError,
+    InvalidCommitOffsetError,
     ProtocolError,
     ShmbrokerError,
     ShuttingDownError,
     StorageError,
     TopicExistsError,
 )
-from shmbroker.format.names import validate_topic_name
+from shmbroker.format.names import validate_partition, validate_topic_name
 from shmbroker.partition.paths import RUN_DIR, TOPICS_DIR, PartitionPaths, describe
 from shmbroker.protocol.frames import Frame, frame_head
 from shmbroker.protocol.messages import ApiKey, error_frame, field
 from shmbroker.shm import names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.storage.checkpoint_file import fsync_directory
+from shmbroker.storage.offset_log import OffsetLog
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
 from shmbroker.supervisor.workers import WorkerHandle
 from shmbroker.transport.unix import ServerConnection, listen
@@ -59,6 +63,7 @@ LOCK_FILE = "broker.lock"
 SOCKET_FILE = "broker.sock"
 META_DIR = "meta"
 DELETED_DIR = "deleted"
+GROUPS_DIR = "groups"
 LOOP_WAIT_S_MAX = 0.1
 # A running worker ticks its control block every 100 ms; much older means stopped or hung
 # (reported by status; not killed: a SIGSTOPped worker must survive its SIGCONT).
@@ -104,6 +109,10 @@ class Supervisor:
         self.workers: dict[tuple[str, int], WorkerHandle] = {}
         self.pending: list[_Pending] = []
         self.deleting: set[str] = set()  # topics whose workers are stopping, files not gone yet
+        self.offsets: OffsetLog | None = None
+        self.coordinator = GroupCoordinator()
+        # OFFSET_COMMITs of this loop iteration: made durable by one fsync, then answered
+        self._staged_commits: list[tuple[ServerConnection, Frame, int]] = []
         self.started_at = time.time()
         self.listener: socket.socket | None = None
         self.store: MetaStore | None = None
@@ -119,6 +128,11 @@ class Supervisor:
         for sub in (META_DIR, TOPICS_DIR, RUN_DIR, DELETED_DIR):
             (self.data_dir / sub).mkdir(mode=mode, exist_ok=True)
         self.store = MetaStore(self.data_dir / META_DIR)
+        self.offsets = OffsetLog(self.data_dir / GROUPS_DIR)
+        report = self.offsets.recovery_report
+        if report.truncated_bytes:
+            logger.warning("committed offsets: cut a torn tail of %d bytes (%s)",
+                           report.truncated_bytes, report.reason)
         self._remove_deleted()
         self._clean_shared_memory()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
@@ -249,6 +263,7 @@ class Supervisor:
                 if mask & selectors.EVENT_READ:
                     self._on_readable(data)
                 self._update_interest(data)
+        self._sync_commits()
         self._reap()
         now = time.monotonic()
         self._restart_due(now)
@@ -340,6 +355,11 @@ class Supervisor:
             return self._describe(store.get(validate_topic_name(field(body, "name", str))))
         if api_key == ApiKey.STATUS:
             return self._status()
+        if api_key == ApiKey.OFFSET_FETCH:
+            return self._offset_fetch(body)
+        if api_key == ApiKey.OFFSET_COMMIT:
+            self._offset_commit(connection, frame)
+            return None
         if self._stopping:
             raise ShuttingDownError("the broker is shutting down")
         if api_key == ApiKey.CREATE_TOPIC:
@@ -379,6 +399,72 @@ class Supervisor:
             self._delete_topic(connection, frame, topic)
             return None
         raise ProtocolError(f"api key {api_key} is not served by the supervisor")
+
+    # -- committed offsets (group commit: one fsync per loop iteration) -----------------------
+    def _offset_commit(self, connection: ServerConnection, frame: Frame) -> None:
+        """Stage the commits of one request; answered after the iteration's single fsync."""
+        assert self.offsets is not None and self.store is not None
+        group_id = field(frame.body, "group_id", str)
+        entries = field(frame.body, "offsets", list)
+        commits = []
+        for entry in entries:
+            if (not isinstance(entry, list) or len(entry) != 4
+                    or not isinstance(entry[0], str) or type(entry[1]) is not int
+                    or type(entry[2]) is not int or not isinstance(entry[3], str | None)):
+                raise ProtocolError("each committed offset is [topic, partition, offset, "
+                                    "metadata or null]")
+            topic, partition, offset, metadata = entry
+            partitions = self.store.get(validate_topic_name(topic)).partitions
+            validate_partition(partition, partitions, topic)
+            if offset < 0:
+                raise InvalidCommitOffsetError(
+                    f"cannot commit offset {offset} for {topic}/{partition}: offsets are >= 0")
+            commits.append((topic, partition, offset, metadata))
+        # commits without a member id (Kafka's generation -1: manual assignment, admin tools)
+        self.coordinator.validate_commit(group_id, None, -1, [(t, p) for t, p, _, _ in commits])
+        try:
+            self.offsets.stage(group_id, commits)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
+        self._staged_commits.append((connection, frame, len(commits)))
+
+    def _sync_commits(self) -> None:
+        if not self._staged_commits:
+            return
+        assert self.offsets is not None
+        staged, self._staged_commits = self._staged_commits, []
+        try:
+            self.offsets.sync()
+            error: ShmbrokerError | None = None
+        except StorageError as failure:
+            logger.error("committed offsets: %s", failure)
+            error = BrokerStorageError(str(failure))
+        for connection, frame, count in staged:
+            if connection.closed:
+                continue
+            if error is None:
+                connection.send(frame_head(frame.api_key, frame.correlation_id,
+                                           {"committed": count}))
+            else:
+                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+            self._update_interest(connection)
+
+    def _offset_fetch(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.offsets is not None
+        group_id = field(body, "group_id", str)
+        stored = self.offsets.offsets(group_id)
+        wanted = field(body, "partitions", list, default=None)
+        if wanted is None:
+            keys = sorted(stored)
+        else:
+            keys = []
+            for entry in wanted:
+                if (not isinstance(entry, list) or len(entry) != 2
+                        or not isinstance(entry[0], str) or type(entry[1]) is not int):
+                    raise ProtocolError("each partition is [topic, partition]")
+                keys.append((entry[0], entry[1]))
+        return {"offsets": [[topic, partition, *stored.get((topic, partition), (-1, None))]
+                            for topic, partition in keys]}
 
     def _park_until_ready(self, connection: ServerConnection, frame: Frame, topic: TopicMeta,
                           partitions: range) -> None:
@@ -513,6 +599,9 @@ class Supervisor:
         for key in list(self.selector.get_map().values()):
             if isinstance(key.data, ServerConnection):
                 key.data.close()
+        self._sync_commits()
+        if self.offsets is not None:
+            self.offsets.close()
         signal.set_wakeup_fd(-1)
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -61,8 +61,8 @@ def test_api_key_numbers_are_the_wire_values() -> None:
     assert {key.name: key.value for key in ApiKey} == {
         "ERROR": 0, "METADATA": 1, "CREATE_TOPIC": 2, "DELETE_TOPIC": 3, "LIST_TOPICS": 4,
         "DESCRIBE_TOPIC": 5, "ALTER_CONFIGS": 6, "ADD_PARTITIONS": 7, "STATUS": 8,
-        "FETCH": 20, "PRODUCE": 21, "ATTACH_RING": 22, "LIST_OFFSETS": 23, "UPDATE_CONFIG": 24,
-        "PING": 25,
+        "OFFSET_COMMIT": 9, "OFFSET_FETCH": 10,
+        "FETCH": 20, "PRODUCE": 21, "ATTACH_RING": 22, "LIST_OFFSETS": 23, "PING": 25,
     }
 
 

@@ -1,0 +1,76 @@
+"""Committed offsets for manually assigned consumers (Kafka's generation -1 commits): durable
+before acknowledged, used as the start position, surviving a supervisor SIGKILL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from broker_helpers import RunningBroker
+
+from shmbroker import Consumer, Producer, TopicPartition
+from shmbroker.errors import InvalidCommitOffsetError, UnknownTopicOrPartitionError
+
+pytestmark = pytest.mark.integration
+
+TP0, TP1 = TopicPartition("events", 0), TopicPartition("events", 1)
+
+
+def _produce(data_dir: Path, count: int) -> None:
+    with Producer(data_dir, linger_ms=1) as producer:
+        for index in range(count):
+            producer.send("events", b"%d" % index, partition=index % 2)
+        producer.flush(10)
+
+
+def test_commit_resume_and_survive_a_supervisor_kill(tmp_path: Path) -> None:
+    broker = RunningBroker(tmp_path / "data").start()
+    try:
+        with broker.admin() as admin:
+            admin.create_topic("events", partitions=2)
+        _produce(broker.data_dir, 40)  # 20 per partition
+        with Consumer(broker.data_dir, group_id="g", auto_offset_reset="earliest",
+                      enable_auto_commit=False) as consumer:
+            consumer.assign([TP0, TP1])
+            assert consumer.committed([TP0, TP1]) == {TP0: None, TP1: None}
+            records = []
+            while len(records) < 40:
+                records += consumer.poll(5000, max_records=7)
+            consumer.commit({TP0: 12})
+            consumer.commit()  # positions: TP1 is at 20, TP0 at 20 (overrides 12)
+            assert consumer.committed([TP0, TP1]) == {TP0: 20, TP1: 20}
+            consumer.commit({TP0: 5, TP1: 9})
+        broker.kill()  # SIGKILL supervisor and workers: acknowledged commits must survive
+        broker.start()
+        with broker.admin() as admin:
+            assert admin.list_consumer_group_offsets("g") == {("events", 0): 5, ("events", 1): 9}
+        with Consumer(broker.data_dir, group_id="g", auto_offset_reset="latest") as consumer:
+            consumer.assign([TP0, TP1])
+            got = []
+            while len(got) < 15 + 11:
+                got += consumer.poll(5000)
+            assert sorted((r.partition, r.offset) for r in got) == (
+                [(0, offset) for offset in range(5, 20)] + [(1, offset) for offset in range(9, 20)])
+        # auto-commit on close committed the positions
+        with Consumer(broker.data_dir, group_id="g") as consumer:
+            assert consumer.committed([TP0, TP1]) == {TP0: 20, TP1: 20}
+    finally:
+        broker.stop()
+        broker.cleanup_shared_memory()
+
+
+def test_bad_commits_get_clear_errors(broker: RunningBroker) -> None:
+    with broker.admin() as admin:
+        admin.create_topic("events", partitions=2)
+    with Consumer(broker.data_dir, group_id="g") as consumer:
+        with pytest.raises(UnknownTopicOrPartitionError, match="nope"):
+            consumer.commit({TopicPartition("nope", 0): 1})
+        with pytest.raises(UnknownTopicOrPartitionError, match="partition 7 does not exist"):
+            consumer.commit({TopicPartition("events", 7): 1})
+        with pytest.raises(InvalidCommitOffsetError, match="offsets are >= 0"):
+            consumer.commit({TP0: -3})
+        assert consumer.committed([TP0]) == {TP0: None}
+        consumer.commit({TP0: 3})  # the connection still works after refused commits
+        assert consumer.committed([TP0]) == {TP0: 3}
+    with Consumer(broker.data_dir) as consumer, pytest.raises(ValueError, match="group_id"):
+        consumer.commit({TP0: 1})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -62,7 +61,7 @@ class RunningBroker:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, wait: bool = True) -> RunningBroker:
+    def start(self, wait: bool = True, workers: bool = True) -> RunningBroker:
         command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
                    str(self.data_dir), "--log-level", self.log_level, *self.extra_args]
         if self.config_toml is not None:
@@ -73,11 +72,11 @@ class RunningBroker:
         self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         if wait:
-            self.wait_ready()
+            self.wait_ready(workers)
         return self
 
-    def wait_ready(self) -> None:
-        """Wait until the supervisor answers STATUS and no worker is still starting."""
+    def wait_ready(self, workers: bool = True) -> None:
+        """Wait until the supervisor answers STATUS and (``workers``) every worker runs."""
         from shmbroker.errors import BrokerNotRunningError
 
         def ready() -> bool:
@@ -92,8 +91,8 @@ class RunningBroker:
                     status = admin.status()
             except BrokerNotRunningError:
                 return False
-            return status["pid"] == self.pid and all(
-                worker["state"] != "starting" for worker in status["workers"])
+            return status["pid"] == self.pid and (not workers or all(
+                worker["state"] == "running" for worker in status["workers"]))
 
         wait_for(ready, STARTUP_TIMEOUT_S, message=f"the broker serving {self.data_dir}")
 
@@ -154,8 +153,7 @@ class RunningBroker:
 
         prefix = names.shm_prefix(self.data_dir)
         for name in names.list_names(prefix):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"/dev/shm/{name.lstrip('/')}")
+            names.unlink(name)
 
     def __enter__(self) -> RunningBroker:
         if self.process is None:

@@ -519,20 +519,12 @@ class _Fetched:
 
 
 class _Leftover:
-    """A record decoded by an earlier poll and held back by max_records: quacks like a batch."""
+    """A record decoded by an earlier poll and held back by max_records."""
 
-    __slots__ = ("record", "header")
+    __slots__ = ("record",)
 
     def __init__(self, record: Record) -> None:
         self.record = record
-        self.header = _LeftoverHeader(record.offset + 1)
-
-
-class _LeftoverHeader:
-    __slots__ = ("next_offset",)
-
-    def __init__(self, next_offset: int) -> None:
-        self.next_offset = next_offset
 
 
 def _first_offset(batch: Any) -> int:

@@ -80,13 +80,5 @@ class Metadata:
                     "not exist")
         return infos[partition]
 
-    def cached(self) -> dict[str, list[PartitionInfo]]:
-        with self._lock:
-            return dict(self._topics)
-
-    def forget(self, topic: str) -> None:
-        with self._lock:
-            self._topics.pop(topic, None)
-
     def close(self) -> None:
         self.connection.close()

@@ -46,6 +46,7 @@ from shmbroker.format.ring_layout import (
     CONTROL_WORKER_SLEEPING_POSITION,
     WORD_BYTES,
 )
+from shmbroker.shm import names
 
 STARTING = CONTROL_STATE_STARTING
 RUNNING = CONTROL_STATE_RUNNING
@@ -176,10 +177,7 @@ class ControlBlock:
         self._mmap = None
 
     def unlink(self) -> None:
-        try:
-            posix_ipc.unlink_shared_memory(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        names.unlink(self.name)
 
     def __repr__(self) -> str:
         return (f"<ControlBlock {self.name} {self.state_name} positions={self.positions()} "

@@ -20,6 +20,8 @@ import re
 import secrets
 from pathlib import Path
 
+import posix_ipc
+
 SHM_DIR = "/dev/shm"
 PREFIX_HEX_DIGITS = 12
 RING_ID_BITS = 63
@@ -61,3 +63,13 @@ def list_names(prefix: str) -> list[str]:
 def new_ring_id() -> int:
     """A random positive 63-bit ring id; also the Kafka producer_id stamped in its batches."""
     return secrets.randbits(RING_ID_BITS) | 1
+
+
+def unlink(name: str) -> bool:
+    """Remove shared-memory object ``name`` (mappings stay valid until closed); False if it was
+    already gone."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        return False
+    return True

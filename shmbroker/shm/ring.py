@@ -78,6 +78,7 @@ from shmbroker.format.ring_layout import (
     data_area_position,
     ring_object_bytes,
 )
+from shmbroker.shm import names
 
 Buffer = bytes | bytearray | memoryview
 
@@ -147,10 +148,7 @@ class _RingMapping:
 
     def unlink(self) -> None:
         """Remove the ring's name (mappings stay valid until closed)."""
-        try:
-            posix_ipc.unlink_shared_memory(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        names.unlink(self.name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} data_bytes={self.data_bytes}>"

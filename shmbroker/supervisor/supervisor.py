@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import posix_ipc
 import psutil
 
 from shmbroker import __version__, limits
@@ -180,7 +179,7 @@ class Supervisor:
                 topic_id = rest[1:].split(".", 1)[0]
                 if topic_id.isdigit() and int(topic_id) in live:
                     continue
-            _unlink_shm(name)
+            names.unlink(name)
 
     # -- workers ------------------------------------------------------------------------------
     def _paths(self, topic: TopicMeta, partition: int) -> PartitionPaths:
@@ -522,7 +521,7 @@ class Supervisor:
         prefix = names.shm_prefix(self.data_dir)
         for name in names.list_names(prefix):
             if name.lstrip("/").startswith(f"{prefix}.t{topic.topic_id}."):
-                _unlink_shm(name)
+                names.unlink(name)
         for partition in range(topic.partitions):
             paths = self._paths(topic, partition)
             for path in (paths.lock_path, paths.socket_path):
@@ -595,7 +594,7 @@ class Supervisor:
                 handle.kill_if_overdue(now)
         for handle in self.workers.values():
             handle.close_ready_fd()
-            _unlink_shm(handle.paths.control_block_name)
+            names.unlink(handle.paths.control_block_name)
         for key in list(self.selector.get_map().values()):
             if isinstance(key.data, ServerConnection):
                 key.data.close()
@@ -606,11 +605,6 @@ class Supervisor:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         logger.info("stopped")
-
-
-def _unlink_shm(name: str) -> None:
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_shared_memory(name)
 
 
 def _process_view(handle: WorkerHandle) -> dict[str, Any]:

@@ -16,56 +16,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker_helpers import RunningBroker, wait_for
-
 from shmbroker import Consumer, Record, TopicPartition
 from shmbroker.client.connection import read_frame
-from shmbroker.errors import BrokerNotRunningError
 from shmbroker.protocol.frames import encode_frame
 from shmbroker.transport.unix import connect
 
 POLL_MS = 500
-ANSWER_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 30.0
 PROCESS_TIMEOUT_S = 90.0
 
 Acked = tuple[bytes, int, int]
-
-def wait_answering(broker: RunningBroker, workers: bool = True) -> None:
-    """Wait until the supervisor answers a request and (``workers``) every worker runs.
-
-    ``RunningBroker.wait_ready`` only waits for ``broker.sock`` to exist: the supervisor binds
-    it before it listens (connect then fails with ECONNREFUSED), a killed broker leaves a stale
-    one behind, and workers boot after the supervisor listens.
-    """
-    def answers() -> bool:
-        try:
-            with broker.admin() as admin:
-                status = admin.status()
-        except BrokerNotRunningError:
-            return False
-        return not workers or all(worker["state"] == "running" for worker in status["workers"])
-
-    wait_for(answers, ANSWER_TIMEOUT_S, interval_s=0.02,
-             message=f"the broker on {broker.data_dir} to answer with every worker running")
-
-
-def running_broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """The body of the ``broker`` fixture of these tests: a broker that answers."""
-    with RunningBroker(tmp_path / "data") as running:
-        wait_answering(running)
-        yield running
-
-
-def restart(broker: RunningBroker, workers: bool = True) -> None:
-    """Start ``broker`` again (after stop or kill) and wait until it answers."""
-    broker.start()
-    wait_answering(broker, workers)
-
 
 # One producer process.  argv[1] is a JSON spec: data_dir, topic, out (a path), producer
 # (keyword arguments of Producer), records (a list of {"value", "key"?, "partition"?,

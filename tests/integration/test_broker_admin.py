@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from broker_helpers import RunningBroker, wait_for
-from integration.produce_helpers import check_acked, read_partitions, running_broker, wait_answering
+from integration.produce_helpers import check_acked, read_partitions
 
 from shmbroker import Consumer, Producer, TopicPartition
 from shmbroker.client.partitioner import partition_for_key
@@ -30,12 +29,6 @@ from shmbroker.errors import (
 from shmbroker.shm import names
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker that answers (see produce_helpers.wait_answering)."""
-    yield from running_broker(tmp_path)
 
 
 SEGMENT_BYTES = 2048
@@ -335,7 +328,7 @@ def test_invalid_config_raises_invalid_config_error(broker: RunningBroker) -> No
 def test_restart_keeps_topics_and_configs(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     with RunningBroker(data_dir) as broker:
-        wait_answering(broker)
+        broker.wait_ready()
         with broker.admin() as admin:
             admin.create_topic("kept", partitions=2, config={"retention_ms": HOUR_MS})
             admin.create_topic("changed", partitions=1)
@@ -350,7 +343,7 @@ def test_restart_keeps_topics_and_configs(tmp_path: Path) -> None:
         segments_before = len(_segments(broker, "changed", 0))
         assert segments_before > 1
     with RunningBroker(data_dir) as broker:
-        wait_answering(broker)
+        broker.wait_ready()
         with broker.admin() as admin:
             assert sorted(admin.list_topics()) == ["changed", "kept"]
             after = {name: admin.describe_topic(name) for name in ("kept", "changed")}

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from integration.produce_helpers import (
     raw_request,
     read_partitions,
     read_reply_or_eof,
-    running_broker,
 )
 
 from shmbroker import Consumer, Producer, TopicPartition
@@ -36,12 +34,6 @@ from shmbroker.protocol.frames import HEADER, HEADER_REST_SIZE, encode_frame
 from shmbroker.protocol.messages import RING_RESULT_NUMBERS, ApiKey
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker that answers (see produce_helpers.wait_answering)."""
-    yield from running_broker(tmp_path)
 
 
 SMALL_MAX_BATCH_BYTES = 1024

@@ -21,9 +21,6 @@ from integration.produce_helpers import (
     BackgroundProducer,
     check_acked,
     read_partitions,
-    restart,
-    running_broker,
-    wait_answering,
 )
 
 from shmbroker import Consumer, Producer, Record, TopicPartition
@@ -35,12 +32,6 @@ from shmbroker.shm.ring import RingReader, RingWriter
 from shmbroker.storage.partition_log import PartitionLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker that answers (see produce_helpers.wait_answering)."""
-    yield from running_broker(tmp_path)
 
 
 RESTART_TIMEOUT_S = 20.0
@@ -177,7 +168,7 @@ def test_restarted_worker_recognises_ring_batches_the_dead_one_appended(
         del region
         reader.close()  # ... and the worker died here, before publish
 
-        restart(broker)
+        broker.start()
         wait_for(lambda: writer.in_flight == 0, RESTART_TIMEOUT_S, message="ring acks")
         first_seq, results = writer.acks()
         assert (first_seq, results) == (0, [10, 13, 16, 19])
@@ -203,7 +194,7 @@ def test_broker_restart_under_load_keeps_every_acked_record(broker: RunningBroke
             assert broker.stop() == 0
         else:
             broker.kill()
-        restart(broker)
+        broker.start()
         load.wait_acked(LOAD_RECORDS)
         acked = load.stop()
     assert len(acked) == len(load.sent)
@@ -218,7 +209,7 @@ def test_broker_restart_keeps_acked_records_of_closed_producers(broker: RunningB
         metas = [producer.send("closed", b"c%d" % i, partition=i % 2).result(10)
                  for i in range(200)]
     broker.kill()
-    restart(broker)  # and wait until every worker runs
+    broker.start()  # and wait until every worker runs
     _check_everything_acked(broker, "closed", 2,
                             [(b"c%d" % i, meta.partition, meta.offset)
                              for i, meta in enumerate(metas)])
@@ -227,7 +218,7 @@ def test_broker_restart_keeps_acked_records_of_closed_producers(broker: RunningB
 def test_worker_that_cannot_boot_is_given_up_others_keep_working(tmp_path: Path) -> None:
     config = "worker_boot_failures_max = 3\nworker_restart_backoff_ms_max = 200\n"
     with RunningBroker(tmp_path / "data", config_toml=config) as broker:
-        wait_answering(broker)
+        broker.wait_ready()
         with broker.admin() as admin:
             admin.create_topic("boot", partitions=2)
         with Producer(broker.data_dir, linger_ms=0) as producer:
@@ -238,7 +229,7 @@ def test_worker_that_cannot_boot_is_given_up_others_keep_working(tmp_path: Path)
         log_dir = broker.data_dir / "topics" / "boot" / "1"
         shutil.rmtree(log_dir)
         log_dir.write_bytes(b"not a directory")
-        restart(broker, workers=False)
+        broker.start(workers=False)
 
         wait_for(lambda: _worker_state(broker, "boot", 1)[1] == "failed", RESTART_TIMEOUT_S,
                  message="boot/1 given up")
@@ -278,7 +269,7 @@ def test_producer_wakes_the_new_worker_after_a_broker_restart(broker: RunningBro
 
         before_ms = median_latency_ms()
         assert broker.stop() == 0
-        restart(broker)
+        broker.start()
         producer.send("wake", b"first after restart", partition=0).result(30)
         after_ms = median_latency_ms()
     # A sleeping worker that is never woken answers after its select timeout (20-50 ms).

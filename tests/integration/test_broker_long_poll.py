@@ -6,12 +6,10 @@ from __future__ import annotations
 import select
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from broker_helpers import RunningBroker, wait_for
-from integration.produce_helpers import raw_connect, read_partitions, running_broker
+from integration.produce_helpers import raw_connect, read_partitions
 
 from shmbroker import Admin, Consumer, Producer, TopicPartition
 from shmbroker.client.connection import read_frame
@@ -20,12 +18,6 @@ from shmbroker.protocol.frames import encode_frame
 from shmbroker.protocol.messages import ApiKey
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker that answers (see produce_helpers.wait_answering)."""
-    yield from running_broker(tmp_path)
 
 
 LONG_POLL_MS = 5000

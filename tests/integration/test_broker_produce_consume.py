@@ -6,7 +6,6 @@ offset."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from integration.produce_helpers import (
     check_acked,
     producer_results,
     read_partitions,
-    running_broker,
     start_producer_process,
 )
 
@@ -25,12 +23,6 @@ from shmbroker.client.partitioner import partition_for_key
 from shmbroker.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker that answers (see produce_helpers.wait_answering)."""
-    yield from running_broker(tmp_path)
 
 
 PARTITIONS = 3

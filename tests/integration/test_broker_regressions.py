@@ -31,7 +31,6 @@ from integration.produce_helpers import (
     raw_connect,
     raw_request,
     read_partitions,
-    restart,
 )
 
 from shmbroker import Consumer, Producer, TopicPartition
@@ -148,7 +147,7 @@ def test_restarted_worker_recognises_decided_frames_across_smaller_regions(
             [value_a], producer_id=ring_a_id, producer_epoch=0, base_sequence=0)) == 0
         assert names.list_rings(paths.shm_prefix, topic_id, 0) == [writer_b.name, writer_a.name]
 
-        restart(broker)
+        broker.start()
         wait_for(lambda: writer_a.in_flight == 0 and writer_b.in_flight == 0, WAIT_S,
                  message="both rings acknowledged")
         assert writer_b.acks() == (0, [0, RESULT_CORRUPT, 1, 2])
@@ -421,7 +420,7 @@ def test_create_during_deletion_is_refused_and_orphaned_topic_dirs_are_removed(
     finally:
         _resume(old_orphan)
     assert (broker.data_dir / "topics" / "orphan").exists()
-    restart(broker)
+    broker.start()
     assert not (broker.data_dir / "topics" / "orphan").exists()
     with broker.admin() as admin:
         admin.create_topic("orphan", partitions=1)

@@ -20,28 +20,11 @@ from click.testing import CliRunner, Result
 
 from shmbroker import Producer, __version__
 from shmbroker.cli import main
-from shmbroker.errors import BrokerNotRunningError
 
 pytestmark = pytest.mark.integration
 
 SUBPROCESS_TIMEOUT_S = 60
 TOPIC_NAME_RULE = "1 to 249 characters from [a-zA-Z0-9._-]"
-
-
-@pytest.fixture
-def broker(broker: RunningBroker) -> RunningBroker:
-    """The shared fixture's broker once it answers: its socket file appears at bind(), before
-    listen(), and a connect in between is refused (see transport/unix.listen)."""
-
-    def answers() -> bool:
-        try:
-            broker.worker_pids()
-        except BrokerNotRunningError:
-            return False
-        return True
-
-    wait_for(answers, message=f"the broker of {broker.data_dir} to answer")
-    return broker
 
 
 def cli(data_dir: Path, *args: str, input: bytes | None = None) -> Result:

@@ -21,10 +21,7 @@ from shmbroker.shm.doorbell import Doorbell, ring, sender_socket
 def name(tmp_path: Path) -> Iterator[str]:
     value = names.control_block_name(names.shm_prefix(tmp_path), 2, 5)
     yield value
-    try:
-        posix_ipc.unlink_shared_memory(value)
-    except posix_ipc.ExistentialError:
-        pass
+    names.unlink(value)
 
 
 def test_create_write_and_read_elsewhere(name: str) -> None:

@@ -47,10 +47,7 @@ def seed_for(test: str) -> int:
 
 
 def unlink_quietly(name: str) -> None:
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
+    names.unlink(name)
 
 
 @pytest.fixture

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 
 class ShmbrokerError(Exception):
-    """Base class of every error shmbroker raises on purpose."""
+    """Base class of every error shmbroker raises on purpose.
+
+    ``code``, where a class has one, is what the error is called on the wire (see
+    ``protocol.messages.error_body``); the receiving side raises the BrokerError subclass that
+    declares the same code (``error_from_code``).
+    """
+
+    code: str | None = None
 
 
 class CorruptRecordError(ShmbrokerError):
@@ -20,6 +27,8 @@ class CorruptRecordError(ShmbrokerError):
     past the end, varint overflow, record counts that disagree with the bytes.  ``position`` is the
     byte position (in the buffer or file being read) of the batch at fault, when known.
     """
+
+    code = "CORRUPT_MESSAGE"  # received as CorruptBatchError
 
     def __init__(self, message: str, position: int | None = None) -> None:
         if position is not None:
@@ -34,6 +43,8 @@ class UnsupportedCodecError(CorruptRecordError):
 
 class RecordTooLargeError(ShmbrokerError):
     """A batch or record exceeds a declared size limit."""
+
+    code = "MESSAGE_TOO_LARGE"  # received as BatchTooLargeError
 
 
 class BrokerError(ShmbrokerError):
@@ -51,6 +62,8 @@ class InvalidConfigError(BrokerError, ValueError):
 class OffsetOutOfRangeError(ShmbrokerError):
     """An offset lies outside [log_start_offset, log_end_offset]."""
 
+    code = "OFFSET_OUT_OF_RANGE"  # received as OffsetOutOfRangeBrokerError
+
     def __init__(self, offset: int, log_start_offset: int, log_end_offset: int) -> None:
         super().__init__(
             f"offset {offset} is out of range: the log holds offsets "
@@ -67,6 +80,8 @@ class LogClosedError(ShmbrokerError):
 
 class StorageError(ShmbrokerError):
     """The file system failed us (ENOSPC, EIO, permissions); the log was left consistent."""
+
+    code = "KAFKA_STORAGE_ERROR"  # received as BrokerStorageError
 
 
 # ------------------------------------------------------------------------------------------------

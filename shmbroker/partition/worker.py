@@ -559,7 +559,7 @@ class PartitionWorker:
         raw = frame.raw
         if not len(raw):
             raise ProtocolError("a produce request carries at least one batch")
-        view = memoryview(bytearray(raw))
+        view = raw  # the decoder's private, writable copy
         try:
             results = log.append(view).base_offsets
         except CorruptRecordError:

@@ -168,7 +168,9 @@ class FrameDecoder:
         json_end = start + header.json_length
         end = self._start + header.total_length
         body = decode_body(memoryview(self._buffer)[start:json_end])
-        raw = memoryview(bytes(self._buffer[json_end:end]))
+        # a slice of a bytearray is a private, writable copy: the one copy the raw part needs
+        # (a worker rewrites base offsets in it before appending)
+        raw = memoryview(self._buffer[json_end:end])
         self._start = end
         self._header = None
         if self._start > 1 << 20 and self._start * 2 > len(self._buffer):

@@ -29,11 +29,9 @@ from typing import Any
 
 from shmbroker.errors import (
     BrokerError,
-    CorruptRecordError,
     OffsetOutOfRangeError,
     ProtocolError,
-    RecordTooLargeError,
-    StorageError,
+    ShmbrokerError,
     error_from_code,
 )
 from shmbroker.protocol.frames import encode_frame
@@ -110,19 +108,10 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
 
 def error_body(error: BaseException) -> dict[str, Any]:
     """The JSON of an error response for ``error``."""
-    code = getattr(error, "code", None)
-    if not isinstance(error, BrokerError) or not isinstance(code, str):
-        if isinstance(error, CorruptRecordError):
-            code = "CORRUPT_MESSAGE"
-        elif isinstance(error, RecordTooLargeError):
-            code = "MESSAGE_TOO_LARGE"
-        elif isinstance(error, StorageError):
-            code = "KAFKA_STORAGE_ERROR"
-        else:
-            code = BrokerError.code
-    body: dict[str, Any] = {"error": code, "message": str(error)}
+    code = error.code if isinstance(error, ShmbrokerError) else None
+    body: dict[str, Any] = {"error": code or BrokerError.code, "message": str(error)}
     if isinstance(error, OffsetOutOfRangeError):
-        body.update(error="OFFSET_OUT_OF_RANGE", offset=error.offset,
+        body.update(offset=error.offset,
                     log_start_offset=error.log_start_offset,
                     log_end_offset=error.log_end_offset)
     return body

@@ -154,9 +154,9 @@ class Producer:
         self.max_block_s = max_block_ms / 1000
         self.buffer_memory_bytes = buffer_memory_bytes
         self.delivery_timeout_s = delivery_timeout_ms / 1000
-        self.codec = record_batch.CODEC_NONE if compression in (None, "none") else compression
+        self.codec = record_batch.codec_number(compression or "none")  # ValueError if unknown
         if self.codec != record_batch.CODEC_NONE:
-            record_batch.compress(record_batch._codec_number(self.codec), b"")  # type: ignore[arg-type]
+            record_batch.compress(self.codec, b"")  # one this build cannot encode: say so now
         self.ring_bytes = ring_bytes
         self.ring_ack_slots = ring_ack_slots
         self.transport = transport

@@ -360,7 +360,8 @@ def _attributes(codec: int, log_append_time: bool, transactional: bool, control:
     return attributes
 
 
-def _codec_number(codec: int | str) -> int:
+def codec_number(codec: int | str) -> int:
+    """The attribute bits of a codec given by name ("gzip") or number; ValueError if unknown."""
     if isinstance(codec, str):
         try:
             return CODECS_BY_NAME[codec]
@@ -416,16 +417,16 @@ def encode_batch_columnar(
         base_timestamp = int(timestamp_array[0])
         max_timestamp = int(timestamp_array.max())
         timestamp_deltas = timestamp_array - base_timestamp
-    codec_number = _codec_number(codec)
+    codec_bits = codec_number(codec)
     records = columnar.encode_records(
         values, value_lengths, keys=keys, key_lengths=key_lengths,
         timestamp_deltas=timestamp_deltas, headers=headers, header_lengths=header_lengths,
         head_room=HEADER_SIZE)
-    if codec_number != CODEC_NONE:
-        records = bytearray(HEADER_SIZE) + compress(codec_number, memoryview(records)[HEADER_SIZE:])
+    if codec_bits != CODEC_NONE:
+        records = bytearray(HEADER_SIZE) + compress(codec_bits, memoryview(records)[HEADER_SIZE:])
     return finish_batch(
         records, count,
-        attributes=_attributes(codec_number, log_append_time, transactional, control),
+        attributes=_attributes(codec_bits, log_append_time, transactional, control),
         base_offset=base_offset, base_timestamp=base_timestamp, max_timestamp=max_timestamp,
         producer_id=producer_id, producer_epoch=producer_epoch, base_sequence=base_sequence,
         partition_leader_epoch=partition_leader_epoch)
@@ -561,13 +562,13 @@ def _encode_small(values: Sequence[bytes | None], keys: Sequence[bytes | None] |
         if len(headers) != count:
             raise ValueError(f"{len(headers)} header lists for {count} values")
         sections = [columnar.encode_headers(h) if h else columnar.NO_HEADERS for h in headers]
-    codec_number = _codec_number(codec)
+    codec_bits = codec_number(codec)
     records = small_batch.encode_records(values, keys, deltas, sections)
-    if codec_number != CODEC_NONE:
-        records = compress(codec_number, records)
+    if codec_bits != CODEC_NONE:
+        records = compress(codec_bits, records)
     return finish_batch(
         bytearray(HEADER_SIZE) + records, count,
-        attributes=_attributes(codec_number, log_append_time, transactional, control),
+        attributes=_attributes(codec_bits, log_append_time, transactional, control),
         base_offset=base_offset, base_timestamp=base_timestamp, max_timestamp=max_timestamp,
         producer_id=producer_id, producer_epoch=producer_epoch, base_sequence=base_sequence,
         partition_leader_epoch=partition_leader_epoch)

@@ -10,22 +10,33 @@ Each assigned partition keeps one fetch in flight on its worker's socket: as soo
 arrives the next fetch is sent, before the records are decoded, so the worker reads the next
 range while we decode this one.  A response is whole RecordBatches straight from the segment file
 (the worker uses sendfile); records below the position are skipped (a fetch starts at the batch
-holding the position).  Group membership and commits are the consumer-group issue's work: this
-consumer is assigned partitions explicitly.
+holding the position).
+
+Partitions come from :meth:`Consumer.assign` (explicit) or :meth:`Consumer.subscribe` (a consumer
+group: the supervisor's coordinator assigns them, see ``membership.py``).  As a group member the
+consumer reconciles inside ``poll``, on the application's thread: it commits (with auto-commit)
+and drops the partitions it is losing, calls ``on_partitions_revoked``, has its heartbeat thread
+acknowledge at once, then takes the partitions newly given to it (``on_partitions_assigned``)
+starting at their committed offsets.  A partition is therefore never consumed by two members of
+a group at once, and a clean rebalance consumes nothing twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import selectors
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
+from shmbroker.client.committer import AsyncCommitter, CommitCallback
 from shmbroker.client.connection import Connection, read_frame
-from shmbroker.client.metadata import Metadata, PartitionInfo
+from shmbroker.client.membership import Membership
+from shmbroker.client.metadata import BROKER_SOCKET, Metadata, PartitionInfo
 from shmbroker.client.types import (
     ColumnarRecords,
     OffsetAndTimestamp,
@@ -50,7 +61,21 @@ from shmbroker.shm import control_block
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.transport.unix import connect
 
+logger = logging.getLogger("shmbroker.consumer")
+
 RECONNECT_PAUSE_S = 0.05
+_WAKE = "wake"
+
+
+class ConsumerRebalanceListener(Protocol):
+    """Kafka's ConsumerRebalanceListener.  Called inside ``poll`` (the application's thread).
+    ``on_partitions_lost`` (optional; default: ``on_partitions_revoked``) is called instead of
+    revoked when the membership was lost (fenced, session expired, supervisor gone): the
+    partitions may already belong to another member, so nothing is committed."""
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None: ...
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None: ...
 
 
 class _Fetcher:
@@ -67,6 +92,7 @@ class _Fetcher:
         self.buffered: list[Any] = []  # decoded, not yet returned (max_records)
         self.retry_at = 0.0
         self.high_watermark = -1
+        self.committed_checked = False  # its committed offset was looked up already
 
     def close(self) -> None:
         if self.sock is not None:
@@ -77,17 +103,28 @@ class _Fetcher:
 
 
 class Consumer:
-    """Kafka-shaped consumer with explicit assignment.  Not thread-safe (as Kafka's)."""
+    """Kafka-shaped consumer: explicit assignment or group subscription.  Not thread-safe (as
+    Kafka's); its heartbeat thread is internal."""
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
                  auto_offset_reset: str = "latest", fetch_max_bytes: int = 4 * 1024 * 1024,
                  fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  max_poll_records: int | None = None, check_crcs: bool = True,
                  request_timeout_ms: int = 30_000, group_id: str | None = None,
-                 enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000) -> None:
+                 enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000,
+                 session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000,
+                 group_instance_id: str | None = None, assignor: str = "range",
+                 client_id: str = "shmbroker-consumer") -> None:
         if auto_offset_reset not in ("earliest", "latest", "none"):
             raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not "
                              f"{auto_offset_reset!r}")
+        for name, value in (("session_timeout_ms", session_timeout_ms),
+                            ("max_poll_interval_ms", max_poll_interval_ms),
+                            ("auto_commit_interval_ms", auto_commit_interval_ms)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be an int > 0, not {value!r}")
+        if group_instance_id is not None and group_id is None:
+            raise ValueError("group_instance_id needs a group_id")
         self.data_dir = resolve_data_dir(data_dir)
         self.auto_offset_reset = auto_offset_reset
         self.fetch_max_bytes = fetch_max_bytes
@@ -98,22 +135,79 @@ class Consumer:
         self.request_timeout_s = request_timeout_ms / 1000
         self._metadata = Metadata(self.data_dir, self.request_timeout_s)
         self._metadata.refresh()
-        # Committed offsets of group_id, for manually assigned partitions (Kafka's
-        # generation -1 commits).  Group membership (subscribe) is the consumer-group issue's.
+        # group_id: committed offsets (for assign() too: Kafka's generation -1 commits) and,
+        # after subscribe(), membership
         self.group_id = group_id
+        self.group_instance_id = group_instance_id
+        self.session_timeout_ms = session_timeout_ms
+        self.max_poll_interval_ms = max_poll_interval_ms
+        self.assignor = assignor
+        self.client_id = client_id
+        self._membership: Membership | None = None
+        self._listener: Any = None
+        self._seen_version = -1
+        self._committer: AsyncCommitter | None = None
         self.auto_commit_s = (auto_commit_interval_ms / 1000
                               if group_id is not None and enable_auto_commit else None)
         self._next_auto_commit = time.monotonic() + (self.auto_commit_s or 0)
         self._fetchers: dict[TopicPartition, _Fetcher] = {}
         self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._control_blocks: dict[TopicPartition, ControlBlock] = {}
         self._closed = False
         self._correlation = 0
 
     # -- assignment and positions ----------------------------------------------------------------
+    def subscribe(self, topics: Iterable[str] = (), pattern: str | re.Pattern[str] | None = None,
+                  listener: ConsumerRebalanceListener | None = None) -> None:
+        """Join ``group_id`` subscribed to ``topics`` or (exclusive) to the topics whose whole
+        name matches ``pattern`` (also topics created later); the coordinator assigns the
+        partitions.  Calling it again changes the subscription."""
+        self._check_open()
+        if self.group_id is None:
+            raise ValueError("subscribe() needs a group_id (Consumer(group_id=...))")
+        if isinstance(topics, str):
+            topics = [topics]
+        names = list(topics)
+        if isinstance(pattern, re.Pattern):
+            pattern = pattern.pattern
+        if (pattern is None) == (not names):
+            raise ValueError("subscribe to a list of topics or to a pattern, exactly one")
+        if self._membership is None and self._fetchers:
+            raise ValueError("this consumer has partitions from assign(); a consumer either "
+                             "assigns or subscribes (unsubscribe() first)")
+        self._listener = listener
+        if self._membership is None:
+            self._membership = Membership(
+                self.data_dir / BROKER_SOCKET, self.group_id,
+                group_instance_id=self.group_instance_id, client_id=self.client_id,
+                assignor=self.assignor, session_timeout_ms=self.session_timeout_ms,
+                max_poll_interval_ms=self.max_poll_interval_ms,
+                request_timeout_s=self.request_timeout_s, wake_consumer=self._wake)
+        self._membership.subscribe(names or None, pattern)
+
+    def subscription(self) -> set[str] | str | None:
+        """The subscribed topics (or pattern), None when not subscribed."""
+        if self._membership is None:
+            return None
+        return set(self._membership.topics or ()) or self._membership.pattern
+
+    def unsubscribe(self) -> None:
+        """Leave the group (committing first with auto-commit) and drop every partition."""
+        self._check_open()
+        self._leave_group()
+        for tp in list(self._fetchers):
+            self._drop(tp)
+
     def assign(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
         """Consume exactly these partitions (replacing any previous assignment)."""
         self._check_open()
+        if self._membership is not None:
+            raise ValueError("this consumer is subscribed to a group; unsubscribe() before "
+                             "assign()")
         wanted = [TopicPartition(*tp) for tp in partitions]
         infos = {tp: self._metadata.partition(tp.topic, tp.partition) for tp in wanted}
         for tp in list(self._fetchers):
@@ -235,11 +329,13 @@ class Consumer:
 
     def _poll_batches(self, timeout_ms: int) -> list[tuple[_Fetcher, Any, int]]:
         self._check_open()
-        if not self._fetchers:
-            raise ClosedError("the consumer has no assigned partitions: call assign() first")
+        if not self._fetchers and self._membership is None:
+            raise ClosedError("the consumer has no partitions: call assign() or subscribe() "
+                              "first")
         deadline = time.monotonic() + max(0, timeout_ms) / 1000
         ready: list[tuple[_Fetcher, Any, int]] = []
         while True:
+            self._reconcile()  # nothing polled but not returned yet: positions are exact
             for fetcher in self._fetchers.values():
                 if fetcher.buffered and not fetcher.paused:
                     ready += [(fetcher, batch, min_offset)
@@ -259,8 +355,11 @@ class Consumer:
             events = self._selector.select(timeout) if self._selector.get_map() else (
                 time.sleep(timeout) or [])
             for key, _ in events:
-                fetcher = key.data
-                ready += self._receive(fetcher)
+                if key.data is _WAKE:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                    continue
+                ready += self._receive(key.data)
             if ready or time.monotonic() >= deadline:
                 break
         return ready
@@ -355,7 +454,103 @@ class Consumer:
             fetcher = self._fetchers[TopicPartition(record.topic, record.partition)]
             fetcher.buffered.append((_Leftover(record), record.offset))
 
-    # -- helpers -----------------------------------------------------------------------------------
+    # -- group membership --------------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Called by the heartbeat thread: a response or a loss is waiting to be reconciled."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"w")
+
+    def _reconcile(self) -> None:
+        """Bring the partitions consumed in line with the membership's latest response (on the
+        application's thread, between polls' records: positions are exactly what was returned)."""
+        membership = self._membership
+        if membership is None:
+            return
+        membership.polled()
+        with membership.lock:
+            error = membership.error
+            if error is None and membership.version == self._seen_version:
+                return
+            self._seen_version = membership.version
+            lost, reason, assigned = membership.lost, membership.lost_reason, membership.assigned
+        if error is not None:
+            raise error
+        if lost:
+            dropped = set(self._fetchers)
+            for tp in dropped:
+                self._drop(tp)
+            if dropped:
+                logger.warning("group %r: %d partition(s) lost: %s", self.group_id,
+                               len(dropped), reason)
+                self._call_listener("on_partitions_lost", dropped)
+            membership.acknowledge_lost()
+            return
+        revoked = set(self._fetchers) - assigned
+        if revoked:
+            self._revoke(revoked)
+            with membership.lock:
+                membership.owned -= revoked
+            membership.heartbeat_now()  # acknowledges the revocation
+        new = set(assigned) - set(self._fetchers)
+        if new:
+            self._take(new)
+            with membership.lock:
+                membership.owned |= new
+            self._call_listener("on_partitions_assigned", new)
+
+    def _revoke(self, revoked: set[TopicPartition]) -> None:
+        """Commit (auto-commit) the positions of ``revoked``, tell the listener, drop them."""
+        if self.auto_commit_s is not None:
+            offsets = {tp: self.position(tp) for tp in revoked
+                       if self._fetchers[tp].position is not None}
+            try:
+                self.commit(offsets)
+            except (ShmbrokerError, OSError) as error:
+                logger.warning("group %r: commit before revoking %d partition(s) failed: %s",
+                               self.group_id, len(revoked), error)
+        self._call_listener("on_partitions_revoked", revoked)
+        for tp in revoked:
+            self._drop(tp)
+
+    def _take(self, new: set[TopicPartition]) -> None:
+        """Start consuming ``new`` partitions at their committed offsets (one request)."""
+        for tp in sorted(new):
+            try:
+                info = self._metadata.partition(tp.topic, tp.partition)
+            except ShmbrokerError:  # created a moment ago: our cache is older
+                self._metadata.refresh([tp.topic])
+                info = self._metadata.partition(tp.topic, tp.partition)
+            self._fetchers[tp] = _Fetcher(info, tp)
+        for tp, offset in self.committed(new).items():
+            fetcher = self._fetchers[tp]
+            fetcher.committed_checked = True
+            if offset is not None:
+                fetcher.position = offset
+
+    def _call_listener(self, name: str, partitions: set[TopicPartition]) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        method = getattr(listener, name, None)
+        if method is None and name == "on_partitions_lost":
+            method = getattr(listener, "on_partitions_revoked", None)
+        if method is not None:
+            method(set(partitions))
+
+    def _leave_group(self) -> None:
+        """Commit (auto-commit), revoke everything through the listener, leave the group."""
+        membership = self._membership
+        if membership is None:
+            return
+        try:
+            with membership.lock:
+                lost = membership.lost or membership.member_id is None
+            if self._fetchers and not lost:
+                self._revoke(set(self._fetchers))
+        finally:
+            self._membership = None
+            membership.close()
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("the consumer is closed")
@@ -381,17 +576,51 @@ class Consumer:
     # -- committed offsets ---------------------------------------------------------------------
     def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
         """Durably commit ``offsets`` (default: the position of every assigned partition, the
-        next record to consume) for this consumer's group_id; returns once stored."""
+        next record to consume) for this consumer's group_id; returns once stored.  A group
+        member's commit is refused (UnknownMemberIdError, FencedMemberEpochError,
+        StaleMemberEpochError, PartitionNotOwnedError) once the partitions are no longer its."""
+        body = self._commit_body(offsets)
+        if self._committer is not None:  # asynchronous commits sent before go first
+            self._committer.flush()
+            self._run_commit_callbacks()
+        if body is not None:
+            self._metadata.connection.request(ApiKey.OFFSET_COMMIT, body)
+
+    def commit_async(self, offsets: Mapping[TopicPartition, int] | None = None,
+                     callback: CommitCallback | None = None) -> None:
+        """Commit without waiting: ``callback(offsets, error_or_None)`` is called from a later
+        ``poll``, ``commit`` or ``close``.  Commits land in the order they were made."""
+        body = self._commit_body(offsets)
+        if body is None:
+            return
+        if self._committer is None:
+            self._committer = AsyncCommitter(self.data_dir / BROKER_SOCKET,
+                                             self.request_timeout_s)
+        sent = {TopicPartition(t, p): offset for t, p, offset, _ in body["offsets"]}
+        self._committer.send(body, sent, callback)
+
+    def _commit_body(self, offsets: Mapping[TopicPartition, int] | None) -> dict[str, Any] | None:
+        self._check_open()
         if self.group_id is None:
             raise ValueError("commit() needs a group_id (Consumer(group_id=...))")
         if offsets is None:  # what poll returned so far (held-back records not included)
             offsets = {tp: self.position(tp) for tp, fetcher in self._fetchers.items()
                        if fetcher.position is not None}
         if not offsets:
-            return
-        entries = [[tp[0], tp[1], offset, None] for tp, offset in offsets.items()]
-        self._metadata.connection.request(ApiKey.OFFSET_COMMIT,
-                                          {"group_id": self.group_id, "offsets": entries})
+            return None
+        body: dict[str, Any] = {"group_id": self.group_id, "offsets": [
+            [tp[0], tp[1], offset, None] for tp, offset in offsets.items()]}
+        membership = self._membership
+        if membership is not None:
+            with membership.lock:
+                body["member_id"] = membership.member_id
+                body["member_epoch"] = membership.member_epoch
+        return body
+
+    def _run_commit_callbacks(self) -> None:
+        if self._committer is not None:
+            for error in self._committer.run_callbacks():
+                logger.warning("an asynchronous commit failed: %s", error)
 
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offset of each partition (None where nothing is committed)."""
@@ -406,13 +635,20 @@ class Consumer:
         return {tp: (found.get(tp, -1) if found.get(tp, -1) >= 0 else None) for tp in wanted}
 
     def _maybe_auto_commit(self) -> None:
+        self._run_commit_callbacks()
         if self.auto_commit_s is None or time.monotonic() < self._next_auto_commit:
             return
         self._next_auto_commit = time.monotonic() + self.auto_commit_s
-        self.commit()
+        if self._membership is None:
+            self.commit()
+            return
+        try:  # a member's commit can be refused (fenced): the next reconcile sorts it out
+            self.commit()
+        except (ShmbrokerError, OSError) as error:
+            logger.warning("group %r: auto-commit failed: %s", self.group_id, error)
 
     def _reset_position(self, fetcher: _Fetcher) -> None:
-        if self.group_id is not None:
+        if self.group_id is not None and not fetcher.committed_checked:
             committed = self.committed([fetcher.tp])[fetcher.tp]
             if committed is not None:
                 fetcher.position = committed
@@ -488,17 +724,28 @@ class Consumer:
         """Close; with auto-commit on, commit the positions first (as Kafka's consumer)."""
         if self._closed:
             return
-        if self.auto_commit_s is not None:
-            with contextlib.suppress(ShmbrokerError, OSError):
-                self.commit()
-        for tp in list(self._fetchers):
-            self._drop(tp)
-        for block in self._control_blocks.values():
-            block.close()
-        self._control_blocks.clear()
-        self._selector.close()
-        self._metadata.close()
-        self._closed = True
+        try:
+            if self._membership is not None:
+                self._leave_group()
+            elif self.auto_commit_s is not None:
+                with contextlib.suppress(ShmbrokerError, OSError):
+                    self.commit()
+        finally:
+            if self._committer is not None:
+                with contextlib.suppress(ShmbrokerError, OSError):
+                    self._committer.flush()
+                self._run_commit_callbacks()
+                self._committer.close()
+            for tp in list(self._fetchers):
+                self._drop(tp)
+            for block in self._control_blocks.values():
+                block.close()
+            self._control_blocks.clear()
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            self._metadata.close()
+            self._closed = True
 
     def __enter__(self) -> Consumer:
         return self

@@ -20,6 +20,22 @@ Supervisor (``broker.sock``)         Worker (one socket per partition)
   OFFSET_COMMIT  group_id, offsets
                  [[topic, partition, offset, metadata]]
   OFFSET_FETCH   group_id, partitions?
+  (OFFSET_COMMIT also takes member_id and member_epoch: a group member's commit, fenced by them)
+
+Consumer groups (``broker.sock``; the connection that joins is the member's liveness: when it
+closes the member is gone at once)
+  JOIN_GROUP     group_id, member_id?, group_instance_id?, client_id, pid, topics | pattern,
+                 assignor, session_timeout_ms, rebalance_timeout_ms
+  HEARTBEAT      group_id, member_id, member_epoch, owned [[topic, partition]],
+                 (topics | pattern, assignor)?  -- a new subscription
+     both answer member_id, member_epoch, assigned, revoke, heartbeat_interval_ms
+  LEAVE_GROUP    group_id, member_id, permanent?
+  LIST_GROUPS    -
+  DESCRIBE_GROUP group_id
+  DELETE_GROUP   group_id
+The supervisor *nudges* a member whose next heartbeat would bring news (partitions to revoke or to
+take) with an unsolicited HEARTBEAT frame of correlation id 0, body ``{"nudge": true, ...}``, so a
+rebalance costs round trips rather than heartbeat intervals.
 """
 
 from __future__ import annotations
@@ -57,11 +73,24 @@ class ApiKey(enum.IntEnum):
     LIST_OFFSETS = 23
     PING = 25  # (24 was a config update; workers re-read their topic config on SIGHUP)
 
+    JOIN_GROUP = 30
+    HEARTBEAT = 31
+    LEAVE_GROUP = 32
+    LIST_GROUPS = 33
+    DESCRIBE_GROUP = 34
+    DELETE_GROUP = 35
+
 
 SUPERVISOR_APIS = frozenset({ApiKey.METADATA, ApiKey.CREATE_TOPIC, ApiKey.DELETE_TOPIC,
                              ApiKey.LIST_TOPICS, ApiKey.DESCRIBE_TOPIC, ApiKey.ALTER_CONFIGS,
                              ApiKey.ADD_PARTITIONS, ApiKey.STATUS, ApiKey.OFFSET_COMMIT,
-                             ApiKey.OFFSET_FETCH})
+                             ApiKey.OFFSET_FETCH, ApiKey.JOIN_GROUP, ApiKey.HEARTBEAT,
+                             ApiKey.LEAVE_GROUP, ApiKey.LIST_GROUPS, ApiKey.DESCRIBE_GROUP,
+                             ApiKey.DELETE_GROUP})
+GROUP_APIS = frozenset({ApiKey.JOIN_GROUP, ApiKey.HEARTBEAT, ApiKey.LEAVE_GROUP,
+                        ApiKey.LIST_GROUPS, ApiKey.DESCRIBE_GROUP, ApiKey.DELETE_GROUP})
+# correlation id of a supervisor-initiated frame (a heartbeat nudge); requests start at 1
+UNSOLICITED_CORRELATION_ID = 0
 WORKER_APIS = frozenset({ApiKey.FETCH, ApiKey.PRODUCE, ApiKey.ATTACH_RING, ApiKey.LIST_OFFSETS,
                          ApiKey.PING})
 

@@ -33,9 +33,9 @@ import psutil
 
 from shmbroker import __version__, limits
 from shmbroker.config import BrokerConfig
-from shmbroker.coordinator.group import GroupCoordinator
 from shmbroker.errors import (
     BrokerAlreadyRunningError,
+    BrokerError,
     BrokerStorageError,
     InvalidCommitOffsetError,
     ProtocolError,
@@ -47,11 +47,12 @@ from shmbroker.errors import (
 from shmbroker.format.names import validate_partition, validate_topic_name
 from shmbroker.partition.paths import RUN_DIR, TOPICS_DIR, PartitionPaths, describe
 from shmbroker.protocol.frames import Frame, frame_head
-from shmbroker.protocol.messages import ApiKey, error_frame, field
+from shmbroker.protocol.messages import GROUP_APIS, ApiKey, error_frame, field
 from shmbroker.shm import names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.storage.checkpoint_file import fsync_directory
 from shmbroker.storage.offset_log import OffsetLog
+from shmbroker.supervisor.groups import GroupService, check_group_id
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
 from shmbroker.supervisor.workers import WorkerHandle
 from shmbroker.transport.unix import ServerConnection, listen
@@ -109,9 +110,11 @@ class Supervisor:
         self.pending: list[_Pending] = []
         self.deleting: set[str] = set()  # topics whose workers are stopping, files not gone yet
         self.offsets: OffsetLog | None = None
-        self.coordinator = GroupCoordinator()
-        # OFFSET_COMMITs of this loop iteration: made durable by one fsync, then answered
-        self._staged_commits: list[tuple[ServerConnection, Frame, int]] = []
+        self.groups: GroupService | None = None
+        # OFFSET_COMMITs (and group deletions) of this loop iteration: made durable by one fsync,
+        # then answered with the body staged with them
+        self._staged_commits: list[tuple[ServerConnection, Frame, dict[str, Any]]] = []
+        self._offsets_dirty = False  # tombstones staged without a request waiting on them
         self.started_at = time.time()
         self.listener: socket.socket | None = None
         self.store: MetaStore | None = None
@@ -132,8 +135,10 @@ class Supervisor:
         if report.truncated_bytes:
             logger.warning("committed offsets: cut a torn tail of %d bytes (%s)",
                            report.truncated_bytes, report.reason)
+        self.groups = GroupService(self.offsets, self._log_positions)
         self._remove_deleted()
         self._clean_shared_memory()
+        self._topics_changed()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self._signal_r.setblocking(False)
@@ -262,6 +267,7 @@ class Supervisor:
                 if mask & selectors.EVENT_READ:
                     self._on_readable(data)
                 self._update_interest(data)
+        self._serve_groups()
         self._sync_commits()
         self._reap()
         now = time.monotonic()
@@ -306,11 +312,31 @@ class Supervisor:
                     error = StorageError(f"the broker could not do it: {error}")
                 connection.send(error_frame(frame.api_key, frame.correlation_id, error))
                 continue
+            except Exception as error:  # a bug: this request fails, the broker serves on
+                logger.exception("request %s failed unexpectedly", frame.api_key)
+                connection.send(error_frame(frame.api_key, frame.correlation_id, BrokerError(
+                    f"the broker failed on this request ({type(error).__name__}: {error}); "
+                    "see its log")))
+                connection.close()
+                return
             if body is not None:
                 connection.send(frame_head(frame.api_key, frame.correlation_id, body))
 
+    def _serve_groups(self) -> None:
+        """Expire members past their deadlines; nudge those with news to heartbeat now."""
+        assert self.groups is not None
+        self.groups.tick()
+        for connection in self.groups.nudge():
+            self._update_interest(connection)
+
+    def _topics_changed(self) -> None:
+        assert self.store is not None and self.groups is not None
+        self.groups.update_topics({topic.name: topic.partitions for topic in self.store.topics()})
+
     def _update_interest(self, connection: ServerConnection) -> None:
         if connection.closed:
+            if self.groups is not None:
+                self.groups.connection_closed(connection)
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(connection.sock)
             return
@@ -359,6 +385,14 @@ class Supervisor:
         if api_key == ApiKey.OFFSET_COMMIT:
             self._offset_commit(connection, frame)
             return None
+        if api_key in GROUP_APIS:
+            assert self.groups is not None and self.offsets is not None
+            if api_key == ApiKey.DELETE_GROUP:
+                group_id = check_group_id(field(body, "group_id", str))
+                self.groups.delete_group(group_id)
+                self._staged_commits.append((connection, frame, {"group_id": group_id}))
+                return None
+            return self.groups.handle(connection, frame)
         if self._stopping:
             raise ShuttingDownError("the broker is shutting down")
         if api_key == ApiKey.CREATE_TOPIC:
@@ -372,6 +406,7 @@ class Supervisor:
             self._write_topic_config(topic)
             for partition in range(topic.partitions):
                 self._add_worker(topic, partition)
+            self._topics_changed()
             self._park_until_ready(connection, frame, topic, range(topic.partitions))
             return None
         if api_key == ApiKey.ADD_PARTITIONS:
@@ -379,6 +414,7 @@ class Supervisor:
             topic = store.add_partitions(old.name, field(body, "partitions", int))
             for partition in range(old.partitions, topic.partitions):
                 self._add_worker(topic, partition)
+            self._topics_changed()
             self._park_until_ready(connection, frame, topic,
                                    range(old.partitions, topic.partitions))
             return None
@@ -395,6 +431,10 @@ class Supervisor:
             return {"topic": self._topic_metadata(topic)}
         if api_key == ApiKey.DELETE_TOPIC:
             topic = store.delete(validate_topic_name(field(body, "name", str)))
+            self._topics_changed()
+            if self.offsets is not None and topic.name in self._committed_topics():
+                self.offsets.delete_topic(topic.name)  # as Kafka: a deleted topic's offsets go
+                self._offsets_dirty = True
             self._delete_topic(connection, frame, topic)
             return None
         raise ProtocolError(f"api key {api_key} is not served by the supervisor")
@@ -403,7 +443,9 @@ class Supervisor:
     def _offset_commit(self, connection: ServerConnection, frame: Frame) -> None:
         """Stage the commits of one request; answered after the iteration's single fsync."""
         assert self.offsets is not None and self.store is not None
-        group_id = field(frame.body, "group_id", str)
+        group_id = check_group_id(field(frame.body, "group_id", str))
+        member_id = field(frame.body, "member_id", str, default=None)
+        member_epoch = field(frame.body, "member_epoch", int, default=-1)
         entries = field(frame.body, "offsets", list)
         commits = []
         for entry in entries:
@@ -419,31 +461,39 @@ class Supervisor:
                 raise InvalidCommitOffsetError(
                     f"cannot commit offset {offset} for {topic}/{partition}: offsets are >= 0")
             commits.append((topic, partition, offset, metadata))
-        # commits without a member id (Kafka's generation -1: manual assignment, admin tools)
-        self.coordinator.validate_commit(group_id, None, -1, [(t, p) for t, p, _, _ in commits])
+        # a member's commit is fenced by its member id and epoch; one without a member id
+        # (Kafka's generation -1: manual assignment, admin tools) only while the group is empty
+        assert self.groups is not None
+        self.groups.coordinator.validate_commit(group_id, member_id, member_epoch,
+                                                [(t, p) for t, p, _, _ in commits])
         try:
             self.offsets.stage(group_id, commits)
         except ValueError as error:
             raise ProtocolError(str(error)) from None
-        self._staged_commits.append((connection, frame, len(commits)))
+        self._staged_commits.append((connection, frame, {"committed": len(commits)}))
+
+    def _committed_topics(self) -> set[str]:
+        assert self.offsets is not None
+        return {topic for group in self.offsets.groups()
+                for topic, _ in self.offsets.offsets(group)}
 
     def _sync_commits(self) -> None:
-        if not self._staged_commits:
+        if not self._staged_commits and not self._offsets_dirty:
             return
         assert self.offsets is not None
         staged, self._staged_commits = self._staged_commits, []
+        self._offsets_dirty = False
         try:
             self.offsets.sync()
             error: ShmbrokerError | None = None
         except StorageError as failure:
             logger.error("committed offsets: %s", failure)
             error = BrokerStorageError(str(failure))
-        for connection, frame, count in staged:
+        for connection, frame, answer in staged:
             if connection.closed:
                 continue
             if error is None:
-                connection.send(frame_head(frame.api_key, frame.correlation_id,
-                                           {"committed": count}))
+                connection.send(frame_head(frame.api_key, frame.correlation_id, answer))
             else:
                 connection.send(error_frame(frame.api_key, frame.correlation_id, error))
             self._update_interest(connection)
@@ -541,20 +591,27 @@ class Supervisor:
                 "partitions": partitions, "config": topic.config,
                 "max_batch_bytes": self.config.topic_config(topic.config).max_batch_bytes}
 
+    def _log_positions(self, topic_name: str, partition: int) -> tuple[int, int, int]:
+        """(log_start, log_end, high_watermark) of a partition from its worker's control block;
+        (-1, -1, -1) when unknown (no such topic, worker not running)."""
+        assert self.store is not None
+        positions = (-1, -1, -1)
+        with contextlib.suppress(ShmbrokerError, OSError):
+            paths = self._paths(self.store.get(topic_name), partition)
+            block = ControlBlock.open(paths.control_block_name, readonly=True)
+            try:
+                positions = block.positions()
+            finally:
+                block.close()
+        return positions
+
     def _describe(self, topic: TopicMeta) -> dict[str, Any]:
         view = self._topic_metadata(topic)
         for entry in view["partitions"]:
             paths = self._paths(topic, entry["partition"])
             entry["size_bytes"] = _directory_bytes(paths.log_dir)
-            positions = (-1, -1, -1)
-            with contextlib.suppress(ShmbrokerError, OSError):
-                block = ControlBlock.open(paths.control_block_name, readonly=True)
-                try:
-                    positions = block.positions()
-                finally:
-                    block.close()
             entry["log_start_offset"], entry["log_end_offset"], entry["high_watermark"] = (
-                positions)
+                self._log_positions(topic.name, entry["partition"]))
         view["effective_config"] = self.config.topic_config(topic.config).as_dict()
         return view
 

@@ -63,6 +63,8 @@ def test_api_key_numbers_are_the_wire_values() -> None:
         "DESCRIBE_TOPIC": 5, "ALTER_CONFIGS": 6, "ADD_PARTITIONS": 7, "STATUS": 8,
         "OFFSET_COMMIT": 9, "OFFSET_FETCH": 10,
         "FETCH": 20, "PRODUCE": 21, "ATTACH_RING": 22, "LIST_OFFSETS": 23, "PING": 25,
+        "JOIN_GROUP": 30, "HEARTBEAT": 31, "LEAVE_GROUP": 32, "LIST_GROUPS": 33,
+        "DESCRIBE_GROUP": 34, "DELETE_GROUP": 35,
     }
 
 

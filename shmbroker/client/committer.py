@@ -1,0 +1,145 @@
+"""Asynchronous offset commits (Kafka's ``commitAsync``), pipelined on their own connection.
+
+``send`` writes an OFFSET_COMMIT frame at once, without waiting for the answer, so many commits
+are in flight together and the supervisor makes them durable with one fsync per loop iteration
+(its group commit).  A reader thread collects the answers in order; the callbacks run on the
+application's thread when it calls :meth:`run_callbacks` (the consumer does in ``poll``,
+``commit`` and ``close``), as Kafka's do.  :meth:`flush` waits for every commit in flight: a
+synchronous commit after asynchronous ones goes after them, so an older offset never lands last.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from shmbroker.client.connection import CONNECT_ERRNOS, not_running, read_frame
+from shmbroker.client.types import TopicPartition
+from shmbroker.errors import BrokerNotRunningError, RequestTimeoutError, ShmbrokerError
+from shmbroker.protocol.frames import frame_head
+from shmbroker.protocol.messages import ApiKey, check_response
+from shmbroker.transport.unix import connect
+
+CommitCallback = Callable[[Mapping[TopicPartition, int], Exception | None], None]
+
+
+class AsyncCommitter:
+    def __init__(self, socket_path: Path, timeout_s: float, in_flight_max: int = 1024) -> None:
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+        self.in_flight_max = in_flight_max
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._condition = threading.Condition()
+        # (correlation id, offsets, callback) in send order; answers come in the same order
+        self._in_flight: collections.deque[tuple[int, dict[TopicPartition, int],
+                                                 CommitCallback | None]] = collections.deque()
+        self._done: collections.deque[tuple[dict[TopicPartition, int], CommitCallback | None,
+                                            Exception | None]] = collections.deque()
+        self._correlation = 0
+
+    def send(self, body: dict[str, Any], offsets: dict[TopicPartition, int],
+             callback: CommitCallback | None) -> None:
+        with self._condition:
+            deadline = time.monotonic() + self.timeout_s
+            while len(self._in_flight) >= self.in_flight_max:  # bounded, as Kafka's in-flight
+                if not self._condition.wait(max(0.0, deadline - time.monotonic())):
+                    raise RequestTimeoutError(f"{len(self._in_flight)} asynchronous commits "
+                                              f"unanswered for {self.timeout_s} s")
+            try:
+                sock = self._connected()
+                self._correlation = self._correlation % 0x7FFFFFFF + 1
+                sock.sendall(frame_head(ApiKey.OFFSET_COMMIT, self._correlation, body))
+            except (OSError, ShmbrokerError) as error:
+                failure = error if isinstance(error, ShmbrokerError) else not_running(
+                    self.socket_path)
+                self._done.append((offsets, callback, failure))
+                self._close_locked(failure)
+                return
+            self._in_flight.append((self._correlation, offsets, callback))
+            self._condition.notify_all()
+
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                self._sock = connect(self.socket_path, None)
+            except OSError as error:
+                if error.errno in CONNECT_ERRNOS:
+                    raise not_running(self.socket_path) from None
+                raise
+            self._reader = threading.Thread(target=self._read, args=(self._sock,),
+                                            name="shmbroker-commits", daemon=True)
+            self._reader.start()
+        return self._sock
+
+    def _read(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                body, _, correlation_id = read_frame(sock)
+            except (OSError, ShmbrokerError):
+                with self._condition:
+                    if self._sock is sock:
+                        self._close_locked(not_running(self.socket_path))
+                return
+            with self._condition:
+                if not self._in_flight or self._in_flight[0][0] != correlation_id:
+                    continue  # not ours (cannot happen on this connection): ignore
+                _, offsets, callback = self._in_flight.popleft()
+                try:
+                    check_response(body)
+                    error: Exception | None = None
+                except ShmbrokerError as failure:
+                    error = failure
+                self._done.append((offsets, callback, error))
+                self._condition.notify_all()
+
+    def _close_locked(self, error: Exception) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        while self._in_flight:
+            _, offsets, callback = self._in_flight.popleft()
+            self._done.append((offsets, callback, error))
+        self._condition.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._condition:
+            return len(self._in_flight)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every commit sent has its answer (RequestTimeoutError past the timeout)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._condition:
+            while self._in_flight:
+                if not self._condition.wait(max(0.0, deadline - time.monotonic())):
+                    self._close_locked(RequestTimeoutError(
+                        f"asynchronous commits unanswered for {self.timeout_s} s"))
+                    break
+
+    def run_callbacks(self) -> list[Exception]:
+        """Call the callbacks of the answered commits, in order; returns the errors of those
+        that had no callback (the consumer logs them)."""
+        with self._condition:
+            done, self._done = list(self._done), collections.deque()
+        unreported = []
+        for offsets, callback, error in done:
+            if callback is not None:
+                callback(offsets, error)
+            elif error is not None:
+                unreported.append(error)
+        return unreported
+
+    def close(self) -> None:
+        with self._condition:
+            self._close_locked(BrokerNotRunningError("the consumer closed"))
+        if self._reader is not None:
+            self._reader.join(1.0)

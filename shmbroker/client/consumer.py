@@ -491,11 +491,21 @@ class Consumer:
             with membership.lock:
                 membership.owned -= revoked
             membership.heartbeat_now()  # acknowledges the revocation
-        new = set(assigned) - set(self._fetchers)
+        with membership.lock:
+            # Taken only while no heartbeat is in flight: one sent before we took them reports
+            # them not owned, and the coordinator may have released them on that word.  Its
+            # answer brings them again (or not) and wakes us.
+            new = set(membership.assigned) - membership.owned
+            if membership.request_in_flight or membership.lost:
+                new = set()
+            membership.owned |= new  # claimed before the next heartbeat can report otherwise
         if new:
-            self._take(new)
-            with membership.lock:
-                membership.owned |= new
+            try:
+                self._take(new)
+            except BaseException:
+                with membership.lock:  # not consumed after all: not ours to report
+                    membership.owned -= new - set(self._fetchers)
+                raise
             self._call_listener("on_partitions_assigned", new)
 
     def _revoke(self, revoked: set[TopicPartition]) -> None:
@@ -521,7 +531,11 @@ class Consumer:
                 self._metadata.refresh([tp.topic])
                 info = self._metadata.partition(tp.topic, tp.partition)
             self._fetchers[tp] = _Fetcher(info, tp)
-        for tp, offset in self.committed(new).items():
+        try:
+            committed = self.committed(new)
+        except (BrokerNotRunningError, RequestTimeoutError):
+            return  # the supervisor restarts: each fetcher asks again before its first fetch
+        for tp, offset in committed.items():
             fetcher = self._fetchers[tp]
             fetcher.committed_checked = True
             if offset is not None:

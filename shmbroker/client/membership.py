@@ -76,6 +76,10 @@ class Membership:
         self.member_id: str | None = None
         self.member_epoch = 0
         self.owned: set[TopicPartition] = set()  # what the consumer consumes (it updates this)
+        # A request reporting ``owned`` is in flight: the consumer must not take partitions
+        # now.  That request may report them not owned, which the coordinator reads as "given
+        # up": it could hand them to another member while we start consuming them.
+        self.request_in_flight = False
         self.assigned: frozenset[TopicPartition] = frozenset()  # latest response
         self.revoke: frozenset[TopicPartition] = frozenset()
         self.version = 0  # bumped at every response and loss: the consumer reconciles on change
@@ -222,8 +226,11 @@ class Membership:
                 self._sock.close()
             self._sock = None
         self._in_flight = None
+        self._request_done()
 
     def _send(self, api_key: ApiKey, body: dict[str, Any]) -> None:
+        """Send a join or heartbeat; ``request_in_flight`` is already set (under the lock that
+        read ``owned``) and stays set until its answer is applied or the connection is lost."""
         assert self._sock is not None
         self._correlation = self._correlation % 0x7FFFFFFF + 1
         try:
@@ -234,6 +241,10 @@ class Membership:
         self._in_flight = self._correlation
         self._sent_at = time.monotonic()
 
+    def _request_done(self) -> None:
+        with self.lock:
+            self.request_in_flight = False
+
     def _subscription_body(self) -> dict[str, Any]:
         with self.lock:
             self._subscription_changed = False
@@ -241,6 +252,8 @@ class Membership:
 
     def _send_join(self) -> None:
         self._needs_join = False
+        with self.lock:
+            self.request_in_flight = True  # a join owns nothing
         self._send(ApiKey.JOIN_GROUP, {
             "group_id": self.group_id, "member_id": self.member_id,
             "group_instance_id": self.group_instance_id, "client_id": self.client_id,
@@ -252,6 +265,7 @@ class Membership:
         self._heartbeat_now = False
         with self.lock:
             owned = sorted(self.owned)
+            self.request_in_flight = True
         body: dict[str, Any] = {"group_id": self.group_id, "member_id": self.member_id,
                                 "member_epoch": self.member_epoch,
                                 "owned": [[topic, partition] for topic, partition in owned]}
@@ -273,6 +287,8 @@ class Membership:
             self._connection_lost()
             return
         self._in_flight = None
+        if "error" in body:  # refused: it changed nothing the consumer must wait for
+            self._request_done()
         try:
             check_response(body)
         except (UnknownMemberIdError, FencedMemberEpochError) as error:
@@ -298,9 +314,12 @@ class Membership:
         assigned = frozenset(TopicPartition(t, p) for t, p in body["assigned"])
         revoke = frozenset(TopicPartition(t, p) for t, p in body["revoke"])
         with self.lock:
+            self.request_in_flight = False
             joined = self.member_id != body["member_id"] or self.member_epoch == 0
+            # (also when partitions given earlier are still to take: the consumer deferred
+            # them while this request was in flight)
             changed = (assigned != self.assigned or revoke != self.revoke
-                       or self.member_epoch != body["member_epoch"])
+                       or self.member_epoch != body["member_epoch"] or not assigned <= self.owned)
             self.member_id = body["member_id"]
             self.member_epoch = body["member_epoch"]
             self.assigned, self.revoke = assigned, revoke

@@ -466,6 +466,8 @@ class Supervisor:
         assert self.groups is not None
         self.groups.coordinator.validate_commit(group_id, member_id, member_epoch,
                                                 [(t, p) for t, p, _, _ in commits])
+        if self.offsets.staged_bytes > limits.offset_log_staged_bytes_max // 2:
+            self._sync_commits()  # a flood of commits in one iteration: make room, go on
         try:
             self.offsets.stage(group_id, commits)
         except ValueError as error:
@@ -489,13 +491,15 @@ class Supervisor:
         except StorageError as failure:
             logger.error("committed offsets: %s", failure)
             error = BrokerStorageError(str(failure))
+        # one send per connection: a pipelining client has many answers in one iteration
+        answers: dict[ServerConnection, list[bytes]] = {}
         for connection, frame, answer in staged:
-            if connection.closed:
-                continue
-            if error is None:
-                connection.send(frame_head(frame.api_key, frame.correlation_id, answer))
-            else:
-                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+            if not connection.closed:
+                answers.setdefault(connection, []).append(
+                    frame_head(frame.api_key, frame.correlation_id, answer) if error is None
+                    else error_frame(frame.api_key, frame.correlation_id, error))
+        for connection, heads in answers.items():
+            connection.send(b"".join(heads))
             self._update_interest(connection)
 
     def _offset_fetch(self, body: dict[str, Any]) -> dict[str, Any]:

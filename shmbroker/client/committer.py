@@ -1,11 +1,16 @@
 """Asynchronous offset commits (Kafka's ``commitAsync``), pipelined on their own connection.
 
-``send`` writes an OFFSET_COMMIT frame at once, without waiting for the answer, so many commits
-are in flight together and the supervisor makes them durable with one fsync per loop iteration
-(its group commit).  A reader thread collects the answers in order; the callbacks run on the
-application's thread when it calls :meth:`run_callbacks` (the consumer does in ``poll``,
-``commit`` and ``close``), as Kafka's do.  :meth:`flush` waits for every commit in flight: a
-synchronous commit after asynchronous ones goes after them, so an older offset never lands last.
+``send`` writes an OFFSET_COMMIT frame without waiting for the answer, so many commits are in
+flight together and the supervisor makes them durable with one fsync per loop iteration (its
+group commit).  Self-clocked batching, as Nagle's algorithm: while fewer than
+``SENT_AHEAD_MAX`` commits are unanswered a commit is written at once; beyond that it waits in a
+buffer that the reader thread writes, in one ``sendall``, as soon as answers come back.  Under
+load one system call carries many commits each way; a lone commit is never delayed.
+
+The reader thread collects the answers in order; the callbacks run on the application's thread
+when it calls :meth:`run_callbacks` (the consumer does in ``poll``, ``commit`` and ``close``), as
+Kafka's do.  :meth:`flush` waits for every commit in flight: a synchronous commit after
+asynchronous ones goes after them, so an older offset never lands last.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shmbroker.client.connection import CONNECT_ERRNOS, not_running, read_frame
+from shmbroker.client.connection import CONNECT_ERRNOS, not_running
 from shmbroker.client.types import TopicPartition
 from shmbroker.errors import BrokerNotRunningError, RequestTimeoutError, ShmbrokerError
-from shmbroker.protocol.frames import frame_head
+from shmbroker.protocol.frames import FrameDecoder, frame_head
 from shmbroker.protocol.messages import ApiKey, check_response
 from shmbroker.transport.unix import connect
+
+SENT_AHEAD_MAX = 8  # commits written and unanswered before new ones are buffered
+RECV_BYTES = 256 * 1024
 
 CommitCallback = Callable[[Mapping[TopicPartition, int], Exception | None], None]
 
@@ -42,6 +50,7 @@ class AsyncCommitter:
                                                  CommitCallback | None]] = collections.deque()
         self._done: collections.deque[tuple[dict[TopicPartition, int], CommitCallback | None,
                                             Exception | None]] = collections.deque()
+        self._unsent: list[bytes] = []  # frames of the newest len(_unsent) commits in flight
         self._correlation = 0
 
     def send(self, body: dict[str, Any], offsets: dict[TopicPartition, int],
@@ -55,7 +64,12 @@ class AsyncCommitter:
             try:
                 sock = self._connected()
                 self._correlation = self._correlation % 0x7FFFFFFF + 1
-                sock.sendall(frame_head(ApiKey.OFFSET_COMMIT, self._correlation, body))
+                frame = frame_head(ApiKey.OFFSET_COMMIT, self._correlation, body)
+                if len(self._in_flight) - len(self._unsent) < SENT_AHEAD_MAX:
+                    sock.sendall(b"".join((*self._unsent, frame)) if self._unsent else frame)
+                    self._unsent.clear()
+                else:
+                    self._unsent.append(frame)  # the reader writes it when answers come
             except (OSError, ShmbrokerError) as error:
                 failure = error if isinstance(error, ShmbrokerError) else not_running(
                     self.socket_path)
@@ -79,27 +93,43 @@ class AsyncCommitter:
         return self._sock
 
     def _read(self, sock: socket.socket) -> None:
+        decoder = FrameDecoder()
         while True:
             try:
-                body, _, correlation_id = read_frame(sock)
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    raise ConnectionResetError("the supervisor closed the connection")
+                decoder.receive_data(data)
+                frames = []
+                while (frame := decoder.next_frame()) is not None:
+                    frames.append(frame)
             except (OSError, ShmbrokerError):
                 with self._condition:
                     if self._sock is sock:
                         self._close_locked(not_running(self.socket_path))
                 return
             with self._condition:
-                if not self._in_flight or self._in_flight[0][0] != correlation_id:
-                    continue  # not ours (cannot happen on this connection): ignore
-                _, offsets, callback = self._in_flight.popleft()
-                try:
-                    check_response(body)
-                    error: Exception | None = None
-                except ShmbrokerError as failure:
-                    error = failure
-                self._done.append((offsets, callback, error))
+                for frame in frames:
+                    if not self._in_flight or self._in_flight[0][0] != frame.correlation_id:
+                        continue  # not ours (cannot happen on this connection): ignore
+                    _, offsets, callback = self._in_flight.popleft()
+                    try:
+                        check_response(frame.body)
+                        error: Exception | None = None
+                    except ShmbrokerError as failure:
+                        error = failure
+                    self._done.append((offsets, callback, error))
+                if self._unsent and self._sock is sock:
+                    try:
+                        sock.sendall(b"".join(self._unsent))
+                    except OSError:
+                        self._close_locked(not_running(self.socket_path))
+                        return
+                    self._unsent.clear()
                 self._condition.notify_all()
 
     def _close_locked(self, error: Exception) -> None:
+        self._unsent.clear()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)

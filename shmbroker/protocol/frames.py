@@ -123,7 +123,7 @@ class FrameDecoder:
                                 else frame_bytes_max)
         self._buffer = bytearray()
         self._start = 0
-        self._header: FrameHeader | None = None
+        self._header: tuple[int, int, int, int, int] | None = None
         self._error: ProtocolError | None = None
 
     @property
@@ -149,31 +149,45 @@ class FrameDecoder:
             raise
 
     def _next_frame(self) -> Frame | None:
-        available = len(self._buffer) - self._start
-        if self._header is None:
+        # (the hot path of every request: plain tuples and locals; checks as parse_header's)
+        buffer = self._buffer
+        start = self._start
+        available = len(buffer) - start
+        header = self._header
+        if header is None:
             if available < HEADER_SIZE:
                 if available >= LENGTH_SIZE:  # refuse a giant length before it is buffered
-                    (length,) = struct.unpack_from(">I", self._buffer, self._start)
+                    (length,) = struct.unpack_from(">I", buffer, start)
                     if length > self.frame_bytes_max:
                         raise ProtocolError(
                             f"frame of {length} bytes exceeds frame_bytes_max "
                             f"{self.frame_bytes_max}")
                 return None
-            self._header = parse_header(memoryview(self._buffer)[self._start:],
-                                        self.frame_bytes_max)
-        header = self._header
-        if available < header.total_length:
+            header = HEADER.unpack_from(buffer, start)
+            frame_length, _, _, _, json_length = header
+            if (frame_length > self.frame_bytes_max or frame_length < HEADER_REST_SIZE
+                    or json_length > frame_length - HEADER_REST_SIZE
+                    or json_length > limits.frame_json_bytes_max):
+                parse_header(memoryview(buffer)[start:], self.frame_bytes_max)  # raises
+                raise AssertionError("parse_header accepted a header the fast path refused")
+            self._header = header
+        frame_length, api_key, api_version, correlation_id, json_length = header
+        end = start + LENGTH_SIZE + frame_length
+        if len(buffer) < end:
             return None
-        start = self._start + HEADER_SIZE
-        json_end = start + header.json_length
-        end = self._start + header.total_length
-        body = decode_body(memoryview(self._buffer)[start:json_end])
+        json_start = start + HEADER_SIZE
+        json_end = json_start + json_length
+        if json_length:
+            with memoryview(buffer) as view:
+                body = decode_body(view[json_start:json_end])
+        else:
+            body = {}
         # a slice of a bytearray is a private, writable copy: the one copy the raw part needs
         # (a worker rewrites base offsets in it before appending)
-        raw = memoryview(self._buffer[json_end:end])
+        raw = memoryview(buffer[json_end:end])
         self._start = end
         self._header = None
-        if self._start > 1 << 20 and self._start * 2 > len(self._buffer):
-            del self._buffer[: self._start]
+        if end > 1 << 20 and end * 2 > len(buffer):
+            del buffer[:end]
             self._start = 0
-        return Frame(header.api_key, header.api_version, header.correlation_id, body, raw)
+        return Frame(api_key, api_version, correlation_id, body, raw)

@@ -120,6 +120,12 @@ class Supervisor:
         self.store: MetaStore | None = None
         self._lock_fd: int | None = None
         self._stopping = False
+        # Worker upkeep (reap, restart, kill the overdue) walks every worker: it runs when a
+        # child exited (SIGCHLD), when a restart or stop deadline is due, and at least every
+        # LOOP_WAIT_S_MAX -- not at every loop iteration, which under load (thousands of
+        # commits a second) would cost more than the requests themselves.
+        self._child_exited = False
+        self._next_upkeep = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
 
     # -- start --------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._stopping = True
+        elif signum == signal.SIGCHLD:
+            self._child_exited = True
 
     def _remove_deleted(self) -> None:
         """Finish deletions a killed broker left: everything in deleted/, and topic dirs whose
@@ -244,11 +252,7 @@ class Supervisor:
         self._shutdown()
 
     def _loop_once(self) -> None:
-        now = time.monotonic()
-        timeout = LOOP_WAIT_S_MAX
-        for handle in self.workers.values():
-            if handle.state == "backoff":
-                timeout = min(timeout, max(0.0, handle.restart_at - now))
+        timeout = min(LOOP_WAIT_S_MAX, max(0.0, self._next_upkeep - time.monotonic()))
         for key, mask in self.selector.select(timeout):
             data = key.data
             if data == "accept":
@@ -269,12 +273,23 @@ class Supervisor:
                 self._update_interest(data)
         self._serve_groups()
         self._sync_commits()
-        self._reap()
         now = time.monotonic()
+        if self._child_exited or now >= self._next_upkeep:
+            self._child_exited = False
+            self._upkeep(now)
+        self._answer_pending(now)
+
+    def _upkeep(self, now: float) -> None:
+        self._reap()
         self._restart_due(now)
+        next_upkeep = now + LOOP_WAIT_S_MAX
         for handle in self.workers.values():
             handle.kill_if_overdue(now)
-        self._answer_pending(now)
+            if handle.state == "backoff":
+                next_upkeep = min(next_upkeep, handle.restart_at)
+            elif handle.state == "stopping":
+                next_upkeep = min(next_upkeep, handle.stop_deadline)
+        self._next_upkeep = next_upkeep
 
     def _accept(self) -> None:
         assert self.listener is not None

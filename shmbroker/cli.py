@@ -478,11 +478,17 @@ def _produce_lines(producer: Any, stdin: Any, topic: str, partition: int | None,
               help="Print PARTITION:OFFSET and a tab at the start of each line.")
 @click.option("--key-separator", callback=_separator, default="\t", show_default="tab",
               metavar="SEP", help="What follows the key with --print-key.")
+@click.option("--group", "group_id", default=None, metavar="GROUP",
+              help="Consume as a member of consumer group GROUP: the group assigns the "
+                   "partitions, consumption starts at the group's committed offsets and the "
+                   "positions are committed as it goes and at exit (--from-beginning: where "
+                   "nothing is committed, start at the earliest record instead of new ones).")
 @DATA_DIR_OPTION
 @_expected_errors
 def consume(topic: str, partition: int | None, from_beginning: bool, offset: int | None,
             max_messages: int | None, timeout_ms: int | None, print_key: bool,
-            print_offset: bool, key_separator: bytes, data_dir: Path | None) -> None:
+            print_offset: bool, key_separator: bytes, group_id: str | None,
+            data_dir: Path | None) -> None:
     """Print the records of TOPIC to stdout, one per line.
 
     \b
@@ -495,11 +501,14 @@ def consume(topic: str, partition: int | None, from_beginning: bool, offset: int
     Records of one partition come in offset order; partitions interleave.  Ends after
     --max-messages records, after --timeout-ms without a record, or at Ctrl-C / SIGTERM
     (exit 0).  A closed stdout (`| head`) ends it quietly, with exit 0.
-    """
-    from shmbroker.client.admin import Admin
-    from shmbroker.client.consumer import Consumer
-    from shmbroker.client.types import TopicPartition
 
+    With --group GROUP it joins that consumer group instead of reading every partition: it
+    resumes at the group's committed offsets and commits what it printed (see `shmbroker
+    groups describe GROUP`).
+    """
+    if group_id is not None and (partition is not None or offset is not None):
+        raise click.UsageError("--group excludes --partition and --offset: the group assigns "
+                               "the partitions and starts at its committed offsets")
     if offset is not None and partition is None:
         raise click.UsageError("--offset needs --partition")
     if offset is not None and from_beginning:
@@ -507,28 +516,59 @@ def consume(topic: str, partition: int | None, from_beginning: bool, offset: int
     printer = _RecordPrinter(sys.stdout.buffer, print_key, print_offset, key_separator)
     try:
         with _sigterm_as_interrupt():
-            if partition is None:
-                with Admin(data_dir) as admin:
-                    (found,) = admin.metadata([topic])
-                wanted = [TopicPartition(topic, entry["partition"])
-                          for entry in found["partitions"]]
+            if group_id is not None:
+                _consume_as_member(data_dir, topic, group_id, from_beginning, printer,
+                                   max_messages, timeout_ms)
             else:
-                wanted = [TopicPartition(topic, partition)]
-            # An --offset past the log end is an error; otherwise a position that retention
-            # passed resets to the earliest record left (Kafka's auto.offset.reset=earliest).
-            with Consumer(data_dir, auto_offset_reset="none" if offset is not None
-                          else "earliest") as consumer:
-                consumer.assign(wanted)
-                if offset is not None:
-                    consumer.seek(wanted[0], offset)
-                elif from_beginning:
-                    consumer.seek_to_beginning()
-                else:
-                    consumer.seek_to_end()
-                _consume_until_done(consumer, printer, max_messages, timeout_ms)
+                _consume_assigned(data_dir, topic, partition, from_beginning, offset, printer,
+                                  max_messages, timeout_ms)
     except KeyboardInterrupt:
         pass
     click.echo(f"Processed a total of {printer.count} message(s).", err=True)
+
+
+def _consume_assigned(data_dir: Path | None, topic: str, partition: int | None,
+                      from_beginning: bool, offset: int | None, printer: _RecordPrinter,
+                      max_messages: int | None, timeout_ms: int | None) -> None:
+    """Consume ``partition`` (default: every partition) of ``topic`` by explicit assignment."""
+    from shmbroker.client.admin import Admin
+    from shmbroker.client.consumer import Consumer
+    from shmbroker.client.types import TopicPartition
+
+    if partition is None:
+        with Admin(data_dir) as admin:
+            (found,) = admin.metadata([topic])
+        wanted = [TopicPartition(topic, entry["partition"]) for entry in found["partitions"]]
+    else:
+        wanted = [TopicPartition(topic, partition)]
+    # An --offset past the log end is an error; otherwise a position that retention
+    # passed resets to the earliest record left (Kafka's auto.offset.reset=earliest).
+    with Consumer(data_dir, auto_offset_reset="none" if offset is not None
+                  else "earliest") as consumer:
+        consumer.assign(wanted)
+        if offset is not None:
+            consumer.seek(wanted[0], offset)
+        elif from_beginning:
+            consumer.seek_to_beginning()
+        else:
+            consumer.seek_to_end()
+        _consume_until_done(consumer, printer, max_messages, timeout_ms)
+
+
+def _consume_as_member(data_dir: Path | None, topic: str, group_id: str, from_beginning: bool,
+                       printer: _RecordPrinter, max_messages: int | None,
+                       timeout_ms: int | None) -> None:
+    """Consume ``topic`` as a member of ``group_id`` (subscribe, auto-commit; closing commits
+    what was printed and leaves the group)."""
+    from shmbroker.client.admin import Admin
+    from shmbroker.client.consumer import Consumer
+
+    with Admin(data_dir) as admin:
+        admin.metadata([topic])  # an unknown topic is an error, not an endless wait
+    with Consumer(data_dir, group_id=group_id, client_id="shmbroker-console-consumer",
+                  auto_offset_reset="earliest" if from_beginning else "latest") as consumer:
+        consumer.subscribe([topic])
+        _consume_until_done(consumer, printer, max_messages, timeout_ms)
 
 
 class _RecordPrinter:
@@ -606,6 +646,182 @@ def status(as_json: bool, data_dir: Path | None) -> None:
         _out()
         for line in _table(["TOPIC/PARTITION", "PID", "STATE", "RESTARTS"], rows):
             _out(line)
+
+
+# -- groups ------------------------------------------------------------------------------------
+@main.group("groups")
+def groups() -> None:
+    """List, describe, reset the offsets of and delete consumer groups (like
+    kafka-consumer-groups.sh)."""
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _format_assignment(pairs: list[list[Any]]) -> str:
+    """[[topic, partition], ...] as Kafka's tools print an assignment: topic(0,1,2)."""
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in pairs:
+        by_topic.setdefault(topic, []).append(partition)
+    return " ".join(f"{topic}({','.join(map(str, sorted(partitions)))})"
+                    for topic, partitions in sorted(by_topic.items())) or "-"
+
+
+@groups.command("list")
+@DATA_DIR_OPTION
+@_expected_errors
+def groups_list(data_dir: Path | None) -> None:
+    """Show every consumer group: its state, member count and group epoch.  Groups that only
+    have committed offsets (no members) are listed as Empty."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        found = admin.list_consumer_groups()
+    rows = [[group["group_id"], group["state"], str(group["members"]),
+             str(group["group_epoch"])] for group in found]
+    for line in _table(["GROUP", "STATE", "MEMBERS", "EPOCH"], rows):
+        _out(line)
+
+
+@groups.command("describe")
+@click.argument("group_id", metavar="GROUP")
+@click.option("--json", "as_json", is_flag=True, help="Print the broker's raw JSON answer.")
+@DATA_DIR_OPTION
+@_expected_errors
+def groups_describe(group_id: str, as_json: bool, data_dir: Path | None) -> None:
+    """Show consumer group GROUP: its state, epoch and assignor; its members (id, static
+    instance id, client id, pid, state, assigned partitions); and per partition the committed
+    offset, the log end, the lag and the member consuming it.  "-" means none."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        group = admin.describe_consumer_group(group_id)
+    if as_json:
+        _out(_dump_json(group))
+        return
+    members = group["members"]
+    _out(f"Group: {group['group_id']}\tState: {group['state']}\t"
+         f"Epoch: {group['group_epoch']}\tAssignor: {_cell(group['assignor'])}\t"
+         f"Members: {len(members)}")
+    _out()
+    if members:
+        rows = [[member["member_id"], _cell(member["group_instance_id"]),
+                 member["client_id"] or "-", _cell(member["pid"]), member["state"],
+                 _format_assignment(member["assignment"])] for member in members]
+        for line in _table(["MEMBER-ID", "INSTANCE", "CLIENT-ID", "PID", "STATE",
+                            "PARTITIONS"], rows):
+            _out(line)
+    else:
+        _out(f"Consumer group {group_id!r} has no active members.")
+    _out()
+    rows = [[entry["topic"], str(entry["partition"]), _cell(entry["committed_offset"]),
+             _cell(entry["log_end_offset"]), _cell(entry["lag"]), _cell(entry["member_id"])]
+            for entry in group["partitions"]]
+    if rows:
+        for line in _table(["TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG", "MEMBER"],
+                           rows):
+            _out(line)
+    else:
+        _out(f"Consumer group {group_id!r} has no committed offsets and no assigned "
+             "partitions.")
+
+
+def _parse_datetime_ms(ctx: click.Context, param: click.Parameter,
+                       value: str | None) -> int | None:
+    """An ISO 8601 date-time (naive = local time) as milliseconds since the epoch."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 date-time, e.g. 2024-05-01T12:00:00 (local time) "
+            "or 2024-05-01T12:00:00+00:00", ctx=ctx, param=param) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # a naive time is local, as kafka-consumer-groups reads it
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    if moment < epoch:
+        raise click.BadParameter(f"{value!r} is before 1970-01-01T00:00:00Z", ctx=ctx,
+                                 param=param)
+    return (moment - epoch) // dt.timedelta(milliseconds=1)
+
+
+@groups.command("reset-offsets")
+@click.argument("group_id", metavar="GROUP")
+@click.option("--topic", required=True, help="The topic whose committed offsets to reset.")
+@click.option("--partition", "partitions", type=click.IntRange(min=0), multiple=True,
+              help="Reset only this partition (repeatable; default: every partition).")
+@click.option("--to-earliest", is_flag=True, help="To each partition's log start.")
+@click.option("--to-latest", is_flag=True, help="To each partition's log end.")
+@click.option("--to-offset", type=click.IntRange(min=0), default=None, metavar="N",
+              help="To offset N (clamped into [log start, log end]).")
+@click.option("--to-datetime", "to_datetime_ms", callback=_parse_datetime_ms, default=None,
+              metavar="ISO8601",
+              help="To the first record whose timestamp is at or after this date-time (e.g. "
+                   "2024-05-01T12:00:00, local time, or with +00:00); the log end if none is.")
+@click.option("--shift-by", type=int, default=None, metavar="N",
+              help="Move each committed offset by N (negative: back), clamped into "
+                   "[log start, log end].")
+@click.option("--execute", is_flag=True,
+              help="Commit the new offsets (without it: a dry run that only prints them).")
+@DATA_DIR_OPTION
+@_expected_errors
+def groups_reset_offsets(group_id: str, topic: str, partitions: tuple[int, ...],
+                         to_earliest: bool, to_latest: bool, to_offset: int | None,
+                         to_datetime_ms: int | None, shift_by: int | None, execute: bool,
+                         data_dir: Path | None) -> None:
+    """Reset the committed offsets of consumer GROUP for --topic, with exactly one of
+    --to-earliest, --to-latest, --to-offset, --to-datetime, --shift-by.
+
+    Prints the plan (CURRENT: the committed offset, "-" if none; NEW); only with --execute are
+    the new offsets committed.  The group must have no members (stop its consumers first); a
+    group that does not exist yet gets its offsets created.
+
+    \b
+    Example:
+      shmbroker groups reset-offsets dashboards --topic metrics --to-earliest --execute
+    """
+    from shmbroker.client.admin import Admin
+
+    given = [name for name, value in (
+        ("--to-earliest", to_earliest or None), ("--to-latest", to_latest or None),
+        ("--to-offset", to_offset), ("--to-datetime", to_datetime_ms),
+        ("--shift-by", shift_by)) if value is not None]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give exactly one of --to-earliest, --to-latest, --to-offset, --to-datetime, "
+            f"--shift-by (got {', '.join(given) or 'none'})")
+    with Admin(data_dir) as admin:
+        plan = admin.reset_consumer_group_offsets(
+            group_id, topic, to_earliest=to_earliest, to_latest=to_latest, to_offset=to_offset,
+            to_datetime_ms=to_datetime_ms, shift_by=shift_by,
+            partitions=partitions or None, execute=execute)
+    rows = [[tp.topic, str(tp.partition), _cell(current), str(new)]
+            for tp, (current, new) in sorted(plan.items())]
+    for line in _table(["TOPIC", "PARTITION", "CURRENT", "NEW"], rows):
+        _out(line)
+    if execute:
+        click.echo(f"Committed the new offsets of {len(plan)} partition(s) for group "
+                   f"{group_id!r}.", err=True)
+    else:
+        click.echo("Dry run: nothing was changed; add --execute to commit these offsets.",
+                   err=True)
+
+
+@groups.command("delete")
+@click.argument("group_id", metavar="GROUP")
+@DATA_DIR_OPTION
+@_expected_errors
+def groups_delete(group_id: str, data_dir: Path | None) -> None:
+    """Delete consumer GROUP and its committed offsets (it must have no members)."""
+    from shmbroker.client.admin import Admin
+
+    with Admin(data_dir) as admin:
+        admin.delete_consumer_group(group_id)
+    _out(f"Deleted consumer group {group_id}.")
 
 
 if __name__ == "__main__":

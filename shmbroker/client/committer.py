@@ -45,9 +45,12 @@ class AsyncCommitter:
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._condition = threading.Condition()
-        # (correlation id, offsets, callback) in send order; answers come in the same order
+        # (correlation id, offsets, callback, error) in send order; answers come in the same
+        # order.  A commit refused before sending waits here, correlation id -1 and its error
+        # set, so that its callback keeps its place among the others.
         self._in_flight: collections.deque[tuple[int, dict[TopicPartition, int],
-                                                 CommitCallback | None]] = collections.deque()
+                                                 CommitCallback | None, Exception | None]] = (
+            collections.deque())
         self._done: collections.deque[tuple[dict[TopicPartition, int], CommitCallback | None,
                                             Exception | None]] = collections.deque()
         self._unsent: list[bytes] = []  # frames of the newest len(_unsent) commits in flight
@@ -76,7 +79,7 @@ class AsyncCommitter:
                 self._done.append((offsets, callback, failure))
                 self._close_locked(failure)
                 return
-            self._in_flight.append((self._correlation, offsets, callback))
+            self._in_flight.append((self._correlation, offsets, callback, None))
             self._condition.notify_all()
 
     def _connected(self) -> socket.socket:
@@ -112,13 +115,14 @@ class AsyncCommitter:
                 for frame in frames:
                     if not self._in_flight or self._in_flight[0][0] != frame.correlation_id:
                         continue  # not ours (cannot happen on this connection): ignore
-                    _, offsets, callback = self._in_flight.popleft()
+                    _, offsets, callback, _ = self._in_flight.popleft()
                     try:
                         check_response(frame.body)
                         error: Exception | None = None
                     except ShmbrokerError as failure:
                         error = failure
                     self._done.append((offsets, callback, error))
+                    self._pop_refused()
                 if self._unsent and self._sock is sock:
                     try:
                         sock.sendall(b"".join(self._unsent))
@@ -136,7 +140,22 @@ class AsyncCommitter:
             self._sock.close()
             self._sock = None
         while self._in_flight:
-            _, offsets, callback = self._in_flight.popleft()
+            _, offsets, callback, refusal = self._in_flight.popleft()
+            self._done.append((offsets, callback, refusal or error))
+        self._condition.notify_all()
+
+    def refused(self, offsets: dict[TopicPartition, int], callback: CommitCallback | None,
+                error: Exception) -> None:
+        """A commit refused before it was sent: its callback runs with the others, in order."""
+        with self._condition:
+            self._in_flight.append((-1, offsets, callback, error))
+            self._pop_refused()
+
+    def _pop_refused(self) -> None:
+        """Move the refusals at the head of the queue (nothing sent before them is unanswered)
+        to the answered ones."""
+        while self._in_flight and self._in_flight[0][0] == -1:
+            _, offsets, callback, error = self._in_flight.popleft()
             self._done.append((offsets, callback, error))
         self._condition.notify_all()
 

@@ -53,6 +53,7 @@ from shmbroker.errors import (
     ProtocolError,
     RequestTimeoutError,
     ShmbrokerError,
+    UnknownMemberIdError,
 )
 from shmbroker.format import record_batch
 from shmbroker.protocol.frames import frame_head
@@ -352,6 +353,13 @@ class Consumer:
             retry = [f.retry_at for f in self._fetchers.values() if f.sock is None]
             if retry:
                 timeout = min(timeout, max(0.0, min(retry) - time.monotonic()))
+            if self._membership is not None:
+                # Time inside poll is polling (max_poll_interval_ms bounds the time between
+                # polls, as Kafka's): come round to _reconcile, which says so, before the
+                # heartbeat thread gives up on us.  Fetch answers would wake us anyway, but a
+                # member with no partition (or all paused) has none: it would leave and join
+                # again every interval, rebalancing the group each time.
+                timeout = min(timeout, self._membership.max_poll_interval_s / 2)
             events = self._selector.select(timeout) if self._selector.get_map() else (
                 time.sleep(timeout) or [])
             for key, _ in events:
@@ -592,7 +600,9 @@ class Consumer:
         """Durably commit ``offsets`` (default: the position of every assigned partition, the
         next record to consume) for this consumer's group_id; returns once stored.  A group
         member's commit is refused (UnknownMemberIdError, FencedMemberEpochError,
-        StaleMemberEpochError, PartitionNotOwnedError) once the partitions are no longer its."""
+        StaleMemberEpochError, PartitionNotOwnedError) once the partitions are no longer its;
+        a subscribed consumer that is not a member now (still joining, or its membership lost
+        and not yet reconciled by ``poll``) raises UnknownMemberIdError without sending."""
         body = self._commit_body(offsets)
         if self._committer is not None:  # asynchronous commits sent before go first
             self._committer.flush()
@@ -603,13 +613,23 @@ class Consumer:
     def commit_async(self, offsets: Mapping[TopicPartition, int] | None = None,
                      callback: CommitCallback | None = None) -> None:
         """Commit without waiting: ``callback(offsets, error_or_None)`` is called from a later
-        ``poll``, ``commit`` or ``close``.  Commits land in the order they were made."""
-        body = self._commit_body(offsets)
-        if body is None:
-            return
+        ``poll``, ``commit`` or ``close``.  Commits land in the order they were made.  A
+        subscribed consumer that is not a member now gets UnknownMemberIdError in the callback
+        (as Kafka's commitAsync reports a commit that could not be sent); a consumer without a
+        group_id raises ValueError at once."""
         if self._committer is None:
             self._committer = AsyncCommitter(self.data_dir / BROKER_SOCKET,
                                              self.request_timeout_s)
+        try:
+            body = self._commit_body(offsets)
+        except UnknownMemberIdError as error:
+            wanted = dict(offsets) if offsets is not None else {
+                tp: fetcher.position for tp, fetcher in self._fetchers.items()
+                if fetcher.position is not None}
+            self._committer.refused(wanted, callback, error)
+            return
+        if body is None:
+            return
         sent = {TopicPartition(t, p): offset for t, p, offset, _ in body["offsets"]}
         self._committer.send(body, sent, callback)
 
@@ -627,6 +647,16 @@ class Consumer:
         membership = self._membership
         if membership is not None:
             with membership.lock:
+                if membership.lost or membership.member_id is None:
+                    # Not a member now (joining, or the membership was lost and not yet
+                    # reconciled): without a member id the commit would go as a member-less
+                    # one, refused as NonEmptyGroupError, or accepted unfenced when the group
+                    # is empty (after a supervisor restart), rewinding what a later owner
+                    # committed.  Refused here, as Kafka's consumer does (CommitFailed).
+                    raise UnknownMemberIdError(
+                        f"this consumer is not a member of group {self.group_id!r} now ("
+                        f"{membership.lost_reason if membership.lost else 'joining'}); its "
+                        f"partitions may belong to another member: nothing committed")
                 body["member_id"] = membership.member_id
                 body["member_epoch"] = membership.member_epoch
         return body

@@ -461,7 +461,7 @@ class GroupCoordinator:
             group = self._groups.get(group_id)
             if group is not None and group.members:
                 raise NonEmptyGroupError(
-                    f"group {group_id!r} has {len(group.members)} members; offsets can be "
+                    f"group {group_id!r} has {len(group.members)} member(s); offsets can be "
                     f"committed without a member id only while it has none")
             return
         member = self._member(group_id, member_id)
@@ -504,7 +504,7 @@ class GroupCoordinator:
     def delete_group(self, group_id: str) -> None:
         group = self._group(group_id)
         if group.members:
-            raise NonEmptyGroupError(f"group {group_id!r} has {len(group.members)} members; it "
+            raise NonEmptyGroupError(f"group {group_id!r} has {len(group.members)} member(s); it "
                                      f"can be deleted once they have left")
         group.dead = True
         del self._groups[group_id]

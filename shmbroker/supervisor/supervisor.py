@@ -112,8 +112,9 @@ class Supervisor:
         self.offsets: OffsetLog | None = None
         self.groups: GroupService | None = None
         # OFFSET_COMMITs (and group deletions) of this loop iteration: made durable by one fsync,
-        # then answered with the body staged with them
-        self._staged_commits: list[tuple[ServerConnection, Frame, dict[str, Any]]] = []
+        # then answered with the body staged with them (bytes: the ready answer of a later
+        # request of the same connection, sent after them as it is: see _answer)
+        self._staged_commits: list[tuple[ServerConnection, Frame, dict[str, Any] | bytes]] = []
         self._offsets_dirty = False  # tombstones staged without a request waiting on them
         self.started_at = time.time()
         self.listener: socket.socket | None = None
@@ -325,7 +326,7 @@ class Supervisor:
                 if isinstance(error, OSError):
                     logger.exception("request %s failed", frame.api_key)
                     error = StorageError(f"the broker could not do it: {error}")
-                connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+                self._answer(connection, frame, error)
                 continue
             except Exception as error:  # a bug: this request fails, the broker serves on
                 logger.exception("request %s failed unexpectedly", frame.api_key)
@@ -335,7 +336,22 @@ class Supervisor:
                 connection.close()
                 return
             if body is not None:
-                connection.send(frame_head(frame.api_key, frame.correlation_id, body))
+                self._answer(connection, frame, body)
+
+    def _answer(self, connection: ServerConnection, frame: Frame,
+                answer: dict[str, Any] | ShmbrokerError) -> None:
+        """Answer now, or after this connection's commits staged before it, if any: requests
+        are answered in order per connection (limits.py), and a pipelining client (the
+        committer of ``commit_async``) pairs answers with requests by their order.  A refused
+        commit answered at once would overtake the accepted ones waiting for the fsync."""
+        head = (error_frame(frame.api_key, frame.correlation_id, answer)
+                if isinstance(answer, ShmbrokerError)
+                else frame_head(frame.api_key, frame.correlation_id, answer))
+        if self._staged_commits and any(staged is connection
+                                        for staged, _, _ in self._staged_commits):
+            self._staged_commits.append((connection, frame, head))
+        else:
+            connection.send(head)
 
     def _serve_groups(self) -> None:
         """Expire members past their deadlines; nudge those with news to heartbeat now."""
@@ -509,10 +525,15 @@ class Supervisor:
         # one send per connection: a pipelining client has many answers in one iteration
         answers: dict[ServerConnection, list[bytes]] = {}
         for connection, frame, answer in staged:
-            if not connection.closed:
-                answers.setdefault(connection, []).append(
-                    frame_head(frame.api_key, frame.correlation_id, answer) if error is None
-                    else error_frame(frame.api_key, frame.correlation_id, error))
+            if connection.closed:
+                continue
+            if isinstance(answer, bytes):  # a later request's answer, ready: in its turn
+                head = answer
+            elif error is not None:
+                head = error_frame(frame.api_key, frame.correlation_id, error)
+            else:
+                head = frame_head(frame.api_key, frame.correlation_id, answer)
+            answers.setdefault(connection, []).append(head)
         for connection, heads in answers.items():
             connection.send(b"".join(heads))
             self._update_interest(connection)

@@ -370,7 +370,7 @@ def test_delete_refused_while_members_then_deletes_durably(events: RunningBroker
                                                           live_member: Consumer) -> None:
     data_dir = events.data_dir
     commit(data_dir, "batch", {TP1: 3})
-    assert "has 1 members" in failed(cli(data_dir, "groups", "delete", "live"))
+    assert "has 1 member(s)" in failed(cli(data_dir, "groups", "delete", "live"))
     with events.admin() as admin, pytest.raises(NonEmptyGroupError):
         admin.delete_consumer_group("live")
     assert committed(events, "live") == {("events", 0): 5}

@@ -604,7 +604,7 @@ def test_bad_input_gets_clear_errors(monkeypatch):
     a = c.join("g", subscribed_topics=["t"], now_ms=0)
     with pytest.raises(NonEmptyGroupError):
         c.validate_commit("g", "", -1, tps("t", 0))
-    with pytest.raises(NonEmptyGroupError, match="has 1 members"):
+    with pytest.raises(NonEmptyGroupError, match=r"has 1 member\(s\)"):
         c.delete_group("g")
     with pytest.raises(InvalidCommitOffsetSizeError):
         c.validate_commit("g", a.member_id, a.member_epoch,

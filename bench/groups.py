@@ -265,10 +265,22 @@ def measure_join(members: Members) -> dict[str, float]:
                 if p in times:
                     times[p].append(event["t"])
     gaps = [b - a for stamps in times.values() for a, b in zip(stamps, stamps[1:])]
+    # the same partitions' longest pause in an equally long window just before: the baseline
+    length = window_end - t_subscribe + 1.0
+    before_times: dict[int, list[float]] = {p: [] for p in kept}
+    for event in members.events:
+        if event["ev"] == "consumed" and t_subscribe - 0.5 - length <= event["t"] < (
+                t_subscribe - 0.5):
+            for p in event["parts"]:
+                if p in before_times:
+                    before_times[p].append(event["t"])
+    baseline = [b - a for stamps in before_times.values() for a, b in zip(stamps, stamps[1:])]
     return {"join_first_ms": (min(first.values()) - t_subscribe) * 1000,
             "join_all_ms": (window_end - t_subscribe) * 1000,
             "join_partitions": len(given),
-            "kept_partitions_max_gap_ms": max(gaps, default=0.0) * 1000, "_member": name}
+            "kept_partitions_max_gap_ms": max(gaps, default=0.0) * 1000,
+            "kept_partitions_max_gap_before_ms": max(baseline, default=0.0) * 1000,
+            "_member": name}
 
 
 def measure_takeover(members: Members, victim: str) -> dict[str, float]:

@@ -80,7 +80,7 @@ class AsyncCommitter:
                 self._close_locked(failure)
                 return
             self._in_flight.append((self._correlation, offsets, callback, None))
-            self._condition.notify_all()
+            # (no notify: only the reader's answers change what waiters wait for)
 
     def _connected(self) -> socket.socket:
         if self._sock is None:

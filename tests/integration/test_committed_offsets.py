@@ -4,12 +4,22 @@ before acknowledged, used as the start position, surviving a supervisor SIGKILL.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker_helpers import RunningBroker
 
 from shmbroker import Consumer, Producer, TopicPartition
-from shmbroker.errors import InvalidCommitOffsetError, UnknownTopicOrPartitionError
+from shmbroker.client.connection import Connection
+from shmbroker.errors import (
+    GroupIdNotFoundError,
+    InvalidCommitOffsetError,
+    InvalidGroupIdError,
+    InvalidTopicNameError,
+    ProtocolError,
+    UnknownTopicOrPartitionError,
+)
+from shmbroker.protocol.messages import ApiKey
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +84,43 @@ def test_bad_commits_get_clear_errors(broker: RunningBroker) -> None:
         assert consumer.committed([TP0]) == {TP0: 3}
     with Consumer(broker.data_dir) as consumer, pytest.raises(ValueError, match="group_id"):
         consumer.commit({TP0: 1})
+
+
+@pytest.mark.parametrize("body, error, message", [
+    ({"group_id": ["g"], "offsets": []}, ProtocolError, "'group_id' must be str"),
+    ({"group_id": "", "offsets": []}, InvalidGroupIdError, "1 to 249 characters"),
+    ({"group_id": "g", "offsets": "x"}, ProtocolError, "'offsets' must be list"),
+    ({"group_id": "g", "offsets": [["events", 0, 1]]}, ProtocolError, "each committed offset"),
+    ({"group_id": "g", "offsets": [["events", 0, "1", None]]}, ProtocolError,
+     "each committed offset"),
+    ({"group_id": "g", "offsets": [["events", True, 1, None]]}, ProtocolError,
+     "each committed offset"),
+    ({"group_id": "g", "offsets": [["events", 0, 1, 5]]}, ProtocolError,
+     "each committed offset"),
+    ({"group_id": "g", "offsets": [["a/b", 0, 1, None]]}, InvalidTopicNameError, "a/b"),
+    ({"group_id": "g", "offsets": [["events", -1, 1, None]]}, UnknownTopicOrPartitionError,
+     "partition -1 does not exist"),
+    ({"group_id": "g", "member_id": 7, "offsets": []}, ProtocolError, "'member_id' must be str"),
+    ({"group_id": "g", "member_epoch": "1", "offsets": []}, ProtocolError,
+     "'member_epoch' must be int"),
+    # a member commit to a group that has no members (KIP-848: GROUP_ID_NOT_FOUND)
+    ({"group_id": "g", "member_id": "nobody", "member_epoch": 1, "offsets": []},
+     GroupIdNotFoundError, "does not exist"),
+])
+def test_malformed_commit_requests_get_clear_errors(broker: RunningBroker, body: dict[str, Any],
+                                                    error: type[Exception], message: str) -> None:
+    """Raw OFFSET_COMMIT requests of the wrong shape: a precise error (INVALID_REQUEST closes
+    the connection), nothing stored, and the broker serves the next client."""
+    with broker.admin() as admin:
+        admin.create_topic("events", partitions=2)
+    connection = Connection(broker.socket_path, 10.0)
+    try:
+        with pytest.raises(error, match=message):
+            connection.request(ApiKey.OFFSET_COMMIT, body)
+    finally:
+        connection.close()
+    with broker.admin() as admin:
+        assert admin.list_consumer_group_offsets("g") == {}
+    with Consumer(broker.data_dir, group_id="g") as consumer:
+        consumer.commit({TP0: 4})
+        assert consumer.committed([TP0]) == {TP0: 4}

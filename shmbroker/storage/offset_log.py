@@ -411,9 +411,13 @@ class OffsetLog:
         All or nothing: on a ValueError nothing of this call is staged.  Returns how many
         commits were staged.
         """
-        self._check_usable()
+        if self._fd < 0 or self._failed is not None:
+            self._check_usable()
         now_ms = self._clock_ms()
-        head = commit_head(now_ms, self._group_field(group))
+        group_field = self._group_fields.get(group) if type(group) is str else None
+        if group_field is None:
+            group_field = self._group_field(group)
+        head = _TYPE_TIME.pack(RECORD_COMMIT, now_ms) + group_field  # commit_head, inlined
         records: list[bytes] = []
         ops: list[_Op] = []
         staged_bytes = self._staged_bytes
@@ -434,8 +438,11 @@ class OffsetLog:
                     or type(leader_epoch) is not int
                     or not LEADER_EPOCH_NONE <= leader_epoch <= LEADER_EPOCH_MAX):
                 raise self._commit_error(group, index, commit)
-            metadata_bytes = None
-            if metadata is not None:
+            if metadata is None:  # the common case, encode_commit inlined
+                body = b"".join((head, topic_field, _COMMIT_FIELDS.pack(
+                    partition, offset, leader_epoch, -1)))
+                record = _RECORD_HEADER.pack(len(body) + 4, crc32c(body)) + body
+            else:
                 # (a str longer than the byte limit is refused before it is encoded)
                 if type(metadata) is not str or len(metadata) > limits.offset_metadata_bytes_max:
                     raise self._commit_error(group, index, commit)
@@ -445,8 +452,8 @@ class OffsetLog:
                     raise self._commit_error(group, index, commit) from None
                 if len(metadata_bytes) > limits.offset_metadata_bytes_max:
                     raise self._commit_error(group, index, commit)
-            record = encode_commit(head, topic_field, partition, offset, leader_epoch,
-                                   metadata_bytes)
+                record = encode_commit(head, topic_field, partition, offset, leader_epoch,
+                                       metadata_bytes)
             staged_bytes += len(record)
             if staged_bytes > limits.offset_log_staged_bytes_max:
                 raise ValueError(

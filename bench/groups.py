@@ -3,7 +3,7 @@
 
 Three measurements against a real broker (``shmbroker serve`` in a temp dir), with member
 processes that each run one :class:`shmbroker.Consumer` subscribed to a 64-partition topic while
-this process produces one record to every partition every ``--produce-interval-ms``:
+a producer process sends one record to every partition every ``--produce-interval-ms``:
 
 * **takeover** -- SIGKILL one of 4 members; the time until *every* partition it owned has been
   consumed again by the others (the member's connection closes at once, so the supervisor knows
@@ -233,9 +233,13 @@ class Members:
                 process.wait()
 
 
-def produce_forever(data_dir: str, interval_s: float, stop: threading.Event) -> None:
+def produce_forever(data_dir: str, interval_s: float) -> None:
+    """The producer process: one record to every partition every ``interval_s``, until
+    SIGTERM.  Its own process, so that its pace does not depend on this driver's work."""
     from shmbroker import Producer
 
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Producer(data_dir, linger_ms=1) as producer:
         while not stop.is_set():
             for partition in range(PARTITIONS):
@@ -331,10 +335,8 @@ def run(rounds: int, commit_seconds: float, interval_ms: float,
 
             with Admin(data_dir) as admin:
                 admin.create_topic(TOPIC, partitions=PARTITIONS)
-            stop = threading.Event()
-            producer = threading.Thread(target=produce_forever,
-                                        args=(data_dir, interval_ms / 1000, stop), daemon=True)
-            producer.start()
+            producer = subprocess.Popen([sys.executable, __file__, "producer", data_dir,
+                                         repr(interval_ms / 1000)])
             members = Members(data_dir, assignor)
             try:
                 for _ in range(MEMBERS):
@@ -354,8 +356,8 @@ def run(rounds: int, commit_seconds: float, interval_ms: float,
                                    f"{key} {value}" for key, value in result.items()), flush=True)
                     results.append(result)
             finally:
-                stop.set()
-                producer.join(10)
+                producer.terminate()
+                producer.wait(30)
                 members.close()
             for mode in ("async", "sync"):
                 for round_index in range(max(1, rounds // 2)):
@@ -373,6 +375,9 @@ def run(rounds: int, commit_seconds: float, interval_ms: float,
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "member":
         member(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "producer":
+        produce_forever(sys.argv[2], float(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "committer":
         committer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5],

@@ -17,9 +17,10 @@ Members send heartbeats naming the partitions they own.  The coordinator keeps, 
   (partitions it was told to give up and still owns), and its **member epoch**.
 
 Each member is reconciled towards its target, incrementally, when it heartbeats: partitions it is
-losing are put in ``revoking`` and it keeps consuming the rest; only once it acknowledges the
-revocation (a heartbeat whose owned set no longer holds them) does it move to the target epoch and
-take the free partitions of its target.  A partition another member still owns is granted only
+losing are put in ``revoking`` and it keeps consuming the rest; it is given the free partitions
+of its target at once (nobody owns them: a dead member's, a new topic's), and only once it
+acknowledges the revocation (a heartbeat whose owned set no longer holds them) does it move to the
+target epoch.  A partition another member still owns is granted only
 after that member released it: acknowledged the revocation, left, closed its connection or timed
 out.  Who computed the target does not matter to this machinery: a Kafka classic-protocol adapter
 can register an "assignor" that returns the assignment its group leader sent in SyncGroup.
@@ -523,7 +524,7 @@ class GroupCoordinator:
             for member_id, member in sorted(group.members.items()):
                 target = group.target[member_id]
                 if member.departed_ms is None and (
-                        member.assigned - target or not member.revoking and any(
+                        member.assigned - target or any(
                             tp not in group.owner for tp in target - member.assigned)):
                     found.append((group_id, member_id))
         self._touched.clear()
@@ -648,6 +649,14 @@ class GroupCoordinator:
         member.revoking |= losing
         for tp in sorted(member.revoking - owned):  # acknowledged (or never taken): released
             self._release(group, member, tp)
+        # Free partitions of its target are granted at once, revocations pending or not (as
+        # Kafka's cooperative protocol gives unowned partitions in the first round): a dead
+        # member's partitions must not wait for the survivors to shuffle theirs.  Nobody owns
+        # them, so this cannot make two owners.
+        for tp in sorted(target - member.assigned):
+            if tp not in group.owner:
+                group.owner[tp] = member.member_id
+                member.assigned.add(tp)
         if member.revoking:
             if member.revoke_deadline_ms is None:
                 member.revoke_deadline_ms = now_ms + member.rebalance_timeout_ms
@@ -656,10 +665,6 @@ class GroupCoordinator:
         if member.epoch != group.epoch:
             member.previous_epoch = member.epoch if member.epoch else group.epoch
             member.epoch = group.epoch
-        for tp in sorted(target - member.assigned):
-            if tp not in group.owner:
-                group.owner[tp] = member.member_id
-                member.assigned.add(tp)
 
     def _release(self, group: _Group, member: _Member, tp: TopicPartition) -> None:
         assert group.owner.get(tp) == member.member_id, (tp, group.owner.get(tp), member.member_id)

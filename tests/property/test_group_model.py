@@ -551,7 +551,35 @@ def test_subscription_change_and_assignor_vote():
     description = c.describe("g")
     mine = next(m for m in description.members if m.member_id == "m0")
     assert mine.target == tps("u", 0, 1) and mine.subscribed_topics == {"u"}
-    assert a.revoke == tps("t", 0, 1, 2, 3) and a.assigned == frozenset()
+    # its free new partitions at once, while it still revokes the old ones
+    assert a.revoke == tps("t", 0, 1, 2, 3) and a.assigned == tps("u", 0, 1)
+
+
+def test_free_partitions_are_granted_while_revocations_are_pending():
+    """A dead member's partitions go to their new owners at the first heartbeat, even to a
+    member that must still give up others (range moves every member's range)."""
+    c = coordinator(t=6)
+    members = [c.join("g", subscribed_topics=["t"], assignor="range", now_ms=0)
+               for _ in range(3)]
+    for _ in range(3):  # settle: each owns its range of two
+        members = [c.heartbeat("g", m.member_id, m.member_epoch, m.assigned - m.revoke,
+                               now_ms=1) for m in members]
+    assert [sorted(m.assigned) for m in members] == [
+        sorted(tps("t", 0, 1)), sorted(tps("t", 2, 3)), sorted(tps("t", 4, 5))]
+    c.member_gone("g", members[0].member_id, now_ms=2)  # t-0 and t-1 are free now
+    m1, m2 = members[1], members[2]
+    # range over 2 members: m1 gets t-0..2 and must give t-3 to m2; its free t-0 and t-1 come
+    # at once, with the revocation still pending
+    m1 = c.heartbeat("g", m1.member_id, m1.member_epoch, m1.assigned, now_ms=3)
+    assert (m1.assigned, m1.revoke) == (tps("t", 0, 1, 2), tps("t", 3))
+    m2 = c.heartbeat("g", m2.member_id, m2.member_epoch, m2.assigned, now_ms=3)
+    assert m2.assigned == tps("t", 4, 5)  # t-3 is still m1's
+    c.check_invariants()
+    m1 = c.heartbeat("g", m1.member_id, m1.member_epoch, m1.assigned, now_ms=4)  # acknowledges
+    m2 = c.heartbeat("g", m2.member_id, m2.member_epoch, m2.assigned, now_ms=4)
+    assert (m1.assigned, m1.revoke, m2.assigned) == (tps("t", 0, 1, 2), frozenset(),
+                                                     tps("t", 3, 4, 5))
+    c.check_invariants()
 
 
 def test_custom_assignor_plugs_in():

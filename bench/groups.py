@@ -19,7 +19,8 @@ a producer process sends one record to every partition every ``--produce-interva
 Times are CLOCK_MONOTONIC, comparable across the processes of one host.  Each round repeats
 join, then takeover; medians over rounds are printed.  Run from the repository root:
 
-    python bench/groups.py                  # 5 rounds, commits for 3 s per mode
+    python bench/groups.py                  # 5 rounds; 3 commit rounds of 3 s per mode
+    python bench/groups.py --rounds 0 --commit-rounds 7   # commits only
     python bench/groups.py --assignor range # the members' assignor (default sticky)
     python bench/groups.py --rounds 9 --json groups.json
 """
@@ -318,7 +319,11 @@ def measure_commits(data_dir: str, mode: str, seconds: float) -> dict[str, float
             f"commits_{mode}_failed": sum(result["failed"] for result in results)}
 
 
-def run(rounds: int, commit_seconds: float, interval_ms: float,
+class _NoRounds(Exception):
+    """--rounds 0: commits only."""
+
+
+def run(rounds: int, commit_rounds: int, commit_seconds: float, interval_ms: float,
         assignor: str) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="shmbroker-bench-groups-") as temp:
@@ -339,6 +344,8 @@ def run(rounds: int, commit_seconds: float, interval_ms: float,
                                          repr(interval_ms / 1000)])
             members = Members(data_dir, assignor)
             try:
+                if not rounds:
+                    raise _NoRounds
                 for _ in range(MEMBERS):
                     members.start()
                 members.wait(members.stable, 120, "4 members to share the partitions")
@@ -355,12 +362,14 @@ def run(rounds: int, commit_seconds: float, interval_ms: float,
                     print(" ".join(f"{key} {value:.1f}" if isinstance(value, float) else
                                    f"{key} {value}" for key, value in result.items()), flush=True)
                     results.append(result)
+            except _NoRounds:
+                pass
             finally:
                 producer.terminate()
                 producer.wait(30)
                 members.close()
-            for mode in ("async", "sync"):
-                for round_index in range(max(1, rounds // 2)):
+            for round_index in range(commit_rounds):  # alternating: A B A B
+                for mode in ("async", "sync"):
                     commits = measure_commits(data_dir, mode, commit_seconds)
                     commits["round"] = round_index
                     print(" ".join(f"{key} {value:.0f}" for key, value in commits.items()),
@@ -385,13 +394,15 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--commit-rounds", type=int, default=3)
     parser.add_argument("--commit-seconds", type=float, default=3.0)
     parser.add_argument("--produce-interval-ms", type=float, default=10.0)
     parser.add_argument("--assignor", default="sticky",
                         help="the members' assignor: range, roundrobin or sticky")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = run(args.rounds, args.commit_seconds, args.produce_interval_ms, args.assignor)
+    results = run(args.rounds, args.commit_rounds, args.commit_seconds,
+                  args.produce_interval_ms, args.assignor)
     print("\nmedians:")
     keys = dict.fromkeys(key for result in results for key in result if key != "round")
     summary = {}

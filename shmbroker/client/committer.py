@@ -103,9 +103,7 @@ class AsyncCommitter:
                 if not data:
                     raise ConnectionResetError("the supervisor closed the connection")
                 decoder.receive_data(data)
-                frames = []
-                while (frame := decoder.next_frame()) is not None:
-                    frames.append(frame)
+                frames = decoder.frames()
             except (OSError, ShmbrokerError):
                 with self._condition:
                     if self._sock is sock:

@@ -170,9 +170,7 @@ class ServerConnection:
         if not data:
             return None
         self.decoder.receive_data(data)
-        while (frame := self.decoder.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return self.decoder.frames()
 
     def send(self, data: bytes | memoryview) -> None:
         self._output.append(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -204,3 +205,44 @@ def test_seeded_sweep_of_random_bytes() -> None:
         except Exception as error:
             raise AssertionError(f"SHMBROKER_FUZZ_SEED={seed} iteration {iteration}: "
                                  f"{type(error).__name__}: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------------
+# frames(): the batch form the connections use must agree with next_frame() exactly
+# ------------------------------------------------------------------------------------------------
+
+def outcome(take: Callable[[FrameDecoder], list[Frame]], chunks: list[bytes],
+            frame_bytes_max: int | None) -> tuple[list[FrameTuple], str | None, int]:
+    """(frames, error message or None, bytes left buffered) of feeding ``chunks``."""
+    decoder = FrameDecoder(frame_bytes_max)
+    got: list[Frame] = []
+    try:
+        for chunk in chunks:
+            decoder.receive_data(chunk)
+            got += take(decoder)
+    except ProtocolError as error:
+        return [as_tuple(frame) for frame in got], str(error), -1
+    return [as_tuple(frame) for frame in got], None, decoder.buffered_bytes
+
+
+def one_by_one(decoder: FrameDecoder) -> list[Frame]:
+    found = []
+    while (frame := decoder.next_frame()) is not None:
+        found.append(frame)
+    return found
+
+
+@SETTINGS
+@given(st.lists(frames, min_size=1, max_size=6) | hostile_inputs.map(lambda data: [data]),
+       st.lists(st.integers(0, 2**32), max_size=20), st.sampled_from([None, 16, 64, 300]))
+def test_frames_batch_agrees_with_next_frame(sequence: list[Any], cuts: list[int],
+                                             frame_bytes_max: int | None) -> None:
+    stream = b"".join(encode(item) if isinstance(item, tuple) else item for item in sequence)
+    chunks = split(stream, cuts)
+    batch = outcome(FrameDecoder.frames, chunks, frame_bytes_max)
+    single = outcome(one_by_one, chunks, frame_bytes_max)
+    # a batch that fails part-way returns none of its frames (the connection closes anyway)
+    if batch[1] is not None:
+        assert single[1] == batch[1] and single[0][:len(batch[0])] == batch[0]
+    else:
+        assert batch == single

@@ -87,8 +87,11 @@ def member(data_dir: str, name: str, assignor: str) -> None:
 
 
 # -- commit process ---------------------------------------------------------------------------
-def committer(data_dir: str, index: int, seconds: float, mode: str, start_at: float) -> None:
-    """Commit increasing offsets of one partition for ``seconds``; print commits acknowledged."""
+def committer(data_dir: str, index: int, seconds: float, mode: str) -> None:
+    """Commit increasing offsets of one partition for ``seconds``; print commits acknowledged.
+    Says "ready" once connected and warm, then starts at the time read from stdin (the same
+    for every committer, once all are ready: no process is still starting while others
+    measure)."""
     from shmbroker import Consumer, TopicPartition
 
     tp = TopicPartition(TOPIC, index % PARTITIONS)
@@ -106,6 +109,8 @@ def committer(data_dir: str, index: int, seconds: float, mode: str, start_at: fl
                   enable_auto_commit=False) as consumer:
         consumer.assign([tp])
         consumer.commit({tp: 0})  # connected and warm before the clock starts
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
         while time.monotonic() < start_at:
             time.sleep(0.001)
         began = time.monotonic()
@@ -301,13 +306,23 @@ def measure_takeover(members: Members, victim: str) -> dict[str, float]:
 
 
 def measure_commits(data_dir: str, mode: str, seconds: float) -> dict[str, float]:
-    start_at = time.monotonic() + 2.0 + COMMITTERS * 0.15
     processes = [subprocess.Popen([sys.executable, __file__, "committer", data_dir, str(index),
-                                   str(seconds), mode, repr(start_at)], stdout=subprocess.PIPE)
+                                   str(seconds), mode], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
                  for index in range(COMMITTERS)]
+    for process in processes:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != b"ready":
+            raise SystemExit(f"a committer failed to start (exit {process.wait()})")
+    start_at = time.monotonic() + 0.2
+    for process in processes:  # every one told before any is waited for
+        assert process.stdin is not None
+        process.stdin.write(f"{start_at!r}\n".encode())
+        process.stdin.close()
     results = []
     for process in processes:
-        out, _ = process.communicate(timeout=seconds + 120)
+        out = process.stdout.read()  # type: ignore[union-attr]
+        process.wait(timeout=seconds + 120)
         if process.returncode != 0:
             raise SystemExit(f"a committer failed (exit {process.returncode})")
         results.append(orjson.loads(out.splitlines()[-1]))
@@ -389,8 +404,7 @@ def main() -> None:
         produce_forever(sys.argv[2], float(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "committer":
-        committer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5],
-                  float(sys.argv[6]))
+        committer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)

@@ -218,6 +218,10 @@ class Consumer:
             if tp not in self._fetchers:
                 self._fetchers[tp] = _Fetcher(info, tp)
 
+    def partitions_for(self, topic: str) -> list[int]:
+        """The partitions of ``topic`` (Kafka's partitionsFor)."""
+        return [info.partition for info in self._metadata.partitions(topic)]
+
     def assignment(self) -> set[TopicPartition]:
         return set(self._fetchers)
 

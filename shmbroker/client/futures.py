@@ -90,6 +90,12 @@ class RecordFuture:
     def done(self) -> bool:
         return self._batch.done
 
+    @property
+    def batch(self) -> ProducedBatch:
+        """The outcome this record shares with the others of its RecordBatch (one object per
+        batch: a caller tracking many records can keep these instead of a future each)."""
+        return self._batch
+
     def result(self, timeout: float | None = None) -> RecordMetadata:
         batch = self._batch
         if not batch.wait(timeout):

@@ -1,0 +1,13 @@
+"""shmbroker-bench: the load-testing tool (Kafka's perf-test, the OpenMessaging Benchmark).
+
+Modules:
+
+* :mod:`shmbroker.perf.histogram` -- log-linear latency histogram (HdrHistogram-like) that child
+  processes serialise and the parent merges;
+* :mod:`shmbroker.perf.payloads` -- record sizes, payload buffers ("random" and "telemetry") and
+  the 24-byte header (send time, producer id, sequence) each benchmark record carries;
+* :mod:`shmbroker.perf.workload` -- the :class:`Workload` description, its validation and its
+  TOML files (``bench/workloads/*.toml``);
+* :mod:`shmbroker.perf.runner` -- starts producer and consumer processes and collects results;
+* :mod:`shmbroker.perf.cli` -- the ``shmbroker-bench`` command.
+"""

@@ -1,0 +1,217 @@
+"""``shmbroker-bench``: load-test a broker (Kafka's perf-test and OMB, for shmbroker).
+
+With no arguments it starts an embedded broker in a temp dir, runs the default workload (1 topic,
+1 partition, 1 producer, 1 consumer, 100-byte records, as fast as it goes, 10 s), prints the
+results and cleans up.  ``--data-dir`` targets a broker that is already running.  Exit status 1
+when an acknowledged record was not consumed (lost), 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from shmbroker import __version__
+from shmbroker.perf.workload import Workload, load_workload
+
+BROKER_START_TIMEOUT_S = 30.0
+
+
+def _broker_pid(data_dir: Path) -> int | None:
+    """The supervisor's pid, from the data dir's lock file (for CPU and RSS figures)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int((data_dir / "broker.lock").read_text().split()[0])
+    return None
+
+
+@contextlib.contextmanager
+def embedded_broker() -> Iterator[tuple[Path, int]]:
+    """A broker serving a fresh temp data dir: (data dir, supervisor pid); removed after."""
+    temp = Path(tempfile.mkdtemp(prefix="shmbroker-bench-"))
+    data_dir = temp / "data"
+    process = subprocess.Popen([sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
+                                str(data_dir), "--log-level", "WARNING"])
+    try:
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while not (data_dir / "broker.sock").exists():
+            if process.poll() is not None:
+                raise click.ClickException(f"the embedded broker exited ({process.returncode})")
+            if time.monotonic() > deadline:
+                raise click.ClickException("the embedded broker did not start in "
+                                           f"{BROKER_START_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+        yield data_dir, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _progress(point: dict[str, float]) -> None:
+    if not sys.stderr.isatty():
+        return
+    p99 = point.get("p99_us")
+    sys.stderr.write(f"\r{point['t_s']:7.1f} s  produce {point['produce_per_s']:>12,.0f} rec/s"
+                     f"  consume {point['consume_per_s']:>12,.0f} rec/s"
+                     + (f"  p99 {p99:,.0f} us" if p99 else "") + "   ")
+    sys.stderr.flush()
+
+
+def _summary(result: Any) -> list[str]:
+    workload = result.workload
+    lines = [
+        f"workload {workload.name}: {workload.topics} topic(s) x {workload.partitions} "
+        f"partition(s), {workload.producers} producer(s), {workload.consumers} consumer(s)"
+        + (f" in group {workload.group!r}" if workload.group else "")
+        + f", {workload.record_size} B {workload.payload} records, api {workload.api}, "
+        f"acks {workload.acks}, rate "
+        + (f"{workload.rate_per_sec:,}/s" if workload.rate_per_sec else "max")
+        + f", {workload.duration_s:g} s (+{workload.warmup_s:g} s warm-up)",
+        "",
+        f"{'':12}{'records/s':>14}{'MB/s':>10}",
+        f"{'produce':12}{result.produce_rate_per_s:>14,.0f}{result.produce_mb_per_s:>10,.1f}",
+        f"{'consume':12}{result.consume_rate_per_s:>14,.0f}{result.consume_mb_per_s:>10,.1f}",
+        ""]
+    if result.latency.count:
+        ps = result.latency.percentiles([50, 90, 99, 99.9, 99.99, 100])
+        lines.append("latency (intended send -> consumed, us): " + "  ".join(
+            f"{'max' if p == 100 else f'p{p:g}'} {value / 1000:,.0f}" for p, value in ps.items()))
+    lines.append(f"records: sent {result.sent:,}, acknowledged {result.acknowledged:,}, "
+                 f"consumed {result.consumed:,}, duplicates {result.duplicates:,}, "
+                 f"send errors {result.send_errors:,}, lost {result.lost:,}")
+    if result.broker:
+        lines.append(f"broker processes: CPU {result.broker['broker_cpu_pct_median']:,.0f} % "
+                     f"(median of the seconds; 100 = one core), RSS up to "
+                     f"{result.broker['broker_rss_bytes_max'] / 2**20:,.0f} MiB")
+    return lines
+
+
+def _plot(result: Any, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'shmbroker[plot]'") \
+            from None
+    figure, (rates, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    t = [point["t_s"] for point in result.timeline]
+    rates.plot(t, [point["produce_per_s"] for point in result.timeline], label="produce")
+    rates.plot(t, [point["consume_per_s"] for point in result.timeline], label="consume")
+    rates.set(xlabel="s", ylabel="records/s", title="throughput")
+    rates.legend()
+    if result.latency.count:
+        ps = [50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100]
+        values = result.latency.percentiles(ps)
+        latency.plot([1 / (1 - p / 100) if p < 100 else 1e5 for p in ps],
+                     [values[p] / 1000 for p in ps], marker="o")
+        latency.set(xscale="log", yscale="log", xlabel="1 / (1 - percentile)",
+                    ylabel="us", title="latency by percentile")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shmbroker-bench")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Load-test the broker already serving this data dir (default: start an "
+                   "embedded one in a temp dir).")
+@click.option("--workload", "workload_file", type=click.Path(dir_okay=False, exists=True,
+                                                             path_type=Path),
+              default=None, help="A workload file (TOML; see bench/workloads/); options given "
+                                 "here override it.")
+@click.option("--topics", type=click.IntRange(min=1), default=None)
+@click.option("--partitions", type=click.IntRange(min=1), default=None,
+              help="Partitions per topic.")
+@click.option("--producers", type=click.IntRange(min=1), default=None)
+@click.option("--consumers", type=click.IntRange(min=1), default=None)
+@click.option("--group", default=None, help="Consumers join this consumer group "
+                                           "(default: partitions split by assignment).")
+@click.option("--record-size-bytes", "record_size", default=None,
+              help="Value size: fixed (100) or uniform in a range (64-1024); >= 24.")
+@click.option("--keyed/--no-keyed", default=None, help="Records carry one of 1,000 keys.")
+@click.option("--rate-per-sec", type=click.IntRange(min=0), default=None,
+              help="Target records/s, all producers together; 0 = as fast as possible.")
+@click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--warmup-s", type=click.FloatRange(min=0), default=None,
+              help="Not counted in the latency histogram.")
+@click.option("--acks", type=click.Choice(["0", "1", "all"]), default=None)
+@click.option("--linger-ms", type=click.IntRange(min=0), default=None)
+@click.option("--batch-size-bytes", type=click.IntRange(min=1), default=None)
+@click.option("--api", type=click.Choice(["per-record", "columnar"]), default=None)
+@click.option("--compression", type=click.Choice(["none", "gzip", "lz4", "zstd"]), default=None)
+@click.option("--payload", type=click.Choice(["random", "telemetry"]), default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write everything measured here (JSON).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Draw throughput over time and the latency percentiles "
+                                 "(PNG; needs the [plot] extra).")
+@click.pass_context
+def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
+         json_path: Path | None, plot_path: Path | None, **options: Any) -> None:
+    """Load-test shmbroker: producers and consumers, latency from the intended send time
+    (coordinated omission corrected), every acknowledged record checked consumed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        workload = load_workload(workload_file) if workload_file else Workload()
+        workload = workload.with_overrides(options)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    if plot_path is not None:
+        with contextlib.suppress(ImportError):
+            import matplotlib  # noqa: F401  (checked before a long run, not after)
+    from shmbroker.perf import runner
+
+    def go(target: Path, pid: int | None) -> Any:
+        return runner.run(workload, str(target), progress=_progress, broker_pid=pid)
+
+    try:
+        if data_dir is None:
+            with embedded_broker() as (target, pid):
+                result = go(target, pid)
+        else:
+            if not (data_dir / "broker.sock").exists():
+                raise click.ClickException(
+                    f"no broker at {data_dir / 'broker.sock'} — start one with `shmbroker "
+                    f"serve --data-dir {data_dir}` or leave out --data-dir")
+            result = go(data_dir, _broker_pid(data_dir))
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    for line in _summary(result):
+        click.echo(line)
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps({**result.to_dict(),
+                                            "environment": runner.environment()},
+                                           option=orjson.OPT_INDENT_2))
+    if plot_path is not None:
+        _plot(result, plot_path)
+    if result.lost:
+        click.echo(f"\nLOST {result.lost:,} ACKNOWLEDGED RECORDS: they were never consumed",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,553 @@
+"""Runs one workload against a broker: producer and consumer processes, then the verdict.
+
+Processes (``multiprocessing``, spawn: no fork of a process with threads):
+
+* **consumers** start first and say when they have their partitions (a group's assignment, or
+  their share of every partition by explicit assignment);
+* **producers** then start together at one ``start_at``.  Record ``seq`` of a producer is meant
+  to be sent at ``start + seq / rate``: that *intended* time, not the moment ``send`` was
+  reached, goes into the record (its 24-byte header: ``payloads.encode_headers``).  A producer
+  that falls behind keeps the schedule, so the latency a consumer measures (arrival minus
+  intended time) includes the time records waited to be sent: coordinated omission corrected,
+  as the OpenMessaging Benchmark and Chronicle's JLBH do.  With ``rate_per_sec`` 0 the intended
+  time is the send time.
+* every child publishes running counts in a shared array (the live progress line and the
+  per-second timeline) and, at the end, its results through a queue: producers the sequence
+  numbers acknowledged (a bitmap), consumers a histogram of latencies after the warm-up and the
+  sequence numbers they saw (a bitmap per producer).
+
+The verdict: every acknowledged record must have been consumed; records lost are counted and
+reported loudly (the CLI exits non-zero), duplicates are counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shmbroker.client.partitioner import partition_for_key
+from shmbroker.perf import payloads
+from shmbroker.perf.histogram import Histogram
+from shmbroker.perf.workload import Workload
+
+TEMPLATE_RECORDS = 4096  # payloads generated once per producer and reused cyclically
+COLUMNAR_CHUNK_RECORDS = 1024  # records per send_batch call
+COUNTER_UPDATE_S = 0.05
+READY_TIMEOUT_S = 60.0
+DRAIN_IDLE_S = 3.0  # consumers stop after this long without a record, once producers are done
+DONE_IDLE_S = 0.3  # ... or this long, once they have as many records as were acknowledged
+_HEADER = struct.Struct("<qiiq")  # payloads.encode_headers' layout, for the per-record path
+KEYS = 1000  # --keyed: records cycle through this many sensor keys
+
+
+@dataclass
+class RunResult:
+    workload: Workload
+    elapsed_s: float
+    sent: int
+    acknowledged: int
+    send_errors: int
+    consumed: int
+    lost: int
+    duplicates: int
+    produce_rate_per_s: float
+    consume_rate_per_s: float
+    produce_mb_per_s: float
+    consume_mb_per_s: float
+    latency: Histogram
+    timeline: list[dict[str, float]] = field(default_factory=list)
+    broker: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        percentiles = self.latency.percentiles([50, 90, 99, 99.9, 99.99, 100]) \
+            if self.latency.count else {}
+        return {
+            "workload": self.workload.to_dict(), "elapsed_s": self.elapsed_s,
+            "sent": self.sent, "acknowledged": self.acknowledged,
+            "send_errors": self.send_errors, "consumed": self.consumed, "lost": self.lost,
+            "duplicates": self.duplicates, "produce_rate_per_s": self.produce_rate_per_s,
+            "consume_rate_per_s": self.consume_rate_per_s,
+            "produce_mb_per_s": self.produce_mb_per_s, "consume_mb_per_s": self.consume_mb_per_s,
+            "latency_us": {f"{p:g}": value / 1000 for p, value in percentiles.items()},
+            "latency_histogram": self.latency.to_dict(), "timeline": self.timeline,
+            "broker": self.broker}
+
+
+# -- children ------------------------------------------------------------------------------------
+def _producer_main(data_dir: str, topics: list[str], workload_dict: dict[str, Any], index: int,
+                   start_at: float, counters: Any, results: Any) -> None:
+    try:
+        results.put(("producer", index, _produce(data_dir, topics, Workload(**workload_dict),
+                                                 index, start_at, counters)))
+    except BaseException as error:  # the parent reports it; never hang it
+        results.put(("error", f"producer {index}", repr(error)))
+
+
+def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, start_at: float,
+             counters: Any) -> dict[str, Any]:
+    from shmbroker import Producer
+
+    rng = np.random.default_rng(index)
+    spec = payloads.parse_size_spec(workload.record_size)
+    lengths = payloads.sizes(spec, TEMPLATE_RECORDS, rng)
+    buffer, lengths = payloads.make_payloads(workload.payload, lengths, rng)
+    template = bytearray(buffer)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    rate = workload.rate_per_sec / workload.producers
+    interval_ns = int(1e9 / rate) if rate > 0 else 0
+    end_at = start_at + workload.warmup_s + workload.duration_s
+    compression = None if workload.compression == "none" else workload.compression
+    acks = {"0": 0, "1": 1, "all": "all"}[workload.acks]
+    keys = [b"sensor-%04d" % k for k in range(KEYS)] if workload.keyed else None
+    partitions: list[tuple[str, int]] = []
+    sent = 0
+    sent_bytes = 0
+    outcomes: list[tuple[Any, int, int]] = []  # (future or batch, first seq, count)
+    per_record_batches: dict[Any, int] = {}
+    batch_of_seq = np.zeros(1 << 16, dtype=np.int32)
+    with Producer(data_dir, acks=acks, linger_ms=workload.linger_ms,
+                  batch_size_bytes=workload.batch_size_bytes, compression=compression) as producer:
+        partition_counts = {topic: len(producer.partitions_for(topic)) for topic in topics}
+        for topic in topics:
+            partitions += [(topic, partition) for partition in range(partition_counts[topic])]
+        while time.monotonic() < start_at:
+            time.sleep(0.0005)
+        start_ns = time.monotonic_ns()
+        next_update = time.monotonic() + COUNTER_UPDATE_S
+        topic_count = len(topics)
+        if workload.api == "columnar":
+            chunk = COLUMNAR_CHUNK_RECORDS if not interval_ns else max(1, min(
+                COLUMNAR_CHUNK_RECORDS, int(rate / 1000) or 1))
+            target = 0
+            while True:
+                now = time.monotonic()
+                if now >= end_at:
+                    break
+                if interval_ns:  # paced: send what the schedule says is due (in chunks)
+                    due = int((time.monotonic_ns() - start_ns) / interval_ns) + 1
+                    if due <= sent:
+                        time.sleep(min(0.001, (sent - due + 1) * interval_ns / 1e9))
+                        continue
+                    count = min(chunk, due - sent)
+                else:
+                    count = chunk
+                first = sent % TEMPLATE_RECORDS
+                take = min(count, TEMPLATE_RECORDS - first)
+                seqs = np.arange(sent, sent + take, dtype=np.int64)
+                intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
+                    take, time.monotonic_ns(), dtype=np.int64)
+                values = bytearray(template[starts[first]:starts[first] + int(
+                    lengths[first:first + take].sum())])
+                payloads.encode_headers(values, starts[first:first + take] - starts[first],
+                                        intended, index, seqs)
+                topic, partition = partitions[target % len(partitions)]
+                chunk_keys = None
+                if keys is not None:  # a burst of one sensor: the key routes the chunk
+                    key = keys[target % KEYS]
+                    topic = topics[target % topic_count]
+                    partition = partition_for_key(key, partition_counts[topic])
+                    chunk_keys = [key] * take
+                target += 1
+                future = producer.send_batch(topic, (bytes(values), lengths[first:first + take]),
+                                             partition=partition, keys=chunk_keys)
+                outcomes.append((future, sent, take))
+                sent += take
+                sent_bytes += len(values)
+                if now >= next_update:
+                    counters[2 * index] = sent
+                    next_update = now + COUNTER_UPDATE_S
+        else:
+            send = producer.send
+            pack = _HEADER.pack
+            views = [bytes(template[int(starts[i]) + payloads.HEADER_BYTES:
+                                    int(starts[i] + lengths[i])]) for i in range(TEMPLATE_RECORDS)]
+            while True:
+                if interval_ns:
+                    intended = start_ns + sent * interval_ns
+                    ahead_ns = intended - time.monotonic_ns()
+                    if ahead_ns > 2_000_000:  # sleep most of a long wait, spin the rest:
+                        time.sleep((ahead_ns - 1_000_000) / 1e9)  # a sleep overshoots
+                    while time.monotonic_ns() < intended:
+                        pass
+                else:
+                    intended = time.monotonic_ns()
+                value = pack(intended, index, 0, sent) + views[sent % TEMPLATE_RECORDS]
+                if keys is not None:
+                    future = send(topics[sent % topic_count], value, key=keys[sent % KEYS])
+                else:
+                    topic, partition = partitions[sent % len(partitions)]
+                    future = send(topic, value, partition=partition)
+                batch = future.batch
+                slot = per_record_batches.get(batch)
+                if slot is None:
+                    slot = per_record_batches[batch] = len(per_record_batches)
+                if sent >= len(batch_of_seq):
+                    batch_of_seq = np.concatenate((batch_of_seq, np.zeros_like(batch_of_seq)))
+                batch_of_seq[sent] = slot
+                sent += 1
+                sent_bytes += len(value)
+                if not sent & 255:
+                    now = time.monotonic()
+                    if now >= end_at:
+                        break
+                    if now >= next_update:
+                        counters[2 * index] = sent
+                        next_update = now + COUNTER_UPDATE_S
+        producer.flush(120)
+    counters[2 * index] = sent
+    acked = np.zeros(sent, dtype=bool)
+    errors = 0
+    if workload.api == "columnar":
+        for future, first, count in outcomes:
+            try:
+                future.result(0)
+                acked[first:first + count] = True
+            except Exception:
+                errors += count
+    else:
+        ok = np.array([batch.error is None and batch.done for batch in per_record_batches],
+                      dtype=bool)
+        acked = ok[batch_of_seq[:sent]] if sent else acked
+        errors = int(sent - acked.sum())
+    if acks == 0:
+        acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost
+    return {"sent": sent, "sent_bytes": sent_bytes, "errors": errors,
+            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+
+
+def _consumer_main(data_dir: str, topics: list[str], workload_dict: dict[str, Any], index: int,
+                   expected: Any, ready: Any, counters: Any, results: Any,
+                   warmup_end_ns: Any) -> None:
+    try:
+        results.put(("consumer", index, _consume(data_dir, topics, Workload(**workload_dict),
+                                                 index, expected, ready, counters,
+                                                 warmup_end_ns)))
+    except BaseException as error:
+        results.put(("error", f"consumer {index}", repr(error)))
+
+
+def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
+             expected: Any, ready: Any, counters: Any, warmup_end_ns: Any) -> dict[str, Any]:
+    """Consume until the producers are done (``expected`` >= 0: the records acknowledged, or
+    sent with acks=0) and either the consumers together have that many and nothing came for
+    DONE_IDLE_S, or nothing came for DRAIN_IDLE_S."""
+    from shmbroker import Consumer, TopicPartition
+
+    histogram = Histogram()
+    seqs: dict[int, list[np.ndarray]] = {}
+    consumed = 0
+    consumed_bytes = 0
+    slot = 2 * (workload.producers + index)
+    group = workload.group
+    with Consumer(data_dir, group_id=group, auto_offset_reset="earliest",
+                  enable_auto_commit=group is not None, fetch_max_wait_ms=100) as consumer:
+        if group is not None:
+            consumer.subscribe(topics)
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not consumer.assignment() and time.monotonic() < deadline:
+                consumer.poll(50)
+        else:
+            every = [TopicPartition(topic, partition) for topic in topics
+                     for partition in consumer.partitions_for(topic)]
+            mine = every[index::workload.consumers]
+            consumer.assign(mine)
+            if mine:
+                consumer.seek_to_beginning()
+        ready.value += 1
+        next_offsets: dict[Any, int] = {}
+        idle_since = time.monotonic()
+        next_update = idle_since + COUNTER_UPDATE_S
+        next_p99 = idle_since
+        columnar = workload.api == "columnar"
+        while True:
+            got = 0
+            if columnar:
+                for part in consumer.poll_columnar(100):
+                    tp = (part.topic, part.partition)
+                    floor = next_offsets.get(tp, -1)
+                    now_ns = time.monotonic_ns()
+                    for batch in part.batches:
+                        keep = batch.offsets >= floor
+                        positions = batch.value_positions[keep]
+                        if not len(positions):
+                            continue
+                        intended, producer_ids, numbers = payloads.decode_headers(
+                            batch.data, positions)
+                        _note(histogram, seqs, now_ns, intended, producer_ids, numbers,
+                              warmup_end_ns.value)
+                        got += len(positions)
+                        consumed_bytes += int(batch.value_lengths[keep].clip(0).sum())
+                    next_offsets[tp] = int(part.offsets[-1]) + 1
+            else:
+                records = consumer.poll(100)
+                if records:
+                    now_ns = time.monotonic_ns()
+                    unpack = _HEADER.unpack_from
+                    heads = [unpack(record.value) for record in records]
+                    array = np.array(heads, dtype=np.int64)
+                    _note(histogram, seqs, now_ns, array[:, 0], array[:, 1], array[:, 3],
+                          warmup_end_ns.value)
+                    got = len(records)
+                    consumed_bytes += sum(len(record.value) for record in records)
+            consumed += got
+            now = time.monotonic()
+            if got:
+                idle_since = now
+            if now >= next_update:
+                counters[slot] = consumed
+                next_update = now + COUNTER_UPDATE_S
+                if now >= next_p99 and histogram.count:  # the live line's "p99 so far"
+                    counters[slot + 1] = int(histogram.percentile(99) // 1000)
+                    next_p99 = now + 1.0
+            if expected.value >= 0:
+                idle = now - idle_since
+                together = sum(counters[2 * (workload.producers + other)]
+                               for other in range(workload.consumers))
+                if idle > DRAIN_IDLE_S or idle > DONE_IDLE_S and together >= expected.value:
+                    break
+    counters[slot] = consumed
+    bitmaps = {}
+    duplicates = 0
+    for producer_id, parts in seqs.items():
+        numbers = np.concatenate(parts)
+        counts = np.bincount(numbers)
+        duplicates += int((counts > 1).sum() and (counts - 1).clip(0).sum())
+        bitmaps[producer_id] = np.packbits(counts > 0).tobytes()
+    return {"consumed": consumed, "consumed_bytes": consumed_bytes, "duplicates": duplicates,
+            "histogram": histogram.to_dict(), "seen": bitmaps}
+
+
+def _note(histogram: Histogram, seqs: dict[int, list[np.ndarray]], now_ns: int,
+          intended: np.ndarray, producer_ids: np.ndarray, numbers: np.ndarray,
+          warmup_end_ns: int) -> None:
+    """Latencies (after the warm-up) into the histogram; sequence numbers per producer."""
+    measured = intended >= warmup_end_ns
+    if measured.any():
+        histogram.record_many(now_ns - intended[measured])
+    for producer_id in np.unique(producer_ids):
+        seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])
+
+
+# -- the parent ----------------------------------------------------------------------------------
+def run(workload: Workload, data_dir: str,
+        progress: Callable[[dict[str, float]], None] | None = None,
+        broker_pid: int | None = None) -> RunResult:
+    """Create the workload's topics, run it, delete them, return the verdict."""
+    from shmbroker import Admin
+
+    context = multiprocessing.get_context("spawn")
+    prefix = f"shmbroker-bench-{uuid.uuid4().hex[:8]}"
+    topics = [f"{prefix}-{i}" for i in range(workload.topics)]
+    with Admin(data_dir) as admin:
+        for topic in topics:
+            admin.create_topic(topic, partitions=workload.partitions)
+    children = workload.producers + workload.consumers
+    counters = context.Array("q", 2 * children, lock=False)
+    expected = context.Value("q", -1, lock=False)  # set when the producers are done
+    ready = context.Value("i", 0)
+    warmup_end_ns = context.Value("q", 1 << 62, lock=False)
+    results = context.Queue()
+    processes = []
+    workload_dict = workload.to_dict()
+    try:
+        for index in range(workload.consumers):
+            processes.append(context.Process(
+                target=_consumer_main, name=f"bench-consumer-{index}",
+                args=(data_dir, topics, workload_dict, index, expected, ready, counters,
+                      results, warmup_end_ns)))
+            processes[-1].start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while ready.value < workload.consumers:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
+                raise RuntimeError(_child_errors(results) or "the consumers did not start")
+            time.sleep(0.01)
+        start_at = time.monotonic() + 1.0 + 0.3 * workload.producers  # spawn + import time
+        for index in range(workload.producers):
+            processes.append(context.Process(
+                target=_producer_main, name=f"bench-producer-{index}",
+                args=(data_dir, topics, workload_dict, index, start_at, counters, results)))
+            processes[-1].start()
+        warmup_end_ns.value = int((start_at + workload.warmup_s) * 1e9)
+        timeline = _watch(workload, start_at, counters, processes, progress, broker_pid)
+        collected = _collect(results, processes, workload, expected)
+    finally:
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        with contextlib.suppress(Exception), Admin(data_dir) as admin:
+            for topic in topics:
+                admin.delete_topic(topic)
+    return _verdict(workload, collected, timeline, broker_pid)
+
+
+def _watch(workload: Workload, start_at: float, counters: Any, processes: list[Any],
+           progress: Callable[[dict[str, float]], None] | None,
+           broker_pid: int | None) -> list[dict[str, float]]:
+    """Sample the counters every second until the run's end; the timeline.  (It does not wait
+    for the children to exit: they exit after the parent has read their results, which may be
+    larger than a pipe holds.)"""
+    producer_slots = range(0, 2 * workload.producers, 2)
+    consumer_slots = range(2 * workload.producers, 2 * (workload.producers
+                                                        + workload.consumers), 2)
+    end_at = start_at + workload.warmup_s + workload.duration_s
+    last_cpu_s = _broker_usage(broker_pid)["broker_cpu_s"] if broker_pid is not None else None
+    timeline = []
+    last_sent = last_consumed = 0
+    last_t = start_at
+    while time.monotonic() < start_at:
+        time.sleep(0.01)
+    while last_t < end_at:
+        time.sleep(max(0.0, min(last_t + 1.0, end_at) - time.monotonic()))
+        now = time.monotonic()
+        sent = sum(counters[slot] for slot in producer_slots)
+        consumed = sum(counters[slot] for slot in consumer_slots)
+        point = {"t_s": round(now - start_at, 3),
+                 "produce_per_s": (sent - last_sent) / (now - last_t),
+                 "consume_per_s": (consumed - last_consumed) / (now - last_t),
+                 "sent": sent, "consumed": consumed,
+                 # the worst consumer's p99 so far (an upper bound of the merged one)
+                 "p99_us": max((counters[slot + 1] for slot in consumer_slots), default=0)}
+        if broker_pid is not None:
+            usage = _broker_usage(broker_pid)
+            point.update(usage)
+            # CPU% of the broker's processes (100 = one core) over this second
+            point["broker_cpu_pct"] = round(
+                100 * (usage["broker_cpu_s"] - last_cpu_s) / (now - last_t), 1) \
+                if last_cpu_s is not None else 0.0
+            last_cpu_s = usage["broker_cpu_s"]
+        timeline.append(point)
+        if progress is not None:
+            progress(point)
+        last_sent, last_consumed, last_t = sent, consumed, now
+        if not any(process.is_alive() for process in processes):
+            break  # every child failed early: _collect says why
+    return timeline
+
+
+def _collect(results: Any, processes: list[Any], workload: Workload,
+             expected: Any) -> dict[str, Any]:
+    """Every child's results; once every producer reported, ``expected`` tells the consumers
+    how many records to wait for."""
+    collected: dict[str, Any] = {"producer": {}, "consumer": {}, "errors": []}
+    wanted = workload.producers + workload.consumers
+    deadline = time.monotonic() + 240
+    while len(collected["producer"]) + len(collected["consumer"]) + len(
+            collected["errors"]) < wanted:
+        try:
+            kind, index, value = results.get(timeout=1.0)
+        except queue.Empty:
+            if time.monotonic() > deadline or not any(p.is_alive() for p in processes):
+                collected["errors"].append("some workers never reported (killed?)")
+                break
+            continue
+        if kind == "error":
+            collected["errors"].append(f"{index}: {value}")
+            expected.value = 0  # a failed run: consumers stop at the idle timeout
+        else:
+            collected[kind][index] = value
+        if kind == "producer" and len(collected["producer"]) == workload.producers:
+            expected.value = sum(max(result["acked_count"], 0 if workload.acks != "0"
+                                     else result["sent"])
+                                 for result in collected["producer"].values())
+    return collected
+
+
+def _child_errors(results: Any) -> str:
+    found = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            kind, index, value = results.get_nowait()
+            if kind == "error":
+                found.append(f"{index}: {value}")
+    return "; ".join(found)
+
+
+def _broker_usage(broker_pid: int) -> dict[str, float]:
+    """CPU seconds and RSS of the broker's processes (supervisor and workers)."""
+    import psutil
+
+    cpu = 0.0
+    rss = 0
+    with contextlib.suppress(psutil.Error):
+        supervisor = psutil.Process(broker_pid)
+        for process in [supervisor, *supervisor.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error), process.oneshot():
+                times = process.cpu_times()
+                cpu += times.user + times.system
+                rss += process.memory_info().rss
+    return {"broker_cpu_s": round(cpu, 3), "broker_rss_bytes": rss}
+
+
+def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[str, float]],
+             broker_pid: int | None) -> RunResult:
+    if collected["errors"]:
+        raise RuntimeError("the run failed: " + "; ".join(collected["errors"]))
+    histogram = Histogram()
+    for result in collected["consumer"].values():
+        histogram.merge(Histogram.from_dict(result["histogram"]))
+    sent = sum(result["sent"] for result in collected["producer"].values())
+    acknowledged = sum(result["acked_count"] for result in collected["producer"].values())
+    consumed = sum(result["consumed"] for result in collected["consumer"].values())
+    lost = 0
+    unique = 0
+    for index, result in collected["producer"].items():
+        count = result["sent"]
+        acked = np.unpackbits(np.frombuffer(result["acked"], dtype=np.uint8))[:count].astype(bool)
+        seen = np.zeros(count, dtype=bool)
+        for consumer in collected["consumer"].values():
+            bits = consumer["seen"].get(index)
+            if bits is not None:
+                found = np.unpackbits(np.frombuffer(bits, dtype=np.uint8)).astype(bool)
+                seen[:min(count, len(found))] |= found[:count]
+        lost += int((acked & ~seen).sum())
+        unique += int(seen.sum())
+    elapsed = workload.duration_s + workload.warmup_s
+    measured = [point for point in timeline if point["t_s"] > workload.warmup_s]
+    if measured:
+        produce_rate = float(np.median([p["produce_per_s"] for p in measured]))
+        consume_rate = float(np.median([p["consume_per_s"] for p in measured]))
+    else:
+        produce_rate = sent / elapsed
+        consume_rate = consumed / elapsed
+    sent_bytes = sum(result["sent_bytes"] for result in collected["producer"].values())
+    consumed_bytes = sum(result["consumed_bytes"] for result in collected["consumer"].values())
+    record_bytes = sent_bytes / sent if sent else 0.0
+    consumed_record_bytes = consumed_bytes / consumed if consumed else 0.0
+    return RunResult(
+        workload=workload, elapsed_s=elapsed, sent=sent,
+        acknowledged=acknowledged,
+        send_errors=sum(result["errors"] for result in collected["producer"].values()),
+        consumed=consumed, lost=lost, duplicates=consumed - unique,
+        produce_rate_per_s=produce_rate, consume_rate_per_s=consume_rate,
+        produce_mb_per_s=produce_rate * record_bytes / 1e6,
+        consume_mb_per_s=consume_rate * consumed_record_bytes / 1e6,
+        latency=histogram, timeline=timeline, broker=_broker_summary(timeline))
+
+
+def _broker_summary(timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """The broker's CPU% (median of the run's seconds) and peak RSS, from the timeline (its
+    processes of this run's topics are gone by the end)."""
+    points = [point for point in timeline if "broker_cpu_pct" in point]
+    if not points:
+        return {}
+    return {"broker_cpu_pct_median": float(np.median([p["broker_cpu_pct"] for p in points])),
+            "broker_rss_bytes_max": max(p["broker_rss_bytes"] for p in points)}
+
+
+def environment() -> dict[str, Any]:
+    import platform
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "platform": platform.platform()}

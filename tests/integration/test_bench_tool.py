@@ -1,0 +1,88 @@
+"""shmbroker-bench smoke runs (2 seconds each, no timed assertions): the tool runs, counts every
+record, and its JSON says what happened.  It exists so the tool cannot rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from broker_helpers import RunningBroker
+
+pytestmark = pytest.mark.integration
+
+BENCH = [sys.executable, "-m", "shmbroker.perf.cli"]
+
+
+def bench(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+def check_clean_run(run: subprocess.CompletedProcess[str], json_path: Path) -> dict:
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = orjson.loads(json_path.read_bytes())
+    assert result["sent"] > 0 and result["acknowledged"] == result["sent"]
+    assert result["lost"] == 0 and result["send_errors"] == 0
+    assert result["consumed"] >= result["acknowledged"]
+    assert result["latency_histogram"]["max"] > 0 and result["latency_us"]["50"] > 0
+    assert result["timeline"] and result["environment"]["python"]
+    assert "lost 0" in run.stdout and "records/s" in run.stdout
+    return result
+
+
+def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    run = bench("--duration-s", "2", "--json", str(out))
+    result = check_clean_run(run, out)
+    assert result["workload"]["name"] == "default" and result["workload"]["partitions"] == 1
+    assert result["broker"]["broker_rss_bytes_max"] > 0  # psutil saw the embedded broker
+    assert result["broker"]["broker_cpu_pct_median"] > 0
+
+
+@pytest.mark.parametrize("options", [
+    ["--api", "columnar", "--partitions", "3", "--producers", "2", "--consumers", "2"],
+    ["--group", "bench", "--partitions", "2", "--consumers", "2", "--keyed",
+     "--payload", "telemetry", "--record-size-bytes", "64-512"],
+    ["--rate-per-sec", "2000", "--linger-ms", "0", "--acks", "all", "--warmup-s", "0.5"],
+    ["--api", "columnar", "--compression", "zstd", "--rate-per-sec", "20000"],
+], ids=["columnar-2x2", "group-telemetry", "paced-acks-all", "columnar-zstd-paced"])
+def test_workloads_against_a_running_broker(broker: RunningBroker, tmp_path: Path,
+                                            options: list[str]) -> None:
+    out = tmp_path / "result.json"
+    run = bench("--data-dir", str(broker.data_dir), "--duration-s", "2", "--json", str(out),
+                *options)
+    result = check_clean_run(run, out)
+    if "--rate-per-sec" in options:  # paced: about the rate asked for, not as fast as it goes
+        rate = int(options[options.index("--rate-per-sec") + 1])
+        assert result["sent"] <= rate * (2 + result["workload"]["warmup_s"]) + 1024
+    with broker.admin() as admin:  # its topics are gone again
+        assert not [name for name in admin.list_topics() if name.startswith("shmbroker-bench")]
+
+
+def test_workload_file_and_overrides(broker: RunningBroker, tmp_path: Path) -> None:
+    workload = Path(__file__).parents[2] / "bench" / "workloads" / "latency-10k.toml"
+    out = tmp_path / "result.json"
+    run = bench("--data-dir", str(broker.data_dir), "--workload", str(workload),
+                "--duration-s", "1", "--json", str(out))
+    result = check_clean_run(run, out)
+    assert result["workload"]["rate_per_sec"] == 10_000 and result["workload"]["duration_s"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--record-size-bytes", "10"], "24"),
+    (["--record-size-bytes", "9-3"], "record"),
+    (["--partitions", "0"], "--partitions"),
+    (["--acks", "2"], "--acks"),
+    (["--duration-s", "-1"], "--duration-s"),
+])
+def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
+    run = bench(*args, "--duration-s", "1") if "--duration-s" not in args else bench(*args)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr
+
+
+def test_no_broker_at_the_data_dir(tmp_path: Path) -> None:
+    run = bench("--data-dir", str(tmp_path / "nothing"), "--duration-s", "1")
+    assert run.returncode == 1 and "no broker at" in run.stderr

@@ -74,7 +74,10 @@ DATA_DIR_OPTION = click.option(
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
                                                case_sensitive=False), default="INFO",
               show_default=True)
-def serve(data_dir: Path | None, config_file: str | None, log_level: str) -> None:
+@click.option("--allow-foreign-data-dir", is_flag=True,
+              help="Serve a data dir owned by another user (refused by default).")
+def serve(data_dir: Path | None, config_file: str | None, log_level: str,
+          allow_foreign_data_dir: bool) -> None:
     """Run the broker in the foreground until SIGTERM or Ctrl-C."""
     import logging
 
@@ -86,7 +89,8 @@ def serve(data_dir: Path | None, config_file: str | None, log_level: str) -> Non
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
         config = BrokerConfig.load(config_file)
-        code = run(data_dir or default_data_dir(), config, log_level.upper())
+        code = run(data_dir or default_data_dir(), config, log_level.upper(),
+                   allow_foreign_data_dir)
     except ShmbrokerError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)

@@ -102,6 +102,12 @@ class BrokerNotRunningError(BrokerError):
     code = "BROKER_NOT_RUNNING"
 
 
+class AccessDeniedError(BrokerError, PermissionError):
+    """This user may not use the broker's socket (its mode, socket_mode, leaves us out)."""
+
+    code = "ACCESS_DENIED"
+
+
 class BrokerAlreadyRunningError(BrokerError):
     """Another broker holds the data dir's lock."""
 

@@ -24,7 +24,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shmbroker.client.connection import CONNECT_ERRNOS, not_running
+from shmbroker.client.connection import (
+    ACCESS_ERRNOS,
+    CONNECT_ERRNOS,
+    access_denied,
+    not_running,
+)
 from shmbroker.client.types import TopicPartition
 from shmbroker.errors import BrokerNotRunningError, RequestTimeoutError, ShmbrokerError
 from shmbroker.protocol.frames import FrameDecoder, frame_head
@@ -89,6 +94,8 @@ class AsyncCommitter:
             except OSError as error:
                 if error.errno in CONNECT_ERRNOS:
                     raise not_running(self.socket_path) from None
+                if error.errno in ACCESS_ERRNOS:
+                    raise access_denied(self.socket_path) from None
                 raise
             self._reader = threading.Thread(target=self._read, args=(self._sock,),
                                             name="shmbroker-commits", daemon=True)

@@ -15,12 +15,25 @@ from typing import Any
 
 import orjson
 
-from shmbroker.errors import BrokerNotRunningError, ProtocolError, RequestTimeoutError
+from shmbroker.errors import (
+    AccessDeniedError,
+    BrokerNotRunningError,
+    ProtocolError,
+    RequestTimeoutError,
+)
 from shmbroker.protocol.frames import HEADER_SIZE, frame_head, parse_header
 from shmbroker.protocol.messages import check_response
 from shmbroker.transport.unix import connect, recv_exact_into
 
 CONNECT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
+ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def access_denied(path: Path) -> AccessDeniedError:
+    return AccessDeniedError(
+        f"permission denied connecting to {path}: the broker's socket and data dir allow only "
+        f"their owner and group (socket_mode, data_dir_mode); run as a member of the broker's "
+        f"group, or ask its owner to widen socket_mode")
 
 
 def not_running(path: Path) -> BrokerNotRunningError:
@@ -49,6 +62,8 @@ class Connection:
             except OSError as error:
                 if error.errno in CONNECT_ERRNOS:
                     raise not_running(self.path) from None
+                if error.errno in ACCESS_ERRNOS:
+                    raise access_denied(self.path) from None
                 raise
         return self._sock
 

@@ -131,9 +131,10 @@ class Supervisor:
         self._signal_r, self._signal_w = socket.socketpair()
 
     # -- start --------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, allow_foreign_data_dir: bool = False) -> None:
         mode = self.config.data_dir_mode
         self.data_dir.mkdir(mode=mode, parents=True, exist_ok=True)
+        check_data_dir_owner(self.data_dir, allow_foreign_data_dir)
         self._lock_fd = lock_data_dir(self.data_dir)
         for sub in (META_DIR, TOPICS_DIR, RUN_DIR, DELETED_DIR):
             (self.data_dir / sub).mkdir(mode=mode, exist_ok=True)
@@ -765,11 +766,29 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("SHMBROKER_DATA_DIR") or "./shmbroker-data")
 
 
-def run(data_dir: Path, config: BrokerConfig, log_level: str = "INFO") -> int:
+def check_data_dir_owner(data_dir: Path, allow_foreign: bool) -> None:
+    """Refuse a data dir another user owns (someone else's broker data, or a path mistake that
+    would have us write root-owned files into it), unless told to (``--allow-foreign-data-dir``,
+    e.g. a shared service account's dir)."""
+    owner = data_dir.stat().st_uid
+    if owner != os.geteuid() and not allow_foreign:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(owner).pw_name
+        except (KeyError, ImportError):
+            name = str(owner)
+        raise BrokerError(f"data dir {data_dir} belongs to user {name!r} (uid {owner}), not to "
+                          f"this user (uid {os.geteuid()}); run the broker as its owner, or "
+                          f"pass --allow-foreign-data-dir if sharing it is intended")
+
+
+def run(data_dir: Path, config: BrokerConfig, log_level: str = "INFO",
+        allow_foreign_data_dir: bool = False) -> int:
     """``shmbroker serve``: start, serve until SIGTERM/SIGINT, return the exit code."""
     supervisor = Supervisor(data_dir.resolve(), config, log_level)
     try:
-        supervisor.start()
+        supervisor.start(allow_foreign_data_dir)
     except OSError as error:
         if error.errno in (errno.EACCES, errno.EPERM):
             raise StorageError(f"cannot use data dir {data_dir}: {error.strerror}") from None

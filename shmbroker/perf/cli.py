@@ -212,6 +212,107 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
         sys.exit(1)
 
 
+SCALE_GOALS = {4: 3.4, 8: 5.0}  # issue 5: speed-up over one partition
+
+
+def _partition_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of counts") from None
+    if not counts or any(count < 1 for count in counts):
+        raise click.BadParameter(f"{value!r}: give one or more partition counts >= 1")
+    return counts
+
+
+@main.command("scale")
+@click.option("--partitions", "counts", default="1,2,4,8", show_default=True,
+              callback=_partition_counts, help="Partition counts to run, comma-separated.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the sweep; counts alternate (1 2 4 8 1 2 4 8) and medians are kept.")
+@click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True)
+@click.option("--warmup-s", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--api", type=click.Choice(["per-record", "columnar"]), default="columnar",
+              show_default=True)
+@click.option("--record-size-bytes", "record_size", default="100", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Use the broker already serving this data dir (default: an embedded one).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write every run and the table here (JSON).")
+def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, api: str,
+          record_size: str, data_dir: Path | None, json_path: Path | None) -> None:
+    """Speed-up with partitions: for each count N, N producers and N consumers, one partition
+    each, as fast as they go.  Reports records/s and the ratio to one partition (goal: 4
+    partitions >= 3.4x, 8 >= 5x, on a machine with cores to spare: 16 or more)."""
+    from shmbroker.perf import runner
+
+    try:
+        workloads = {count: Workload(name=f"scale-{count}", partitions=count, producers=count,
+                                     consumers=count, duration_s=duration_s, warmup_s=warmup_s,
+                                     api=api, record_size=record_size) for count in counts}
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    runs: list[dict[str, Any]] = []
+
+    def sweep(target: Path, pid: int | None) -> None:
+        for round_index in range(rounds):
+            for count in counts:
+                result = runner.run(workloads[count], str(target), broker_pid=pid)
+                if result.lost:
+                    raise click.ClickException(f"{result.lost:,} acknowledged records lost "
+                                               f"with {count} partition(s)")
+                runs.append({"round": round_index, "partitions": count,
+                             "produce_per_s": result.produce_rate_per_s,
+                             "consume_per_s": result.consume_rate_per_s,
+                             "p99_us": result.latency.percentile(99) / 1000
+                             if result.latency.count else None})
+                click.echo(f"round {round_index} partitions {count}: produce "
+                           f"{result.produce_rate_per_s:,.0f}/s consume "
+                           f"{result.consume_rate_per_s:,.0f}/s", err=True)
+
+    try:
+        if data_dir is None:
+            with embedded_broker() as (target, pid):
+                sweep(target, pid)
+        else:
+            sweep(data_dir, _broker_pid(data_dir))
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+    table = _scale_table(runs, counts)
+    click.echo(f"\n{os.cpu_count()} CPUs; {api} API, {record_size} B records, "
+               f"{duration_s:g} s per run, medians of {rounds} round(s)")
+    click.echo(f"{'partitions':>10}{'produce/s':>14}{'consume/s':>14}{'speed-up':>10}  goal")
+    for row in table:
+        goal = SCALE_GOALS.get(row["partitions"])
+        verdict = "" if goal is None else (
+            f">= {goal}x: {'met' if row['speed_up'] >= goal else 'NOT met'}")
+        click.echo(f"{row['partitions']:>10}{row['produce_per_s']:>14,.0f}"
+                   f"{row['consume_per_s']:>14,.0f}{row['speed_up']:>9.2f}x  {verdict}")
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps({"runs": runs, "table": table,
+                                            "environment": runner.environment()},
+                                           option=orjson.OPT_INDENT_2))
+
+
+def _scale_table(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+    """Per partition count: median rates; speed-up = the slower side's rate over one
+    partition's (the first count's when 1 is not among them)."""
+    import statistics
+
+    rows = []
+    for count in counts:
+        mine = [run for run in runs if run["partitions"] == count]
+        produce = statistics.median(run["produce_per_s"] for run in mine)
+        consume = statistics.median(run["consume_per_s"] for run in mine)
+        rows.append({"partitions": count, "produce_per_s": produce, "consume_per_s": consume,
+                     "rate_per_s": min(produce, consume)})
+    base = rows[0]["rate_per_s"] or 1.0
+    for row in rows:
+        row["speed_up"] = row["rate_per_s"] / base
+    return rows
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

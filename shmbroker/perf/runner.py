@@ -120,6 +120,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         partition_counts = {topic: len(producer.partitions_for(topic)) for topic in topics}
         for topic in topics:
             partitions += [(topic, partition) for partition in range(partition_counts[topic])]
+        partitions = producer_share(partitions, index, workload.producers)
         while time.monotonic() < start_at:
             time.sleep(0.0005)
         start_ns = time.monotonic_ns()
@@ -223,6 +224,16 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost
     return {"sent": sent, "sent_bytes": sent_bytes, "errors": errors,
             "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+
+
+def producer_share(partitions: list[tuple[str, int]], index: int,
+                   producers: int) -> list[tuple[str, int]]:
+    """The partitions unkeyed producer ``index`` sends to: the producers split them as the
+    consumers do (N producers on N partitions: one each), and share them round-robin when
+    there are more producers than partitions."""
+    if producers <= len(partitions):
+        return partitions[index::producers]
+    return [partitions[index % len(partitions)]]
 
 
 def _consumer_main(data_dir: str, topics: list[str], workload_dict: dict[str, Any], index: int,

@@ -86,3 +86,30 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
 def test_no_broker_at_the_data_dir(tmp_path: Path) -> None:
     run = bench("--data-dir", str(tmp_path / "nothing"), "--duration-s", "1")
     assert run.returncode == 1 and "no broker at" in run.stderr
+
+
+def test_scale_sweep(broker: RunningBroker, tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    run = bench("scale", "--data-dir", str(broker.data_dir), "--partitions", "1,2",
+                "--duration-s", "1", "--warmup-s", "0", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = orjson.loads(out.read_bytes())
+    assert [row["partitions"] for row in result["table"]] == [1, 2]
+    assert result["table"][0]["speed_up"] == 1.0 and result["table"][1]["rate_per_s"] > 0
+    assert "speed-up" in run.stdout and "CPUs" in run.stdout
+
+
+def test_scale_refuses_bad_partition_lists() -> None:
+    run = bench("scale", "--partitions", "1,x")
+    assert run.returncode == 2 and "comma-separated" in run.stderr
+
+
+def test_unkeyed_producers_split_the_partitions() -> None:
+    from shmbroker.perf.runner import producer_share
+
+    parts = [("t", p) for p in range(4)]
+    assert [producer_share(parts, i, 4) for i in range(4)] == [[("t", p)] for p in range(4)]
+    assert producer_share(parts, 1, 2) == [("t", 1), ("t", 3)]
+    assert producer_share(parts, 0, 1) == parts
+    assert [producer_share(parts[:2], i, 3) for i in range(3)] == [
+        [("t", 0)], [("t", 1)], [("t", 0)]]

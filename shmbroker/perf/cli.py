@@ -80,7 +80,8 @@ def _summary(result: Any) -> list[str]:
         f"partition(s), {workload.producers} producer(s), {workload.consumers} consumer(s)"
         + (f" in group {workload.group!r}" if workload.group else "")
         + f", {workload.record_size} B {workload.payload} records, api {workload.api}, "
-        f"acks {workload.acks}, rate "
+        f"acks {workload.acks}{' (durable: fsync before ack)' if workload.durable else ''}"
+        f", rate "
         + (f"{workload.rate_per_sec:,}/s" if workload.rate_per_sec else "max")
         + f", {workload.duration_s:g} s (+{workload.warmup_s:g} s warm-up)",
         "",
@@ -159,6 +160,8 @@ def _plot(result: Any, path: Path) -> None:
 @click.option("--api", type=click.Choice(["per-record", "columnar"]), default=None)
 @click.option("--compression", type=click.Choice(["none", "gzip", "lz4", "zstd"]), default=None)
 @click.option("--payload", type=click.Choice(["random", "telemetry"]), default=None)
+@click.option("--durable/--no-durable", default=None,
+              help="Acknowledge only fsynced records (the topics' flush_messages = 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write everything measured here (JSON).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),

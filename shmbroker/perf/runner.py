@@ -361,7 +361,8 @@ def run(workload: Workload, data_dir: str,
     topics = [f"{prefix}-{i}" for i in range(workload.topics)]
     with Admin(data_dir) as admin:
         for topic in topics:
-            admin.create_topic(topic, partitions=workload.partitions)
+            admin.create_topic(topic, partitions=workload.partitions,
+                               config={"flush_messages": 1} if workload.durable else None)
     children = workload.producers + workload.consumers
     counters = context.Array("q", 2 * children, lock=False)
     expected = context.Value("q", -1, lock=False)  # set when the producers are done

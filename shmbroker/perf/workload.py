@@ -76,7 +76,9 @@ class Workload:
     ``duration_s`` seconds, after ``warmup_s`` seconds whose records are not measured (warm-up
     comes before the measured duration, as in the OpenMessaging Benchmark).  ``consumers``
     processes read everything back: as members of consumer group ``group``, or, with no group,
-    each assigned every partition.  ``keyed`` sends keys (partition by murmur2 of the key).
+    each assigned its share of the partitions.  ``keyed`` sends keys (partition by murmur2 of
+    the key).  ``durable`` creates the topics with ``flush_messages = 1``: the broker fsyncs
+    before it acknowledges (one fdatasync per drained region of the rings: group commit).
     ``acks``, ``linger_ms``, ``batch_size_bytes`` and ``compression`` are the producer
     settings; ``api`` picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar``
     ("columnar"); ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).
@@ -99,6 +101,7 @@ class Workload:
     api: str = "per-record"
     compression: str = "none"
     payload: str = "random"
+    durable: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,8 +141,10 @@ class Workload:
         except ValueError as error:
             raise ValueError(f"workload field 'record_size': {error}") from None
         fix("record_size", record_size)
-        if not isinstance(self.keyed, bool):
-            raise ValueError(f"workload field 'keyed' must be true or false, got {self.keyed!r}")
+        for flag in ("keyed", "durable"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"workload field {flag!r} must be true or false, got "
+                                 f"{getattr(self, flag)!r}")
         fix("rate_per_sec", _integer("rate_per_sec", self.rate_per_sec, 0, RATE_PER_SEC_MAX))
         fix("duration_s", _seconds("duration_s", self.duration_s, 0.0, DURATION_S_MAX,
                                    low_inclusive=False))

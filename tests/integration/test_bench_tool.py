@@ -45,7 +45,8 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     ["--api", "columnar", "--partitions", "3", "--producers", "2", "--consumers", "2"],
     ["--group", "bench", "--partitions", "2", "--consumers", "2", "--keyed",
      "--payload", "telemetry", "--record-size-bytes", "64-512"],
-    ["--rate-per-sec", "2000", "--linger-ms", "0", "--acks", "all", "--warmup-s", "0.5"],
+    ["--rate-per-sec", "2000", "--linger-ms", "0", "--acks", "all", "--warmup-s", "0.5",
+     "--durable", "--record-size-bytes", "1024"],
     ["--api", "columnar", "--compression", "zstd", "--rate-per-sec", "20000"],
 ], ids=["columnar-2x2", "group-telemetry", "paced-acks-all", "columnar-zstd-paced"])
 def test_workloads_against_a_running_broker(broker: RunningBroker, tmp_path: Path,

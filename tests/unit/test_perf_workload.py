@@ -22,7 +22,7 @@ def test_defaults() -> None:
         "group": None, "record_size": "100", "keyed": False, "rate_per_sec": 0,
         "duration_s": 10.0, "warmup_s": 0.0, "acks": "1", "linger_ms": 5,
         "batch_size_bytes": 65536, "api": "per-record", "compression": "none",
-        "payload": "random",
+        "payload": "random", "durable": False,
     }
     orjson.dumps(workload.to_dict())  # JSON-serialisable for result files
 
@@ -49,6 +49,7 @@ def test_defaults() -> None:
     ({"record_size": "16"}, "'record_size': record size must be >= 24 bytes"),
     ({"record_size": 1.5}, "'record_size' must be a size such as"),
     ({"keyed": "yes"}, "'keyed' must be true or false"),
+    ({"durable": 1}, "'durable' must be true or false"),
     ({"group": ""}, "'group' must be a consumer group id"),
     ({"name": "a b"}, "'name' must be 1 to 100 letters"),
 ])
@@ -151,4 +152,5 @@ def test_shipped_workloads_say_what_the_issue_asked() -> None:
     assert (latency.rate_per_sec, latency.linger_ms, latency.record_size,
             latency.partitions) == (10000, 0, "100", 1)
     durable = by_name["durable-1k"]
-    assert (durable.record_size, durable.acks, durable.partitions) == ("1024", "all", 1)
+    assert (durable.record_size, durable.acks, durable.partitions, durable.durable) == (
+        "1024", "all", 1, True)

@@ -182,6 +182,7 @@ class Consumer:
                              "assigns or subscribes (unsubscribe() first)")
         self._listener = listener
         if self._membership is None:
+            self._seen_version = -1  # a new membership counts its versions from 0 again
             self._membership = Membership(
                 self.data_dir / BROKER_SOCKET, self.group_id,
                 group_instance_id=self.group_instance_id, client_id=self.client_id,

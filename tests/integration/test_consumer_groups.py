@@ -756,3 +756,27 @@ def test_commit_async_callbacks_and_order_with_a_sync_commit(broker: RunningBrok
         _poll_until([consumer], lambda: len(done) == 5, "the callback, from poll")
         assert done[4] == ({t0: 18}, None)
         assert consumer.committed([t0]) == {t0: 18}
+
+
+def test_unsubscribe_then_subscribe_again(broker: RunningBroker) -> None:
+    """A consumer that leaves and joins again (a new membership each time) gets the partitions
+    back and resumes at what it committed.  (A stale reconcile counter once delayed the new
+    membership's first assignment until a later heartbeat: slower, not wrong, so this test
+    cannot pin that bug down without timing it.)"""
+    with broker.admin() as admin:
+        admin.create_topic("t", partitions=2)
+    _produce(broker.data_dir, "t", [0, 1], 5)
+    records: list[Any] = []
+    with Consumer(broker.data_dir, group_id="g", auto_offset_reset="earliest") as consumer:
+        for _ in range(4):
+            consumer.subscribe(["t"])
+            _poll_until([consumer], lambda: len(consumer.assignment()) == 2, "the partitions")
+            consumer.unsubscribe()
+            assert consumer.assignment() == set() and consumer.subscription() is None
+        consumer.subscribe(["t"])
+        _poll_until([consumer], lambda: len(consumer.assignment()) == 2, "the partitions")
+        _produce(broker.data_dir, "t", [0, 1], 1, b"late")
+        _poll_until([consumer], lambda: any(r.value.startswith(b"late") for r in records),
+                    "the late records", records)
+    # everything before was committed by the earlier memberships: only the new ones came now
+    assert all(record.value.startswith(b"late") for record in records), records

@@ -14,7 +14,13 @@ acknowledged, then stop.  Then the validation:
 * every acknowledged record sits exactly once, at its acknowledged offset;
 * each producer's records are in increasing seq order within a partition;
 * the group member consumed every offset up to the end, each with the value the log holds
-  (at least once: a member may consume again after a rebalance, which is not an error).
+  (at least once: a member whose partitions were lost with the supervisor consumes again from
+  the last auto-commit, which is not an error), and closing it committed the end offsets;
+* once every producer closed (or was killed), the workers removed all their rings.
+
+The faults: SIGKILL one worker, all workers at once, SIGSTOP a worker for 2 s, SIGKILL the
+supervisor (its workers die with it) and start it again, a clean restart (SIGTERM), a hard
+restart (SIGKILL everything) and SIGKILL a producer; acks=1 for each, acks="all" for two.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from broker_helpers import RunningBroker, wait_for
 
 from shmbroker import Consumer, Record, TopicPartition
 from shmbroker.errors import ClosedError, ShmbrokerError
+from shmbroker.shm import names
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -46,6 +53,7 @@ TOPIC = "validate"
 PARTITIONS = 4
 PRODUCERS = ("p0", "p1")
 RATE_PER_S = 1500  # per producer
+VICTIM_RATE_PER_S = 6000  # the producer to be SIGKILLed: busy writing into its rings
 IN_FLIGHT_MAX = 3000
 ACKED_BEFORE_FAULT = 600  # per producer, before the fault
 ACKED_AFTER_FAULT = 900  # per surviving producer, after the fault
@@ -54,6 +62,7 @@ DURATION_S_MAX = 60.0
 STOP_WORKER_S = 2.0
 ACK_WAIT_S = 45.0
 RESTART_TIMEOUT_S = 20.0
+RING_RELEASE_TIMEOUT_S = 10.0  # a worker checks a ring's producer is alive once a second
 PROCESS_TIMEOUT_S = 60.0
 READ_TIMEOUT_S = 30.0
 POLL_MS = 200
@@ -65,7 +74,8 @@ VALUE = re.compile(rb"(p\d+):(\d+)")
 class ProducerProcess:
     """One ``fault_producer.py`` process and the files it writes."""
 
-    def __init__(self, work: Path, data_dir: Path, name: str, acks: int | str) -> None:
+    def __init__(self, work: Path, data_dir: Path, name: str, acks: int | str,
+                 rate_per_s: int = RATE_PER_S) -> None:
         self.name = name
         self.out = work / f"{name}.acked.jsonl"
         self.summary_path = work / f"{name}.summary.json"
@@ -75,7 +85,7 @@ class ProducerProcess:
                      "partitions": PARTITIONS, "acks": acks, "out": os.fspath(self.out),
                      "summary": os.fspath(self.summary_path), "stop": os.fspath(self.stop_path),
                      "records_max": RECORDS_MAX, "duration_s_max": DURATION_S_MAX,
-                     "rate_per_s": RATE_PER_S, "in_flight_max": IN_FLIGHT_MAX}
+                     "rate_per_s": rate_per_s, "in_flight_max": IN_FLIGHT_MAX}
         self.process: subprocess.Popen[bytes] | None = None
         self.killed = False
 
@@ -251,6 +261,18 @@ def read_log(data_dir: Path) -> dict[int, list[Record]]:
             for p, records in found.items()}
 
 
+def rings_left(data_dir: Path) -> list[str]:
+    """The produce rings of the topic still in /dev/shm."""
+    prefix = names.shm_prefix(data_dir)
+    return [name for name in names.list_names(prefix) if re.search(r"\.r[0-9a-f]{16}$", name)]
+
+
+def committed_offsets(data_dir: Path) -> dict[int, int | None]:
+    wanted = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
+    with Consumer(data_dir, group_id="validate") as consumer:
+        return {tp.partition: offset for tp, offset in consumer.committed(wanted).items()}
+
+
 def validate(stored: dict[int, list[Record]],
              acked: dict[str, list[tuple[int, int, int]]]) -> tuple[list[str], dict[str, int]]:
     """The failures (empty when the run is right) and some counts."""
@@ -385,6 +407,7 @@ def hard_restart(broker: RunningBroker, producers: list[ProducerProcess]) -> Non
 
 
 def kill_producer(broker: RunningBroker, producers: list[ProducerProcess]) -> None:
+    """SIGKILL the last producer (it sends 4 times faster: more often mid-write)."""
     producers[-1].kill()
 
 
@@ -412,6 +435,9 @@ def test_produce_consume_validate(broker: RunningBroker, tmp_path: Path, fault: 
     broker.wait_ready()
     member = GroupMember(broker.data_dir).start()
     producers = [ProducerProcess(tmp_path, broker.data_dir, name, acks) for name in PRODUCERS]
+    if fault == "kill_producer":
+        producers[-1] = ProducerProcess(tmp_path, broker.data_dir, PRODUCERS[-1], acks,
+                                        rate_per_s=VICTIM_RATE_PER_S)
     try:
         for producer in producers:
             producer.start()
@@ -431,7 +457,12 @@ def test_produce_consume_validate(broker: RunningBroker, tmp_path: Path, fault: 
         acked = {p.name: p.acked() for p in producers}
 
         stored = read_log(broker.data_dir)
-        member.finish({p: len(records) for p, records in stored.items()})
+        ends = {p: len(records) for p, records in stored.items()}
+        member.finish(ends)  # closing it commits its positions, the end offsets
+        committed = committed_offsets(broker.data_dir)
+        # Every producer closed or died: the workers remove their rings.
+        wait_for(lambda: not rings_left(broker.data_dir), RING_RELEASE_TIMEOUT_S,
+                 message="the workers to remove the rings of closed and dead producers")
     finally:
         member.stop()
         for producer in producers:
@@ -448,6 +479,9 @@ def test_produce_consume_validate(broker: RunningBroker, tmp_path: Path, fault: 
     if member.mismatches or consumed_wrong:
         failures.append(f"the group member consumed values the log does not hold at their "
                         f"offsets: {(member.mismatches + consumed_wrong)[:5]}")
+    if committed != ends:
+        failures.append(f"group 'validate' committed {committed} on close, not the end offsets "
+                        f"{ends} it consumed up to")
     report = (f"{fault} acks={acks}: {counts}; producers "
               f"{ {name: s['counts'] for name, s in summaries.items()} }; group member "
               f"consumed {len(member.consumed)} (again {member.again}, errors "

@@ -262,11 +262,9 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
     group = workload.group
     with Consumer(data_dir, group_id=group, auto_offset_reset="earliest",
                   enable_auto_commit=group is not None, fetch_max_wait_ms=100) as consumer:
-        if group is not None:
-            consumer.subscribe(topics)
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not consumer.assignment() and time.monotonic() < deadline:
-                consumer.poll(50)
+        if group is not None:  # the parent waits for the group to settle (more consumers than
+            consumer.subscribe(topics)  # partitions: some never get one)
+            consumer.poll(50)
         else:
             every = [TopicPartition(topic, partition) for topic in topics
                      for partition in consumer.partitions_for(topic)]
@@ -379,7 +377,8 @@ def run(workload: Workload, data_dir: str,
                       results, warmup_end_ns)))
             processes[-1].start()
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while ready.value < workload.consumers:
+        while ready.value < workload.consumers or workload.group is not None and not (
+                _group_settled(data_dir, workload.group, workload.consumers)):
             if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
                 raise RuntimeError(_child_errors(results) or "the consumers did not start")
             time.sleep(0.01)
@@ -402,6 +401,19 @@ def run(workload: Workload, data_dir: str,
             for topic in topics:
                 admin.delete_topic(topic)
     return _verdict(workload, collected, timeline, broker_pid)
+
+
+def _group_settled(data_dir: str, group: str, consumers: int) -> bool:
+    """Every consumer is a member and the assignment is reconciled (Stable)."""
+    from shmbroker import Admin
+    from shmbroker.errors import GroupIdNotFoundError
+
+    try:
+        with Admin(data_dir) as admin:
+            description = admin.describe_consumer_group(group)
+    except GroupIdNotFoundError:
+        return False
+    return description["state"] == "Stable" and len(description["members"]) == consumers
 
 
 def _watch(workload: Workload, start_at: float, counters: Any, processes: list[Any],

@@ -43,7 +43,8 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("options", [
     ["--api", "columnar", "--partitions", "3", "--producers", "2", "--consumers", "2"],
-    ["--group", "bench", "--partitions", "2", "--consumers", "2", "--keyed",
+    # a group with more consumers than partitions: one of them gets none
+    ["--group", "bench", "--partitions", "2", "--consumers", "3", "--keyed",
      "--payload", "telemetry", "--record-size-bytes", "64-512"],
     ["--rate-per-sec", "2000", "--linger-ms", "0", "--acks", "all", "--warmup-s", "0.5",
      "--durable", "--record-size-bytes", "1024"],

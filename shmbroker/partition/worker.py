@@ -427,16 +427,25 @@ class PartitionWorker:
             self.selector.register(connection.sock, selectors.EVENT_READ, connection)
 
     def _on_readable(self, connection: ServerConnection) -> None:
-        try:
-            frames = connection.receive()
-        except ProtocolError as error:
-            connection.send(error_frame(ApiKey.ERROR, 0, error))
+        if not connection.fill():
             self._close(connection)
             return
-        if frames is None:
-            self._close(connection)
-            return
-        for frame in frames:
+        self._serve_frames(connection)
+
+    def _serve_frames(self, connection: ServerConnection) -> None:
+        """Answer the requests received, one by one, while the connection's answers go out: a
+        request waits in the decoder while answers wait to be written (backpressure; see
+        _update_interest), so a client that pipelines and never reads holds at most one read's
+        worth of requests here, not thousands of queued answers."""
+        while not connection.closed and not connection.pending_output:
+            try:
+                frame = connection.next_frame()
+            except ProtocolError as error:
+                connection.send(error_frame(ApiKey.ERROR, 0, error))
+                self._close(connection)
+                return
+            if frame is None:
+                break
             if self.parked:
                 self._answer_parked_of(connection)  # responses leave in request order
             try:
@@ -453,9 +462,11 @@ class PartitionWorker:
         if connection.closed:
             self._close(connection)
             return
-        events = selectors.EVENT_READ
-        if connection.pending_output:
-            events |= selectors.EVENT_WRITE
+        # Backpressure: while a connection's answers wait to be written, its next requests wait
+        # in the kernel's socket buffer, not here.  A client that sends and never reads (or
+        # reads slowly) then costs nothing but that buffer, instead of a queue of answers and
+        # a dup'ed file descriptor per queued fetch (found: thousands, until EMFILE).
+        events = selectors.EVENT_WRITE if connection.pending_output else selectors.EVENT_READ
         key = self.selector.get_key(connection.sock)
         if key.events != events:
             self.selector.modify(connection.sock, events, connection)
@@ -616,6 +627,9 @@ class PartitionWorker:
                 if isinstance(data, ServerConnection):
                     if mask & selectors.EVENT_WRITE:
                         data.flush()
+                        if not data.pending_output:  # drained: the requests that waited
+                            self._serve_frames(data)
+                            continue
                     if mask & selectors.EVENT_READ and not data.closed:
                         self._on_readable(data)
                     else:

@@ -373,8 +373,9 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(connection.sock)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.pending_output
-                                         else 0)
+        # Backpressure: no new requests from a connection whose answers wait to be written (a
+        # client that pipelines and does not read is held back by its socket buffer).
+        events = selectors.EVENT_WRITE if connection.pending_output else selectors.EVENT_READ
         with contextlib.suppress(KeyError, ValueError):
             if self.selector.get_key(connection.sock).events != events:
                 self.selector.modify(connection.sock, events, connection)

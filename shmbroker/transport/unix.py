@@ -172,6 +172,24 @@ class ServerConnection:
         self.decoder.receive_data(data)
         return self.decoder.frames()
 
+    def fill(self) -> bool:
+        """Read what is there into the frame decoder (take the frames with
+        :meth:`next_frame`); False at EOF or a read error."""
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.decoder.receive_data(data)
+        return True
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame received (ProtocolError on a malformed one)."""
+        return self.decoder.next_frame()
+
     def send(self, data: bytes | memoryview) -> None:
         self._output.append(data)
         self.flush()

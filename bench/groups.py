@@ -35,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -334,65 +333,56 @@ def measure_commits(data_dir: str, mode: str, seconds: float) -> dict[str, float
             f"commits_{mode}_failed": sum(result["failed"] for result in results)}
 
 
-class _NoRounds(Exception):
-    """--rounds 0: commits only."""
+def measure_rebalances(data_dir: str, rounds: int, interval_ms: float,
+                       assignor: str) -> list[dict[str, Any]]:
+    """``rounds`` of (a 5th member joins, then one of 4 is SIGKILLed), with traffic."""
+    results: list[dict[str, Any]] = []
+    producer = subprocess.Popen([sys.executable, __file__, "producer", data_dir,
+                                 repr(interval_ms / 1000)])
+    members = Members(data_dir, assignor)
+    try:
+        for _ in range(MEMBERS):
+            members.start()
+        members.wait(members.stable, 120, "4 members to share the partitions")
+        for round_index in range(rounds):
+            result: dict[str, Any] = {"round": round_index}
+            joined = measure_join(members)
+            fifth = joined.pop("_member")
+            result.update(joined)
+            members.stop(fifth)
+            members.wait(members.stable, 30, "the group to settle after a leave")
+            result.update(measure_takeover(members, members.live()[0]))
+            members.start()
+            members.wait(members.stable, 60, "4 members again")
+            print(" ".join(f"{key} {value:.1f}" if isinstance(value, float) else
+                           f"{key} {value}" for key, value in result.items()), flush=True)
+            results.append(result)
+    finally:
+        producer.terminate()
+        producer.wait(30)
+        members.close()
+    return results
 
 
 def run(rounds: int, commit_rounds: int, commit_seconds: float, interval_ms: float,
         assignor: str) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="shmbroker-bench-groups-") as temp:
-        data_dir = os.path.join(temp, "data")
-        broker = subprocess.Popen([sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
-                                   data_dir, "--log-level", "WARNING"])
-        try:
-            deadline = time.monotonic() + 30
-            while not Path(data_dir, "broker.sock").exists():
-                if broker.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the broker did not start")
-                time.sleep(0.02)
-            from shmbroker import Admin
+    from shmbroker import Admin
+    from shmbroker.perf.cli import embedded_broker
 
-            with Admin(data_dir) as admin:
-                admin.create_topic(TOPIC, partitions=PARTITIONS)
-            producer = subprocess.Popen([sys.executable, __file__, "producer", data_dir,
-                                         repr(interval_ms / 1000)])
-            members = Members(data_dir, assignor)
-            try:
-                if not rounds:
-                    raise _NoRounds
-                for _ in range(MEMBERS):
-                    members.start()
-                members.wait(members.stable, 120, "4 members to share the partitions")
-                for round_index in range(rounds):
-                    result: dict[str, Any] = {"round": round_index}
-                    joined = measure_join(members)
-                    fifth = joined.pop("_member")
-                    result.update(joined)
-                    members.stop(fifth)
-                    members.wait(members.stable, 30, "the group to settle after a leave")
-                    result.update(measure_takeover(members, members.live()[0]))
-                    members.start()
-                    members.wait(members.stable, 60, "4 members again")
-                    print(" ".join(f"{key} {value:.1f}" if isinstance(value, float) else
-                                   f"{key} {value}" for key, value in result.items()), flush=True)
-                    results.append(result)
-            except _NoRounds:
-                pass
-            finally:
-                producer.terminate()
-                producer.wait(30)
-                members.close()
-            for round_index in range(commit_rounds):  # alternating: A B A B
-                for mode in ("async", "sync"):
-                    commits = measure_commits(data_dir, mode, commit_seconds)
-                    commits["round"] = round_index
-                    print(" ".join(f"{key} {value:.0f}" for key, value in commits.items()),
-                          flush=True)
-                    results.append(commits)
-        finally:
-            broker.terminate()
-            broker.wait(60)
+    results: list[dict[str, Any]] = []
+    with embedded_broker() as (target, _):
+        data_dir = str(target)
+        with Admin(data_dir) as admin:
+            admin.create_topic(TOPIC, partitions=PARTITIONS)
+        if rounds:
+            results += measure_rebalances(data_dir, rounds, interval_ms, assignor)
+        for round_index in range(commit_rounds):  # alternating: A B A B
+            for mode in ("async", "sync"):
+                commits = measure_commits(data_dir, mode, commit_seconds)
+                commits["round"] = round_index
+                print(" ".join(f"{key} {value:.0f}" for key, value in commits.items()),
+                      flush=True)
+                results.append(commits)
     return results
 
 

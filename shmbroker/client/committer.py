@@ -24,17 +24,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shmbroker.client.connection import (
-    ACCESS_ERRNOS,
-    CONNECT_ERRNOS,
-    access_denied,
-    not_running,
-)
+from shmbroker.client.connection import not_running, open_socket
 from shmbroker.client.types import TopicPartition
 from shmbroker.errors import BrokerNotRunningError, RequestTimeoutError, ShmbrokerError
 from shmbroker.protocol.frames import FrameDecoder, frame_head
 from shmbroker.protocol.messages import ApiKey, check_response
-from shmbroker.transport.unix import connect
 
 SENT_AHEAD_MAX = 8  # commits written and unanswered before new ones are buffered
 RECV_BYTES = 256 * 1024
@@ -89,14 +83,7 @@ class AsyncCommitter:
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
-            try:
-                self._sock = connect(self.socket_path, None)
-            except OSError as error:
-                if error.errno in CONNECT_ERRNOS:
-                    raise not_running(self.socket_path) from None
-                if error.errno in ACCESS_ERRNOS:
-                    raise access_denied(self.socket_path) from None
-                raise
+            self._sock = open_socket(self.socket_path, None)
             self._reader = threading.Thread(target=self._read, args=(self._sock,),
                                             name="shmbroker-commits", daemon=True)
             self._reader.start()

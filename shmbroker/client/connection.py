@@ -45,6 +45,19 @@ def not_running(path: Path) -> BrokerNotRunningError:
         f"no broker at {path} — start one with `shmbroker serve --data-dir {path.parent}`")
 
 
+def open_socket(path: Path, timeout_s: float | None) -> socket.socket:
+    """A connection to the broker's (or a worker's) socket; the errors a user can act on
+    (nothing there, no permission) as BrokerNotRunningError and AccessDeniedError."""
+    try:
+        return connect(path, timeout_s)
+    except OSError as error:
+        if error.errno in CONNECT_ERRNOS:
+            raise not_running(path) from None
+        if error.errno in ACCESS_ERRNOS:
+            raise access_denied(path) from None
+        raise
+
+
 class Connection:
     """One Unix-socket connection for framed requests."""
 
@@ -57,14 +70,7 @@ class Connection:
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
-            try:
-                self._sock = connect(self.path, self.timeout_s)
-            except OSError as error:
-                if error.errno in CONNECT_ERRNOS:
-                    raise not_running(self.path) from None
-                if error.errno in ACCESS_ERRNOS:
-                    raise access_denied(self.path) from None
-                raise
+            self._sock = open_socket(self.path, self.timeout_s)
         return self._sock
 
     def request(self, api_key: int, body: dict[str, Any] | None = None,

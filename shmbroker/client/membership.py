@@ -105,7 +105,6 @@ class Membership:
         self._unreleased_until: float | None = None
         self._needs_join = True
         self._join_not_before = 0.0
-        self._leave = True
 
     # -- called by the consumer ------------------------------------------------------------------
     def subscribe(self, topics: list[str] | None, pattern: str | None) -> None:
@@ -135,12 +134,11 @@ class Membership:
             self.owned.clear()
         self.heartbeat_now()
 
-    def close(self, leave: bool = True) -> None:
+    def close(self) -> None:
         """Stop heartbeating; leave the group (a static member keeps its partitions for its
         session timeout, as Kafka's static members do) and close the member connection."""
         thread = self._thread
         if thread is not None:
-            self._leave = leave
             self._stopping = True
             with contextlib.suppress(OSError):
                 self._wake_w.send(b"s")
@@ -363,7 +361,7 @@ class Membership:
         if self._sock is None or self.member_id is None:
             return
         member_id = self.member_id
-        if not permanent and (not self._leave or self.group_instance_id is not None):
+        if not permanent and self.group_instance_id is not None:
             return
         with contextlib.suppress(OSError, ShmbrokerError):
             self._sock.settimeout(self.request_timeout_s)

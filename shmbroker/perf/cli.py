@@ -103,7 +103,8 @@ def _summary(result: Any) -> list[str]:
     return lines
 
 
-def _plot(result: Any, path: Path) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot (headless), or a clear error: checked before a run, not after."""
     try:
         import matplotlib
 
@@ -112,6 +113,11 @@ def _plot(result: Any, path: Path) -> None:
     except ImportError:
         raise click.ClickException("--plot needs matplotlib: pip install 'shmbroker[plot]'") \
             from None
+    return plt
+
+
+def _plot(result: Any, path: Path) -> None:
+    plt = _pyplot()
     figure, (rates, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
     t = [point["t_s"] for point in result.timeline]
     rates.plot(t, [point["produce_per_s"] for point in result.timeline], label="produce")
@@ -180,8 +186,7 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     if plot_path is not None:
-        with contextlib.suppress(ImportError):
-            import matplotlib  # noqa: F401  (checked before a long run, not after)
+        _pyplot()
     from shmbroker.perf import runner
 
     def go(target: Path, pid: int | None) -> Any:
@@ -317,5 +322,4 @@ def _scale_table(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -159,7 +159,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                     partition = partition_for_key(key, partition_counts[topic])
                     chunk_keys = [key] * take
                 target += 1
-                future = producer.send_batch(topic, (bytes(values), lengths[first:first + take]),
+                future = producer.send_batch(topic, (values, lengths[first:first + take]),
                                              partition=partition, keys=chunk_keys)
                 outcomes.append((future, sent, take))
                 sent += take

@@ -149,54 +149,10 @@ class FrameDecoder:
             raise
 
     def frames(self) -> list[Frame]:
-        """Every whole frame buffered, as :meth:`next_frame` would return them one by one (the
-        hot path of every connection: one call, plain locals, for a whole read's worth)."""
-        if self._error is not None:
-            raise self._error
+        """Every whole frame buffered, as :meth:`next_frame` returns them one by one."""
         found: list[Frame] = []
-        buffer = self._buffer
-        size = len(buffer)
-        start = self._start
-        frame_bytes_max = self.frame_bytes_max
-        json_bytes_max = limits.frame_json_bytes_max
-        unpack = HEADER.unpack_from
-        try:
-            while True:
-                header = self._header
-                if header is None:
-                    if size - start < HEADER_SIZE:
-                        break
-                    header = unpack(buffer, start)
-                    frame_length, _, _, _, json_length = header
-                    if (frame_length > frame_bytes_max or frame_length < HEADER_REST_SIZE
-                            or json_length > frame_length - HEADER_REST_SIZE
-                            or json_length > json_bytes_max):
-                        parse_header(memoryview(buffer)[start:], frame_bytes_max)  # raises
-                        raise AssertionError("parse_header accepted what the fast path refused")
-                frame_length, api_key, api_version, correlation_id, json_length = header
-                end = start + LENGTH_SIZE + frame_length
-                if size < end:
-                    self._header = header
-                    break
-                self._header = None
-                json_start = start + HEADER_SIZE
-                json_end = json_start + json_length
-                body = decode_body(buffer[json_start:json_end]) if json_length else {}
-                # a slice of a bytearray is a private, writable copy: the one copy the raw part
-                # needs (a worker rewrites base offsets in it before appending)
-                found.append(Frame(api_key, api_version, correlation_id, body,
-                                   memoryview(buffer[json_end:end])))
-                start = end
-        except ProtocolError as error:
-            self._error = error
-            raise
-        finally:
-            self._start = start
-        if self._header is None and size - start < HEADER_SIZE and size - start >= LENGTH_SIZE:
-            self._next_frame()  # refuses a giant length before it is buffered (raises)
-        if start > 1 << 20 and start * 2 > size:
-            del buffer[:start]
-            self._start = 0
+        while (frame := self.next_frame()) is not None:
+            found.append(frame)
         return found
 
     def _next_frame(self) -> Frame | None:

@@ -52,7 +52,7 @@ from shmbroker.shm import names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.storage.checkpoint_file import fsync_directory
 from shmbroker.storage.offset_log import OffsetLog
-from shmbroker.supervisor.groups import GroupService, check_group_id
+from shmbroker.supervisor.groups import GroupService, check_group_id, partitions_field
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
 from shmbroker.supervisor.workers import WorkerHandle
 from shmbroker.transport.unix import ServerConnection, listen
@@ -568,16 +568,8 @@ class Supervisor:
         assert self.offsets is not None
         group_id = field(body, "group_id", str)
         stored = self.offsets.offsets(group_id)
-        wanted = field(body, "partitions", list, default=None)
-        if wanted is None:
-            keys = sorted(stored)
-        else:
-            keys = []
-            for entry in wanted:
-                if (not isinstance(entry, list) or len(entry) != 2
-                        or not isinstance(entry[0], str) or type(entry[1]) is not int):
-                    raise ProtocolError("each partition is [topic, partition]")
-                keys.append((entry[0], entry[1]))
+        keys = (sorted(stored) if body.get("partitions") is None
+                else partitions_field(body, "partitions"))
         return {"offsets": [[topic, partition, *stored.get((topic, partition), (-1, None))]
                             for topic, partition in keys]}
 

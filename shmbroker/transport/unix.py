@@ -160,16 +160,8 @@ class ServerConnection:
     def receive(self) -> list[Frame] | None:
         """Read what is there; the whole frames received, or None at EOF.  ProtocolError on a
         malformed frame (the owner answers with an error frame and closes)."""
-        frames: list[Frame] = []
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return frames
-        except OSError:
+        if not self.fill():
             return None
-        if not data:
-            return None
-        self.decoder.receive_data(data)
         return self.decoder.frames()
 
     def fill(self) -> bool:

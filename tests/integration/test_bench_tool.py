@@ -3,6 +3,7 @@ record, and its JSON says what happened.  It exists so the tool cannot rot."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,11 @@ def test_unkeyed_producers_split_the_partitions() -> None:
     assert producer_share(parts, 0, 1) == parts
     assert [producer_share(parts[:2], i, 3) for i in range(3)] == [
         [("t", 0)], [("t", 1)], [("t", 0)]]
+
+
+def test_plot_without_matplotlib_fails_before_the_run(tmp_path: Path) -> None:
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed: --plot works")
+    run = bench("--plot", str(tmp_path / "plot.png"), "--duration-s", "1")
+    assert run.returncode == 1 and "pip install 'shmbroker[plot]'" in run.stderr
+    assert "records/s" not in run.stdout  # refused before a run, not after it

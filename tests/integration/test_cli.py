@@ -16,7 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 from broker_helpers import RunningBroker, wait_for
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from integration.cli_helpers import cli, failed, ok
 
 from shmbroker import Producer, __version__
 from shmbroker.cli import main
@@ -26,25 +27,6 @@ pytestmark = pytest.mark.integration
 SUBPROCESS_TIMEOUT_S = 60
 TOPIC_NAME_RULE = "1 to 249 characters from [a-zA-Z0-9._-]"
 
-
-def cli(data_dir: Path, *args: str, input: bytes | None = None) -> Result:
-    """Run ``shmbroker ARGS --data-dir DATA_DIR`` in-process (exceptions stay in the result)."""
-    return CliRunner().invoke(main, [*args, "--data-dir", str(data_dir)], input=input)
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
-    return result
-
-
-def failed(result: Result, code: int = 1) -> str:
-    """The error text of a run that exited ``code``; never a traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    if code == 1:
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    return result.stderr
 
 
 def run_process(data_dir: Path, *args: str,

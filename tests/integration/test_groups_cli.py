@@ -19,10 +19,10 @@ from typing import Any
 import orjson
 import pytest
 from broker_helpers import RunningBroker, wait_for
-from click.testing import CliRunner, Result
+from click.testing import Result
+from integration.cli_helpers import cli, failed, ok
 
 from shmbroker import Consumer, Producer, TopicPartition
-from shmbroker.cli import main
 from shmbroker.errors import (
     GroupIdNotFoundError,
     NonEmptyGroupError,
@@ -37,25 +37,6 @@ RECORDS = {0: 12, 1: 7}  # records per partition of "events"
 BASE_MS = 1_700_000_000_000
 WAIT_S = 10.0
 
-
-def cli(data_dir: Path, *args: str) -> Result:
-    """Run ``shmbroker ARGS --data-dir DATA_DIR`` in-process."""
-    return CliRunner().invoke(main, [*args, "--data-dir", str(data_dir)])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
-    return result
-
-
-def failed(result: Result, code: int = 1) -> str:
-    """The error text of a run that exited ``code``; never a traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    if code == 1:
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    return result.stderr
 
 
 def rows(text: str) -> list[list[str]]:

@@ -321,5 +321,81 @@ def _scale_table(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str
     return rows
 
 
+def _fault_kinds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    from shmbroker.perf.soak import FAULT_KINDS
+
+    kinds = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
+    if unknown or not kinds:
+        raise click.BadParameter(f"{value!r}: give some of {', '.join(FAULT_KINDS)}")
+    return kinds
+
+
+@main.command("soak")
+@click.option("--duration-s", type=click.FloatRange(min=1), default=600.0, show_default=True)
+@click.option("--fault-interval-s", type=click.FloatRange(min=0.1), default=15.0,
+              show_default=True, help="Mean time between faults (each interval is drawn "
+                                      "uniformly from 0.5x to 1.5x of it).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the fault schedule (default: a random one, printed).")
+@click.option("--faults", default="kill_worker,kill_all_workers,stop_worker,kill_supervisor,"
+                                  "clean_restart,hard_restart,kill_producer,kill_member",
+              show_default=True, callback=_fault_kinds, help="Fault kinds to draw from.")
+@click.option("--partitions", type=click.IntRange(min=1, max=64), default=4, show_default=True)
+@click.option("--producers", type=click.IntRange(min=1, max=64), default=3, show_default=True)
+@click.option("--members-per-group", type=click.IntRange(min=1, max=64), default=2,
+              show_default=True, help="Members of each of the two consumer groups.")
+@click.option("--rate-per-producer", "rate", type=click.IntRange(min=1), default=1000,
+              show_default=True, help="Records/s each producer sends.")
+@click.option("--record-size-bytes", type=click.IntRange(min=24), default=100,
+              show_default=True)
+@click.option("--acks", type=click.Choice(["1", "all", "mixed"]), default="mixed",
+              show_default=True, help="mixed: producers alternate acks=1 and acks=all.")
+@click.option("--stop-worker-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the stop_worker fault keeps a worker stopped.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the broker's data dir and the run's files here (default: a temp dir, "
+                   "removed after a run that passed).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the faults, counts and figures here (JSON).")
+def soak(duration_s: float, fault_interval_s: float, seed: int | None, faults: tuple[str, ...],
+         partitions: int, producers: int, members_per_group: int, rate: int,
+         record_size_bytes: int, acks: str, stop_worker_s: float, work_dir: Path | None,
+         json_path: Path | None) -> None:
+    """A long run under faults: producers, two consumer groups, a broker it starts itself, and
+    a fault every --fault-interval-s from a seeded random schedule.  Ends with a table of
+    faults and recovery times, and every acknowledged record checked consumed by both groups
+    (exit 1 if one was lost)."""
+    import random
+
+    from shmbroker.perf.soak import SoakConfig, report, run_soak
+
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
+    if work_dir is not None and work_dir.exists() and any(work_dir.iterdir()):
+        raise click.UsageError(f"--work-dir {work_dir} is not empty")
+    config = SoakConfig(duration_s=duration_s, fault_interval_s=fault_interval_s, seed=seed,
+                        faults=faults, partitions=partitions, producers=producers,
+                        members_per_group=members_per_group, rate_per_producer_per_s=rate,
+                        record_size_bytes=record_size_bytes, acks=acks,
+                        stop_worker_s=stop_worker_s)
+    click.echo(f"soak seed {seed} (replay: shmbroker-bench soak --seed {seed} "
+               f"--duration-s {duration_s:g} --fault-interval-s {fault_interval_s:g} ...)",
+               err=True)
+    from shmbroker.perf import runner
+
+    result = run_soak(config, work_dir, say=lambda line: click.echo(line, err=True))
+    for line in report(result):
+        click.echo(line)
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps({**result.to_dict(),
+                                            "environment": runner.environment()},
+                                           option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    if not result.ok:
+        if result.work_dir:
+            click.echo(f"the run's files are kept in {result.work_dir}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@
 producer's name, the prefix of its values), ``partitions``, ``acks``, ``out`` (the JSONL file of
 acknowledged records), ``summary`` (a JSON file written at the end), ``stop`` (a path: the
 producer stops once it exists), ``records_max``, ``duration_s_max``, ``rate_per_s`` and
-``in_flight_max``.
+``in_flight_max``; optionally the client's ``max_block_ms``, ``delivery_timeout_ms`` and
+``request_timeout_ms``.
 
 Record ``seq`` (0, 1, 2, ...) has value ``b"<name>:<seq>"``, no key and partition
 ``seq % partitions``.  Every acknowledged record is written to ``out`` as one line
@@ -52,7 +53,9 @@ def main(spec: dict[str, Any]) -> int:
         while True:
             try:
                 return Producer(spec["data_dir"], acks=spec["acks"], linger_ms=1,
-                                max_block_ms=5000)
+                                max_block_ms=spec.get("max_block_ms", 5000),
+                                delivery_timeout_ms=spec.get("delivery_timeout_ms", 120_000),
+                                request_timeout_ms=spec.get("request_timeout_ms", 30_000))
             except ShmbrokerError:  # no broker right now (a restart): try again
                 counts["producer_create_errors"] += 1
                 if time.monotonic() > deadline:

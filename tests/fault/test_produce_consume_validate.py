@@ -18,7 +18,8 @@ acknowledged, then stop.  Then the validation:
   the last auto-commit, which is not an error), and closing it committed the end offsets;
 * once every producer closed (or was killed), the workers removed all their rings.
 
-The faults: SIGKILL one worker, all workers at once, SIGSTOP a worker for 2 s, SIGKILL the
+The faults: SIGKILL one worker, all workers at once, SIGSTOP a worker for 2 s, and for three
+times as long as the clients' request and delivery timeouts, SIGKILL the
 supervisor (its workers die with it) and start it again, a clean restart (SIGTERM), a hard
 restart (SIGKILL everything) and SIGKILL a producer; acks=1 for each, acks="all" for two.
 """
@@ -60,6 +61,10 @@ ACKED_AFTER_FAULT = 900  # per surviving producer, after the fault
 RECORDS_MAX = 20_000  # per producer: a bound on the load, not a target
 DURATION_S_MAX = 60.0
 STOP_WORKER_S = 2.0
+# stop_worker_past_timeouts: the clients give up on a request after CLIENT_TIMEOUT_MS, and the
+# worker stays stopped three times as long
+CLIENT_TIMEOUT_MS = 1000
+STOP_WORKER_PAST_TIMEOUTS_S = 3 * CLIENT_TIMEOUT_MS / 1000
 ACK_WAIT_S = 45.0
 RESTART_TIMEOUT_S = 20.0
 RING_RELEASE_TIMEOUT_S = 10.0  # a worker checks a ring's producer is alive once a second
@@ -75,7 +80,7 @@ class ProducerProcess:
     """One ``fault_producer.py`` process and the files it writes."""
 
     def __init__(self, work: Path, data_dir: Path, name: str, acks: int | str,
-                 rate_per_s: int = RATE_PER_S) -> None:
+                 rate_per_s: int = RATE_PER_S, timeout_ms: int | None = None) -> None:
         self.name = name
         self.out = work / f"{name}.acked.jsonl"
         self.summary_path = work / f"{name}.summary.json"
@@ -86,6 +91,9 @@ class ProducerProcess:
                      "summary": os.fspath(self.summary_path), "stop": os.fspath(self.stop_path),
                      "records_max": RECORDS_MAX, "duration_s_max": DURATION_S_MAX,
                      "rate_per_s": rate_per_s, "in_flight_max": IN_FLIGHT_MAX}
+        if timeout_ms is not None:
+            self.spec.update(max_block_ms=timeout_ms, delivery_timeout_ms=timeout_ms,
+                             request_timeout_ms=timeout_ms)
         self.process: subprocess.Popen[bytes] | None = None
         self.killed = False
 
@@ -159,8 +167,9 @@ class GroupMember:
     """A thread consuming the topic as the only member of group "validate" through the fault;
     keeps what it consumed by (partition, offset)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, request_timeout_ms: int = 30_000) -> None:
         self.data_dir = data_dir
+        self.request_timeout_ms = request_timeout_ms
         self.consumed: dict[tuple[int, int], bytes | None] = {}
         self.mismatches: list[tuple[int, int, bytes | None, bytes | None]] = []
         self.again = 0  # records consumed more than once (allowed: at least once)
@@ -178,7 +187,8 @@ class GroupMember:
         while True:
             try:
                 consumer = Consumer(self.data_dir, group_id="validate",
-                                    auto_offset_reset="earliest", auto_commit_interval_ms=500)
+                                    auto_offset_reset="earliest", auto_commit_interval_ms=500,
+                                    request_timeout_ms=self.request_timeout_ms)
                 consumer.subscribe([TOPIC])
                 return consumer
             except ShmbrokerError as error:  # no broker at the moment
@@ -382,6 +392,19 @@ def stop_worker(broker: RunningBroker, producers: list[ProducerProcess]) -> None
     assert _workers(broker)[2] == pid, "the stopped worker was replaced"
 
 
+def stop_worker_past_timeouts(broker: RunningBroker, producers: list[ProducerProcess]) -> None:
+    """SIGSTOP a worker for longer than the clients wait for an answer (the test gives them
+    CLIENT_TIMEOUT_MS): their requests to it time out, the records they wrote into its ring
+    wait there, and when it runs again it appends them (acknowledged or not, never twice)."""
+    pid = _workers(broker)[2]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(STOP_WORKER_PAST_TIMEOUTS_S)  # the fault's duration
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _workers(broker)[2] == pid, "the stopped worker was replaced"
+
+
 def kill_supervisor(broker: RunningBroker, producers: list[ProducerProcess]) -> None:
     assert broker.process is not None
     workers = [psutil.Process(pid) for pid in _workers(broker).values()]
@@ -413,7 +436,7 @@ def kill_producer(broker: RunningBroker, producers: list[ProducerProcess]) -> No
 
 FAULTS: dict[str, Callable[[RunningBroker, list[ProducerProcess]], None]] = {
     fault.__name__: fault for fault in (kill_one_worker, kill_all_workers, stop_worker,
-                                        kill_supervisor, clean_restart, hard_restart,
+                                        stop_worker_past_timeouts, kill_supervisor, clean_restart, hard_restart,
                                         kill_producer)}
 CASES = [pytest.param(name, 1, id=f"{name}-acks1") for name in FAULTS]
 CASES.append(pytest.param("kill_all_workers", "all", id="kill_all_workers-acksall"))
@@ -433,8 +456,10 @@ def test_produce_consume_validate(broker: RunningBroker, tmp_path: Path, fault: 
     with broker.admin() as admin:
         admin.create_topic(TOPIC, partitions=PARTITIONS)
     broker.wait_ready()
-    member = GroupMember(broker.data_dir).start()
-    producers = [ProducerProcess(tmp_path, broker.data_dir, name, acks) for name in PRODUCERS]
+    timeout_ms = CLIENT_TIMEOUT_MS if fault == "stop_worker_past_timeouts" else None
+    member = GroupMember(broker.data_dir, request_timeout_ms=timeout_ms or 30_000).start()
+    producers = [ProducerProcess(tmp_path, broker.data_dir, name, acks, timeout_ms=timeout_ms)
+                 for name in PRODUCERS]
     if fault == "kill_producer":
         producers[-1] = ProducerProcess(tmp_path, broker.data_dir, PRODUCERS[-1], acks,
                                         rate_per_s=VICTIM_RATE_PER_S)

@@ -24,6 +24,7 @@ import click
 import orjson
 
 from shmbroker import __version__
+from shmbroker.perf.compare import compare
 from shmbroker.perf.workload import Workload, load_workload
 
 BROKER_START_TIMEOUT_S = 30.0
@@ -395,6 +396,9 @@ def soak(duration_s: float, fault_interval_s: float, seed: int | None, faults: t
         if result.work_dir:
             click.echo(f"the run's files are kept in {result.work_dir}", err=True)
         sys.exit(1)
+
+
+main.add_command(compare)  # shmbroker-bench compare: shmbroker vs Redis, NATS, raw
 
 
 if __name__ == "__main__":

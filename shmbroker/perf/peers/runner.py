@@ -1,0 +1,211 @@
+"""Runs one workload against a peer: its server, one producer and one consumer process.
+
+The same shape as :mod:`shmbroker.perf.runner` (whose watch, collect and verdict steps it
+reuses, so every system is measured and judged by one piece of code): the consumer process opens
+its session first and says it is ready; the producer process starts at ``start_at`` and sends
+the template payloads in chunks, each record carrying the 24-byte header (intended send time,
+producer id, sequence: :mod:`shmbroker.perf.payloads`); the consumer decodes the headers of what
+arrives into the latency histogram and the per-producer sequence bitmap.  The verdict: rates are
+medians of the measured seconds, every acknowledged record must have been consumed.
+
+Only the workload's record size, payload, rate, duration and warm-up apply to a peer: one
+producer, one consumer, no keys, no compression.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shmbroker.perf import payloads
+from shmbroker.perf import runner as shm_runner
+from shmbroker.perf.histogram import Histogram
+from shmbroker.perf.peers.base import Chunk, Peer
+from shmbroker.perf.workload import Workload
+
+TEMPLATE_RECORDS = shm_runner.TEMPLATE_RECORDS  # payloads generated once, reused cyclically
+CHUNK_RECORDS = 1024  # records handed to a session at once (Redis: one pipeline); divides 4096
+POLL_TIMEOUT_S = 0.1
+FLUSH_TIMEOUT_S = 120.0
+PRODUCER_INDEX = 0
+CONSUMER_INDEX = 0
+
+
+def _producer_main(peer_name: str, address: dict[str, Any], workload_dict: dict[str, Any],
+                   start_at: float, counters: Any, results: Any) -> None:
+    try:
+        results.put(("producer", PRODUCER_INDEX, _produce(
+            peer_name, address, Workload(**workload_dict), start_at, counters)))
+    except BaseException as error:  # the parent reports it; never hang it
+        results.put(("error", f"{peer_name} producer", repr(error)))
+
+
+def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start_at: float,
+             counters: Any) -> dict[str, Any]:
+    from shmbroker.perf.peers import PEERS
+
+    rng = np.random.default_rng(PRODUCER_INDEX)
+    lengths = payloads.sizes(payloads.parse_size_spec(workload.record_size), TEMPLATE_RECORDS,
+                             rng)
+    template, lengths = payloads.make_payloads(workload.payload, lengths, rng)
+    session = PEERS[peer_name].producer(address)
+    session.prepare(template, lengths)
+    interval_ns = int(1e9 / workload.rate_per_sec) if workload.rate_per_sec else 0
+    end_at = start_at + workload.warmup_s + workload.duration_s
+    sent = 0
+    sent_bytes = 0
+    slot = 2 * PRODUCER_INDEX
+    try:
+        while time.monotonic() < start_at:
+            time.sleep(0.0005)
+        start_ns = time.monotonic_ns()
+        next_update = time.monotonic() + shm_runner.COUNTER_UPDATE_S
+        while True:
+            now = time.monotonic()
+            if now >= end_at:
+                break
+            if interval_ns:  # paced: send what the schedule says is due, in chunks
+                due = (time.monotonic_ns() - start_ns) // interval_ns + 1
+                if due <= sent:
+                    time.sleep(min(0.001, (sent - due + 1) * interval_ns / 1e9))
+                    continue
+                count = min(CHUNK_RECORDS, due - sent)
+            else:
+                count = CHUNK_RECORDS
+            first = sent % TEMPLATE_RECORDS
+            count = min(count, TEMPLATE_RECORDS - first)
+            seqs = np.arange(sent, sent + count, dtype=np.int64)
+            intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
+                count, time.monotonic_ns(), dtype=np.int64)
+            session.send(Chunk(first, count, seqs, intended))
+            sent += count
+            sent_bytes += int(lengths[first:first + count].sum())
+            if now >= next_update:
+                counters[slot] = sent
+                next_update = now + shm_runner.COUNTER_UPDATE_S
+        counters[slot] = sent
+        session.flush(FLUSH_TIMEOUT_S)
+    finally:
+        session.close()
+    acked = np.zeros(sent, dtype=bool)
+    for first_seq, count in session.acked_ranges:
+        acked[first_seq:first_seq + count] = True
+    return {"sent": sent, "sent_bytes": sent_bytes, "errors": int(sent - acked.sum()),
+            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+
+
+def _consumer_main(peer_name: str, address: dict[str, Any], workload_dict: dict[str, Any],
+                   expected: Any, ready: Any, counters: Any, results: Any,
+                   warmup_end_ns: Any) -> None:
+    try:
+        results.put(("consumer", CONSUMER_INDEX, _consume(
+            peer_name, address, Workload(**workload_dict), expected, ready, counters,
+            warmup_end_ns)))
+    except BaseException as error:
+        results.put(("error", f"{peer_name} consumer", repr(error)))
+
+
+def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expected: Any,
+             ready: Any, counters: Any, warmup_end_ns: Any) -> dict[str, Any]:
+    """Consume until the producer is done (``expected`` >= 0: the records it had
+    acknowledged) and either that many came and nothing more for DONE_IDLE_S, or nothing came
+    for DRAIN_IDLE_S (the rules of shmbroker's runner)."""
+    from shmbroker.perf.peers import PEERS
+
+    histogram = Histogram()
+    seqs: dict[int, list[np.ndarray]] = {}
+    consumed = 0
+    consumed_bytes = 0
+    slot = 2 * (workload.producers + CONSUMER_INDEX)
+    session = PEERS[peer_name].consumer(address)
+    try:
+        ready.value += 1
+        idle_since = time.monotonic()
+        next_update = idle_since + shm_runner.COUNTER_UPDATE_S
+        next_p99 = idle_since
+        while True:
+            got = 0
+            for columns in session.poll(POLL_TIMEOUT_S):
+                now_ns = time.monotonic_ns()
+                intended, producer_ids, numbers = payloads.decode_headers(
+                    columns.data, columns.value_positions, columns.value_lengths)
+                shm_runner._note(histogram, seqs, now_ns, intended, producer_ids, numbers,
+                                 warmup_end_ns.value)
+                got += len(columns.value_positions)
+                consumed_bytes += int(columns.value_lengths.sum())
+            consumed += got
+            now = time.monotonic()
+            if got:
+                idle_since = now
+            if now >= next_update:
+                counters[slot] = consumed
+                next_update = now + shm_runner.COUNTER_UPDATE_S
+                if now >= next_p99 and histogram.count:  # the live line's "p99 so far"
+                    counters[slot + 1] = int(histogram.percentile(99) // 1000)
+                    next_p99 = now + 1.0
+            if expected.value >= 0:
+                idle = now - idle_since
+                if idle > shm_runner.DRAIN_IDLE_S or (
+                        idle > shm_runner.DONE_IDLE_S and consumed >= expected.value):
+                    break
+    finally:
+        session.close()
+    counters[slot] = consumed
+    bitmaps = {}
+    for producer_id, parts in seqs.items():
+        bitmaps[producer_id] = np.packbits(np.bincount(np.concatenate(parts)) > 0).tobytes()
+    return {"consumed": consumed, "consumed_bytes": consumed_bytes,
+            "histogram": histogram.to_dict(), "seen": bitmaps}
+
+
+def run(peer: Peer, workload: Workload,
+        progress: Callable[[dict[str, float]], None] | None = None) -> shm_runner.RunResult:
+    """Start ``peer``'s server in a temp dir, run the workload against it, stop the server;
+    the verdict (RuntimeError when a process failed)."""
+    if workload.producers != 1 or workload.consumers != 1:
+        raise ValueError("a peer runs one producer and one consumer")
+    context = multiprocessing.get_context("spawn")
+    counters = context.Array("q", 4, lock=False)
+    expected = context.Value("q", -1, lock=False)  # set when the producer is done
+    ready = context.Value("i", 0)
+    warmup_end_ns = context.Value("q", 1 << 62, lock=False)
+    results = context.Queue()
+    processes: list[Any] = []
+    workload_dict = workload.to_dict()
+    with tempfile.TemporaryDirectory(prefix=f"shmbroker-compare-{peer.name}-") as temp:
+        with peer.server(Path(temp)) as (address, server_pid):
+            try:
+                processes.append(context.Process(
+                    target=_consumer_main, name=f"compare-{peer.name}-consumer",
+                    args=(peer.name, address, workload_dict, expected, ready, counters,
+                          results, warmup_end_ns)))
+                processes[-1].start()
+                deadline = time.monotonic() + shm_runner.READY_TIMEOUT_S
+                while ready.value < 1:
+                    if time.monotonic() > deadline or not processes[0].is_alive():
+                        raise RuntimeError(shm_runner._child_errors(results)
+                                           or f"the {peer.name} consumer did not start")
+                    time.sleep(0.01)
+                start_at = time.monotonic() + 1.3  # spawn + import time
+                processes.append(context.Process(
+                    target=_producer_main, name=f"compare-{peer.name}-producer",
+                    args=(peer.name, address, workload_dict, start_at, counters, results)))
+                processes[-1].start()
+                warmup_end_ns.value = int((start_at + workload.warmup_s) * 1e9)
+                timeline = shm_runner._watch(workload, start_at, counters, processes, progress,
+                                             server_pid)
+                collected = shm_runner._collect(results, processes, workload, expected)
+            finally:
+                for process in processes:
+                    process.join(5)
+                    if process.is_alive():
+                        process.kill()
+                        process.join()
+    return shm_runner._verdict(workload, collected, timeline, server_pid)
+

@@ -436,8 +436,8 @@ def kill_producer(broker: RunningBroker, producers: list[ProducerProcess]) -> No
 
 FAULTS: dict[str, Callable[[RunningBroker, list[ProducerProcess]], None]] = {
     fault.__name__: fault for fault in (kill_one_worker, kill_all_workers, stop_worker,
-                                        stop_worker_past_timeouts, kill_supervisor, clean_restart, hard_restart,
-                                        kill_producer)}
+                                        stop_worker_past_timeouts, kill_supervisor,
+                                        clean_restart, hard_restart, kill_producer)}
 CASES = [pytest.param(name, 1, id=f"{name}-acks1") for name in FAULTS]
 CASES.append(pytest.param("kill_all_workers", "all", id="kill_all_workers-acksall"))
 CASES.append(pytest.param("hard_restart", "all", id="hard_restart-acksall"))

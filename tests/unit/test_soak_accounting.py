@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shmbroker.perf.soak import (FAULT_KINDS, FaultRecord, SoakConfig, _read_rows, account,
-                                 fault_table, schedule)
+from shmbroker.perf.soak import (
+    FAULT_KINDS,
+    FaultRecord,
+    SoakConfig,
+    _read_rows,
+    account,
+    fault_table,
+    schedule,
+)
 
 
 def test_schedule_is_replayed_by_its_seed():

@@ -4,12 +4,18 @@ Walks every batch of a ``.log`` segment (or every segment of a partition directo
 sizes, timestamps, codec, CRC validity, and with ``print_data`` every record.  Verification
 reports the first corrupt position; a batch with a bad CRC but a sane length is reported and
 skipped so that the rest of the file is still shown.
+
+Offsets are checked as the broker reads them: a segment's first batch starts at the base offset in
+its file name, each next batch where the previous one ended (base offsets are not covered by the
+CRC, so a damaged one shows only this way), and the last one ends where the next segment of the
+same directory begins (a segment that lost whole batches at its end).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,37 +65,63 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 view.release()
 
 
+_SEGMENT_NAME = re.compile(r"(\d{20})\.log")
+
+
+def _base_offset(path: Path) -> int | None:
+    match = _SEGMENT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _next_segment_base(path: Path) -> int | None:
+    """The base offset of the segment after ``path`` in its directory, if there is one."""
+    base = _base_offset(path)
+    if base is None:
+        return None
+    later = [found for found in map(_base_offset, path.parent.glob("*.log"))
+             if found is not None and found > base]
+    return min(later, default=None)
+
+
 def dump_segment(path: Path, emit: Callable[[str], None], *, print_data: bool,
                  result: DumpResult) -> None:
     """Walk one segment file, emitting one line per batch (and per record with print_data)."""
     emit(f"Dumping {path}")
     for data in _mapped(path):
-        _walk(data, emit, print_data=print_data, result=result)
+        end_offset = _walk(data, emit, print_data=print_data, result=result,
+                           expected_offset=_base_offset(path))
+        next_base = _next_segment_base(path)
+        if (end_offset is not None and next_base is not None and end_offset < next_base
+                and not result.errors):
+            message = (f"the batches end at offset {end_offset} but the next segment starts at "
+                       f"{next_base}: offsets [{end_offset}, {next_base}) are missing")
+            emit(f"CORRUPT position: {len(data)} {message}")
+            result.note_error(len(data), message)
 
 
 def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
-          result: DumpResult) -> None:
+          result: DumpResult, expected_offset: int | None = None) -> int | None:
+    """Emit every batch; return the offset after the last one (None after a fatal error)."""
     position = 0
     end = len(data)
-    expected_offset: int | None = None
     while position < end:
         if end - position < HEADER_SIZE:
             message = f"truncated batch header: {end - position} bytes at the end of the file"
             emit(f"CORRUPT position: {position} {message}")
             result.note_error(position, message)
-            return
+            return None
         try:
             header = read_header(data, position)
         except CorruptRecordError as error:
             emit(f"CORRUPT position: {position} {error}")
             result.note_error(position, str(error))
-            return  # without a sane length there is no next batch to find
+            return None  # without a sane length there is no next batch to find
         size = header.size
         if position + size > end:
             message = f"truncated batch: {end - position} of {size} bytes"
             emit(f"CORRUPT position: {position} {message}")
             result.note_error(position, message)
-            return
+            return None
         crc_valid = compute_crc(data, position, size) == header.crc
         timestamp_kind = "LogAppendTime" if header.is_log_append_time else "CreateTime"
         last_sequence = (header.base_sequence + header.last_offset_delta
@@ -108,17 +140,17 @@ def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
         )
         if not crc_valid:
             result.note_error(position, f"CRC-32C mismatch in batch at offset {header.base_offset}")
-        elif expected_offset is not None and header.base_offset < expected_offset:
-            message = (f"offsets go backwards: batch base offset {header.base_offset} after "
-                       f"next offset {expected_offset}")
+        elif expected_offset is not None and header.base_offset != expected_offset:
+            message = (f"batch base offset {header.base_offset} where {expected_offset} was "
+                       "expected (offsets do not continue)")
             emit(f"CORRUPT position: {position} {message}")
             result.note_error(position, message)
         else:
             result.bytes_valid += size
         result.batches += 1
         result.records += header.records_count
-        if crc_valid:  # a damaged header's offsets are not evidence of anything
-            expected_offset = header.next_offset
+        # a damaged header's offsets are not evidence of anything: the next batch sets them
+        expected_offset = header.next_offset if crc_valid else None
         if print_data and crc_valid:
             try:
                 for record in decode_batch(data, position, verify_crc=False):
@@ -131,6 +163,7 @@ def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
                 emit(f"CORRUPT position: {position} records: {error}")
                 result.note_error(position, f"records: {error}")
         position += size
+    return expected_offset
 
 
 def _show(value: bytes | None) -> str:

@@ -8,6 +8,8 @@ never caught.
 
 from __future__ import annotations
 
+import errno
+
 
 class ShmbrokerError(Exception):
     """Base class of every error shmbroker raises on purpose.
@@ -39,6 +41,35 @@ class CorruptRecordError(ShmbrokerError):
 
 class UnsupportedCodecError(CorruptRecordError):
     """A batch uses a compression codec this build cannot encode or decode (snappy, for now)."""
+
+
+class CorruptLogError(CorruptRecordError):
+    """Stored batches of a partition are damaged: records ``[offset, next_offset)`` cannot be
+    served (Kafka's CorruptRecordException on fetch, with the range it spoils).
+
+    ``position`` is the byte position of the damaged batch in ``segment_base_offset``'s
+    ``.log`` file (what ``shmbroker dump-log --verify`` names).  A consumer raises it with
+    ``topic`` and ``partition`` set; ``seek(tp, error.next_offset)`` goes on after the damage.
+    ``next_offset`` is where trustworthy data resumes; it may be past healthy records when the
+    damage broke the chain of batch lengths (then up to the next index entry or segment).
+    """
+
+    def __init__(self, message: str, *, offset: int, next_offset: int,
+                 position: int | None = None, segment_base_offset: int | None = None,
+                 topic: str | None = None, partition: int | None = None) -> None:
+        where = "" if topic is None else f"{topic}/{partition}: "
+        segment = ("" if segment_base_offset is None
+                   else f" in segment {segment_base_offset:020d}.log")
+        at = "" if position is None else f" at position {position}"
+        super().__init__(f"{where}damaged batch{segment}{at}: {message}; records [{offset}, "
+                         f"{next_offset}) cannot be read (seek to {next_offset} to skip them)")
+        self.position = position
+        self.offset = offset
+        self.next_offset = next_offset
+        self.segment_base_offset = segment_base_offset
+        self.topic = topic
+        self.partition = partition
+        self.reason = message
 
 
 class RecordTooLargeError(ShmbrokerError):
@@ -82,6 +113,25 @@ class StorageError(ShmbrokerError):
     """The file system failed us (ENOSPC, EIO, permissions); the log was left consistent."""
 
     code = "KAFKA_STORAGE_ERROR"  # received as BrokerStorageError
+
+
+class StorageFullError(StorageError):
+    """The file system has no space left (ENOSPC) or the user's quota is spent (EDQUOT).
+
+    Nothing of the failed write was kept; the same call works again once space is freed, with
+    no restart.  Build one with :func:`storage_error`."""
+
+    code = "STORAGE_FULL"  # received as BrokerStorageFullError
+
+
+FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+def storage_error(message: str, errno_number: int | None) -> StorageError:
+    """:class:`StorageFullError` for a full disk or quota, else :class:`StorageError`."""
+    if errno_number in FULL_ERRNOS:
+        return StorageFullError(message)
+    return StorageError(message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,6 +235,13 @@ class BrokerStorageError(BrokerError):
     """The broker could not store a batch (disk full, I/O error); nothing was written."""
 
     code = "KAFKA_STORAGE_ERROR"
+
+
+class BrokerStorageFullError(BrokerStorageError):
+    """The broker's disk is full (or its quota spent): nothing of the request was stored, and
+    the same request succeeds once space is freed (no restart needed)."""
+
+    code = "STORAGE_FULL"
 
 
 class OffsetOutOfRangeBrokerError(BrokerError, OffsetOutOfRangeError):

@@ -47,6 +47,7 @@ from shmbroker.client.types import (
 from shmbroker.errors import (
     BrokerNotRunningError,
     ClosedError,
+    CorruptLogError,
     CorruptRecordError,
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
@@ -94,6 +95,7 @@ class _Fetcher:
         self.retry_at = 0.0
         self.high_watermark = -1
         self.committed_checked = False  # its committed offset was looked up already
+        self.error: CorruptLogError | None = None  # damage met at ``position``: next poll raises
 
     def close(self) -> None:
         if self.sock is not None:
@@ -349,6 +351,13 @@ class Consumer:
                     fetcher.buffered = []
             if ready:
                 break
+            for fetcher in self._fetchers.values():
+                if fetcher.error is not None and not fetcher.paused:
+                    # Kafka's way: the records before the damage were returned; now the error,
+                    # raised again by each poll (a fetch at the same position meets it again)
+                    # until the application seeks past it (``error.next_offset``).
+                    error, fetcher.error = fetcher.error, None
+                    raise error
             now = time.monotonic()
             wait_ms = int(max(0.0, deadline - now) * 1000)
             for fetcher in self._fetchers.values():
@@ -423,36 +432,90 @@ class Consumer:
             return []
         fetcher.high_watermark = body.get("high_watermark", -1)
         min_offset = fetcher.position or 0
-        batches = self._decode(raw, min_offset)
+        damaged = body.get("damaged")
+        if damaged is not None:  # the worker found the stored batches damaged: nothing sent
+            offset = max(min_offset, int(damaged["offset"]))
+            fetcher.error = CorruptLogError(
+                str(damaged["reason"]), offset=offset,
+                next_offset=max(int(damaged["next_offset"]), offset + 1),
+                position=damaged["position"], segment_base_offset=damaged["segment_base_offset"],
+                topic=fetcher.tp.topic, partition=fetcher.tp.partition)
+            return []
+        batches, fetcher.error = self._decode(fetcher, raw, min_offset, body)
         if batches:
             fetcher.position = max(min_offset, batches[-1].header.next_offset)
             if fetcher.paused:  # paused while this fetch was in flight: keep it for resume
                 fetcher.buffered += [(batch, min_offset) for batch in batches]
                 return []
-            self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())  # prefetch
+            if fetcher.error is None:
+                self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())  # prefetch
         return [(fetcher, batch, min_offset) for batch in batches]
 
-    def _decode(self, raw: memoryview, min_offset: int) -> list[Any]:
-        """The batches of a fetch response holding records at or after ``min_offset``
-        (CRC-checked when check_crcs, as Kafka's consumer does)."""
+    def _decode(self, fetcher: _Fetcher, raw: memoryview, min_offset: int,
+                body: dict[str, Any]) -> tuple[list[Any], CorruptLogError | None]:
+        """The batches of a fetch response holding records at or after ``min_offset``, and the
+        damage met, if any: a batch that is not whole, fails its CRC-32C (with check_crcs, as
+        Kafka's consumer does) or does not continue the offsets (the worker sends whole,
+        contiguous batches, the first holding ``min_offset``; base offsets are not covered by
+        the CRC).  The batches before the damage are returned; poll raises the error next.
+        One CRC call per batch and no per-record work: the hot path stays vectorised."""
         batches = []
         verify = self.check_crcs
         position = 0
         end = len(raw)
-        while end - position >= record_batch.LOG_OVERHEAD:
-            size = record_batch.batch_size_at(raw, position)
-            if size < record_batch.HEADER_SIZE or position + size > end:
-                if size < record_batch.HEADER_SIZE:
-                    raise CorruptRecordError(f"batch size {size} is smaller than a header",
-                                             position)
-                break
-            header = record_batch.read_header(raw, position)
-            if header.next_offset > min_offset and not header.is_control:
+        expected: int | None = None  # the base offset the next batch must have
+        while position < end:
+            try:
+                header = record_batch.read_header(raw, position)
+                if position + header.size > end:
+                    raise CorruptRecordError(f"truncated batch: {end - position} of "
+                                             f"{header.size} bytes")
+                if expected is None and not header.base_offset <= min_offset < header.next_offset:
+                    raise CorruptRecordError(f"the first batch holds offsets [{header.base_offset}"
+                                             f", {header.next_offset}), not {min_offset}")
+                if expected is not None and header.base_offset != expected:
+                    raise CorruptRecordError(f"base offset {header.base_offset} where {expected} "
+                                             "was expected")
                 if verify:
-                    record_batch.validate_batch(raw, position)
+                    actual = record_batch.compute_crc(raw, position, header.size)
+                    if actual != header.crc:
+                        raise CorruptRecordError(f"CRC-32C mismatch: stored {header.crc:#010x}, "
+                                                 f"computed {actual:#010x}")
+            except CorruptRecordError as error:
+                offset = min_offset if expected is None else expected
+                return batches, self._damage(fetcher, raw, position, offset, body, error)
+            if not header.is_control:
                 batches.append(_Fetched(raw, position, header))
-            position += size
-        return batches
+            expected = header.next_offset
+            position += header.size
+        return batches, None
+
+    def _damage(self, fetcher: _Fetcher, raw: memoryview, position: int, offset: int,
+                body: dict[str, Any], error: CorruptRecordError) -> CorruptLogError:
+        """The error for the damaged batch at ``position`` of a response, its first offset
+        not returned being ``offset``.  Where reading can resume is judged from evidence (this
+        is the error path): the first whole, CRC-valid batch after it in the response (its
+        length may be the damaged field), at an offset the bytes in between can hold; else,
+        when nothing valid follows it, the offset the worker says its slice ends at (checked
+        there against the next header or the segment's end)."""
+        next_offset = offset + 1
+        found = record_batch.find_next_valid_batch(raw, position)
+        if found is not None:
+            after_position, after = found
+            records_max = (after_position - position) // record_batch.RECORD_SIZE_MIN
+            if offset < after.base_offset <= offset + max(1, records_max):
+                next_offset = after.base_offset
+        else:
+            vouched = body.get("next_offset")
+            if isinstance(vouched, int) and vouched > offset:
+                next_offset = vouched
+        start = body.get("position")
+        reason = str(error).rsplit(" (batch at position", 1)[0]
+        return CorruptLogError(
+            reason, offset=offset, next_offset=next_offset,
+            position=start + position if isinstance(start, int) else None,
+            segment_base_offset=body.get("segment_base_offset"),
+            topic=fetcher.tp.topic, partition=fetcher.tp.partition)
 
     def _out_of_range(self, fetcher: _Fetcher, error: OffsetOutOfRangeError) -> None:
         if self.auto_offset_reset == "none":
@@ -596,6 +659,7 @@ class Consumer:
 
     def _reset_fetch(self, fetcher: _Fetcher) -> None:
         fetcher.buffered = []
+        fetcher.error = None
         if fetcher.in_flight_offset is not None:
             self._disconnect(fetcher)  # drop the answer to a fetch from the old position
             fetcher.retry_at = 0.0

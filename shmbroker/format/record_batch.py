@@ -264,6 +264,32 @@ def validate_batch(
     return header
 
 
+RESYNC_CANDIDATES_MAX = 4096  # batch starts tried by find_next_valid_batch (an error path)
+
+
+def find_next_valid_batch(
+    buffer: bytes | bytearray | memoryview, after: int, end: int | None = None
+) -> tuple[int, BatchHeader] | None:
+    """The first whole, CRC-valid batch starting after byte ``after`` (and ending by ``end``):
+    where a reader can trust the bytes again after a damaged batch whose length may be wrong.
+    Candidates are the positions whose magic byte is 2 (vectorised), at most
+    RESYNC_CANDIDATES_MAX of them; None when none checks out."""
+    end = len(buffer) if end is None else end
+    first, last = after + 1, end - HEADER_SIZE  # candidate batch starts
+    if last < first:
+        return None
+    data = np.frombuffer(buffer, dtype=np.uint8, count=end)
+    magic = data[first + MAGIC_POSITION : last + MAGIC_POSITION + 1]
+    view = memoryview(buffer)[:end]
+    for candidate in np.flatnonzero(magic == MAGIC)[:RESYNC_CANDIDATES_MAX]:
+        position = first + int(candidate)
+        try:
+            return position, validate_batch(view, position)
+        except CorruptRecordError:
+            continue
+    return None
+
+
 def set_base_offset(buffer: bytearray | memoryview, position: int, base_offset: int) -> None:
     """Rewrite the base_offset of the batch at ``position`` in place (the CRC stays valid)."""
     BASE_OFFSET_STRUCT.pack_into(buffer, position + BASE_OFFSET_POSITION, base_offset)

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from shmbroker.errors import StorageError
+from shmbroker.errors import StorageError, storage_error
 
 CHECKPOINT_VERSION = 0
 TMP_SUFFIX = ".tmp"
@@ -73,8 +73,12 @@ class CheckpointFile:
             os.replace(self.tmp_path, self.path)
             fsync_directory(os.path.dirname(self.path) or ".")
         except OSError as error:
-            raise StorageError(
-                f"cannot write checkpoint {self.path}: {error.strerror or error}"
+            try:
+                os.unlink(self.tmp_path)  # gives back what a full disk let us write
+            except OSError:
+                pass
+            raise storage_error(
+                f"cannot write checkpoint {self.path}: {error.strerror or error}", error.errno
             ) from error
 
     def read(self) -> dict[str, int] | None:

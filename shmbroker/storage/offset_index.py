@@ -15,6 +15,12 @@ While its segment is active an index file is preallocated (ftruncate) to ``segme
 and the bytes past the entries are zero; a sealed or cleanly closed index is trimmed to its
 entries.  Entries live in memory as numpy arrays (binary search is ``np.searchsorted``); the file
 is written with ``os.pwrite`` per appended entry, never through mmap.
+
+A full disk: preallocation is sparse (``ftruncate``), so writing an entry may need a new block and
+fail with ENOSPC.  The caller (``Segment.append``) then drops the entries in memory with
+:meth:`SparseIndex.truncate_entries`, which also zeroes whatever part of them reached the file
+(best effort: bytes past the entries are derived junk at worst, which a clean close trims and
+crash recovery compares and rewrites).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class SparseIndex:
       values never decrease.
     - The file's first ``entries_count`` entries equal the in-memory ones (after any successful
       write); while ``is_active`` the file is ``max_entries * ENTRY_SIZE`` bytes long.
+    - ``_file_count <= entries_count``; entries at or past ``_file_high`` were never written to
+      the file since it was last zeroed there (``_file_count <= _file_high``).
     """
 
     FILE_DTYPE: ClassVar[np.dtype]  # structured, big-endian: (key, value)
@@ -51,6 +59,7 @@ class SparseIndex:
         self._values = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
         self.entries_count = 0
         self._file_count = 0  # entries [0, _file_count) are known to be in the file
+        self._file_high = 0  # entries [_file_high, max_entries) of the file are zero (or absent)
         self._fd = -1
         self._last_entry = (0, 0)
         self._last_entry_count = -1  # _last_entry is valid while entries_count equals this
@@ -109,6 +118,7 @@ class SparseIndex:
         self._values[:count] = values
         self.entries_count = count
         self._file_count = 0  # unknown: write_pending rewrites from the start if active
+        self._file_high = count  # (called before activation, which trusts the file's zero tail)
         self._last_entry_count = -1
 
     def write_file(self, *, active: bool) -> None:
@@ -116,6 +126,8 @@ class SparseIndex:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, 0)
+            self._file_count = 0
+            self._file_high = self.entries_count
             _pwrite_all(fd, self._encode(0, self.entries_count), 0)
             self._file_count = self.entries_count
             if active:
@@ -142,6 +154,23 @@ class SparseIndex:
             raise
         self._fd = fd
         self._file_count = self.entries_count
+        self._file_high = self.entries_count  # the bytes past the entries are zero
+
+    def activate_empty(self) -> None:
+        """Open the file for appends as a preallocated file of zeros, the in-memory entries
+        still to be written (by the next :meth:`write_pending`).  Needs no free space on a file
+        system with sparse files: for recovery on a full disk, where rewriting them failed."""
+        self._close_fd()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.max_entries * self.ENTRY_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._file_count = 0
+        self._file_high = 0
 
     def seal(self, *, fsync: bool = True) -> None:
         """Trim the file to its entries, make it durable and close it."""
@@ -190,20 +219,24 @@ class SparseIndex:
         """Write the entries appended since the last write, in one pwrite (when active)."""
         if self._fd >= 0 and self._file_count < self.entries_count:
             start = self._file_count
+            self._file_high = max(self._file_high, self.entries_count)  # before: it may tear
             _pwrite_all(self._fd, self._encode(start, self.entries_count),
                         start * self.ENTRY_SIZE)
             self._file_count = self.entries_count
 
     def truncate_entries(self, count: int) -> None:
-        """Drop entries ``[count, entries_count)`` (zeroed in the file when active)."""
-        if count >= self.entries_count:
-            return
-        old = min(self.entries_count, self._file_count)
-        self.entries_count = count
-        self._last_entry_count = -1
-        if self._fd >= 0 and old > count:
-            os.pwrite(self._fd, bytes((old - count) * self.ENTRY_SIZE), count * self.ENTRY_SIZE)
-        self._file_count = min(self._file_count, count)
+        """Drop entries ``[count, entries_count)``, in memory first; then zero what of them
+        reached the file (when active).  Raises OSError if zeroing fails, with the entries
+        already dropped (the file then holds junk past them: see the module docstring)."""
+        if count < self.entries_count:
+            self.entries_count = count
+            self._last_entry_count = -1
+        self._file_count = min(self._file_count, self.entries_count)
+        high = self._file_high
+        if self._fd >= 0 and high > self.entries_count:
+            count = self.entries_count
+            os.pwrite(self._fd, bytes((high - count) * self.ENTRY_SIZE), count * self.ENTRY_SIZE)
+            self._file_high = count
 
     def floor_index(self, key: int) -> int:
         """Index of the last entry whose key is <= ``key``; -1 when there is none."""

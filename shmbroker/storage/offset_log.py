@@ -67,7 +67,7 @@ from typing import NamedTuple
 from crc32c import crc32c
 
 from shmbroker import limits
-from shmbroker.errors import CorruptRecordError, LogClosedError, StorageError
+from shmbroker.errors import CorruptRecordError, LogClosedError, StorageError, storage_error
 from shmbroker.format.names import safe_repr, validate_topic_name
 from shmbroker.storage.checkpoint_file import fsync_directory
 
@@ -587,9 +587,10 @@ class OffsetLog:
             os.fdatasync(self._fd)
         except OSError as error:
             self._cut_back(start, error)
-            raise StorageError(
+            raise storage_error(
                 f"cannot store {commits} committed offsets ({len(data)} bytes) in "
-                f"{self.directory}: {_describe(error)}; none of them was kept") from error
+                f"{self.directory}: {_describe(error)}; none of them was kept", error.errno
+            ) from error
         self._size_bytes = start + len(data)
         for op in ops:
             self._apply(op)

@@ -17,6 +17,24 @@ periodically for time-based flushes, retention and the recovery-point checkpoint
 threads here.  A :class:`ReadSlice` (an fd and a byte range for ``os.sendfile``) stays valid until
 the next call that deletes or truncates segments (``tick``, ``enforce_retention``,
 ``truncate_to``, ``delete_records_before``, ``close``); ``os.dup`` the fd to keep it longer.
+
+Disk errors (see ``tests/unit/test_storage_enospc.py`` and ``tests/fault/test_disk_full.py``):
+
+- A failed append -- ENOSPC or EIO from a write, a short write then an error, a roll that cannot
+  create its segment -- changes nothing: segments are cut back, half-made segments deleted,
+  index entries dropped, log_end_offset unchanged.  It raises :class:`StorageFullError` for a full
+  disk (ENOSPC, EDQUOT) and :class:`StorageError` otherwise; the next append works as soon as
+  space is back, with no reopen.  Reads never need space and go on while the disk is full.
+- A failed fsync *fences* the log.  After one, what the page cache holds is unknown (Linux may
+  drop the dirty pages and report success to the next fsync), so retrying would claim durability
+  we do not have.  As Kafka (the log dir goes offline) and Redpanda (the process stops), the log
+  then refuses appends, flushes, truncations and deletions with StorageError; reads go on.  Its
+  owner must reopen it (a worker exits and its restart recovers the log from the last recovery
+  point, re-reading and CRC-checking everything after it).  Batches of the append whose flush
+  failed were reported failed but may be kept: a retry can store them twice (at least once).
+- A checkpoint that cannot be written (full disk) is not an error: the checkpoint is only an
+  optimisation of recovery.  When the stale one would claim a clean shutdown it is removed, so
+  the next open scans instead of trusting it.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from shmbroker.errors import (
     LogClosedError,
     OffsetOutOfRangeError,
     StorageError,
+    storage_error,
 )
 from shmbroker.format import record_batch
 from shmbroker.format.record_batch import set_base_offset, validate_batch
@@ -90,6 +109,7 @@ class PartitionLog:
     - ``segments[0].base_offset <= log_start_offset <= log_end_offset == segments[-1].next_offset``
     - ``flushed_offset <= log_end_offset``.
     - a failed append (bad batch, disk error) leaves files and state exactly as before the call.
+    - once ``fenced`` (a failed fsync) it stays fenced until closed: nothing but reads.
     """
 
     def __init__(
@@ -98,10 +118,14 @@ class PartitionLog:
         config: LogConfig,
         *,
         clock_ms: Callable[[], int] = _wall_clock_ms,
+        name: str | None = None,
     ) -> None:
         self.directory = os.fspath(directory)
+        self.name = name if name is not None else self.directory  # what errors call it
         self.config = config
         self._clock_ms = clock_ms
+        self._fenced: str | None = None
+        self._append_failure: str | None = None
         os.makedirs(self.directory, exist_ok=True)
         self._recovery_checkpoint = CheckpointFile(
             os.path.join(self.directory, RECOVERY_POINT_CHECKPOINT))
@@ -144,7 +168,17 @@ class PartitionLog:
         self._directory_dirty = bool(self.recovery_report.segments_deleted)
         self._checkpointed_recovery_point = -1
         self._last_checkpoint_ms = clock_ms()
-        self._write_recovery_checkpoint(clean_shutdown=False)
+        if not self._try_recovery_checkpoint():
+            # It may still say "clean shutdown": a crash from now on must not be trusted as one.
+            # (Removing a file needs no space.)  The next open then scans everything.
+            try:
+                os.unlink(self._recovery_checkpoint.path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise StorageError(f"partition {self.name}: cannot replace or remove "
+                                   f"{self._recovery_checkpoint.path}: {error.strerror or error}"
+                                   ) from error
         self._check_invariants()
 
     # -- cursors ------------------------------------------------------------------------------
@@ -176,6 +210,18 @@ class PartitionLog:
     def is_closed(self) -> bool:
         return self._closed
 
+    @property
+    def fenced(self) -> str | None:
+        """Why the log refuses writes after a failed fsync (None: it does not); see the module
+        docstring.  Reopen it to go on."""
+        return self._fenced
+
+    @property
+    def append_failure(self) -> str | None:
+        """The error of the last append if it failed on the disk (e.g. no space left); None
+        once an append succeeds again."""
+        return self._append_failure
+
     def _check_invariants(self) -> None:
         segments = self._segments
         assert segments and self._base_offsets == [s.base_offset for s in segments]
@@ -188,6 +234,12 @@ class PartitionLog:
         if self._closed:
             raise LogClosedError(f"partition log {self.directory} is closed")
 
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._fenced is not None:
+            raise StorageError(f"partition {self.name}: the log refuses writes until it is "
+                               f"reopened: {self._fenced}")
+
     # -- append -------------------------------------------------------------------------------
     def append(self, buffer: bytes | bytearray | memoryview) -> AppendResult:
         """Append one or more concatenated batches; assign their offsets; return them.
@@ -198,9 +250,11 @@ class PartitionLog:
         rewritten *in place when ``buffer`` is writable* (a bytearray or writable memoryview, e.g.
         a ring slot -- no copy), into a private copy otherwise.  Batches go to the active segment
         with one os.write per segment touched, rolling between batches when needed.  A disk error
-        raises StorageError and leaves the log as it was.
+        raises StorageError (StorageFullError for a full disk) and leaves the log as it was.  A
+        failed flush (``flush_messages``) after the write fences the log and raises StorageError.
         """
-        self._check_open()
+        if self._closed or self._fenced is not None:  # (no call on the hot path)
+            self._check_writable()
         view = memoryview(buffer)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -213,6 +267,10 @@ class PartitionLog:
         self._write(view, spans, now_ms)
         first, last = spans[0].base_offset, spans[-1].next_offset - 1
         self._log_end_offset = last + 1
+        if self._append_failure is not None:
+            logger.warning("partition %s: appends work again (log end %d)", self.name,
+                           self._log_end_offset)
+            self._append_failure = None
         if self._unflushed_since_ms is None:
             self._unflushed_since_ms = now_ms
         flush_messages = self.config.flush_messages
@@ -272,25 +330,39 @@ class PartitionLog:
                 start_position = spans[index].position
                 chunk = view[start_position : spans[stop - 1].end_position]
                 target.append(chunk, [span._replace(position=span.position - start_position)
-                                      for span in spans[index:stop]], now_ms)
+                                      for span in spans[index:stop]], now_ms,
+                              snapshot if target is original else None)
                 index = stop
         except OSError as error:
             for segment in created:
                 segment.delete_files()
-            try:
-                original.restore(snapshot)
-            except OSError:
-                logger.exception("cannot cut %s back after a failed append", original.log_path)
-            text = os.strerror(error.errno) if error.errno else str(error)
-            raise StorageError(
-                f"append to partition log {self.directory} failed: {text} "
-                f"({errno.errorcode.get(error.errno or 0, 'EIO')}); nothing was stored, log end "
-                f"stays {self._log_end_offset}; retry once the disk recovers") from error
+            original.restore(snapshot)
+            if original.cut_pending is not None:
+                logger.error("partition %s: %s; appends wait for a cut that works",
+                             self.name, original.cut_pending)
+            raise self._append_error(error) from error
         for segment in created:
             self._seal(self._segments[-1])
             self._segments.append(segment)
             self._base_offsets.append(segment.base_offset)
             self._directory_dirty = True
+
+    def _append_error(self, error: OSError) -> StorageError:
+        """The error of a failed append; logs the first of a run of them (not every retry)."""
+        text = (error.strerror or os.strerror(error.errno)) if error.errno else str(error)
+        name = errno.errorcode.get(error.errno or 0, "EIO")
+        where = f" ({error.filename})" if error.filename else ""
+        message = (f"partition {self.name}: cannot append: {text}{where} [{name}]; nothing was "
+                   f"stored, log end stays {self._log_end_offset}; ")
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            message += "produce again once space is freed (no restart needed)"
+        else:
+            message += "produce again once the disk recovers"
+        if self._append_failure is None:
+            logger.error("%s (further failures are not logged until an append succeeds)",
+                         message)
+        self._append_failure = message
+        return storage_error(message, error.errno)
 
     def _seal(self, segment: Segment) -> None:
         try:
@@ -306,7 +378,8 @@ class PartitionLog:
 
     def read(self, offset: int, max_bytes: int) -> ReadSlice:
         """Whole batches from the one holding ``offset``, within one segment, about ``max_bytes``
-        (at least one batch).  Empty at log_end; OffsetOutOfRangeError outside the log."""
+        (at least one batch).  Empty at log_end; OffsetOutOfRangeError outside the log;
+        CorruptLogError (with the offset to resume from) where stored batches are damaged."""
         self._check_open()
         segment = self._segment_for(offset)
         if offset == self._log_end_offset:
@@ -345,12 +418,17 @@ class PartitionLog:
                 if wanted.any():
                     found = int(wanted.argmax())
                     return int(batch.offsets[found]), int(batch.timestamps[found])
+            damaged = segment.damaged
+            if damaged is not None and damaged.next_offset > log_start:
+                # The answer may lie in records nobody can read: name the first of them
+                # (timestamp unknown) so that a consumer seeking there is told, not skipped.
+                return max(damaged.offset, log_start), -1
         return None
 
     # -- durability ---------------------------------------------------------------------------
     def flush(self) -> None:
         """fsync every segment holding unflushed offsets (and the directory after rolls)."""
-        self._check_open()
+        self._check_writable()
         if self._flushed_offset == self._log_end_offset and not self._directory_dirty:
             return
         try:
@@ -362,12 +440,19 @@ class PartitionLog:
                 fsync_directory(self.directory)
                 self._directory_dirty = False
         except OSError as error:
-            raise StorageError(
-                f"fsync of partition log {self.directory} failed: "
-                f"{os.strerror(error.errno) if error.errno else error}") from error
+            self._fence(f"fsync failed ({errno.errorcode.get(error.errno or 0, 'EIO')}: "
+                        f"{error.strerror or error}) with offsets [{self._flushed_offset}, "
+                        f"{self._log_end_offset}) not known to be durable")
+            raise StorageError(f"partition {self.name}: {self._fenced}") from error
         self._flushed_offset = self._log_end_offset
         self._unflushed_since_ms = None
         self._check_invariants()
+
+    def _fence(self, reason: str) -> None:
+        if self._fenced is None:
+            self._fenced = reason
+            logger.error("partition %s: log fenced: %s; it takes no more writes until reopened",
+                         self.name, reason)
 
     def maybe_flush(self, now_ms: int | None = None) -> bool:
         """Flush when the oldest unflushed append is ``flush_ms`` old; True if it flushed."""
@@ -385,13 +470,13 @@ class PartitionLog:
 
         Returns the base offsets of the segments retention deleted.
         """
-        self._check_open()
+        self._check_writable()
         now_ms = self._clock_ms() if now_ms is None else now_ms
         self.maybe_flush(now_ms)
         deleted = self.enforce_retention(now_ms)
         if (self._flushed_offset != self._checkpointed_recovery_point
                 and now_ms - self._last_checkpoint_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS):
-            self._write_recovery_checkpoint(clean_shutdown=False)
+            self._try_recovery_checkpoint()  # on failure: tried again after the interval
             self._last_checkpoint_ms = now_ms
         return deleted
 
@@ -399,6 +484,16 @@ class PartitionLog:
         self._recovery_checkpoint.write({"recovery_point_offset": self._flushed_offset,
                                          "clean_shutdown": int(clean_shutdown)})
         self._checkpointed_recovery_point = self._flushed_offset
+
+    def _try_recovery_checkpoint(self, *, clean_shutdown: bool = False) -> bool:
+        """Write the recovery-point checkpoint; on a disk error log it and return False (the
+        one on disk is older: recovery scans more, never less)."""
+        try:
+            self._write_recovery_checkpoint(clean_shutdown=clean_shutdown)
+        except StorageError as error:
+            logger.warning("partition %s: %s", self.name, error)
+            return False
+        return True
 
     @staticmethod
     def _read_checkpoint(checkpoint: CheckpointFile) -> dict[str, int]:
@@ -412,7 +507,7 @@ class PartitionLog:
     def enforce_retention(self, now_ms: int | None = None) -> list[int]:
         """Delete the oldest sealed segments past retention_ms (by their largest timestamp)
         or while the log is over retention_bytes.  Never the active segment."""
-        self._check_open()
+        self._check_writable()
         now_ms = self._clock_ms() if now_ms is None else now_ms
         retention_ms, retention_bytes = self.config.retention_ms, self.config.retention_bytes
         deleted: list[int] = []
@@ -443,7 +538,7 @@ class PartitionLog:
 
         The new start is checkpointed before any file goes; segments wholly below it are deleted
         (the active one too, by rolling first, when ``offset == log_end_offset``)."""
-        self._check_open()
+        self._check_writable()
         if offset > self._log_end_offset or offset < 0:
             raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
         if offset <= self._log_start_offset:
@@ -467,7 +562,7 @@ class PartitionLog:
 
         A batch straddling ``offset`` goes whole, so log_end may end below ``offset``.  Below
         log_start the log is emptied and restarts at ``offset``.  Durable on return."""
-        self._check_open()
+        self._check_writable()
         if offset >= self._log_end_offset:
             return self._log_end_offset
         if offset < 0:
@@ -506,13 +601,34 @@ class PartitionLog:
 
     # -- closing ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Flush, trim the indexes, checkpoint a clean shutdown, close every fd."""
+        """Flush, trim the indexes, checkpoint a clean shutdown, close every fd.
+
+        A fenced log is abandoned instead (no flush, no clean-shutdown mark: the next open
+        recovers it).  A disk error while trimming or checkpointing is logged, every fd still
+        closed, and the shutdown is not marked clean (the next open scans); a failed flush
+        raises StorageError after closing everything."""
         if self._closed:
             return
-        self.flush()
+        if self._fenced is None:
+            try:
+                self.flush()
+            except StorageError:
+                pass  # fenced now: abandoned below, then raised
+        if self._fenced is not None:
+            self.abandon()
+            raise StorageError(f"partition {self.name}: closed without a clean shutdown: "
+                               f"{self._fenced}")
+        clean = True
         for segment in self._segments:
-            segment.close()
-        self._write_recovery_checkpoint(clean_shutdown=True)
+            try:
+                segment.close()
+            except OSError as error:
+                logger.warning("partition %s: cannot trim the indexes of %s (%s); the next open "
+                               "checks them", self.name, segment.log_path, error)
+                segment.abandon()
+                clean = False
+        if clean:
+            self._try_recovery_checkpoint(clean_shutdown=True)
         self._closed = True
 
     def abandon(self) -> None:

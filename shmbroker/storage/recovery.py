@@ -11,9 +11,27 @@ A cheap check loads a segment's indexes, checks their shape (size a multiple of 
 keys strictly increasing, the last offset entry at a batch with the right base offset, inside the
 file) and CRC-checks the batches after the last offset entry to find the segment's end.  A segment
 failing it is scanned.  The scan keeps the longest prefix of whole, CRC-valid batches with
-contiguous offsets and truncates the rest; a segment whose base offset does not continue its
-predecessor (a hole after a truncation) is deleted with every later one, so the log always stays
-the longest valid prefix of what was written.
+contiguous offsets.
+
+What happens to the rest depends on where the segment is (the decision for damaged segments):
+
+- **The last (active) segment** is cut after that prefix, as Kafka does: a torn write, garbage
+  or a flipped byte there ends the log, and new appends continue from the recovered end.  The
+  batches after a damaged one are lost with it (a single copy cannot do better; the report and
+  the broker's log say where and how many bytes went).
+- **A sealed segment** is never cut in a way that loses offsets, and later segments are never
+  dropped for it: their records were acknowledged and are healthy, and dropping them would let
+  new appends reuse their offsets (an acknowledged offset would then serve another record).
+  Junk after the batches that reach the next segment's base offset (garbage appended) is cut.
+  When the batches end (truncated) or break (a bad batch) below the next segment's base, the
+  bytes are kept and the offsets ``[end of the valid batches, next base)`` become the segment's
+  damaged range (``Segment.damaged``): reading them raises CorruptLogError naming the position,
+  and the rest of the log is served.  A damaged sealed segment that is not scanned (below the
+  recovery point, as Kafka) is found on read instead: the worker re-checks the offsets of every
+  header it walks and the consumer checks each batch's CRC-32C.
+
+Only an overlap (a segment starting below its predecessor's end, which no write produces) still
+drops the later segments.
 """
 
 from __future__ import annotations
@@ -59,6 +77,8 @@ class RecoveryReport:
     recovery_point_offset: int
     segments: list[SegmentRecovery] = dataclasses.field(default_factory=list)
     segments_deleted: list[int] = dataclasses.field(default_factory=list)
+    damaged_ranges: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    """(segment base offset, first offset, next offset, position) of each damaged range."""
     files_removed: list[str] = dataclasses.field(default_factory=list)
     files_ignored: list[str] = dataclasses.field(default_factory=list)
 
@@ -77,7 +97,7 @@ class RecoveryReport:
     @property
     def changed_anything(self) -> bool:
         return bool(self.bytes_truncated or self.indexes_rebuilt or self.segments_deleted
-                    or self.files_removed)
+                    or self.files_removed or self.damaged_ranges)
 
     def summary(self) -> str:
         parts = [f"{self.directory}: {self.segments_scanned} of {len(self.segments)} segments "
@@ -90,6 +110,9 @@ class RecoveryReport:
                              f"{segment.truncated_bytes} bytes")
             if segment.indexes_rebuilt:
                 parts.append(f"rebuilt {', '.join(segment.indexes_rebuilt)}")
+        for base, offset, next_offset, position in self.damaged_ranges:
+            parts.append(f"segment {base}: offsets [{offset}, {next_offset}) damaged from "
+                         f"position {position}: reported on read, never served")
         if self.segments_deleted:
             parts.append(f"deleted segments {self.segments_deleted}")
         if self.files_removed:
@@ -134,7 +157,8 @@ def load_segments(
         segment = Segment.open_existing(directory, base, config)
         previous = segments[-1] if segments else None
         if previous is not None and previous.next_offset != base:
-            # A hole (the previous segment lost its tail): keep the prefix, drop the rest.
+            # An overlap (no write makes one; a damaged predecessor was marked to end exactly
+            # here): keep the prefix, drop the rest.
             segment.abandon()
             for later in log_bases[number:]:
                 _delete_segment_files(directory, later)
@@ -154,15 +178,23 @@ def load_segments(
         if needs_scan:
             if len(buffer) < SCAN_CHUNK_BYTES:
                 buffer = bytearray(SCAN_CHUNK_BYTES)
-            scan = segment.recover(buffer, is_last)
+            scan = segment.recover(buffer, is_last, next_base)
             outcome.truncated_bytes = scan.truncated_bytes
             outcome.first_bad_position = scan.first_bad_position
             outcome.reason = scan.reason if scan.reason is not None else outcome.reason
             outcome.indexes_rebuilt = scan.indexes_rebuilt
+        if next_base is not None and segment.next_offset < next_base:
+            position = (outcome.first_bad_position if outcome.first_bad_position is not None
+                        else segment.size_bytes)
+            reason = outcome.reason or (f"the batches end at offset {segment.next_offset}, "
+                                        f"below the next segment's base {next_base}")
+            first_damaged = segment.next_offset
+            segment.mark_damaged(next_base, position, reason)
+            report.damaged_ranges.append((base, first_damaged, next_base, position))
         report.segments.append(outcome)
         segments.append(segment)
     # Empty trailing segments after the first one lost everything: drop them.
-    while len(segments) > 1 and segments[-1].size_bytes == 0:
+    while len(segments) > 1 and segments[-1].size_bytes == 0 and segments[-2].damaged is None:
         dropped = segments.pop()
         dropped.delete_files()
         report.segments_deleted.append(dropped.base_offset)

@@ -12,6 +12,11 @@ last offset-index entry (or ever, for the first), the batch gets an offset-index
 the last time-index entry, a time-index entry ``(largest timestamp, its batch's base offset)``.
 Sealing a segment adds a last time-index entry for its largest timestamp.  One slot of each index
 is reserved for that last entry; an index with no other free slot is full and rolls the segment.
+
+A failed write (ENOSPC, EIO, a short write followed by an error) is undone: :meth:`Segment.append`
+cuts the ``.log`` back to its size before the call and drops the index entries it added, so the
+next append starts exactly where the failed one did, never after torn bytes.  If even the cut
+fails, the segment refuses appends until a later cut succeeds (``cut_pending``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from shmbroker.config import LogConfig
-from shmbroker.errors import CorruptRecordError
+from shmbroker.errors import CorruptLogError, CorruptRecordError
 from shmbroker.format.record_batch import (
     HEADER_SIZE,
     LOG_OVERHEAD,
@@ -71,6 +76,16 @@ class BatchSpan(NamedTuple):
         return self.position + self.size_bytes
 
 
+class DamagedRange(NamedTuple):
+    """Offsets ``[offset, next_offset)`` of a sealed segment that recovery found unreadable:
+    its batches end (or break) at byte ``position`` before the next segment's base offset."""
+
+    offset: int
+    next_offset: int
+    position: int
+    reason: str
+
+
 class SegmentScan(NamedTuple):
     """What :meth:`Segment.recover` found."""
 
@@ -97,13 +112,22 @@ class Segment:
 
     Invariants:
     - ``.log`` bytes ``[0, size_bytes)`` are whole batches, each CRC-valid, the first with
-      ``base_offset``, each next one starting at the previous one's ``next_offset``; the file is
-      never longer than ``size_bytes`` after a method returns.
+      ``base_offset``, each next one starting at the previous one's ``next_offset``, as written
+      and as recovery found them (bytes can rot later: reads re-check what they walk); the file
+      is never longer than ``size_bytes`` after a method returns, unless ``damaged``.
     - every offset-index entry points at a batch start inside ``[0, size_bytes)``; every
       time-index entry names a batch base offset inside the segment; both follow the index
       policy in the module docstring.
     - ``max_timestamp_ms`` is the largest batch max timestamp (NO_TIMESTAMP when empty).
     - ``is_active``: index files preallocated and open; otherwise sealed (trimmed, closed).
+    - ``damaged`` (sealed segments only, set by recovery): offsets ``[damaged.offset,
+      next_offset)`` are not in ``[0, size_bytes)``; reading them raises CorruptLogError, and
+      the file may hold unreadable bytes past ``size_bytes``.
+
+    Reads trust only the indexes (built from validated batches) and re-check what they walk:
+    each batch header must continue the offsets of the one before.  A walk that breaks raises
+    CorruptLogError naming the damaged batch and the next offset a read can resume from (the
+    next index entry, or the segment's end): damage spoils at most one index interval.
     """
 
     def __init__(self, directory: str, base_offset: int, config: LogConfig, fd: int) -> None:
@@ -126,19 +150,31 @@ class Segment:
         self.offset_of_max_timestamp = base_offset
         self.roll_start_ms: int | None = None  # clock at first append (roll by segment_ms)
         self._bytes_since_index_entry = 0
+        # Why bytes past size_bytes may still be in the file (a cut after a failed append
+        # failed); appends are refused until a cut succeeds.
+        self.cut_pending: str | None = None
+        self.damaged: DamagedRange | None = None  # set by recovery (sealed segments only)
 
     # -- life cycle ---------------------------------------------------------------------------
     @classmethod
     def create(cls, directory: str, base_offset: int, config: LogConfig) -> Segment:
         """A new, empty, active segment (any files of that name are replaced)."""
         path = os.path.join(directory, segment_file_name(base_offset, LOG_SUFFIX))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as error:
+            error.filename = error.filename or path
+            raise
         segment = cls(directory, base_offset, config, fd)
         try:
-            segment.offset_index.write_file(active=True)
-            segment.time_index.write_file(active=True)
+            for index in (segment.offset_index, segment.time_index):
+                try:
+                    index.write_file(active=True)
+                except OSError as error:
+                    error.filename = error.filename or index.path
+                    raise
         except BaseException:
-            segment.abandon()
+            segment.delete_files()  # no half-made segment left for recovery or a later roll
             raise
         return segment
 
@@ -214,24 +250,38 @@ class Segment:
         """Batches that can still be appended without overflowing an index (one slot each)."""
         return min(self.offset_index.free_entries, self.time_index.free_entries) - 1
 
-    def append(self, data: memoryview, batches: list[BatchSpan], now_ms: int) -> None:
+    def append(self, data: memoryview, batches: list[BatchSpan], now_ms: int,
+               state: _State | None = None) -> None:
         """Write ``data`` (the concatenation of ``batches``, positions relative to ``data``) at
-        the end with one os.write loop, then index each batch.  On OSError the file is cut
-        back to its previous size and the error propagates; nothing else changed."""
+        the end with one os.write loop, then index each batch.
+
+        On OSError (its ``filename`` set to the file that failed) everything is undone with
+        :meth:`restore` -- the ``.log`` cut back to its previous size, the new index entries
+        dropped -- and the error propagates.  ``state``: this segment's :meth:`snapshot` now, when
+        the caller has one already."""
         assert self.is_active and batches and batches[0].base_offset == self.next_offset
+        if self.cut_pending is not None:
+            self._cut_file(self.size_bytes)  # raises OSError: still no append after junk
+            self.cut_pending = None
+        if state is None:
+            state = self.snapshot()
         start = self.size_bytes
-        view = data
+        failing = self.log_path
         try:
+            view = data
             while view:
                 written = os.write(self.fd, view)
                 view = view[written:]
-        except OSError:
-            self._cut_file(start)
+            for span in batches:
+                self._index_batch(start + span.position, span)
+            failing = self.offset_index.path
+            self.offset_index.write_pending()
+            failing = self.time_index.path
+            self.time_index.write_pending()
+        except OSError as error:
+            error.filename = error.filename or failing
+            self.restore(state)
             raise
-        for span in batches:
-            self._index_batch(start + span.position, span)
-        self.offset_index.write_pending()
-        self.time_index.write_pending()
         self.size_bytes = start + len(data)
         if self.roll_start_ms is None:
             self.roll_start_ms = now_ms
@@ -264,20 +314,40 @@ class Segment:
                       self.roll_start_ms)
 
     def restore(self, state: _State) -> None:
-        """Undo appends made since ``state`` was taken (used when a later write failed)."""
-        self._cut_file(state.size_bytes)
-        self.offset_index.truncate_entries(state.offset_entries)
-        self.time_index.truncate_entries(state.time_entries)
+        """Undo appends made since ``state`` was taken (used when a later write failed).
+
+        Never raises: memory is restored first; a failed index zeroing leaves derived junk past
+        the entries (harmless, see offset_index); a failed cut of the ``.log`` sets
+        :attr:`cut_pending`, and appends are refused until a cut succeeds."""
         (self.size_bytes, self.next_offset, self.max_timestamp_ms, self.offset_of_max_timestamp,
          self._bytes_since_index_entry, _, _, self.roll_start_ms) = state
+        for index, count in ((self.offset_index, state.offset_entries),
+                             (self.time_index, state.time_entries)):
+            try:
+                index.truncate_entries(count)
+            except OSError:
+                pass
+        try:
+            self._cut_file(state.size_bytes)
+        except OSError as error:
+            self.cut_pending = (f"cannot cut {self.log_path} back to {state.size_bytes} bytes "
+                                f"after a failed append: {error.strerror or error}")
 
     # -- truncation ---------------------------------------------------------------------------
     def truncate_to_offset(self, offset: int) -> int:
         """Drop every batch whose last offset is >= ``offset``; return the bytes removed."""
+        damaged = self.damaged
+        removed = 0
+        if damaged is not None:  # the damaged tail goes first: it is past every kept offset
+            removed = self.file_size_bytes - damaged.position
+            self.damaged = None
+            self.next_offset = damaged.offset
+            self._cut_file(damaged.position)
+            os.fsync(self.fd)
         span = self.find_batch(offset) if offset < self.next_offset else None
         if span is None:
-            return 0
-        removed = self.size_bytes - span.position
+            return removed
+        removed += self.size_bytes - span.position
         self._truncate_to_position(span.position)
         os.fsync(self.fd)
         return removed
@@ -319,11 +389,18 @@ class Segment:
         self._bytes_since_index_entry = self.size_bytes - start
 
     # -- reads --------------------------------------------------------------------------------
-    def iter_batches(self, start: int, end: int) -> Iterator[BatchSpan]:
-        """Walk batch headers in ``[start, end)`` (start must be a batch boundary); no CRC."""
+    def iter_batches(self, start: int, end: int,
+                     first_offset: int | None = None) -> Iterator[BatchSpan]:
+        """Walk batch headers in ``[start, end)`` (start must be a batch boundary); no CRC.
+
+        With ``first_offset`` each batch must start at the offset after the previous one (the
+        first at ``first_offset``): a damaged base offset (not covered by the CRC) or
+        last_offset_delta raises CorruptRecordError instead of yielding wrong offsets.
+        """
         chunk = b""
         chunk_position = start
         position = start
+        expected = first_offset
         while position < end:
             relative = position - chunk_position
             if relative + _WALK_HEADER_BYTES > len(chunk):
@@ -341,40 +418,113 @@ class Segment:
                 raise CorruptRecordError(
                     f"segment {self.log_path}: batch of {size} bytes does not fit", position
                 )
+            if expected is not None:
+                if base_offset != expected:
+                    raise CorruptRecordError(
+                        f"segment {self.log_path}: batch has base offset {base_offset}, "
+                        f"{expected} expected", position)
+                expected = base_offset + last_offset_delta + 1
             yield BatchSpan(position, base_offset, size, last_offset_delta, max_timestamp_ms)
             position += size
 
+    @property
+    def readable_next_offset(self) -> int:
+        """The offset after the last batch that can be read (``next_offset`` unless damaged)."""
+        return self.damaged.offset if self.damaged is not None else self.next_offset
+
+    def resume_offset_after(self, position: int) -> int:
+        """The first offset a read can trust after byte ``position``: the next offset-index
+        entry's (an entry is only made for a validated batch), else the readable end."""
+        found = self.offset_index.first_index_at_or_after_value(position + 1)
+        if found < self.offset_index.entries_count:
+            return self.base_offset + int(self.offset_index.keys[found])
+        return self.readable_next_offset
+
+    def _damage_error(self, error: CorruptRecordError, previous: BatchSpan | None,
+                      start_offset: int, start_position: int) -> CorruptLogError:
+        """The damage a checked walk ran into.  ``error`` is at the batch the walk could not
+        take; ``previous`` (the one before it, whose header looked right) may be the one at
+        fault (a wrong length or last_offset_delta misleads the walk): its CRC decides.  This
+        is the error path only, so reading one batch back costs nothing on the hot path."""
+        offset = start_offset
+        position = error.position if error.position is not None else start_position
+        reason = str(error).rsplit(" (batch at position", 1)[0].split(": ", 1)[-1]
+        if previous is not None:
+            offset = previous.next_offset
+            try:
+                validate_batch(self.pread_exact(previous.position, previous.size_bytes))
+            except CorruptRecordError as previous_error:
+                offset, position = previous.base_offset, previous.position
+                reason = str(previous_error).rsplit(" (batch at position", 1)[0]
+        next_offset = max(self.resume_offset_after(position), offset + 1)
+        return CorruptLogError(reason, offset=offset, next_offset=next_offset,
+                               position=position, segment_base_offset=self.base_offset)
+
+    def _damaged_tail_error(self) -> CorruptLogError:
+        damaged = self.damaged
+        assert damaged is not None
+        return CorruptLogError(damaged.reason, offset=damaged.offset,
+                               next_offset=damaged.next_offset, position=damaged.position,
+                               segment_base_offset=self.base_offset)
+
     def find_batch(self, offset: int) -> BatchSpan | None:
-        """The batch holding ``offset``, or None when the segment does not hold it."""
+        """The batch holding ``offset``, or None when the segment does not hold it.
+
+        CorruptLogError when the batches from the index entry to it do not check out, or when
+        ``offset`` lies in the damaged tail recovery found."""
         if offset < self.base_offset or offset >= self.next_offset:
             return None
-        _, position = self.offset_index.lookup(offset - self.base_offset)
-        for span in self.iter_batches(position, self.size_bytes):
-            if span.next_offset > offset:
-                return span
-        return None
+        if self.damaged is not None and offset >= self.damaged.offset:
+            raise self._damaged_tail_error()
+        key, position = self.offset_index.lookup(offset - self.base_offset)
+        start_offset = self.base_offset + key
+        previous: BatchSpan | None = None
+        try:
+            for span in self.iter_batches(position, self.size_bytes, start_offset):
+                if span.next_offset > offset:
+                    return span
+                previous = span
+        except CorruptRecordError as error:
+            raise self._damage_error(error, previous, start_offset, position) from None
+        # The walk reached the end below ``offset``: the last batch's offsets are wrong.
+        raise self._damage_error(
+            CorruptRecordError(f"the batches end before offset {offset}", self.size_bytes),
+            previous, start_offset, position)
 
     def read_range(self, offset: int, max_bytes: int) -> tuple[int, int, BatchSpan, int] | None:
         """(position, size_bytes, first batch, next offset) of the whole batches from the one
         holding ``offset`` that fit in ``max_bytes`` -- at least that first batch.  ``next
-        offset`` is the offset after the last batch of the range (where the next read starts)."""
+        offset`` is the offset after the last batch of the range (where the next read starts),
+        checked against the header after it or the segment's end.  Damage inside the range ends
+        it before the batch that may be at fault (the next read meets that batch first)."""
         first = self.find_batch(offset)
         if first is None:
             return None
         limit = first.position + max(max_bytes, first.size_bytes)
         if limit >= self.size_bytes:
-            return first.position, self.size_bytes - first.position, first, self.next_offset
+            return (first.position, self.size_bytes - first.position, first,
+                    self.readable_next_offset)
         found = self.offset_index.first_index_at_or_after_value(limit + 1) - 1
-        start = first.position
+        start, start_offset = first.position, first.base_offset
         end, next_offset = first.end_position, first.next_offset
         if found >= 0 and int(self.offset_index.values[found]) > first.position:
             # an indexed batch boundary inside the range: resume the walk from there
             start = end = int(self.offset_index.values[found])
-            next_offset = self.base_offset + int(self.offset_index.keys[found])
-        for span in self.iter_batches(start, self.size_bytes):
-            if span.end_position > limit:
-                break
-            end, next_offset = span.end_position, span.next_offset
+            start_offset = next_offset = self.base_offset + int(self.offset_index.keys[found])
+        previous: BatchSpan | None = None
+        try:
+            for span in self.iter_batches(start, self.size_bytes, start_offset):
+                if span.end_position > limit:
+                    break
+                previous = span
+                end, next_offset = span.end_position, span.next_offset
+        except CorruptRecordError:
+            if previous is None or previous.position == first.position:
+                # only the first batch: where reading can go on after it is the next index
+                # entry's offset (the first batch may be the one at fault)
+                return (first.position, first.size_bytes, first,
+                        self.resume_offset_after(first.position))
+            end, next_offset = previous.position, previous.base_offset
         return first.position, end - first.position, first, next_offset
 
     def timestamp_start_position(self, timestamp_ms: int) -> int:
@@ -436,7 +586,10 @@ class Segment:
         last_time = self.time_index.last_entry()
         if last_time is not None:
             # It names the batch where the segment's largest timestamp so far was reached.
-            span = self.find_batch(self.base_offset + last_time[1])
+            try:
+                span = self.find_batch(self.base_offset + last_time[1])
+            except CorruptRecordError as error:
+                return f"time index's last entry names a damaged batch: {error}"
             if span is None or span.max_timestamp_ms != last_time[0]:
                 return "time index's last entry does not match the batch it names"
         self._restore_tail_state(start, next_offset)
@@ -446,11 +599,14 @@ class Segment:
         self._read_roll_start()
         return None
 
-    def recover(self, buffer: bytearray, is_last: bool) -> SegmentScan:
+    def recover(self, buffer: bytearray, is_last: bool,
+                next_base_offset: int | None = None) -> SegmentScan:
         """Keep the longest prefix of whole, CRC-valid, offset-contiguous batches, cut the
         rest, and rebuild the indexes when they differ from what that prefix implies.
 
-        ``buffer`` is a reused read buffer (grown if one batch is bigger).
+        ``buffer`` is a reused read buffer (grown if one batch is bigger).  A sealed segment
+        (``next_base_offset``: the next segment's base) whose prefix ends below that base keeps
+        its bytes past the prefix: the caller marks them damaged (see ``recovery.py``).
         """
         file_size = self.file_size_bytes
         self.size_bytes = 0
@@ -507,9 +663,12 @@ class Segment:
         chunk.release()
         bad_position = position if reason is not None else None
         truncated = file_size - self.size_bytes
-        self._cut_file(self.size_bytes)  # also puts the fd position at the end for os.write
-        if truncated:
-            os.fsync(self.fd)
+        if is_last or next_base_offset is None or self.next_offset >= next_base_offset:
+            self._cut_file(self.size_bytes)  # also puts the fd position at the end for os.write
+            if truncated:
+                os.fsync(self.fd)
+        else:
+            truncated = 0  # kept for dump-log; never served (the caller marks it damaged)
         if not is_last:
             self.seal_entries_only()
         rebuilt = tuple(
@@ -519,6 +678,14 @@ class Segment:
         )
         self._read_roll_start()
         return SegmentScan(self.size_bytes, truncated, bad_position, reason, rebuilt)
+
+    def mark_damaged(self, next_offset: int, position: int, reason: str) -> None:
+        """Recovery found this sealed segment's batches ending (or breaking) at ``position``
+        below ``next_offset``, the next segment's base: those offsets become a damaged range
+        that reads report, and the offsets stay contiguous (never reused)."""
+        assert not self.is_active and next_offset > self.next_offset, (next_offset, self)
+        self.damaged = DamagedRange(self.next_offset, next_offset, position, reason)
+        self.next_offset = next_offset
 
     def seal_entries_only(self) -> None:
         """Add the sealed segment's last time-index entry in memory (files written later)."""
@@ -545,13 +712,22 @@ class Segment:
                 and not keys[count:].any()
                 and not values[count:].any()
             )
-        if consistent:
+        try:
+            if consistent:
+                if active:
+                    index.activate()
+                elif stored is not None and stored[2] != count * index.ENTRY_SIZE:
+                    index.write_file(active=False)
+                return False
+            index.write_file(active=active)
+        except OSError:
+            # A full disk at boot must not stop the partition: the entries are right in memory.
+            # An active index restarts as a zero file that the next append fills (that needs
+            # no space); a sealed one is removed, so that the next open rebuilds it.
             if active:
-                index.activate()
-            elif stored is not None and stored[2] != count * index.ENTRY_SIZE:
-                index.write_file(active=False)
-            return False
-        index.write_file(active=active)
+                index.activate_empty()
+            else:
+                os.unlink(index.path)
         return True
 
     def _read_roll_start(self) -> None:

@@ -44,6 +44,7 @@ from shmbroker.errors import (
     StorageError,
     TopicExistsError,
     UnknownTopicOrPartitionError,
+    storage_error,
 )
 from shmbroker.format.names import safe_repr, validate_partition_count, validate_topic_name
 from shmbroker.storage.checkpoint_file import fsync_directory
@@ -239,8 +240,9 @@ class MetaStore:
                 self.tmp_path.unlink(missing_ok=True)
             except OSError:
                 pass  # removed on the next open
-            raise StorageError(f"cannot write topic metadata {self.path}: "
-                               f"{error.strerror or error}; nothing was changed") from error
+            raise storage_error(f"cannot write topic metadata {self.path}: "
+                                f"{error.strerror or error}; nothing was changed",
+                                error.errno) from error
         try:
             fsync_directory(self.meta_dir)
         except OSError as error:

@@ -8,6 +8,7 @@ import pytest
 from storage_helpers import FakeClock, base_offset_of, segment_logs, sized_batch  # noqa: E402
 
 from shmbroker.config import LogConfig  # noqa: E402
+from shmbroker.errors import CorruptLogError  # noqa: E402
 from shmbroker.format.record_batch import read_header  # noqa: E402
 from shmbroker.storage.partition_log import PartitionLog  # noqa: E402
 
@@ -169,18 +170,38 @@ def test_crash_at_every_byte_of_the_last_append(tmp_path):
         log.abandon()
 
 
-def test_hole_drops_later_segments(tmp_path):
+def test_sealed_segment_losing_its_tail_keeps_later_segments(tmp_path):
+    """A sealed segment that lost its tail (or broke) is not cut back into a hole that would
+    drop the later segments (their records were acknowledged, and new appends would reuse
+    their offsets): the lost offsets become a damaged range, reported on read."""
     stored = _build(tmp_path)
     logs = segment_logs(tmp_path)
     middle = logs[1]
-    os.truncate(middle, os.path.getsize(middle) - 10)  # a sealed segment loses its tail
+    size = os.path.getsize(middle)
+    os.truncate(middle, size - 10)  # a sealed segment loses its tail
     (tmp_path / "recovery-point-offset-checkpoint").unlink()  # scan everything
     log = _reopen(tmp_path)
     report = log.recovery_report
-    assert report.segments_deleted == [int(os.path.basename(p)[:20]) for p in logs[2:]]
-    second_base = int(os.path.basename(logs[1])[:20])
-    in_middle = [item for item in stored if second_base <= item[0] <
-                 int(os.path.basename(logs[2])[:20])]
-    kept = [item for item in stored if item[0] < second_base] + in_middle[:-1]
-    _check_holds(log, kept)
+    assert report.segments_deleted == []
+    second_base, third_base = (int(os.path.basename(p)[:20]) for p in logs[1:3])
+    in_middle = [item for item in stored if second_base <= item[0] < third_base]
+    last_offset, last_batch = in_middle[-1]
+    assert report.damaged_ranges == [(second_base, last_offset, third_base,
+                                      size - len(last_batch))]
+    assert os.path.getsize(middle) == size - 10  # kept for dump-log, never served
+    for offset in range(last_offset, third_base):
+        with pytest.raises(CorruptLogError) as caught:
+            log.read(offset, 1)
+        assert (caught.value.offset, caught.value.next_offset) == (last_offset, third_base)
+        assert caught.value.position == size - len(last_batch)
+    kept = [item for item in stored if item != in_middle[-1]]
+    for offset, batch in kept:
+        assert log.read_bytes(offset, 1) == batch
+    end = read_header(stored[-1][1]).next_offset
+    assert log.log_end_offset == end
+    log.append(sized_batch(1, 5))
+    assert base_offset_of(log.read_bytes(end, 1)) == end
+    log.close()
+    log = _reopen(tmp_path)  # a clean reopen finds the same damage (the cheap check)
+    assert log.recovery_report.damaged_ranges == report.damaged_ranges
     log.close()

@@ -58,6 +58,7 @@ from shmbroker.errors import (
     error_from_code,
 )
 from shmbroker.format import record_batch
+from shmbroker.format.ring_layout import broken_reason
 from shmbroker.protocol.messages import (
     ACKS_ALL,
     ACKS_LEADER,
@@ -65,7 +66,7 @@ from shmbroker.protocol.messages import (
     RING_RESULT_ERRORS,
     ApiKey,
 )
-from shmbroker.shm import doorbell, names
+from shmbroker.shm import control_block, doorbell, names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.shm.ring import RingWriter
 
@@ -470,6 +471,8 @@ class Producer:
 
     def _write_or_raise(self, state: _Partition, batch: ProducedBatch,
                         encode: _Encoder) -> None:
+        if state.ring is not None and state.ring.broken:
+            self._drop_ring(state, self._broken_error(state, state.ring))
         if state.ring is None and not state.use_socket:
             self._open_ring(state)
         if state.use_socket:
@@ -504,8 +507,7 @@ class Producer:
         pause = 0.00005
         while True:
             if ring.broken:
-                raise RingError(f"the worker of {state.topic}/{state.partition} marked our ring "
-                                f"broken (error {ring.broken})")
+                raise self._broken_error(state, ring)
             control = state.control
             if control is not None and control.worker_sleeping:
                 doorbell.ring(state.worker_doorbell)
@@ -543,7 +545,50 @@ class Producer:
         if state.ring is not None:
             if self._io_idle:  # the I/O thread sleeps: the worker must ring it for our acks
                 state.ring.set_waiting(True)
-            self._attach(state)
+            try:
+                self._attach(state)
+            except RingError:  # refused (rings_per_worker_max): remove it; socket or error
+                state.ring.unlink()
+                state.ring.close()
+                state.ring = None
+                if state.control is not None:
+                    state.control.close()
+                    state.control = None
+                if self.transport == "shm":
+                    raise
+                state.use_socket = True
+
+    def _broken_error(self, state: _Partition, ring: RingWriter) -> RingError:
+        return RingError(f"the worker of {state.topic}/{state.partition} marked our ring "
+                         f"{ring.name} broken: {broken_reason(ring.broken)}; the records in "
+                         "flight in it were not stored (the next batch goes to a new ring)")
+
+    def _drop_ring(self, state: _Partition, error: RingError) -> None:
+        """Give up a broken or lost ring: complete what the worker acknowledged, fail the rest
+        of its batches with ``error``, unmap and unlink it; the next batch opens a new ring."""
+        ring = state.ring
+        if ring is None:
+            return
+        in_flight = state.in_flight
+        with contextlib.suppress(RingError):  # its ack slots may be garbage too
+            for result in ring.acks()[1]:
+                batch = in_flight.popleft()
+                if batch is not None:
+                    batch.complete(*_outcome(result, state, batch))
+        for batch in in_flight:
+            if batch is not None:
+                batch.complete(-1, error)
+        in_flight.clear()
+        ring.unlink()  # a ring the worker released is gone already; a lost one is ours
+        ring.close()
+        state.ring = None
+        state.attached = False
+        if state.control is not None:
+            state.control.close()
+            state.control = None
+        if state.connection is not None:
+            state.connection.close()
+            state.connection = None
 
     def _attach(self, state: _Partition) -> None:
         """Tell the worker about our ring (it also finds rings by name when it restarts)."""
@@ -646,7 +691,13 @@ class Producer:
             ring = state.ring
             if ring is None or not state.in_flight:
                 continue
-            _, results = ring.acks()
+            try:
+                _, results = ring.acks()
+            except RingError as error:  # its shared words were overwritten
+                self._drop_ring(state, RingError(
+                    f"{state.topic}/{state.partition}: {error}; the records in flight in it "
+                    "were not acknowledged (some may be stored)"))
+                continue
             in_flight = state.in_flight
             for result in results:
                 batch = in_flight.popleft()
@@ -667,12 +718,7 @@ class Producer:
                         if batch is not None and now - batch.sent_at > self.delivery_timeout_s:
                             batch.complete(-1, error)
                 if ring.broken:
-                    error = RingError(f"the worker of {state.topic}/{state.partition} marked "
-                                      f"our ring broken (error {ring.broken})")
-                    while in_flight:
-                        batch = in_flight.popleft()
-                        if batch is not None:
-                            batch.complete(-1, error)
+                    self._drop_ring(state, self._broken_error(state, ring))
         return any_in_flight
 
     def _acks_ready(self) -> bool:
@@ -700,8 +746,23 @@ class Producer:
                         state.connection.close()
                         state.attached = False
                         state.next_attach = now
+            if state.attached and (state.control is None
+                                   or state.control.state != control_block.RUNNING):
+                # the worker replaced its control block (stopped, or the name was unlinked)
+                if state.control is not None:
+                    state.control.close()
+                    state.control = None
+                with contextlib.suppress(ShmbrokerError):
+                    state.control = ControlBlock.open(state.info.control_block)
             if not state.attached and now >= state.next_attach:
-                self._attach(state)
+                try:
+                    self._attach(state)
+                except RingError as error:  # the restarted worker cannot find our ring
+                    self._drop_ring(state, RingError(
+                        f"{state.topic}/{state.partition}: the restarted worker cannot take "
+                        f"our ring back ({error}); the records in flight in it were not "
+                        "acknowledged (some may be stored)"))
+                    continue
                 if state.attached:
                     state.unreachable_since = 0.0
                     # a restarted broker made a new control block: map the new one
@@ -795,6 +856,8 @@ def _outcome(result: int, state: _Partition | None = None,
         "CORRUPT_MESSAGE": " that failed validation (CRC, magic, sizes or record count)",
         "KAFKA_STORAGE_ERROR": ": the broker could not write it (disk full or I/O error; see "
                                "its log); nothing was stored",
+        "STORAGE_FULL": ": no space left on device (the broker's data dir is full); nothing "
+                        "was stored; send it again once space is freed",
     }
     return -1, error_from_code(code, f"the broker refused a batch{what}{where}"
                                      f"{reasons.get(code, '')} [{code}]")

@@ -39,7 +39,10 @@ Frames are Kafka RecordBatch v2 batches verbatim, packed back to back (size = ba
 end of the data area: when it does not fit in the bytes left before the end, the producer writes
 WRAP_MARKER there (if at least FRAME_HEADER_BYTES are left) and the frame starts the next lap;
 the reader treats "fewer than FRAME_HEADER_BYTES left" or a base_offset of WRAP_MARKER as wrap.
-A frame's base_offset can therefore never be WRAP_MARKER (-1); producers write 0.
+A frame's base_offset can therefore never be WRAP_MARKER (-1); producers write 0.  A frame's
+producer_id is the ring's producer_id, and each frame's base_sequence is the previous frame's
+plus its record count (mod 2**31): a reader that finds otherwise (stale bytes of an earlier lap
+behind a head that was overwritten, another ring's frames) marks the ring broken.
 
 Invariants: ``tail <= head``, ``head - tail <= data_bytes``, ``tail_seq <= head_seq``,
 ``head_seq - tail_seq <= ack_slots``; position of byte ``x`` in the data area is
@@ -124,10 +127,32 @@ FRAME_BATCH_LENGTH_POSITION = 8
 FRAME_BYTES_MIN = 61  # the RecordBatch v2 header
 WRAP_MARKER = b"\xff" * 8
 
-# worker_broken values (0 = healthy).  Other nonzero numbers may be defined by the worker.
+# RecordBatch v2 fields the reader checks in every frame (positions from the frame's start): a
+# ring's frames carry its producer id, and their base sequences are contiguous modulo 2**31 (each
+# frame's base sequence is the previous one's plus its record count).
+FRAME_LAST_OFFSET_DELTA_POSITION = 23
+FRAME_PRODUCER_ID_POSITION = 43
+FRAME_BASE_SEQUENCE_POSITION = 53
+FRAME_SEQUENCE_MODULUS = 1 << 31
+
+# worker_broken values (0 = healthy).  A broken ring is never read again: the worker releases
+# (unlinks) it, and its producer fails the frames still in flight and opens a new ring.
 RING_HEALTHY = 0
-RING_BROKEN_CORRUPT_FRAME = 1  # a frame's batch_length is impossible
+RING_BROKEN_CORRUPT_FRAME = 1  # a published frame is impossible (length, wrap, identity)
 RING_BROKEN_BY_WORKER = 2  # the worker gave up on the ring for another reason
+RING_BROKEN_CORRUPT_HEADER = 3  # the header changed under the worker (magic, geometry, id)
+RING_BROKEN_RELEASED = 4  # the worker released the ring (its producer closed or died)
+RING_BROKEN_REASONS = {
+    RING_BROKEN_CORRUPT_FRAME: "a frame in it was corrupt",
+    RING_BROKEN_BY_WORKER: "the worker gave up on it",
+    RING_BROKEN_CORRUPT_HEADER: "its header was overwritten",
+    RING_BROKEN_RELEASED: "the worker released it (it took the producer for closed or dead)",
+}
+
+
+def broken_reason(code: int) -> str:
+    """What a nonzero worker_broken value means, for error messages."""
+    return f"{RING_BROKEN_REASONS.get(code, 'unknown reason')} (error {code})"
 
 
 def ack_area_bytes(ack_slots: int) -> int:

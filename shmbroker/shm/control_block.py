@@ -13,6 +13,12 @@ high_watermark <= log_end_offset`` as a reader sees it, because :meth:`ControlBl
 stores log_end, then high_watermark, then log_start, and :meth:`ControlBlock.positions` loads
 them in the opposite order (positions only grow while a worker runs).  The object outlives
 workers: a restarted worker reopens it, keeps its contents and bumps ``generation`` itself.
+
+Damage from outside: the worker checks its block every tick.  A header overwritten
+(:meth:`ControlBlock.header_valid`) is written again with every field; a name unlinked or
+pointing elsewhere (:meth:`ControlBlock.replaced`, by inode) gets a new block, and the old one is
+left with state STOPPED and worker_sleeping 1, so readers still mapping it reopen the name
+(consumers) and meanwhile ring the doorbell on every write (producers): never a lost wake-up.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import posix_ipc
 
-from shmbroker.errors import PartitionOfflineError, RingError
+from shmbroker.errors import AccessDeniedError, PartitionOfflineError, RingError
 from shmbroker.format.ring_layout import (
     CONTROL_BLOCK_BYTES,
     CONTROL_GENERATION_POSITION,
@@ -88,9 +94,10 @@ class ControlBlock:
     generation = _word(CONTROL_GENERATION_POSITION, "incremented by each worker start")
     updated_ms = _word(CONTROL_UPDATED_MS_POSITION, "wall clock (ms) of the last update")
 
-    def __init__(self, name: str, mapping: mmap.mmap, writable: bool) -> None:
+    def __init__(self, name: str, mapping: mmap.mmap, writable: bool, inode: int = 0) -> None:
         self.name = name
         self.writable = writable
+        self.inode = inode  # of the object mapped: replaced() compares it with the name's
         self._mmap: mmap.mmap | None = mapping
         self._words = memoryview(mapping).cast("Q")
 
@@ -98,21 +105,21 @@ class ControlBlock:
     def create_or_open(cls, name: str, mode: int = 0o600) -> ControlBlock:
         """The worker's view: keeps the contents of a valid existing block, otherwise
         (re)initialises it (magic, version; every other field zero, state STARTING)."""
-        shared = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=mode)
+        try:
+            shared = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=mode)
+        except posix_ipc.Error as error:
+            raise RingError(f"cannot create or open control block {name}: {error}") from None
         try:
             if shared.size != CONTROL_BLOCK_BYTES:
                 os.ftruncate(shared.fd, 0)  # any other size is not ours: start from zeros
                 os.ftruncate(shared.fd, CONTROL_BLOCK_BYTES)
             mapping = mmap.mmap(shared.fd, CONTROL_BLOCK_BYTES)
+            inode = os.fstat(shared.fd).st_ino
         finally:
             shared.close_fd()
-        block = cls(name, mapping, writable=True)
-        words = block._words
-        if words[_MAGIC_WORD] != CONTROL_MAGIC or words[_VERSION_WORD] != CONTROL_VERSION:
-            words[_MAGIC_WORD] = 0
-            mapping[:] = bytes(CONTROL_BLOCK_BYTES)
-            words[_VERSION_WORD] = CONTROL_VERSION
-            words[_MAGIC_WORD] = CONTROL_MAGIC
+        block = cls(name, mapping, writable=True, inode=inode)
+        if not block.header_valid():
+            block.reinitialise()
         return block
 
     @classmethod
@@ -123,21 +130,49 @@ class ControlBlock:
         except posix_ipc.ExistentialError:
             raise PartitionOfflineError(f"partition's control block {name} does not exist: is "
                                         f"the broker running?") from None
+        except posix_ipc.PermissionsError:
+            raise AccessDeniedError(f"permission denied opening the partition's control block "
+                                    f"{name} (another user's broker?)") from None
         try:
             if shared.size != CONTROL_BLOCK_BYTES:
                 raise RingError(f"control block {name} is {shared.size} bytes, not "
                                 f"{CONTROL_BLOCK_BYTES}")
             access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
             mapping = mmap.mmap(shared.fd, CONTROL_BLOCK_BYTES, access=access)
+            inode = os.fstat(shared.fd).st_ino
         finally:
             shared.close_fd()
-        block = cls(name, mapping, writable=not readonly)
+        block = cls(name, mapping, writable=not readonly, inode=inode)
         words = block._words
         if words[_MAGIC_WORD] != CONTROL_MAGIC or words[_VERSION_WORD] != CONTROL_VERSION:
             block.close()
             raise RingError(f"control block {name} has the wrong magic or version (not "
                             f"initialised yet, or written by another build)")
         return block
+
+    def header_valid(self) -> bool:
+        """Whether magic and version are this build's (not overwritten)."""
+        words = self._words
+        return words[_MAGIC_WORD] == CONTROL_MAGIC and words[_VERSION_WORD] == CONTROL_VERSION
+
+    def reinitialise(self) -> None:
+        """Zero the block and write magic and version (magic last); the worker then stores its
+        fields again."""
+        self._check_writable()
+        assert self._mmap is not None
+        words = self._words
+        words[_MAGIC_WORD] = 0
+        self._mmap[:] = bytes(CONTROL_BLOCK_BYTES)
+        words[_VERSION_WORD] = CONTROL_VERSION
+        words[_MAGIC_WORD] = CONTROL_MAGIC
+
+    def replaced(self) -> bool:
+        """Whether the name no longer leads to the object mapped here (unlinked, or unlinked and
+        created again): readers that open the name would not see this block."""
+        try:
+            return os.stat(os.path.join(names.SHM_DIR, self.name.lstrip("/"))).st_ino != self.inode
+        except FileNotFoundError:
+            return True
 
     def _check_writable(self) -> None:
         if not self.writable:

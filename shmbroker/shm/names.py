@@ -60,6 +60,21 @@ def list_names(prefix: str) -> list[str]:
     return sorted("/" + entry for entry in _shm_entries() if entry.startswith(prefix + "."))
 
 
+def partition_of(prefix: str, name: str) -> tuple[int, int] | None:
+    """``(topic_id, partition)`` of a control block or ring name under ``prefix`` (with or
+    without the leading "/"); None for any other name."""
+    rest = name.lstrip("/")
+    if not rest.startswith(prefix + "."):
+        return None
+    match = _PARTITION_NAME.fullmatch(rest, len(prefix) + 1)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
+
+
+_PARTITION_NAME = re.compile(r"t(0|[1-9][0-9]*)\.p(0|[1-9][0-9]*)\.(?:ctl|r[0-9a-f]{16})")
+
+
 def new_ring_id() -> int:
     """A random positive 63-bit ring id; also the Kafka producer_id stamped in its batches."""
     return secrets.randbits(RING_ID_BITS) | 1

@@ -17,7 +17,20 @@ Invariants (byte counters are monotonic; a data position is ``counter % data_byt
 * a frame never straddles the end of the data area and is at most ``data_bytes // 2`` bytes, so
   it always fits after a wrap; a frame's base_offset is never -1 (the wrap marker);
 * the worker writes the ack slots of frames ``[tail_seq, tail_seq + n)`` before it publishes the
-  progress ``(tail', tail_seq + n)``.
+  progress ``(tail', tail_seq + n)``;
+* each frame carries the ring's producer id, and its base sequence follows the previous frame's
+  records (mod 2**31); the worker's reader checks it (``check_frames``);
+* the reader looks only at published bytes: a producer killed while writing a frame (before its
+  head store) leaves nothing of it to read.  A published frame that is impossible marks the ring
+  broken (``worker_broken``, :attr:`RingReader.broken_reason`): it is never read again, the
+  frames before it are still taken, the producer fails the rest and opens a new ring.
+
+Damage from outside (a stray write into the object): the worker checks the header words it
+attached with (magic, version, geometry, producer id: :meth:`RingReader.header_problem`) and
+marks a ring whose header changed broken; a head outside the data area or a frame length past
+the head is an impossible frame.  The worker only ever rings an abstract doorbell address read
+at attach (never a filesystem path).  Garbage in the worker's own words (progress, ack slots)
+makes the producer's next read fail with RingError: it gives the ring up.
 
 Memory order.  Every shared counter is one aligned native 8-byte word, written by one side only,
 through ``memoryview(mmap).cast("Q")``: CPython compiles each item store or load to one 8-byte
@@ -56,6 +69,8 @@ from shmbroker.format.ring_layout import (
     DOORBELL_LENGTH_WORD,
     FRAME_BYTES_MIN,
     FRAME_HEADER_BYTES,
+    FRAME_LAST_OFFSET_DELTA_POSITION,
+    FRAME_SEQUENCE_MODULUS,
     HEAD_SEQ_WORD,
     HEAD_WORD,
     MAGIC_WORD,
@@ -75,14 +90,17 @@ from shmbroker.format.ring_layout import (
     VERSION_WORD,
     WORKER_BROKEN_WORD,
     WRAP_MARKER,
+    broken_reason,
     data_area_position,
     ring_object_bytes,
 )
-from shmbroker.shm import names
+from shmbroker.shm import doorbell, names
 
 Buffer = bytes | bytearray | memoryview
 
 _FRAME_HEAD = struct.Struct(">qi")  # base_offset, batch_length
+# last_offset_delta, (base and max timestamps), producer_id, producer_epoch, base_sequence
+_FRAME_IDENTITY = struct.Struct(">i16xqhi")
 _WRAP_BASE_OFFSET = -1  # WRAP_MARKER read as a big-endian int64
 _TOUCH_CHUNK_BYTES = 1024 * 1024
 _ZEROS = bytes(_TOUCH_CHUNK_BYTES)
@@ -240,8 +258,8 @@ class RingWriter(_RingMapping):
             raise ValueError(f"a batch of {size} bytes is shorter than a RecordBatch v2 header "
                              f"({FRAME_BYTES_MIN} bytes)")
         if self._words[WORKER_BROKEN_WORD]:
-            raise RingError(f"ring {self.name} was marked broken by the worker "
-                            f"(error {self._words[WORKER_BROKEN_WORD]})")
+            raise RingError(f"ring {self.name} was marked broken by the worker: "
+                            f"{broken_reason(self._words[WORKER_BROKEN_WORD])}")
         data_bytes = self.data_bytes
         head = self._head
         position = head % data_bytes
@@ -392,15 +410,23 @@ class RingReader(_RingMapping):
         self._generation: int = words[PROGRESS_GEN_WORD]
         self._read_tail, self._read_seq = _read_progress(words)  # next_region's cursor
         self._published_seq = self._read_seq
+        # The header words as attached: header_problem() compares them with what is there now.
+        self._header = (RING_MAGIC, RING_VERSION, data_bytes, ack_slots, self.producer_id)
+        self.check_frames = False  # see next_region
+        self._next_sequence = -1  # base sequence the next frame must carry; -1: not known yet
+        self.broken_reason = ""  # why this reader marked the ring broken
 
     @classmethod
-    def attach(cls, name: str) -> RingReader:
-        """Map the existing ring ``name`` after checking its layout."""
+    def attach(cls, name: str, *, check_frames: bool = False) -> RingReader:
+        """Map the existing ring ``name`` after checking its layout.  ``check_frames``: also
+        check each frame's producer id and base sequence (see :meth:`next_region`)."""
         try:
             shared = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
             raise RingError(f"ring {name} does not exist (never created, or already "
                             f"unlinked)") from None
+        except posix_ipc.Error as error:  # permissions: another user's object
+            raise RingError(f"ring {name} cannot be opened: {error}") from None
         try:
             size = shared.size
             if size < RING_HEADER_BYTES:
@@ -412,6 +438,8 @@ class RingReader(_RingMapping):
         try:
             magic, version = words[MAGIC_WORD], words[VERSION_WORD]
             data_bytes, ack_slots = words[DATA_BYTES_WORD], words[ACK_SLOTS_WORD]
+            producer_id, doorbell_length = words[PRODUCER_ID_WORD], words[DOORBELL_LENGTH_WORD]
+            doorbell_start = bytes(mapping[DOORBELL_ADDRESS_POSITION:DOORBELL_ADDRESS_POSITION + 1])
         finally:
             words.release()
         problem = None
@@ -426,10 +454,19 @@ class RingReader(_RingMapping):
             if problem is None and expected != size:
                 problem = (f"object is {size} bytes; its header (data_bytes {data_bytes}, "
                            f"ack_slots {ack_slots}) says {expected}")
+            elif problem is None and not 0 < producer_id <= _PRODUCER_ID_MAX:
+                problem = f"producer_id {producer_id} is not a positive int64"
+            elif problem is None and doorbell_length and (
+                    doorbell_length > doorbell.ADDRESS_BYTES_MAX or doorbell_start != b"\0"):
+                # the worker sends datagrams there: only to an abstract address, never a path
+                problem = (f"its doorbell address ({doorbell_length} bytes) is not an abstract "
+                           f"Unix address of at most {doorbell.ADDRESS_BYTES_MAX} bytes")
         if problem:
             mapping.close()
             raise RingError(f"ring {name}: {problem}")
-        return cls(name, mapping, data_bytes, ack_slots)
+        reader = cls(name, mapping, data_bytes, ack_slots)
+        reader.check_frames = check_frames
+        return reader
 
     # -- draining ------------------------------------------------------------------------------
 
@@ -440,7 +477,15 @@ class RingReader(_RingMapping):
     def next_region(self, max_bytes: int) -> RingRegion | None:
         """The published frames from the read cursor on, contiguous in the data area, stopping
         before ``max_bytes`` unless the first frame alone is larger; None if there are none or
-        the ring is broken (a corrupt frame marks it so)."""
+        the ring is broken.
+
+        A published frame that cannot be what a RingWriter wrote (a head outside the data area,
+        a length below a batch header or past the head, a misplaced wrap marker; with
+        ``check_frames``, another producer id or a base sequence that does not follow the
+        previous frame's) marks the ring broken, with :attr:`broken_reason` saying why; the
+        frames before it are still returned first (a later call stops at the bad one).  Bytes
+        not yet published are never looked at, so a producer killed while writing a frame
+        leaves nothing of it to read."""
         words = self._words
         if words[WORKER_BROKEN_WORD]:
             return None
@@ -450,7 +495,8 @@ class RingReader(_RingMapping):
             return None
         data_bytes = self.data_bytes
         if not tail < head <= tail + data_bytes:
-            return self._corrupt()
+            return self._corrupt(f"head {head} is outside ({tail}, {tail + data_bytes}], the "
+                                 f"bytes after the read position {tail}")
         data = self._data
         position = tail % data_bytes
         left = data_bytes - position
@@ -458,43 +504,78 @@ class RingReader(_RingMapping):
         if left < FRAME_HEADER_BYTES or unpack(data, position)[0] == _WRAP_BASE_OFFSET:
             tail += left
             position = 0
-            if head == tail:  # a skip without its frame: not what RingWriter writes
-                return self._corrupt()
+            if head <= tail:  # a skip without its frame: not what RingWriter writes
+                return self._corrupt(f"head {head} ends in the wrap skip before {tail}")
         start = position
         at_data_end = head - tail >= data_bytes - position
         end = data_bytes if at_data_end else position + (head - tail)
         limit = start + max_bytes
         positions: list[int] = []
         sizes: list[int] = []
+        problem = ""
+        check_frames = self.check_frames
+        identity = _FRAME_IDENTITY.unpack_from
+        sequence = self._next_sequence
         while position < end:
+            seq = self._read_seq + len(positions)
             if end - position < FRAME_HEADER_BYTES:
-                if at_data_end:
-                    break  # wrap: the next call skips it
-                return self._corrupt()
+                if not at_data_end:
+                    problem = (f"{end - position} published bytes after frame {seq - 1} are "
+                               f"not a frame")
+                break  # at the data end: a wrap, the next call skips it
             base_offset, batch_length = unpack(data, position)
             if base_offset == _WRAP_BASE_OFFSET:
-                if at_data_end:
-                    break
-                return self._corrupt()
+                if not at_data_end:
+                    problem = f"a wrap marker in place of frame {seq}, before the data end"
+                break
             size = batch_length + FRAME_HEADER_BYTES
             if size < FRAME_BYTES_MIN or position + size > end:
-                return self._corrupt()
+                problem = (f"frame {seq} declares {size} bytes; {end - position} are published "
+                           f"(at least {FRAME_BYTES_MIN} needed)")
+                break
+            if check_frames:
+                delta, producer_id, _, base_sequence = identity(
+                    data, position + FRAME_LAST_OFFSET_DELTA_POSITION)
+                if producer_id != self.producer_id:
+                    problem = (f"frame {seq} carries producer id {producer_id}, not the "
+                               f"ring's {self.producer_id}")
+                    break
+                if sequence >= 0 and base_sequence != sequence:
+                    problem = (f"frame {seq} has base sequence {base_sequence}; the previous "
+                               f"frame's records end at {sequence}")
+                    break
             if position + size > limit and positions:
                 break
+            if check_frames:
+                sequence = (base_sequence + delta + 1) % FRAME_SEQUENCE_MODULUS
             positions.append(position - start)
             sizes.append(size)
             position += size
         if not positions:
-            return self._corrupt()
+            return self._corrupt(problem or "no whole frame in the published bytes")
+        self._next_sequence = sequence
         first_seq = self._read_seq
         self._read_tail = tail + (position - start)
         self._read_seq = first_seq + len(positions)
         return RingRegion(data[start:position], positions, sizes, first_seq, self._read_tail,
                           len(positions))
 
-    def _corrupt(self) -> None:
-        self.mark_broken(RING_BROKEN_CORRUPT_FRAME)
+    def _corrupt(self, reason: str) -> None:
+        self.mark_broken(RING_BROKEN_CORRUPT_FRAME, reason)
         return None
+
+    def header_problem(self) -> str | None:
+        """What changed in the header since attach (magic, version, geometry, producer id), or
+        None: a header overwritten under a running worker."""
+        words = self._words
+        now = (words[MAGIC_WORD], words[VERSION_WORD], words[DATA_BYTES_WORD],
+               words[ACK_SLOTS_WORD], words[PRODUCER_ID_WORD])
+        if now == self._header:
+            return None
+        fields = ("magic", "version", "data_bytes", "ack_slots", "producer_id")
+        changed = [f"{field} {before} -> {after}"
+                   for field, before, after in zip(fields, self._header, now) if before != after]
+        return "header changed: " + ", ".join(changed)
 
     def record_results(self, region: RingRegion, results: Sequence[int]) -> None:
         """Write the ack slots of the region's first ``len(results)`` frames (``results[i]`` for
@@ -569,10 +650,13 @@ class RingReader(_RingMapping):
         except psutil.AccessDenied:
             return True
 
-    def mark_broken(self, code: int) -> None:
-        """Declare the ring unusable (``code`` != 0): the producer sees it and gives up."""
+    def mark_broken(self, code: int, reason: str = "") -> None:
+        """Declare the ring unusable (``code`` != 0): the producer sees it, fails the frames
+        still in flight and opens a new ring.  The first mark stays."""
         assert code != 0
-        self._words[WORKER_BROKEN_WORD] = code
+        if not self._words[WORKER_BROKEN_WORD]:
+            self._words[WORKER_BROKEN_WORD] = code
+            self.broken_reason = reason or broken_reason(code)
 
     def close(self) -> None:
         self._unmap()

@@ -423,8 +423,12 @@ def test_corrupt_batch_length_breaks_the_ring(
         FRAME_HEAD.pack_into(view, 0, 0, bad_size - 12)
         view.release()
         writer.commit(100)
+        region = reader.next_region(1 << 20)  # the good frame before the bad one comes first
+        assert region is not None and region.frames == 1 and not reader.broken
+        region.view.release()
         assert reader.next_region(1 << 20) is None
         assert reader.broken == ring_layout.RING_BROKEN_CORRUPT_FRAME == writer.broken
+        assert "frame 1 declares" in reader.broken_reason
         with pytest.raises(RingError, match="marked broken"):
             writer.try_write(make_frame(2, 100))
         assert reader.next_region(1 << 20) is None

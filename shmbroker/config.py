@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from shmbroker import limits
 from shmbroker.errors import InvalidConfigError
 
 KIB = 1024
@@ -32,6 +33,7 @@ class Setting:
     doc: str
     minimum: int | None = None
     choices: tuple[str, ...] | None = None
+    maximum: int | None = None
 
 
 LOG_SETTINGS: tuple[Setting, ...] = (
@@ -137,6 +139,10 @@ def _check(setting: Setting, value: Any) -> None:
         raise InvalidConfigError(
             f"config {setting.name} must be >= {setting.minimum} {setting.unit}, not {value}"
         )
+    if setting.maximum is not None and value > setting.maximum:
+        raise InvalidConfigError(
+            f"config {setting.name} must be <= {setting.maximum} {setting.unit}, not {value}"
+        )
 
 
 def reference_table(settings: tuple[Setting, ...] = LOG_SETTINGS) -> str:
@@ -173,6 +179,13 @@ BROKER_SETTINGS: tuple[Setting, ...] = (
     Setting("worker_spin_us", 50, "µs",
             "how long an idle worker re-reads its rings before it sleeps (then producers must "
             "ring its doorbell); more spin, fewer wake-ups, more CPU", minimum=0),
+    Setting("connections_max", limits.connections_max, "count",
+            "connections broker.sock and each worker's socket accept at once; more are closed "
+            "at once (and logged)", minimum=1, maximum=limits.connections_max),
+    Setting("frame_read_timeout_ms", 10_000, "ms",
+            "a request whose first bytes arrived must be whole this soon, else its connection "
+            "is closed (slow-loris); idle connections between requests are not timed out",
+            minimum=limits.frame_read_timeout_ms_min, maximum=limits.frame_read_timeout_ms_max),
 )
 
 _BROKER_BY_NAME = {setting.name: setting for setting in BROKER_SETTINGS}
@@ -189,6 +202,8 @@ class BrokerConfig:
     worker_stop_timeout_ms: int = _BROKER_BY_NAME["worker_stop_timeout_ms"].default
     topic_ready_timeout_ms: int = _BROKER_BY_NAME["topic_ready_timeout_ms"].default
     worker_spin_us: int = _BROKER_BY_NAME["worker_spin_us"].default
+    connections_max: int = _BROKER_BY_NAME["connections_max"].default
+    frame_read_timeout_ms: int = _BROKER_BY_NAME["frame_read_timeout_ms"].default
     topic_defaults: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

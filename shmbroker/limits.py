@@ -27,13 +27,25 @@ frame_json_bytes_max = 1 * MIB
 fetch_bytes_max = 64 * MIB
 # Longest a fetch may park waiting for data.
 fetch_wait_ms_max = 60_000
-# Connections one worker or the supervisor accepts at once.
+# Connections one worker or the supervisor accepts at once: the most the broker setting
+# connections_max may ask for (a process also keeps its fd soft limit above what it accepts:
+# it raises RLIMIT_NOFILE toward the hard limit at start, and accepts fewer if it cannot).
+# Further connections are accepted and closed at once, with a (rate-limited) log line.
 connections_max = 4096
+# File descriptors a process keeps for itself beyond its connections (segments, indexes,
+# rings, doorbells, the supervisor's worker pipes).
+connection_fds_reserved = 256
+# A frame whose first bytes arrived must be whole within the broker setting
+# frame_read_timeout_ms (slow-loris); these bound the setting.
+frame_read_timeout_ms_min = 100
+frame_read_timeout_ms_max = 3_600_000
 # Requests are answered in order, one at a time per connection; a worker parks at most one fetch
 # per connection (a later request on it answers the parked one first).  Input a client pipelines
 # waits in its socket buffer and in the frame decoder, which frame_bytes_max bounds.
-# Produce rings one worker attaches in total, and per producer client.
+# Produce rings one worker attaches in total, and per connection (a producer attaches one ring
+# per partition, each over its own connection to that partition's worker).
 rings_per_worker_max = 1024
+rings_per_connection_max = 16
 # Topics, and partitions per topic.
 topics_max = 10_000
 partitions_per_topic_max = 4096

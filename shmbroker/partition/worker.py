@@ -22,6 +22,13 @@ offset into its ack slot (not yet published).  A restarted worker finds unconsum
 in the ring; for the first ones whose slot holds an intent, it checks the log: a batch at that
 offset with the same producer id and base sequence means the append happened, so the frame is
 acknowledged, not appended twice.  Everything after is appended as new.
+
+Ring housekeeping: a ring is released (marked broken, then unlinked) once drained when its
+producer closed it or died (pid and start time, checked each second for rings whose connection
+is gone), or when it is broken (an impossible frame, a header changed under us: the reason is
+logged).  Every RING_SCAN_MS /dev/shm is listed for the partition's rings nobody attached (a
+producer killed before ATTACH_RING); one still unusable RING_UNUSABLE_GRACE_MS after its creation
+is unlinked.  The control block is checked each tick and repaired or created again.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ import orjson
 from shmbroker import limits
 from shmbroker.config import LogConfig
 from shmbroker.errors import (
+    BrokerError,
+    CorruptLogError,
     CorruptRecordError,
     OffsetOutOfRangeError,
     ProtocolError,
@@ -53,8 +62,14 @@ from shmbroker.errors import (
     ShmbrokerError,
     ShuttingDownError,
     StorageError,
+    StorageFullError,
 )
 from shmbroker.format import record_batch
+from shmbroker.format.ring_layout import (
+    RING_BROKEN_CORRUPT_HEADER,
+    RING_BROKEN_RELEASED,
+    broken_reason,
+)
 from shmbroker.partition.paths import PartitionPaths
 from shmbroker.protocol import messages
 from shmbroker.protocol.frames import Frame, frame_head
@@ -63,7 +78,7 @@ from shmbroker.shm import doorbell, names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.shm.ring import RingReader
 from shmbroker.storage.partition_log import PartitionLog
-from shmbroker.transport.unix import ServerConnection, listen
+from shmbroker.transport.unix import Refusals, ServerConnection, fit_fd_limit, listen
 
 logger = logging.getLogger("shmbroker.worker")
 
@@ -77,10 +92,17 @@ EXIT_BOOT_FAILED = 3
 TICK_MS = 100
 SPIN_US = 50  # default of the broker setting worker_spin_us
 SLEEP_MS_MAX = 50
-RING_LIVENESS_CHECK_MS = 1000
+RING_LIVENESS_CHECK_MS = 1000  # also how often ring headers are checked for overwrites
+# /dev/shm is listed this often for rings nobody attached (a producer killed between creating its
+# ring and ATTACH_RING); a ring whose header stays unusable this long after its creation (killed
+# while creating it, or overwritten) is unlinked.
+RING_SCAN_MS = 3000
+RING_UNUSABLE_GRACE_MS = 3000
 PARTITION_LOCK_WAIT_S = 15.0
 STOP_DRAIN_S_MAX = 10.0
 STOP_FLUSH_OUTPUT_S_MAX = 2.0
+DAMAGE_LOGGED_MAX = 1000  # damaged ranges logged once each; past this many, not at all
+FRAME_READ_TIMEOUT_MS = 10_000  # default of the broker setting frame_read_timeout_ms
 
 _LAST_OFFSET_DELTA = struct.Struct(">i")
 _PRODUCER_ID_AND_SEQUENCE = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence
@@ -90,6 +112,12 @@ _PRODUCER_ID_POSITION = 43
 RESULT_CORRUPT = RING_RESULT_NUMBERS["CORRUPT_MESSAGE"]
 RESULT_TOO_LARGE = RING_RESULT_NUMBERS["MESSAGE_TOO_LARGE"]
 RESULT_STORAGE = RING_RESULT_NUMBERS["KAFKA_STORAGE_ERROR"]
+RESULT_STORAGE_FULL = RING_RESULT_NUMBERS["STORAGE_FULL"]
+
+
+def _storage_result(error: StorageError) -> int:
+    """The ring result of a batch the log could not store (PartitionLog logged why)."""
+    return RESULT_STORAGE_FULL if isinstance(error, StorageFullError) else RESULT_STORAGE
 
 
 class AttachedRing:
@@ -131,13 +159,23 @@ class PartitionWorker:
     """Owns one partition: its log, rings, control block, doorbell and socket."""
 
     def __init__(self, paths: PartitionPaths, *, socket_mode: int = 0o660,
-                 spin_us: int = SPIN_US) -> None:
+                 spin_us: int = SPIN_US, connections_max: int = limits.connections_max,
+                 frame_read_timeout_ms: int = FRAME_READ_TIMEOUT_MS) -> None:
         self.paths = paths
         self.socket_mode = socket_mode
         self.spin_s = spin_us / 1e6
+        self.connections_max = connections_max
+        self.frame_read_timeout_s = frame_read_timeout_ms / 1000
+        self._next_slow_frame_check = 0.0
+        self._refusals = Refusals(logger, paths.topic + "/" + str(paths.partition))
         self.config = read_topic_config(paths)
         self.log: PartitionLog | None = None
+        self._damage_logged: set[tuple[int | None, int | None]] = set()
         self.rings: dict[str, AttachedRing] = {}
+        self._unusable_rings: dict[str, int] = {}  # name -> created (wall ms): see _scan_rings
+        self._next_ring_scan_ms = 0
+        self._next_header_check_ms = 0
+        self._control_generation = 0
         self.parked: list[ParkedFetch] = []
         self.selector = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
@@ -156,13 +194,13 @@ class PartitionWorker:
         paths = self.paths
         (paths.data_dir / "run").mkdir(mode=0o750, exist_ok=True)
         self._lock_partition()
-        self.log = PartitionLog(paths.log_dir, self.config)
+        self.log = PartitionLog(paths.log_dir, self.config, name=self.name)
         report = self.log.recovery_report
         if report.bytes_truncated or report.segments_deleted:
             logger.warning("%s: recovery %s", self.name, report)
         self.control = ControlBlock.create_or_open(paths.control_block_name)
         self.control.worker_pid = os.getpid()
-        self.control.generation = self.control.generation + 1
+        self.control.generation = self._control_generation = self.control.generation + 1
         self.control.state = 0
         self._publish_positions()
         self.doorbell = doorbell.Doorbell.bind(paths.doorbell_name)
@@ -172,6 +210,7 @@ class PartitionWorker:
         self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
         for name in names.list_rings(paths.shm_prefix, paths.topic_id, paths.partition):
             self._attach(name, None, recovering=True)
+        self.connections_max = fit_fd_limit(self.connections_max)
         self.listener = listen(paths.socket_path, self.socket_mode)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.control.updated_ms = time.time_ns() // 1_000_000
@@ -197,8 +236,9 @@ class PartitionWorker:
                         f"partition {self.name} is locked by another worker "
                         f"({self.paths.lock_path}); is an old broker still running?") from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the pid is for people; a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def request_stop(self) -> None:
@@ -214,21 +254,60 @@ class PartitionWorker:
     # -- rings --------------------------------------------------------------------------------
     def _attach(self, name: str, connection: ServerConnection | None, *,
                 recovering: bool) -> None:
+        """Attach ring ``name``: asked by its producer (``connection``), or found in /dev/shm
+        (at boot, by _scan_rings), when a failure is logged instead of raised."""
         existing = self.rings.get(name)
         if existing is not None:
             existing.connection = connection
             return
         if len(self.rings) >= limits.rings_per_worker_max:
-            raise RingError(f"partition {self.name} already has {len(self.rings)} rings "
-                            f"(rings_per_worker_max {limits.rings_per_worker_max})")
+            error = RingError(
+                f"partition {self.name} already has {len(self.rings)} rings of live producers "
+                f"(rings_per_worker_max {limits.rings_per_worker_max}): close idle producers, "
+                "or use more partitions")
+            if connection is not None:
+                raise error
+            logger.warning("%s: not attaching ring %s yet: %s", self.name, name, error)
+            return
         try:
-            reader = RingReader.attach(name)
-        except RingError:
+            reader = RingReader.attach(name, check_frames=True)
+        except RingError as error:
             if connection is not None:
                 raise
-            logger.warning("%s: ignoring unusable ring %s", self.name, name, exc_info=True)
+            if name not in self._unusable_rings:
+                logger.warning("%s: cannot attach ring %s found in /dev/shm (it is removed if "
+                               "still unusable %d ms after its creation): %s", self.name, name,
+                               RING_UNUSABLE_GRACE_MS, error)
+                self._unusable_rings[name] = _created_ms(name)
             return
+        self._unusable_rings.pop(name, None)
         self.rings[name] = AttachedRing(reader, connection, recovering)
+
+    def _scan_rings(self, now_ms: int) -> None:
+        """Attach the partition's rings that are in /dev/shm but not attached (a producer killed
+        between creating its ring and ATTACH_RING: the liveness check then releases it), and
+        unlink those still unusable RING_UNUSABLE_GRACE_MS after their creation (a producer
+        killed while creating it, or a header overwritten)."""
+        self._next_ring_scan_ms = now_ms + RING_SCAN_MS
+        paths = self.paths
+        try:
+            present = names.list_rings(paths.shm_prefix, paths.topic_id, paths.partition)
+        except OSError as error:
+            logger.error("%s: cannot list %s for rings: %s", self.name, names.SHM_DIR, error)
+            return
+        for name in present:
+            if name in self.rings:
+                continue
+            created_ms = self._unusable_rings.get(name)
+            if created_ms is not None and now_ms - created_ms >= RING_UNUSABLE_GRACE_MS:
+                logger.warning("%s: removing ring %s: still unusable %d ms after its creation",
+                               self.name, name, now_ms - created_ms)
+                names.unlink(name)
+                del self._unusable_rings[name]
+                continue
+            self._attach(name, None, recovering=False)
+        for name in set(self._unusable_rings) - set(present):
+            del self._unusable_rings[name]
 
     def _drain_rings(self) -> int:
         """Append what the rings hold, at most drain_bytes_max; the bytes taken."""
@@ -279,9 +358,9 @@ class PartitionWorker:
                 results += log.append(view[start:]).base_offsets
             except CorruptRecordError:
                 results += self._append_one_by_one(reader, region, view, results)
-            except StorageError as error:
-                logger.error("%s: %s", self.name, error)
-                results += [RESULT_STORAGE] * (len(positions) - len(results))
+            except StorageError as error:  # logged by the log (once per run of failures)
+                logger.debug("%s: %s", self.name, error)
+                results += [_storage_result(error)] * (len(positions) - len(results))
         reader.record_results(region, results)
         # positions first: whoever sees the ack must see a high watermark that covers it
         self._after_append()
@@ -310,8 +389,8 @@ class PartitionWorker:
                                reader.name, error)
                 results.append(RESULT_CORRUPT)
             except StorageError as error:
-                logger.error("%s: %s", self.name, error)
-                results.append(RESULT_STORAGE)
+                logger.debug("%s: %s", self.name, error)
+                results.append(_storage_result(error))
         return results
 
     def _already_appended(self, ring: AttachedRing, region: Any, view: memoryview) -> list[int]:
@@ -331,10 +410,13 @@ class PartitionWorker:
                 continue
             if not log.log_start_offset <= intended < log.log_end_offset:
                 break
-            stored = log.read_bytes(intended, 1)
-            if len(stored) < record_batch.HEADER_SIZE:
+            try:
+                stored = log.read_bytes(intended, 1)
+                if len(stored) < record_batch.HEADER_SIZE:
+                    break
+                header = record_batch.read_header(stored, 0)
+            except CorruptRecordError:  # damaged there: not known to be stored, append again
                 break
-            header = record_batch.read_header(stored, 0)
             ours = _PRODUCER_ID_AND_SEQUENCE.unpack_from(view, position + _PRODUCER_ID_POSITION)
             theirs = _PRODUCER_ID_AND_SEQUENCE.unpack_from(stored, _PRODUCER_ID_POSITION)
             if header.base_offset != intended or ours != theirs or ours[0] < 0:
@@ -346,8 +428,15 @@ class PartitionWorker:
         return found
 
     def _release_finished_rings(self, now_ms: int) -> None:
+        check_headers = now_ms >= self._next_header_check_ms
+        if check_headers:
+            self._next_header_check_ms = now_ms + RING_LIVENESS_CHECK_MS
         for name, ring in list(self.rings.items()):
             reader = ring.reader
+            if check_headers and not reader.broken:
+                problem = reader.header_problem()
+                if problem:
+                    reader.mark_broken(RING_BROKEN_CORRUPT_HEADER, problem)
             broken = reader.broken  # nothing more will be read from it
             closed = reader.producer_closed  # before pending(): a frame published before the
             if not broken and reader.pending():  # close flag is then still seen as pending
@@ -359,6 +448,14 @@ class PartitionWorker:
                 ring.last_alive_check_ms = now_ms
                 gone = not reader.producer_alive()
             if gone:
+                if broken:
+                    logger.warning("%s: released ring %s of producer pid %d, broken: %s; its "
+                                   "frames from %d on were refused", self.name, name,
+                                   reader.producer_pid,
+                                   reader.broken_reason or broken_reason(broken),
+                                   reader.progress[1])
+                else:  # a producer that still writes (taken for dead) learns it at once
+                    reader.mark_broken(RING_BROKEN_RELEASED)
                 del self.rings[name]
                 reader.unlink()
                 reader.close()
@@ -391,7 +488,7 @@ class PartitionWorker:
             if fetch.offset < log_end or now >= fetch.deadline or self._stop_requested:
                 if (fetch.offset < log_end and fetch.min_bytes > 1 and now < fetch.deadline
                         and not self._stop_requested):
-                    if log.read(fetch.offset, fetch.max_bytes).size_bytes < fetch.min_bytes:
+                    if self._available_bytes(fetch.offset, fetch.max_bytes) < fetch.min_bytes:
                         still.append(fetch)
                         continue
                 self._answer_fetch(fetch.connection, fetch.correlation_id, fetch.offset,
@@ -417,11 +514,12 @@ class PartitionWorker:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            connections = len(self.selector.get_map()) - 3
-            if connections >= limits.connections_max:
-                logger.warning("%s: refusing a connection: connections_max %d reached",
-                               self.name, limits.connections_max)
-                sock.close()
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS: the client sees its connect
+                logger.warning("%s: cannot accept a connection: %s", self.name, error)
+                return
+            connections = len(self.selector.get_map()) - 3  # listener, doorbell, signal
+            if connections >= self.connections_max:
+                self._refusals.refuse(sock, self.connections_max)
                 continue
             connection = ServerConnection(sock)
             self.selector.register(connection.sock, selectors.EVENT_READ, connection)
@@ -456,7 +554,31 @@ class PartitionWorker:
                 return
             except (ShmbrokerError, OSError) as error:
                 connection.send(error_frame(frame.api_key, frame.correlation_id, error))
+            except Exception as error:  # a bug: this request fails, the worker serves on
+                logger.exception("%s: request %s failed unexpectedly", self.name, frame.api_key)
+                connection.send(error_frame(frame.api_key, frame.correlation_id, BrokerError(
+                    f"the partition worker failed on this request ({type(error).__name__}: "
+                    f"{error}); see its log")))
+                self._close(connection)
+                return
         self._update_interest(connection)
+
+    def _close_slow_frames(self, now: float) -> None:
+        """Close connections whose frame began more than frame_read_timeout_ms ago."""
+        timeout_s = self.frame_read_timeout_s
+        self._next_slow_frame_check = now + min(1.0, timeout_s / 4)
+        for key in list(self.selector.get_map().values()):
+            connection = key.data
+            if (isinstance(connection, ServerConnection)
+                    and connection.frame_overdue(now, timeout_s)):
+                began_s = now - (connection.frame_started_at or now)
+                error = ProtocolError(
+                    f"a frame begun {began_s:.1f} s ago is still "
+                    f"incomplete ({connection.decoder.buffered_bytes} bytes received; "
+                    f"frame_read_timeout_ms {timeout_s * 1000:.0f}): closing the connection")
+                logger.warning("%s: %s", self.name, error)
+                connection.send(error_frame(ApiKey.ERROR, 0, error))
+                self._close(connection)
 
     def _update_interest(self, connection: ServerConnection) -> None:
         if connection.closed:
@@ -490,6 +612,12 @@ class PartitionWorker:
             name = field(body, "name", str)
             if not self.paths.is_ring_name(name):
                 raise ProtocolError(f"{name!r} is not a ring name of partition {self.name}")
+            mine = sum(1 for ring_name, ring in self.rings.items()
+                       if ring.connection is connection and ring_name != name)
+            if mine >= limits.rings_per_connection_max:
+                raise RingError(f"this connection already attached {mine} rings to partition "
+                                f"{self.name} (rings_per_connection_max "
+                                f"{limits.rings_per_connection_max})")
             self._attach(name, connection, recovering=False)
             self._reply(connection, frame, {})
         elif api_key == ApiKey.LIST_OFFSETS:
@@ -522,7 +650,7 @@ class PartitionWorker:
             raise OffsetOutOfRangeError(offset, log.log_start_offset, log.log_end_offset)
         if max_wait_ms and not self._stop_requested and (
                 offset == log.log_end_offset
-                or min_bytes > 1 and log.read(offset, max_bytes).size_bytes < min_bytes):
+                or min_bytes > 1 and self._available_bytes(offset, max_bytes) < min_bytes):
             # at most one parked fetch per connection (a later request answers it first), so
             # parked fetches are bounded by connections_max
             self.parked.append(ParkedFetch(connection, correlation_id, offset, max_bytes,
@@ -540,9 +668,41 @@ class PartitionWorker:
             connection.send(error_frame(ApiKey.FETCH, correlation_id, error))
             self._update_interest(connection)
             return
-        head = frame_head(ApiKey.FETCH, correlation_id, self._positions(), found.size_bytes)
+        except CorruptLogError as error:
+            # Damaged stored batches: never sent.  The answer names them, and where reading can
+            # go on, so that the consumer reports them (CorruptLogError) and can seek past.
+            self._note_damage(error)
+            connection.send(frame_head(ApiKey.FETCH, correlation_id, {
+                **self._positions(), "damaged": {
+                    "offset": error.offset, "next_offset": error.next_offset,
+                    "position": error.position, "segment_base_offset": error.segment_base_offset,
+                    "reason": error.reason}}))
+            self._update_interest(connection)
+            return
+        # position and segment: the consumer names the file position of a batch it finds
+        # damaged (CRC); next_offset: where reading resumes after the slice's last batch
+        body = {**self._positions(), "position": found.position,
+                "segment_base_offset": found.segment_base_offset,
+                "next_offset": found.next_offset}
+        head = frame_head(ApiKey.FETCH, correlation_id, body, found.size_bytes)
         connection.send_file(head, found.fd, found.position, found.size_bytes)
         self._update_interest(connection)
+
+    def _note_damage(self, error: CorruptLogError) -> None:
+        """Log each damaged range once (a consumer retrying would repeat it)."""
+        where = (error.segment_base_offset, error.position)
+        if where not in self._damage_logged and len(self._damage_logged) < DAMAGE_LOGGED_MAX:
+            self._damage_logged.add(where)
+            logger.error("%s: %s", self.name, error)
+
+    def _available_bytes(self, offset: int, max_bytes: int) -> int:
+        """Bytes a fetch at ``offset`` would get now (damage: answer at once, with the report)."""
+        log = self.log
+        assert log is not None
+        try:
+            return log.read(offset, max_bytes).size_bytes
+        except CorruptLogError:
+            return max_bytes
 
     def _list_offsets(self, body: dict[str, Any]) -> dict[str, Any]:
         log = self.log
@@ -579,8 +739,8 @@ class PartitionWorker:
                 raise
             region = _Region(view, positions, sizes)
             results = self._append_one_by_one(_NoIntents(), region, view, [])
-        except StorageError as error:
-            logger.error("%s: %s", self.name, error)
+        except StorageError as error:  # logged by the log; the client gets it
+            logger.debug("%s: %s", self.name, error)
             raise
         self._after_append()
         if acks != 0:
@@ -619,6 +779,9 @@ class PartitionWorker:
         while True:
             if self._stop_requested:
                 break
+            if log.fenced is not None:  # a failed fsync: only a reopen (a restart) recovers
+                raise StorageError(f"{self.name}: {log.fenced}; exiting, so that a new worker "
+                                   "recovers the log from disk")
             taken = self._drain_rings()
             now = time.monotonic()
             events = self._wait(busy or bool(taken), now)
@@ -646,6 +809,8 @@ class PartitionWorker:
             busy = bool(taken)
             if now >= self._next_tick:
                 self._tick(now)
+            if now >= self._next_slow_frame_check:
+                self._close_slow_frames(now)
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload_config()
@@ -662,9 +827,46 @@ class PartitionWorker:
             deleted = []
         if deleted:
             logger.info("%s: retention deleted segment(s) %s", self.name, deleted)
+        self._check_control_block()
         self._publish_positions()
         self.control.updated_ms = now_ms
         self._release_finished_rings(now_ms)
+        if now_ms >= self._next_ring_scan_ms:
+            self._scan_rings(now_ms)
+
+    def _check_control_block(self) -> None:
+        """Repair the control block if its header was overwritten; create it again if its name
+        was unlinked or now leads elsewhere.  The old block is marked stopped with
+        worker_sleeping set, so readers that still map it reopen the name (consumers) and ring
+        the doorbell on every write (producers) until they do."""
+        control = self.control
+        assert control is not None
+        if not control.header_valid():
+            logger.warning("%s: control block %s was overwritten; writing it again", self.name,
+                           control.name)
+            control.reinitialise()
+            self._fill_control_block(control)
+        if control.replaced():
+            logger.warning("%s: control block %s was removed from /dev/shm or replaced; "
+                           "creating it again", self.name, control.name)
+            try:
+                fresh = ControlBlock.create_or_open(control.name)
+            except (RingError, OSError) as error:  # /dev/shm full: the next tick tries again
+                logger.error("%s: %s", self.name, error)
+                return
+            self._fill_control_block(fresh)
+            control.state = 3
+            control.worker_sleeping = 1
+            control.close()
+            self.control = fresh
+
+    def _fill_control_block(self, control: ControlBlock) -> None:
+        control.worker_pid = os.getpid()
+        control.generation = self._control_generation
+        control.updated_ms = time.time_ns() // 1_000_000
+        self.control = control
+        self._publish_positions()
+        control.state = 2 if self._stop_requested else 1
 
     def _reload_config(self) -> None:
         try:
@@ -693,7 +895,7 @@ class PartitionWorker:
         if log is not None:
             deadline = time.monotonic() + STOP_DRAIN_S_MAX
             heads = {name: ring.reader.head for name, ring in self.rings.items()}
-            while time.monotonic() < deadline and any(
+            while log.fenced is None and time.monotonic() < deadline and any(
                     ring.reader.progress[0] < heads[name] and not ring.reader.broken
                     for name, ring in self.rings.items()):
                 if not self._drain_rings():
@@ -701,7 +903,10 @@ class PartitionWorker:
             self._serve_parked(time.monotonic())
             self._flush_outputs(time.monotonic() + STOP_FLUSH_OUTPUT_S_MAX)
             self._release_finished_rings(time.time_ns() // 1_000_000)
-            log.close()
+            try:
+                log.close()
+            except StorageError as error:  # closed anyway; the next open recovers
+                logger.error("%s: %s", self.name, error)
         for ring in self.rings.values():
             ring.reader.close()
         self.rings.clear()
@@ -746,6 +951,14 @@ class _NoIntents:
         pass
 
 
+def _created_ms(name: str) -> int:
+    """When shared-memory object ``name`` was created (its ctime, wall ms); now if unknown."""
+    try:
+        return os.stat(os.path.join(names.SHM_DIR, name.lstrip("/"))).st_ctime_ns // 1_000_000
+    except OSError:
+        return time.time_ns() // 1_000_000
+
+
 def _split_batches(view: memoryview) -> tuple[list[int], list[int]] | tuple[None, None]:
     positions: list[int] = []
     sizes: list[int] = []
@@ -781,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
     parser.add_argument("--spin-us", type=int, default=SPIN_US)
+    parser.add_argument("--connections-max", type=int, default=limits.connections_max)
+    parser.add_argument("--frame-read-timeout-ms", type=int, default=FRAME_READ_TIMEOUT_MS)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -790,7 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_BOOT_FAILED  # the supervisor died before we set the death signal
     paths = PartitionPaths(args.data_dir.resolve(), args.topic, args.topic_id, args.partition)
-    worker = PartitionWorker(paths, socket_mode=args.socket_mode, spin_us=args.spin_us)
+    worker = PartitionWorker(paths, socket_mode=args.socket_mode, spin_us=args.spin_us,
+                             connections_max=args.connections_max,
+                             frame_read_timeout_ms=args.frame_read_timeout_ms)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: worker.request_reload())

@@ -203,7 +203,7 @@ def load_workload(path: str | Path) -> Workload:
     try:
         with path.open("rb") as file:
             data = tomllib.load(file)
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # (TOML is UTF-8)
         raise ValueError(f"{path}: not valid TOML: {error}") from None
     data.setdefault("name", path.stem)
     try:

@@ -108,6 +108,7 @@ RING_RESULT_ERRORS: dict[int, str] = {
     -3: "KAFKA_STORAGE_ERROR",
     -4: "SHUTTING_DOWN",
     -5: "BROKER_ERROR",
+    -6: "STORAGE_FULL",
 }
 RING_RESULT_NUMBERS: dict[str, int] = {code: number for number, code in RING_RESULT_ERRORS.items()}
 

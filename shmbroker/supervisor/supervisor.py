@@ -55,7 +55,7 @@ from shmbroker.storage.offset_log import OffsetLog
 from shmbroker.supervisor.groups import GroupService, check_group_id, partitions_field
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
 from shmbroker.supervisor.workers import WorkerHandle
-from shmbroker.transport.unix import ServerConnection, listen
+from shmbroker.transport.unix import Refusals, ServerConnection, fit_fd_limit, listen
 
 logger = logging.getLogger("shmbroker.supervisor")
 
@@ -128,6 +128,9 @@ class Supervisor:
         # commits a second) would cost more than the requests themselves.
         self._child_exited = False
         self._next_upkeep = 0.0
+        self.connections_max = config.connections_max
+        self._refusals = Refusals(logger, SOCKET_FILE)
+        self._next_slow_frame_check = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
 
     # -- start --------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ class Supervisor:
             self._write_topic_config(topic)
             for partition in range(topic.partitions):
                 self._add_worker(topic, partition)
+        self.connections_max = fit_fd_limit(self.config.connections_max)
         self.listener = listen(self.data_dir / SOCKET_FILE, self.config.socket_mode)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         logger.info("shmbroker %s serving %s (pid %d): %d topic(s), %d partition worker(s)",
@@ -184,18 +188,22 @@ class Supervisor:
             shutil.rmtree(entry, ignore_errors=True)
 
     def _clean_shared_memory(self) -> None:
-        """Unlink shm names of topics that no longer exist (a killed broker's leftovers); rings of
-        live topics stay: their producers may still be writing, the workers drain them."""
+        """Unlink the shm names under our prefix that no live partition owns (a killed broker's
+        leftovers: deleted topics, names of a data dir deleted and made again at this path,
+        anything else).  Control blocks and rings of live partitions stay: the workers reuse
+        the blocks, drain the rings and release those of dead producers."""
         assert self.store is not None
         prefix = names.shm_prefix(self.data_dir)
-        live = {topic.topic_id for topic in self.store.topics()}
+        live = {topic.topic_id: topic.partitions for topic in self.store.topics()}
+        removed = 0
         for name in names.list_names(prefix):
-            rest = name.lstrip("/")[len(prefix) + 1:]
-            if rest.startswith("t"):
-                topic_id = rest[1:].split(".", 1)[0]
-                if topic_id.isdigit() and int(topic_id) in live:
-                    continue
-            names.unlink(name)
+            where = names.partition_of(prefix, name)
+            if where is not None and where[1] < live.get(where[0], 0):
+                continue
+            removed += names.unlink(name)
+        if removed:
+            logger.info("removed %d shared-memory name(s) of deleted topics or partitions, or "
+                        "of an earlier data dir at this path", removed)
 
     # -- workers ------------------------------------------------------------------------------
     def _paths(self, topic: TopicMeta, partition: int) -> PartitionPaths:
@@ -280,7 +288,28 @@ class Supervisor:
         if self._child_exited or now >= self._next_upkeep:
             self._child_exited = False
             self._upkeep(now)
+        if now >= self._next_slow_frame_check:
+            self._close_slow_frames(now)
         self._answer_pending(now)
+
+    def _close_slow_frames(self, now: float) -> None:
+        """Close connections whose frame began more than frame_read_timeout_ms ago."""
+        timeout_s = self.config.frame_read_timeout_ms / 1000
+        self._next_slow_frame_check = now + min(1.0, timeout_s / 4)
+        for key in list(self.selector.get_map().values()):
+            connection = key.data
+            if (isinstance(connection, ServerConnection)
+                    and connection.frame_overdue(now, timeout_s)):
+                began_s = now - (connection.frame_started_at or now)
+                error = ProtocolError(
+                    f"a frame begun {began_s:.1f} s ago is still incomplete "
+                    f"({connection.decoder.buffered_bytes} bytes received; "
+                    f"frame_read_timeout_ms {self.config.frame_read_timeout_ms}): closing the "
+                    "connection")
+                logger.warning("%s: %s", SOCKET_FILE, error)
+                connection.send(error_frame(ApiKey.ERROR, 0, error))
+                connection.close()
+                self._update_interest(connection)
 
     def _upkeep(self, now: float) -> None:
         self._reap()
@@ -301,8 +330,13 @@ class Supervisor:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            if len(self.selector.get_map()) >= limits.connections_max:
-                sock.close()
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS: the client sees its connect
+                logger.warning("cannot accept a connection on %s: %s", SOCKET_FILE, error)
+                return
+            # less the listener and the signal socket (and, for a moment, the ready pipes of
+            # starting workers)
+            if len(self.selector.get_map()) - 2 >= self.connections_max:
+                self._refusals.refuse(sock, self.connections_max)
                 continue
             connection = ServerConnection(sock, limits.frame_json_bytes_max + 64)
             self.selector.register(sock, selectors.EVENT_READ, connection)

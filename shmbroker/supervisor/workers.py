@@ -64,6 +64,8 @@ class WorkerHandle:
                    "--parent-pid", str(os.getpid()),
                    "--socket-mode", format(self.config.socket_mode, "o"),
                    "--spin-us", str(self.config.worker_spin_us),
+                   "--connections-max", str(self.config.connections_max),
+                   "--frame-read-timeout-ms", str(self.config.frame_read_timeout_ms),
                    "--log-level", self.log_level]
         try:
             self.process = subprocess.Popen(command, pass_fds=(write_fd,),

@@ -9,6 +9,12 @@ the kernel resolves like the real path, so long data dirs work for bind and conn
 strings and file ranges, written with ``send`` and ``os.sendfile`` as the socket accepts them.
 A file range that cannot be sent at once keeps a ``dup`` of its fd, so retention deleting the
 segment meanwhile cannot make the connection send from a reused descriptor.
+
+Hostile clients: a connection remembers when the frame it is receiving began to arrive
+(:meth:`ServerConnection.frame_overdue`), so its owner can close one that sends a frame too slowly
+(slow-loris); :func:`fit_fd_limit` and :class:`Refusals` bound and log the connections a listener
+takes.  An idle connection between requests costs one fd and is not timed out: a Unix socket's
+peer is a local process, whose death closes the connection at once.
 """
 
 from __future__ import annotations
@@ -16,18 +22,24 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import logging
 import os
+import resource
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
+from shmbroker import limits
 from shmbroker.errors import ProtocolError
 from shmbroker.protocol.frames import Frame, FrameDecoder
 
 SUN_PATH_BYTES_MAX = 107
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RECV_BYTES = 256 * 1024
+REFUSAL_LOG_INTERVAL_S = 1.0
+CONNECT_RETRY_S = 0.002
 
 _directory_fds: dict[str, int] = {}
 _directory_lock = threading.Lock()
@@ -102,7 +114,18 @@ def connect(path: str | os.PathLike[str], timeout_s: float | None = None) -> soc
     try:
         sock.settimeout(timeout_s)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-        sock.connect(usable_address(path))
+        address = usable_address(path)
+        deadline = time.monotonic() + (timeout_s or 0.0)
+        while True:
+            try:
+                sock.connect(address)
+                break
+            except BlockingIOError:
+                # With a timeout the socket is non-blocking, and a Unix socket whose listen
+                # backlog is full (a flood of connects) answers EAGAIN at once: wait for room.
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(CONNECT_RETRY_S)
     except BaseException:
         sock.close()
         raise
@@ -149,6 +172,9 @@ class ServerConnection:
         self.closed = False
         self.pending_requests = 0
         self.user: object = None  # what the owner hangs on the connection (rings, member ids)
+        # monotonic time the first bytes of the frame being received arrived; None between
+        # frames (see frame_overdue)
+        self.frame_started_at: float | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -162,7 +188,10 @@ class ServerConnection:
         malformed frame (the owner answers with an error frame and closes)."""
         if not self.fill():
             return None
-        return self.decoder.frames()
+        frames = self.decoder.frames()
+        if frames:
+            self._frame_taken()
+        return frames
 
     def fill(self) -> bool:
         """Read what is there into the frame decoder (take the frames with
@@ -176,11 +205,35 @@ class ServerConnection:
         if not data:
             return False
         self.decoder.receive_data(data)
+        if self.frame_started_at is None:
+            self.frame_started_at = time.monotonic()
         return True
 
     def next_frame(self) -> Frame | None:
         """The next whole frame received (ProtocolError on a malformed one)."""
-        return self.decoder.next_frame()
+        frame = self.decoder.next_frame()
+        if frame is not None:
+            self._frame_taken()
+        return frame
+
+    def _frame_taken(self) -> None:
+        # bytes left over belong to the next frame, whose clock starts now
+        self.frame_started_at = time.monotonic() if self.decoder.buffered_bytes else None
+
+    def frame_overdue(self, now: float, timeout_s: float) -> bool:
+        """Whether the frame being received began more than ``timeout_s`` before ``now``.
+
+        Time with answers waiting to be written does not count (the owner does not read the
+        connection then: the frame may be whole in the kernel's buffer): while output waits, the
+        clock restarts at each call, so an owner that asks at least every ``timeout_s / 4``
+        gives a frame at least 3/4 of ``timeout_s`` of reading time."""
+        started = self.frame_started_at
+        if started is None:
+            return False
+        if self._output:
+            self.frame_started_at = now
+            return False
+        return now - started > timeout_s
 
     def send(self, data: bytes | memoryview) -> None:
         self._output.append(data)
@@ -248,5 +301,44 @@ class ServerConnection:
             pass
 
 
-__all__ = ["ProtocolError", "ServerConnection", "connect", "listen", "recv_exact_into",
-           "usable_address"]
+def fit_fd_limit(connections_max: int) -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit so that ``connections_max`` connections
+    and ``limits.connection_fds_reserved`` other fds fit (up to the hard limit); the number of
+    connections that fit.  Accepting past the fd limit would fail with EMFILE, and a listener
+    that cannot accept stays readable (a busy loop)."""
+    wanted = connections_max + limits.connection_fds_reserved
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return connections_max
+    return max(1, min(connections_max, soft - limits.connection_fds_reserved))
+
+
+class Refusals:
+    """Connections a listener closes at once because it holds its limit: counted, and logged
+    at most once per second (a flood of connects must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger = logger
+        self.what = what
+        self.count = 0
+        self._logged = 0
+        self._next_log = 0.0
+
+    def refuse(self, sock: socket.socket, connections_max: int) -> None:
+        sock.close()
+        self.count += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._next_log = now + REFUSAL_LOG_INTERVAL_S
+            self.logger.warning("%s: refused %d connection(s): connections_max %d reached",
+                                self.what, self.count - self._logged, connections_max)
+            self._logged = self.count
+
+
+__all__ = ["ProtocolError", "Refusals", "ServerConnection", "connect", "fit_fd_limit", "listen",
+           "recv_exact_into", "usable_address"]

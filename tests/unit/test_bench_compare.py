@@ -20,7 +20,10 @@ from shmbroker.perf.workload import Workload
 
 @pytest.fixture
 def no_redis_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No redis-server, and its client present: the hint must not depend on what this machine
+    has installed."""
     monkeypatch.setattr(redis_streams, "find_binary", lambda name: None)
+    monkeypatch.setattr(redis_streams, "module_missing", lambda *modules: [])
 
 
 def test_a_peer_without_its_server_says_how_to_install_it(no_redis_server: None) -> None:

@@ -449,6 +449,7 @@ class Soak:
         self.members: dict[tuple[int, int], Any] = {}
         self.incarnations: collections.Counter[str] = collections.Counter()
         self.rng = random.Random(config.seed + 1)  # victims: also replayed by the seed
+        self.struck_ns = 0  # when the last fault struck (monotonic ns)
 
     # children
     def _start_producer(self, index: int) -> None:
@@ -517,11 +518,17 @@ class Soak:
                                    f"({process.exitcode}) on its own")
 
     # faults
+    def _strike(self) -> None:
+        """The fault's moment: just before its first signal (finding the victims, e.g. waiting
+        for every worker to run, is not part of it)."""
+        self.struck_ns = time.monotonic_ns()
+
     def inject(self, kind: str) -> str:
-        """Inject one fault; what was hit."""
+        """Inject one fault (its moment in ``struck_ns``); what was hit."""
         broker = self.broker
         if kind in ("kill_worker", "stop_worker"):
             partition, pid = self.rng.choice(sorted(broker.wait_workers().items()))
+            self._strike()
             if kind == "kill_worker":
                 os.kill(pid, signal.SIGKILL)
                 return f"worker of partition {partition} (pid {pid})"
@@ -534,20 +541,24 @@ class Soak:
                    f"{self.config.stop_worker_s:g} s"
         if kind == "kill_all_workers":
             pids = broker.wait_workers()
+            self._strike()
             for pid in pids.values():
                 os.kill(pid, signal.SIGKILL)
             return f"{len(pids)} workers"
         if kind in ("kill_supervisor", "hard_restart"):
+            self._strike()
             broker.kill(workers=kind == "hard_restart")
             broker.start()
             return "supervisor" + (" and workers" if kind == "hard_restart" else "")
         if kind == "clean_restart":
+            self._strike()
             code = broker.stop()
             broker.start()
             return f"SIGTERM (exit {code}), started again"
         if kind == "kill_producer":
             index = self.rng.randrange(self.config.producers)
             process = self.producers[index]
+            self._strike()
             process.kill()
             process.join(CHILD_STOP_TIMEOUT_S)
             self._start_producer(index)
@@ -556,6 +567,7 @@ class Soak:
             group = self.rng.randrange(len(GROUPS))
             member = self.rng.randrange(self.config.members_per_group)
             process = self.members[(group, member)]
+            self._strike()
             process.kill()
             process.join(CHILD_STOP_TIMEOUT_S)
             self._start_member(group, member)
@@ -589,9 +601,9 @@ class Soak:
                 while time.monotonic() < started + at_s:
                     self._check_children()
                     time.sleep(0.01)
-                fault_ns = time.monotonic_ns()
                 detail = self.inject(kind)
-                record = FaultRecord(kind, round(time.monotonic() - started, 3), detail,
+                fault_ns = self.struck_ns
+                record = FaultRecord(kind, round((fault_ns - started_ns) / 1e9, 3), detail,
                                      started_ns=fault_ns)
                 if self._wait_recovered(fault_ns):
                     record.recovered_ns = time.monotonic_ns()

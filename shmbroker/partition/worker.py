@@ -78,7 +78,13 @@ from shmbroker.shm import doorbell, names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.shm.ring import RingReader
 from shmbroker.storage.partition_log import PartitionLog
-from shmbroker.transport.unix import Refusals, ServerConnection, fit_fd_limit, listen
+from shmbroker.transport.unix import (
+    Refusals,
+    ServerConnection,
+    fit_fd_limit,
+    listen,
+    overdue_frames,
+)
 
 logger = logging.getLogger("shmbroker.worker")
 
@@ -567,18 +573,11 @@ class PartitionWorker:
         """Close connections whose frame began more than frame_read_timeout_ms ago."""
         timeout_s = self.frame_read_timeout_s
         self._next_slow_frame_check = now + min(1.0, timeout_s / 4)
-        for key in list(self.selector.get_map().values()):
-            connection = key.data
-            if (isinstance(connection, ServerConnection)
-                    and connection.frame_overdue(now, timeout_s)):
-                began_s = now - (connection.frame_started_at or now)
-                error = ProtocolError(
-                    f"a frame begun {began_s:.1f} s ago is still "
-                    f"incomplete ({connection.decoder.buffered_bytes} bytes received; "
-                    f"frame_read_timeout_ms {timeout_s * 1000:.0f}): closing the connection")
-                logger.warning("%s: %s", self.name, error)
-                connection.send(error_frame(ApiKey.ERROR, 0, error))
-                self._close(connection)
+        for connection, error in overdue_frames(
+                [key.data for key in self.selector.get_map().values()], now, timeout_s):
+            logger.warning("%s: %s", self.name, error)
+            connection.send(error_frame(ApiKey.ERROR, 0, error))
+            self._close(connection)
 
     def _update_interest(self, connection: ServerConnection) -> None:
         if connection.closed:

@@ -55,7 +55,13 @@ from shmbroker.storage.offset_log import OffsetLog
 from shmbroker.supervisor.groups import GroupService, check_group_id, partitions_field
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
 from shmbroker.supervisor.workers import WorkerHandle
-from shmbroker.transport.unix import Refusals, ServerConnection, fit_fd_limit, listen
+from shmbroker.transport.unix import (
+    Refusals,
+    ServerConnection,
+    fit_fd_limit,
+    listen,
+    overdue_frames,
+)
 
 logger = logging.getLogger("shmbroker.supervisor")
 
@@ -296,20 +302,12 @@ class Supervisor:
         """Close connections whose frame began more than frame_read_timeout_ms ago."""
         timeout_s = self.config.frame_read_timeout_ms / 1000
         self._next_slow_frame_check = now + min(1.0, timeout_s / 4)
-        for key in list(self.selector.get_map().values()):
-            connection = key.data
-            if (isinstance(connection, ServerConnection)
-                    and connection.frame_overdue(now, timeout_s)):
-                began_s = now - (connection.frame_started_at or now)
-                error = ProtocolError(
-                    f"a frame begun {began_s:.1f} s ago is still incomplete "
-                    f"({connection.decoder.buffered_bytes} bytes received; "
-                    f"frame_read_timeout_ms {self.config.frame_read_timeout_ms}): closing the "
-                    "connection")
-                logger.warning("%s: %s", SOCKET_FILE, error)
-                connection.send(error_frame(ApiKey.ERROR, 0, error))
-                connection.close()
-                self._update_interest(connection)
+        for connection, error in overdue_frames(
+                [key.data for key in self.selector.get_map().values()], now, timeout_s):
+            logger.warning("%s: %s", SOCKET_FILE, error)
+            connection.send(error_frame(ApiKey.ERROR, 0, error))
+            connection.close()
+            self._update_interest(connection)
 
     def _upkeep(self, now: float) -> None:
         self._reap()

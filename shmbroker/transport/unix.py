@@ -29,6 +29,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from shmbroker import limits
@@ -342,3 +343,19 @@ class Refusals:
 
 __all__ = ["ProtocolError", "Refusals", "ServerConnection", "connect", "fit_fd_limit", "listen",
            "recv_exact_into", "usable_address"]
+
+
+def overdue_frames(candidates: Iterable[object], now: float,
+                   timeout_s: float) -> list[tuple[ServerConnection, ProtocolError]]:
+    """The connections among ``candidates`` (a selector's data: others are skipped) whose frame
+    began more than ``timeout_s`` before ``now`` (slow-loris), each with the error to send it
+    before closing it."""
+    overdue = []
+    for connection in candidates:
+        if isinstance(connection, ServerConnection) and connection.frame_overdue(now, timeout_s):
+            began_s = now - (connection.frame_started_at or now)
+            overdue.append((connection, ProtocolError(
+                f"a frame begun {began_s:.1f} s ago is still incomplete "
+                f"({connection.decoder.buffered_bytes} bytes received; frame_read_timeout_ms "
+                f"{timeout_s * 1000:.0f}): closing the connection")))
+    return overdue

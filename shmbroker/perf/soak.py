@@ -76,6 +76,9 @@ RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 120.0  # at the end: groups consume and commit up to the log end
 CHILD_STOP_TIMEOUT_S = 60.0
 ROWS_FLUSH_S = 0.05
+# Shared counters of each producer (all its incarnations): records acknowledged, the intended
+# time of the newest acknowledged one (ns), records sent (send() called)
+PRODUCER_SLOTS = 3
 IN_FLIGHT_MAX = 5000
 _HEADER = struct.Struct("<qiiq")  # payloads.HEADER_DTYPE: intended ns, producer id, 0, seq
 # Rows the children write (all int64).
@@ -165,8 +168,8 @@ def _producer_main(spec: dict[str, Any], progress: Any, stop: Any) -> None:
     def write_rows() -> None:
         if rows:
             os.write(fd, np.array(rows, dtype=np.int64).tobytes())
-            progress[2 * index] += len(rows)
-            progress[2 * index + 1] = rows[-1][4]
+            progress[PRODUCER_SLOTS * index] += len(rows)
+            progress[PRODUCER_SLOTS * index + 1] = rows[-1][4]
             rows.clear()
 
     def settle(block_s: float) -> None:
@@ -211,6 +214,7 @@ def _producer_main(spec: dict[str, Any], progress: Any, stop: Any) -> None:
                 counts["send:" + type(error).__name__] += 1
                 stop.wait(0.05)
             seq += 1  # never sent twice: a failed send is simply not acknowledged
+            progress[PRODUCER_SLOTS * index + 2] += 1
         settle(0.2 if len(pending) >= IN_FLIGHT_MAX else 0)
         if time.monotonic() >= next_flush:
             write_rows()
@@ -439,10 +443,9 @@ class Soak:
         self.broker = SoakBroker(self.data_dir, work_dir / "broker.log")
         self.context = multiprocessing.get_context("spawn")
         members = len(GROUPS) * config.members_per_group
-        # producers: (acked count, newest acknowledged intended ns); members: per partition the
-        # newest consumed intended ns
+        # producers: PRODUCER_SLOTS each; members: per partition the newest consumed intended ns
         self.progress = self.context.Array(
-            "q", 2 * config.producers + members * config.partitions, lock=False)
+            "q", PRODUCER_SLOTS * config.producers + members * config.partitions, lock=False)
         self.stop_producers = self.context.Event()
         self.stop_members = self.context.Event()
         self.producers: list[Any] = [None] * config.producers
@@ -469,7 +472,7 @@ class Soak:
         self.producers[index] = process
 
     def _member_slot(self, group: int, member: int) -> int:
-        return 2 * self.config.producers + (
+        return PRODUCER_SLOTS * self.config.producers + (
             group * self.config.members_per_group + member) * self.config.partitions
 
     def _start_member(self, group: int, member: int) -> None:
@@ -489,7 +492,8 @@ class Soak:
     # recovery
     def _recovered(self, since_ns: int) -> bool:
         config = self.config
-        if any(self.progress[2 * i + 1] <= since_ns for i in range(config.producers)):
+        if any(self.progress[PRODUCER_SLOTS * i + 1] <= since_ns
+               for i in range(config.producers)):
             return False
         for group in range(len(GROUPS)):
             for partition in range(config.partitions):
@@ -673,8 +677,10 @@ class Soak:
         for path in self.work.glob("p*.summary.json"):
             summaries.update(json.loads(path.read_text()))
         accounting = account(acked, consumed)
-        sent = summaries.pop("sent", 0)
-        producers = {"sent_by_closed_producers": sent, "acknowledged": len(acked),
+        summaries.pop("sent", None)
+        producers = {"sent": sum(self.progress[PRODUCER_SLOTS * i + 2]
+                                 for i in range(self.config.producers)),
+                     "acknowledged": len(acked),
                      "incarnations": sum(self.incarnations[f"p{i}"]
                                          for i in range(self.config.producers)),
                      "outcomes": dict(summaries)}
@@ -792,9 +798,10 @@ def report(result: SoakResult) -> list[str]:
     producers = result.producers
     outcomes = ", ".join(f"{key} {value:,}" for key, value in sorted(
         producers["outcomes"].items()) if value)
-    lines += ["", f"records: acknowledged {producers['acknowledged']:,} (sent by producers that "
-                  f"closed: {producers['sent_by_closed_producers']:,}; producer incarnations "
-                  f"{producers['incarnations']})" + (f"; {outcomes}" if outcomes else "")]
+    lines += ["", f"records: sent {producers['sent']:,}, acknowledged "
+                  f"{producers['acknowledged']:,} (producer incarnations "
+                  f"{producers['incarnations']})"
+              + (f"; outcomes of the closed producers: {outcomes}" if outcomes else "")]
     for group, counts in result.groups.items():
         lines.append(f"group {group}: consumed {counts['consumed']:,} ({counts['unique']:,} "
                      f"offsets), lost {counts['lost']:,}, redelivered "

@@ -321,3 +321,24 @@ def test_clean_reopen_scans_nothing(tmp_path):
     assert log.read_bytes(0, 10**6) == content
     assert base_offset_of(log.read_bytes(end, 100)) == end
     log.close()
+
+
+def test_tick_flushes_and_checkpoints_the_recovery_point_without_a_flush_policy(tmp_path):
+    """No flush_messages, no flush_ms: the periodic checkpoint still fsyncs, so a crash (a
+    reopen without close) rescans only what came after it."""
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    clock = FakeClock()
+    log = _open(tmp_path / "a", SMALL_CONFIG, clock)
+    log.append(sized_batch(3, 1))
+    log.tick()
+    assert log.flushed_offset == 0  # not yet: the interval has not passed
+    clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+    log.tick()
+    assert log.flushed_offset == 3
+    log.append(sized_batch(2, 1))
+    # a crash: no close; the next open trusts the checkpoint and scans from offset 3 only
+    reopened = _open(tmp_path / "a", SMALL_CONFIG, clock)
+    assert reopened.log_end_offset == 5
+    assert reopened.recovery_report.recovery_point_offset == 3
+    reopened.close()

@@ -265,11 +265,17 @@ class RecordColumns:
     record_ends: I64
 
 
-def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64, I64]:
+SPECULATION_ROWS = 64  # the first block of equal-size records verified at once (grows 4x)
+
+
+def _record_starts(data: U8, start: int, end: int, count: int,
+                   collect: bool = True) -> tuple[I64, I64, I64]:
     """Find each record's start, length-varint size and body length by walking the chain.
 
-    Records of equal size are verified many at a time on a strided view; irregular ones are
-    stepped one by one (a few hundred ns each).
+    Records of equal size are verified many at a time on a strided view: after two of one
+    size, a block of SPECULATION_ROWS is checked, growing 4x while blocks hold; irregular ones
+    are stepped one by one (a few hundred ns each).  Without ``collect`` only the chain is
+    checked (empty arrays are returned).
     """
     starts: list[int] = []
     size_lengths: list[int] = []
@@ -280,7 +286,7 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     position = start
     previous_stride = -1
     repeats = 0
-    speculation_rows = 16  # doubles while runs fill it: O(count) work however runs are laid out
+    speculation_rows = SPECULATION_ROWS  # grows while runs fill it: O(count log count) at worst
     while index < count:
         if position >= end:
             raise CorruptRecordError(
@@ -293,26 +299,28 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
                 f"record {index} claims {body} bytes; {end - after} remain in the batch")
         repeats = repeats + 1 if stride == previous_stride else 0
         room = (min(count - index, (end - position) // stride, speculation_rows)
-                if repeats >= 2 else 1)
-        if room > 4:
-            # Three records of one size in a row: speculate that more follow, verify their
+                if repeats >= 1 else 1)
+        if room > 2:
+            # Two records of one size in a row: speculate that more follow, verify their
             # length fields on a strided view and accept the longest matching prefix.
             block = data[position : position + room * stride].reshape(room, stride)
             rows_ok = (block[:, :size_length] == data[position : position + size_length]).all(
                 axis=1)
             run = room if rows_ok.all() else int(np.argmin(rows_ok))
-            run_parts.append((len(starts), run, position, stride, size_length))
+            if collect:
+                run_parts.append((len(starts), run, position, stride, size_length))
             index += run
             position += stride * run
-            if run == speculation_rows:  # the run may go on: keep speculating, further
-                speculation_rows *= 2
+            if run == room:  # the run may go on: keep speculating, further
+                speculation_rows *= 4
             else:
-                speculation_rows = 16
+                speculation_rows = SPECULATION_ROWS
                 repeats = 0
         else:
-            starts.append(position)
-            size_lengths.append(size_length)
-            bodies.append(body)
+            if collect:
+                starts.append(position)
+                size_lengths.append(size_length)
+                bodies.append(body)
             index += 1
             position += stride
         previous_stride = stride
@@ -339,57 +347,14 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     return starts_array, size_lengths_array, bodies_array
 
 
-CHAIN_SPECULATION_ROWS = 64  # first block a chain check verifies at once (grows 4x per hit)
-
-
 def check_record_chain(buffer: object, start: int, end: int, count: int) -> None:
     """CorruptRecordError unless ``buffer[start:end]`` is exactly ``count`` length-prefixed
     records: the chain of record lengths, which a batch whose header lies about its record
-    count (with a recomputed CRC) breaks.  The records' insides are not decoded.
-
-    As :func:`_record_starts`, without building arrays: after two records of one size it
-    speculates that a block of them follows and verifies their length fields on a strided view
-    (blocks grow 4x while they hold), so a batch of one shape costs a few numpy calls; records
-    of irregular sizes are stepped one by one."""
-    data = _as_u8(buffer)
-    raw = memoryview(data)
-    index = 0
-    position = start
-    previous_stride = -1
-    repeats = 0
-    speculation_rows = CHAIN_SPECULATION_ROWS
-    while index < count:
-        if position >= end:
-            raise CorruptRecordError(
-                f"records section ends after {index} of {count} declared records")
-        body, after = decode_varint(raw, position, end)
-        size_length = after - position
-        stride = size_length + body
-        if body < 6 or position + stride > end:
-            raise CorruptRecordError(
-                f"record {index} claims {body} bytes; {end - after} remain in the batch")
-        repeats = repeats + 1 if stride == previous_stride else 0
-        previous_stride = stride
-        room = (min(count - index, (end - position) // stride, speculation_rows)
-                if repeats >= 1 else 1)
-        if room > 2:
-            block = data[position : position + room * stride].reshape(room, stride)
-            rows_ok = (block[:, :size_length] == data[position : position + size_length]).all(
-                axis=1)
-            run = room if rows_ok.all() else int(np.argmin(rows_ok))
-            index += run
-            position += stride * run
-            if run == room:
-                speculation_rows *= 4
-            else:
-                speculation_rows = CHAIN_SPECULATION_ROWS
-                repeats = 0
-        else:
-            index += 1
-            position += stride
-    if position != end:
-        raise CorruptRecordError(
-            f"{end - position} bytes left over after the {count} declared records")
+    count (with a recomputed CRC) breaks.  The records' insides are not decoded.  Runs of
+    equal-size records are verified a block at a time (:func:`_record_starts`, without building
+    its arrays), so a batch of one shape costs a few numpy calls; records of irregular sizes
+    are stepped one by one."""
+    _record_starts(_as_u8(buffer), start, end, count, collect=False)
 
 
 def decode_records(buffer: object, start: int, end: int, count: int) -> RecordColumns:

@@ -22,6 +22,7 @@ reported loudly (the CLI exits non-zero), duplicates are counted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -113,8 +114,24 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
     sent = 0
     sent_bytes = 0
     outcomes: list[tuple[Any, int, int]] = []  # (future or batch, first seq, count)
-    per_record_batches: dict[Any, int] = {}
+    # per-record: each record's batch slot; batches are swept into ``batch_ok`` as they
+    # complete and then dropped, so the producer does not hold every batch of the run (a full
+    # garbage collection walking them stalled it for tens of ms: the latency tail)
+    open_slots: dict[Any, int] = {}
+    unswept: collections.deque[tuple[Any, int]] = collections.deque()
     batch_of_seq = np.zeros(1 << 16, dtype=np.int32)
+    batch_ok = np.zeros(1 << 12, dtype=bool)
+    slots = 0
+
+    def sweep(final: bool) -> None:
+        nonlocal batch_ok
+        while unswept and (final or unswept[0][0].done):
+            batch, slot = unswept.popleft()
+            if slot >= len(batch_ok):
+                batch_ok = np.concatenate((batch_ok, np.zeros(max(slot + 1, len(batch_ok)),
+                                                              dtype=bool)))
+            batch_ok[slot] = batch.done and batch.error is None
+            del open_slots[batch]
     with Producer(data_dir, acks=acks, linger_ms=workload.linger_ms,
                   batch_size_bytes=workload.batch_size_bytes, compression=compression) as producer:
         partition_counts = {topic: len(producer.partitions_for(topic)) for topic in topics}
@@ -189,15 +206,18 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                     topic, partition = partitions[sent % len(partitions)]
                     future = send(topic, value, partition=partition)
                 batch = future.batch
-                slot = per_record_batches.get(batch)
+                slot = open_slots.get(batch)
                 if slot is None:
-                    slot = per_record_batches[batch] = len(per_record_batches)
+                    slot = open_slots[batch] = slots
+                    slots += 1
+                    unswept.append((batch, slot))
                 if sent >= len(batch_of_seq):
                     batch_of_seq = np.concatenate((batch_of_seq, np.zeros_like(batch_of_seq)))
                 batch_of_seq[sent] = slot
                 sent += 1
                 sent_bytes += len(value)
                 if not sent & 255:
+                    sweep(final=False)
                     now = time.monotonic()
                     if now >= end_at:
                         break
@@ -205,6 +225,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                         counters[2 * index] = sent
                         next_update = now + COUNTER_UPDATE_S
         producer.flush(120)
+        sweep(final=True)
     counters[2 * index] = sent
     acked = np.zeros(sent, dtype=bool)
     errors = 0
@@ -216,9 +237,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
             except Exception:
                 errors += count
     else:
-        ok = np.array([batch.error is None and batch.done for batch in per_record_batches],
-                      dtype=bool)
-        acked = ok[batch_of_seq[:sent]] if sent else acked
+        acked = batch_ok[batch_of_seq[:sent]] if sent else acked
         errors = int(sent - acked.sum())
     if acks == 0:
         acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost

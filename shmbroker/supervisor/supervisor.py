@@ -37,11 +37,13 @@ from shmbroker.errors import (
     BrokerAlreadyRunningError,
     BrokerError,
     BrokerStorageError,
+    BrokerStorageFullError,
     InvalidCommitOffsetError,
     ProtocolError,
     ShmbrokerError,
     ShuttingDownError,
     StorageError,
+    StorageFullError,
     TopicExistsError,
 )
 from shmbroker.format.names import validate_partition, validate_topic_name
@@ -579,7 +581,9 @@ class Supervisor:
             error: ShmbrokerError | None = None
         except StorageError as failure:
             logger.error("committed offsets: %s", failure)
-            error = BrokerStorageError(str(failure))
+            # the client's error class by the failure's code: a full disk stays STORAGE_FULL
+            full = isinstance(failure, StorageFullError)
+            error = (BrokerStorageFullError if full else BrokerStorageError)(str(failure))
         # one send per connection: a pipelining client has many answers in one iteration
         answers: dict[ServerConnection, list[bytes]] = {}
         for connection, frame, answer in staged:

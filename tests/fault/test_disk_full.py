@@ -166,6 +166,7 @@ def test_full_disk_refuses_cleanly_keeps_everything_and_recovers_by_itself(small
                     _commit(broker, min(commit, log_end))
                 except BrokerStorageError as refused:
                     assert "ENOSPC (No space left on device)" in str(refused)
+                    assert isinstance(refused, BrokerStorageFullError), type(refused)
                     break
             else:
                 raise AssertionError(f"{COMMITS_MAX} commits on a full disk")

@@ -45,6 +45,7 @@ from shmbroker.errors import (
     StorageError,
     StorageFullError,
     TopicExistsError,
+    storage_error,
 )
 from shmbroker.format.names import validate_partition, validate_topic_name
 from shmbroker.partition.paths import RUN_DIR, TOPICS_DIR, PartitionPaths, describe
@@ -257,11 +258,16 @@ class Supervisor:
         effective = self.config.topic_config(topic.config).as_dict()
         target = directory / "config.json"
         temporary = directory / "config.json.tmp"
-        with open(temporary, "wb") as file:
-            file.write(orjson.dumps(effective))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(orjson.dumps(effective))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         fsync_directory(directory)
 
     # -- loop ---------------------------------------------------------------------------------
@@ -471,7 +477,13 @@ class Supervisor:
             config = field(body, "config", dict, default={})
             self.config.topic_config(config)  # refuse bad values before anything is stored
             topic = store.create(name, field(body, "partitions", int), config)
-            self._write_topic_config(topic)
+            try:
+                self._write_topic_config(topic)
+            except OSError as error:  # a full disk: the topic must not exist without workers
+                with contextlib.suppress(ShmbrokerError, OSError):
+                    store.delete(name)  # best effort; a restart writes the config anyway
+                raise storage_error(f"cannot create topic {name!r}: writing its config: "
+                                    f"{error.strerror or error}", error.errno) from None
             for partition in range(topic.partitions):
                 self._add_worker(topic, partition)
             self._topics_changed()

@@ -291,7 +291,8 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
             consumer.assign(mine)
             if mine:
                 consumer.seek_to_beginning()
-        ready.value += 1
+        with ready.get_lock():  # += is a read and a write: two consumers at once
+            ready.value += 1  # could lose one, and the parent wait for it forever
         next_offsets: dict[Any, int] = {}
         idle_since = time.monotonic()
         next_update = idle_since + COUNTER_UPDATE_S
@@ -404,7 +405,14 @@ def run(workload: Workload, data_dir: str,
         while ready.value < workload.consumers or workload.group is not None and not (
                 _group_settled(data_dir, workload.group, workload.consumers)):
             if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
-                raise RuntimeError(_child_errors(results) or "the consumers did not start")
+                dead = [f"{p.name} exited with {p.exitcode}" for p in processes
+                        if not p.is_alive()]
+                raise RuntimeError(_child_errors(results) or (
+                    f"the consumers did not start: {', '.join(dead)}" if dead else
+                    f"the consumers did not start in {READY_TIMEOUT_S:.0f} s: "
+                    f"{ready.value} of {workload.consumers} ready"
+                    + (f", group {workload.group!r}: {_group_state(data_dir, workload.group)}"
+                       if workload.group is not None else "")))
             time.sleep(0.01)
         start_at = time.monotonic() + 1.0 + 0.3 * workload.producers  # spawn + import time
         for index in range(workload.producers):
@@ -425,6 +433,20 @@ def run(workload: Workload, data_dir: str,
             for topic in topics:
                 admin.delete_topic(topic)
     return _verdict(workload, collected, timeline, broker_pid)
+
+
+def _group_state(data_dir: str, group: str) -> str:
+    """The group's state and members, for an error message."""
+    from shmbroker import Admin
+    from shmbroker.errors import ShmbrokerError
+
+    try:
+        with Admin(data_dir) as admin:
+            description = admin.describe_consumer_group(group)
+    except ShmbrokerError as error:
+        return f"cannot describe it ({error})"
+    return (f"{description['state']}, {len(description['members'])} member(s) "
+            f"{[(m['state'], m['assignment']) for m in description['members']]}")
 
 
 def _group_settled(data_dir: str, group: str, consumers: int) -> bool:
@@ -512,11 +534,16 @@ def _collect(results: Any, processes: list[Any], workload: Workload,
     return collected
 
 
-def _child_errors(results: Any) -> str:
+def _child_errors(results: Any, wait_s: float = 1.0) -> str:
+    """The errors children reported.  A child that failed puts its error on the queue just
+    before it exits, and the queue's feeder thread may deliver it a moment after the exit: wait
+    up to ``wait_s`` for the first one."""
     found = []
     with contextlib.suppress(queue.Empty):
         while True:
-            kind, index, value = results.get_nowait()
+            kind, index, value = results.get(timeout=wait_s) if not found and wait_s else \
+                results.get_nowait()
+            wait_s = 0.0
             if kind == "error":
                 found.append(f"{index}: {value}")
     return "; ".join(found)

@@ -125,7 +125,8 @@ def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expect
     slot = 2 * (workload.producers + CONSUMER_INDEX)
     session = PEERS[peer_name].consumer(address)
     try:
-        ready.value += 1
+        with ready.get_lock():  # += is a read and a write: two consumers at once
+            ready.value += 1  # could lose one, and the parent wait for it forever
         idle_since = time.monotonic()
         next_update = idle_since + shm_runner.COUNTER_UPDATE_S
         next_p99 = idle_since

@@ -73,7 +73,7 @@ def decode_records(buffer: bytes | bytearray | memoryview, start: int, end: int,
             raise CorruptRecordError("record value runs past the record's end")
         value = None if value_length < 0 else bytes(view[position:position + value_length])
         position += max(value_length, 0)
-        if view[position] == 0 and position + 1 == record_end:
+        if position + 1 == record_end and view[position] == 0:  # (position may be at the end)
             headers: tuple[tuple[str, bytes | None], ...] = ()
         else:
             found, position = decode_headers(view, position, record_end)

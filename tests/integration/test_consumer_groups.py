@@ -422,10 +422,16 @@ def test_stopped_member_is_fenced_after_its_session_timeout_and_rejoins(
     resumed_at = stalled.signal(signal.SIGCONT)
     tried = _wait(lambda: stalled.events("commit_after_cont"), "the commit after SIGCONT",
                   [stalled])
-    assert tried[0]["error"] in ("UnknownMemberIdError", "FencedMemberEpochError"), tried
     _wait_stable(broker, [stalled, other])
     lost = [event for event in stalled.events("lost") if event["t"] > resumed_at]
     assert lost and {tuple(part) for part in lost[0]["parts"]} == stalled_parts, lost
+    if tried[0]["error"] is None:
+        # Under load the heartbeat thread may learn of the fencing during the poll the process
+        # was stopped in: that poll drops the partitions as lost, and the commit that follows
+        # has nothing to commit (nothing is sent).  Fenced either way: no zombie commit.
+        assert lost[0]["t"] <= tried[0]["t"], (lost, tried)
+    else:
+        assert tried[0]["error"] in ("UnknownMemberIdError", "FencedMemberEpochError"), tried
     assert all(event["error"] is not None for event in stalled.events("commit")
                if event["t"] > resumed_at and event["t"] < lost[0]["t"]), "a zombie commit"
     third = _produce(broker.data_dir, "t", range(4), 10, b"C")

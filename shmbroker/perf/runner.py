@@ -151,19 +151,11 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                 now = time.monotonic()
                 if now >= end_at:
                     break
-                if interval_ns:  # paced: send what the schedule says is due (in chunks)
-                    due = int((time.monotonic_ns() - start_ns) / interval_ns) + 1
-                    if due <= sent:
-                        time.sleep(min(0.001, (sent - due + 1) * interval_ns / 1e9))
-                        continue
-                    count = min(chunk, due - sent)
-                else:
-                    count = chunk
-                first = sent % TEMPLATE_RECORDS
-                take = min(count, TEMPLATE_RECORDS - first)
-                seqs = np.arange(sent, sent + take, dtype=np.int64)
-                intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
-                    take, time.monotonic_ns(), dtype=np.int64)
+                due = next_chunk(sent, start_ns, interval_ns, chunk)
+                if due is None:
+                    continue
+                first, seqs, intended = due
+                take = len(seqs)
                 values = bytearray(template[starts[first]:starts[first] + int(
                     lengths[first:first + take].sum())])
                 payloads.encode_headers(values, starts[first:first + take] - starts[first],
@@ -243,6 +235,27 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost
     return {"sent": sent, "sent_bytes": sent_bytes, "errors": errors,
             "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+
+
+def next_chunk(sent: int, start_ns: int, interval_ns: int,
+               chunk: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The next chunk a chunked producer sends: ``(first, seqs, intended_ns)``, ``first`` the
+    template index of record ``sent`` (a chunk never wraps the template).  Paced
+    (``interval_ns``): what the schedule says is due, at most ``chunk``, or None after a short
+    sleep while nothing is; else ``chunk`` records, intended now."""
+    if interval_ns:
+        due = (time.monotonic_ns() - start_ns) // interval_ns + 1
+        if due <= sent:
+            time.sleep(min(0.001, (sent - due + 1) * interval_ns / 1e9))
+            return None
+        count = min(chunk, due - sent)
+    else:
+        count = chunk
+    first = sent % TEMPLATE_RECORDS
+    seqs = np.arange(sent, sent + min(count, TEMPLATE_RECORDS - first), dtype=np.int64)
+    intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
+        len(seqs), time.monotonic_ns(), dtype=np.int64)
+    return first, seqs, intended
 
 
 def producer_share(partitions: list[tuple[str, int]], index: int,

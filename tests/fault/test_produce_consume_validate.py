@@ -43,6 +43,7 @@ from typing import Any
 import psutil
 import pytest
 from broker_helpers import RunningBroker, wait_for
+from integration.produce_helpers import read_partitions
 
 from shmbroker import Consumer, Record, TopicPartition
 from shmbroker.errors import ClosedError, ShmbrokerError
@@ -253,22 +254,9 @@ class GroupMember:
 def read_log(data_dir: Path) -> dict[int, list[Record]]:
     """Every record of the topic, from offset 0 to the end offsets as they are now."""
     wanted = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
-    found: dict[int, list[Record]] = {p: [] for p in range(PARTITIONS)}
-    with Consumer(data_dir, auto_offset_reset="earliest") as consumer:
-        consumer.assign(wanted)
+    with Consumer(data_dir) as consumer:
         assert consumer.beginning_offsets(wanted) == dict.fromkeys(wanted, 0)
-        ends = consumer.end_offsets(wanted)
-        for tp in wanted:
-            consumer.seek(tp, 0)
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        while any(consumer.position(tp) < ends[tp] for tp in wanted):
-            assert time.monotonic() < deadline, (
-                f"read {({p: len(r) for p, r in found.items()})} records in {READ_TIMEOUT_S} s;"
-                f" end offsets {ends}")
-            for record in consumer.poll(timeout_ms=POLL_MS):
-                found[record.partition].append(record)
-    return {p: [r for r in records if r.offset < ends[TopicPartition(TOPIC, p)]]
-            for p, records in found.items()}
+    return read_partitions(data_dir, TOPIC, range(PARTITIONS), READ_TIMEOUT_S)
 
 
 def rings_left(data_dir: Path) -> list[str]:

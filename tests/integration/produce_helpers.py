@@ -168,7 +168,7 @@ def read_reply_or_eof(sock: socket.socket, timeout_s: float = 10.0
         data += chunk
         if _whole_frame(data):
             body, api_key = _parse_reply(data)
-            return body, api_key, _closed_soon(sock, 1.0)
+            return body, api_key, closed_soon(sock, 1.0)
     assert data, "the broker neither answered nor closed the connection"
     return _parse_reply(data) + (False,)
 
@@ -186,9 +186,16 @@ def _parse_reply(data: bytearray) -> tuple[dict[str, Any] | None, int | None]:
     return body, api_key
 
 
-def _closed_soon(sock: socket.socket, timeout_s: float) -> bool:
-    readable, _, _ = select.select([sock], [], [], timeout_s)
-    if not readable:
+def readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether ``sock`` has data or EOF within ``timeout_s`` (poll: fds above 1024 too)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
+def closed_soon(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer closed ``sock`` within ``timeout_s`` (with nothing more sent)."""
+    if not readable(sock, timeout_s):
         return False
     try:
         return sock.recv(1) == b""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
-import select
 import socket
 import struct
 import time
@@ -33,9 +32,11 @@ from broker_helpers import RunningBroker, wait_for
 from integration.produce_helpers import (
     BackgroundConsumer,
     BackgroundProducer,
+    closed_soon,
     raw_connect,
     raw_request,
     read_partitions,
+    readable,
 )
 
 from shmbroker import Producer, TopicPartition, limits
@@ -157,13 +158,6 @@ def check_segments(broker: RunningBroker, topic: str) -> None:
         assert end == len(data), f"{path}: {len(data) - end} bytes after the last whole batch"
 
 
-def _readable(sock: socket.socket, timeout_s: float) -> bool:
-    """Whether ``sock`` has data or EOF within ``timeout_s`` (poll: fds above 1024 too)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(timeout_s * 1000))
-
-
 def _answer(sock: socket.socket, timeout_s: float = 10.0) -> tuple[dict[str, Any] | None, bool]:
     """(the first frame's JSON body or None, whether the broker closed the connection before
     answering); AssertionError if it did neither within ``timeout_s``."""
@@ -171,8 +165,8 @@ def _answer(sock: socket.socket, timeout_s: float = 10.0) -> tuple[dict[str, Any
     deadline = time.monotonic() + timeout_s
     while not (len(data) >= 16 and len(data) >= 4 + int.from_bytes(data[:4], "big")):
         left = deadline - time.monotonic()
-        readable = _readable(sock, max(0.0, left))
-        assert readable, "the broker neither answered nor closed the connection"
+        assert readable(sock, max(0.0, left)), \
+            "the broker neither answered nor closed the connection"
         try:
             chunk = sock.recv(1 << 20)
         except ConnectionResetError:
@@ -452,8 +446,7 @@ def test_slow_frames_are_closed_after_frame_read_timeout(broker: RunningBroker,
                 except (BrokenPipeError, ConnectionResetError):
                     closed_at = time.monotonic()
                     break
-                readable = _readable(dripper, 0.2)
-                if readable:
+                if readable(dripper, 0.2):
                     closed_at = time.monotonic()
                     break
             assert closed_at is not None and sent < len(frame), (
@@ -463,7 +456,7 @@ def test_slow_frames_are_closed_after_frame_read_timeout(broker: RunningBroker,
                 FRAME_READ_TIMEOUT_MS / 1000), elapsed_s
             for sock, name in ((dripper, "dripping"), (stalled, "stalled")):
                 body, closed = _answer(sock)
-                assert closed or _closed_by_broker(sock), f"the {name} connection stayed open"
+                assert closed or closed_soon(sock, 5.0), f"the {name} connection stayed open"
                 if body is not None:
                     assert body["error"] == "INVALID_REQUEST", body
                     assert "frame_read_timeout_ms" in body["message"], body
@@ -502,17 +495,6 @@ def test_a_slow_but_steady_client_within_the_timeout_is_served(broker: RunningBr
 
 def _fd_count(pid: int) -> int:
     return psutil.Process(pid).num_fds()
-
-
-def _closed_by_broker(sock: socket.socket, timeout_s: float = 5.0) -> bool:
-    """Whether the broker closed this connection (at once, with nothing sent)."""
-    readable = _readable(sock, timeout_s)
-    if not readable:
-        return False
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 @pytest.fixture
@@ -561,14 +543,13 @@ def test_thousands_of_idle_connections_and_connections_max(tmp_path: Path,
                     for _ in range(CONNECTIONS_MAX):  # bounded: far more than the room left
                         sock = raw_connect(path)
                         idle.append(sock)
-                        readable = _readable(sock, 0.05)
-                        if readable and _closed_by_broker(sock, 0):
+                        if readable(sock, 0.05) and closed_soon(sock, 0):
                             refused = sock
                             break
                     assert refused is not None, f"{target}: no connection was refused"
                     extra = raw_connect(path)
                     idle.append(extra)
-                    assert _closed_by_broker(extra), f"{target}: a connection past the limit hung"
+                    assert closed_soon(extra, 5.0), f"{target}: a connection past the limit hung"
                 log = broker.log()
                 assert log.count(f"connections_max {CONNECTIONS_MAX} reached") >= 2, log[-2000:]
                 for sock in idle:

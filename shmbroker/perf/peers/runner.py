@@ -70,19 +70,11 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start_
             now = time.monotonic()
             if now >= end_at:
                 break
-            if interval_ns:  # paced: send what the schedule says is due, in chunks
-                due = (time.monotonic_ns() - start_ns) // interval_ns + 1
-                if due <= sent:
-                    time.sleep(min(0.001, (sent - due + 1) * interval_ns / 1e9))
-                    continue
-                count = min(CHUNK_RECORDS, due - sent)
-            else:
-                count = CHUNK_RECORDS
-            first = sent % TEMPLATE_RECORDS
-            count = min(count, TEMPLATE_RECORDS - first)
-            seqs = np.arange(sent, sent + count, dtype=np.int64)
-            intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
-                count, time.monotonic_ns(), dtype=np.int64)
+            due = shm_runner.next_chunk(sent, start_ns, interval_ns, CHUNK_RECORDS)
+            if due is None:
+                continue
+            first, seqs, intended = due
+            count = len(seqs)
             session.send(Chunk(first, count, seqs, intended))
             sent += count
             sent_bytes += int(lengths[first:first + count].sum())

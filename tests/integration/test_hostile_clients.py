@@ -395,12 +395,12 @@ def test_socket_produce_of_bad_batches_never_corrupts_the_log(broker: RunningBro
 def test_a_crc_valid_batch_whose_record_count_lies_is_refused(broker: RunningBroker,
                                                               count: int) -> None:
     """records_count and last_offset_delta that agree with each other but not with the records,
-    the CRC recomputed: a topic with record_validation = "records" walks the chain of record
-    lengths at append and refuses it (the default, "crc", trusts a CRC-valid batch's records:
+    the CRC recomputed: the worker walks the chain of record lengths at append and refuses it
+    (the default, record_validation = "records"; "crc" would trust a CRC-valid batch's records:
     see the README)."""
     strict = "strict-records"
     with broker.admin() as admin:
-        admin.create_topic(strict, partitions=1, config={"record_validation": "records"})
+        admin.create_topic(strict, partitions=1)
     broker.wait_ready()
     with broker.admin() as admin:
         (meta,) = admin.metadata([strict])

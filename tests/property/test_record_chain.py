@@ -1,7 +1,7 @@
 """The record-length chain check at append (columnar.check_record_chain): every batch our
 encoders write passes, and a header whose record count lies (CRC recomputed) is refused by
-PartitionLog.append (record_validation = "records") with nothing written; by default ("crc")
-it is stored, as documented."""
+PartitionLog.append (the default, record_validation = "records") with nothing written; with
+"crc" it is stored, as documented."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from shmbroker.config import LogConfig
 from shmbroker.errors import CorruptRecordError
 from shmbroker.format import record_batch
-from shmbroker.format.columnar import check_record_chain
+from shmbroker.format.columnar import _as_u8, _record_starts, check_record_chain
 from shmbroker.storage.partition_log import PartitionLog
 
 values = st.lists(st.one_of(st.none(), st.binary(max_size=300)), min_size=1, max_size=200)
@@ -56,7 +56,7 @@ def test_a_record_count_that_lies_is_refused(actual, declared):
 
 
 def test_partition_log_refuses_the_lying_batch_and_writes_nothing(tmp_path):
-    log = PartitionLog(tmp_path / "p", LogConfig(record_validation="records"))
+    log = PartitionLog(tmp_path / "p", LogConfig())
     try:
         good = record_batch.encode_batch([b"a", b"b"])
         log.append(good)
@@ -69,10 +69,60 @@ def test_partition_log_refuses_the_lying_batch_and_writes_nothing(tmp_path):
         log.close()
 
 
-def test_by_default_a_crc_valid_batch_is_trusted(tmp_path):
-    log = PartitionLog(tmp_path / "p", LogConfig())
+def test_with_crc_validation_a_crc_valid_batch_is_trusted(tmp_path):
+    log = PartitionLog(tmp_path / "p", LogConfig(record_validation="crc"))
     try:
         assert log.append(bytes(_lying([b"c" * 20, b"d" * 20], 3))).first_offset == 0
         assert log.log_end_offset == 3
     finally:
         log.close()
+
+
+# Sizes that exercise every path of the walker: runs of one size long enough to speculate
+# (and to grow the block), runs broken mid-block, one- two- and three-byte length varints.
+sizes = st.lists(
+    st.tuples(st.sampled_from([0, 1, 40, 57, 58, 100, 8180, 8200]), st.integers(1, 300)),
+    min_size=1, max_size=6)
+
+
+def _reference_accepts(batch: bytes | bytearray, start: int, end: int, count: int) -> bool:
+    """The decoder's walk (columnar._record_starts), which checks the same chain."""
+    try:
+        _record_starts(_as_u8(batch), start, end, count)
+    except CorruptRecordError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes, st.sampled_from([0, 0, 0, 0, -1, 1, 3]), st.data())
+def test_the_walk_agrees_with_the_decoder_on_runs_and_damage(runs, count_change, data):
+    records = [b"r" * size for size, repeat in runs for _ in range(repeat)]
+    batch = bytearray(record_batch.encode_batch(records[:2000]))
+    start, end, count = _records_of(batch)
+    where = data.draw(st.sampled_from(["nowhere", "anywhere", "a length"]))
+    if where != "nowhere":  # damage one byte of the records section
+        if where == "a length":  # one of a record's length bytes, where the walk looks
+            starts, length_bytes, _ = _record_starts(_as_u8(batch), start, end, count)
+            record = data.draw(st.integers(0, len(starts) - 1))
+            at = int(starts[record]) + data.draw(st.integers(0, int(length_bytes[record]) - 1))
+        else:
+            at = data.draw(st.integers(start, end - 1))
+        batch[at] = data.draw(st.integers(0, 255))
+    count = max(0, count + count_change)
+    accepted = _reference_accepts(batch, start, end, count)
+    if accepted:
+        check_record_chain(batch, start, end, count)
+    else:
+        with pytest.raises(CorruptRecordError):
+            check_record_chain(batch, start, end, count)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 80))
+def test_random_bytes_are_refused_or_accepted_as_the_decoder_does(section, count):
+    if _reference_accepts(section, 0, len(section), count):
+        check_record_chain(section, 0, len(section), count)
+    else:
+        with pytest.raises(CorruptRecordError):
+            check_record_chain(section, 0, len(section), count)

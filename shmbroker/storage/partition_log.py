@@ -504,6 +504,15 @@ class PartitionLog:
         return deleted
 
     def _write_recovery_checkpoint(self, *, clean_shutdown: bool) -> None:
+        # Recovery trusts the active segment's index entries below the recovery point (it
+        # scans on from the last of them): they must be on disk before the checkpoint says so.
+        active = self._segments[-1]
+        if active.is_active:
+            try:
+                active.flush_indexes()
+            except OSError as error:
+                raise StorageError(f"partition {self.name}: cannot sync the indexes of "
+                                   f"{active.log_path}: {error.strerror or error}") from error
         self._recovery_checkpoint.write({"recovery_point_offset": self._flushed_offset,
                                          "clean_shutdown": int(clean_shutdown)})
         self._checkpointed_recovery_point = self._flushed_offset

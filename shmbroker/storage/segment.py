@@ -94,6 +94,7 @@ class SegmentScan(NamedTuple):
     first_bad_position: int | None
     reason: str | None
     indexes_rebuilt: tuple[str, ...]
+    scanned_from: int = 0  # the position the CRC scan started at (after a flushed prefix)
 
 
 class _State(NamedTuple):
@@ -218,6 +219,11 @@ class Segment:
 
     def flush(self) -> None:
         os.fsync(self.fd)
+
+    def flush_indexes(self) -> None:
+        """Write and fsync the index entries (before a recovery-point checkpoint trusts them)."""
+        self.offset_index.flush()
+        self.time_index.flush()
 
     def close(self) -> None:
         """Clean close: trim the indexes (no final time-index entry: the segment stays last)."""
@@ -600,27 +606,33 @@ class Segment:
         return None
 
     def recover(self, buffer: bytearray, is_last: bool,
-                next_base_offset: int | None = None) -> SegmentScan:
+                next_base_offset: int | None = None,
+                flushed_offset: int | None = None) -> SegmentScan:
         """Keep the longest prefix of whole, CRC-valid, offset-contiguous batches, cut the
         rest, and rebuild the indexes when they differ from what that prefix implies.
 
         ``buffer`` is a reused read buffer (grown if one batch is bigger).  A sealed segment
         (``next_base_offset``: the next segment's base) whose prefix ends below that base keeps
         its bytes past the prefix: the caller marks them damaged (see ``recovery.py``).
+
+        ``flushed_offset`` (the recovery point, when it falls inside this segment): the batches
+        below it were fsynced, and so were the index entries naming them (the checkpoint is
+        written after the indexes are synced), so the scan resumes at the last offset-index
+        entry at or below it (see :meth:`_load_flushed_prefix`) instead of at byte 0.  This is
+        where Kafka rescans the whole segment; doing less keeps a worker's restart short when
+        its active segment is large.
         """
         file_size = self.file_size_bytes
-        self.size_bytes = 0
-        self.next_offset = self.base_offset
-        self.max_timestamp_ms = NO_TIMESTAMP
-        self.offset_of_max_timestamp = self.base_offset
-        self._bytes_since_index_entry = 0
-        self.offset_index.set_entries(np.zeros(0), np.zeros(0))
-        self.time_index.set_entries(np.zeros(0), np.zeros(0))
+        position = 0
+        if flushed_offset is not None and flushed_offset > self.base_offset:
+            position = self._load_flushed_prefix(flushed_offset, file_size)
+        if position == 0:
+            self._reset_to_empty()
+        scanned_from = position
         reason: str | None = None
         view = memoryview(buffer)
         chunk = view[:0]
         chunk_position = 0
-        position = 0
         while position < file_size:
             relative = position - chunk_position
             if relative + LOG_OVERHEAD > len(chunk):
@@ -677,7 +689,71 @@ class Segment:
             if self._sync_index_file(index, active=is_last)
         )
         self._read_roll_start()
-        return SegmentScan(self.size_bytes, truncated, bad_position, reason, rebuilt)
+        return SegmentScan(self.size_bytes, truncated, bad_position, reason, rebuilt,
+                           scanned_from)
+
+    def _reset_to_empty(self) -> None:
+        self.size_bytes = 0
+        self.next_offset = self.base_offset
+        self.max_timestamp_ms = NO_TIMESTAMP
+        self.offset_of_max_timestamp = self.base_offset
+        self._bytes_since_index_entry = 0
+        self.offset_index.set_entries(np.zeros(0), np.zeros(0))
+        self.time_index.set_entries(np.zeros(0), np.zeros(0))
+
+    def _load_flushed_prefix(self, flushed_offset: int, file_size: int) -> int:
+        """Take the segment up to batch B, the one named by the last offset-index entry below
+        ``flushed_offset``, as it was when B was appended: index entries up to B's, the
+        largest timestamp from the time index, B itself CRC-checked.  Return the position
+        after B, where the scan goes on (0 when the indexes cannot be trusted: a full scan).
+
+        The time index gets an entry only together with an offset entry, and each names a batch
+        at or before that entry's batch; so the time entries naming offsets up to B's are
+        exactly those that existed once B was indexed, and the last of them holds the largest
+        timestamp so far."""
+        loaded = []
+        for index in (self.offset_index, self.time_index):
+            stored = index.read_file()
+            if stored is None:
+                return 0
+            keys, values, _ = stored
+            # A preallocated file's zero tail is unused.  Keys strictly increase, so only the
+            # first entry can be a real (0, 0).
+            used = np.flatnonzero(keys | values)
+            count = int(used[-1]) + 1 if len(used) else 0
+            keys, values = keys[:count], values[:count]
+            if index.shape_problem(keys, values, count * index.ENTRY_SIZE) is not None:
+                return 0
+            loaded.append((keys, values))
+        (offset_keys, positions), (timestamps, time_offsets) = loaded
+        # the last entry naming a batch that starts below the recovery point (flushed whole)
+        entry = int(np.searchsorted(offset_keys, flushed_offset - self.base_offset,
+                                    side="left")) - 1
+        if entry < 0:
+            return 0
+        if not len(timestamps):
+            # A time entry comes with the first offset entry; none at all may be one (0, 0)
+            # entry (a timestamp of 0) that reads as the zero tail: scan everything instead.
+            return 0
+        relative = int(offset_keys[entry])
+        position = int(positions[entry])
+        if position + LOG_OVERHEAD > file_size:
+            return 0
+        size = batch_size_at(self.pread_exact(position, LOG_OVERHEAD), 0)
+        if size < HEADER_SIZE or position + size > file_size:
+            return 0
+        try:
+            header = validate_batch(self.pread_exact(position, size), 0)
+        except CorruptRecordError:
+            return 0
+        if header.base_offset != self.base_offset + relative:
+            return 0
+        keep = int(np.searchsorted(time_offsets, relative, side="right"))
+        self.offset_index.set_entries(offset_keys[: entry + 1], positions[: entry + 1])
+        self.time_index.set_entries(timestamps[:keep], time_offsets[:keep])
+        self.size_bytes = position + header.size
+        self._restore_tail_state(position, header.next_offset)
+        return self.size_bytes
 
     def mark_damaged(self, next_offset: int, position: int, reason: str) -> None:
         """Recovery found this sealed segment's batches ending (or breaking) at ``position``

@@ -983,7 +983,34 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
+STANDBY_FLAG = "--standby"
+
+
+def _wait_for_assignment(standby_argv: list[str]) -> list[str] | None:
+    """Standby mode (``--standby --ready-fd FD --parent-pid PID``): Python is up and everything
+    imported; wait for the supervisor to write this process's partition arguments (one JSON list
+    on stdin).  None when stdin closes first (the standby was retired, or the supervisor died)."""
+    _die_with_parent()
+    parent = standby_argv.index("--parent-pid") if "--parent-pid" in standby_argv else -1
+    if parent >= 0 and os.getppid() != int(standby_argv[parent + 1]):
+        return None  # the supervisor died before we set the death signal
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    assigned = orjson.loads(line)
+    if not isinstance(assigned, list) or not all(isinstance(item, str) for item in assigned):
+        raise SystemExit(f"shmbroker-worker: a standby expects a JSON list of arguments, "
+                         f"got {line[:200]!r}")
+    return assigned + standby_argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [STANDBY_FLAG]:
+        assigned = _wait_for_assignment(argv[1:])
+        if assigned is None:
+            return EXIT_OK
+        argv = assigned
     parser = argparse.ArgumentParser(prog="shmbroker-worker")
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--topic", required=True)

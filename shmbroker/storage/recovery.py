@@ -50,7 +50,6 @@ from shmbroker.storage.checkpoint_file import TMP_SUFFIX
 from shmbroker.storage.segment import (
     INDEX_SUFFIX,
     LOG_SUFFIX,
-    SCAN_CHUNK_BYTES,
     TIME_INDEX_SUFFIX,
     Segment,
 )
@@ -157,7 +156,7 @@ def load_segments(
             report.files_removed.append(name)
 
     segments: list[Segment] = []
-    buffer = bytearray(SCAN_CHUNK_BYTES) if not clean_shutdown else bytearray(0)
+    buffer = bytearray(0)  # the scans' read buffer, grown by Segment.recover as needed
     for number, base in enumerate(log_bases):
         segment = Segment.open_existing(directory, base, config)
         previous = segments[-1] if segments else None
@@ -181,8 +180,6 @@ def load_segments(
                 outcome.scanned = needs_scan = True
                 outcome.reason = problem
         if needs_scan:
-            if len(buffer) < SCAN_CHUNK_BYTES:
-                buffer = bytearray(SCAN_CHUNK_BYTES)
             # The segment holding the recovery point is scanned from there on (its flushed
             # prefix is trusted as the segments below are); a segment whose cheap check failed
             # is scanned whole.

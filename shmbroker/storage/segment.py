@@ -611,7 +611,8 @@ class Segment:
         """Keep the longest prefix of whole, CRC-valid, offset-contiguous batches, cut the
         rest, and rebuild the indexes when they differ from what that prefix implies.
 
-        ``buffer`` is a reused read buffer (grown if one batch is bigger).  A sealed segment
+        ``buffer`` is a reused read buffer, grown here up to SCAN_CHUNK_BYTES (or what is left
+        to scan), and privately for one batch that is bigger.  A sealed segment
         (``next_base_offset``: the next segment's base) whose prefix ends below that base keeps
         its bytes past the prefix: the caller marks them damaged (see ``recovery.py``).
 
@@ -630,6 +631,9 @@ class Segment:
             self._reset_to_empty()
         scanned_from = position
         reason: str | None = None
+        needed = min(SCAN_CHUNK_BYTES, file_size - position)
+        if len(buffer) < needed:  # grown in place: the caller reuses it for later segments
+            buffer.extend(bytes(needed - len(buffer)))
         view = memoryview(buffer)
         chunk = view[:0]
         chunk_position = 0

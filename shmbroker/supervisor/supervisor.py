@@ -23,6 +23,7 @@ import selectors
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,7 @@ from shmbroker.storage.checkpoint_file import fsync_directory
 from shmbroker.storage.offset_log import OffsetLog
 from shmbroker.supervisor.groups import GroupService, check_group_id, partitions_field
 from shmbroker.supervisor.meta_store import MetaStore, TopicMeta
-from shmbroker.supervisor.workers import WorkerHandle
+from shmbroker.supervisor.workers import HEALTHY_RUN_S, Standby, WorkerHandle, describe_exit
 from shmbroker.transport.unix import (
     Refusals,
     ServerConnection,
@@ -74,6 +75,7 @@ META_DIR = "meta"
 DELETED_DIR = "deleted"
 GROUPS_DIR = "groups"
 LOOP_WAIT_S_MAX = 0.1
+STANDBY_EXIT_TIMEOUT_S = 5.0  # a retired standby only has to notice its closed stdin
 # A running worker ticks its control block every 100 ms; much older means stopped or hung
 # (reported by status; not killed: a SIGSTOPped worker must survive its SIGCONT).
 WORKER_UNRESPONSIVE_MS = 5000
@@ -141,6 +143,7 @@ class Supervisor:
         self._refusals = Refusals(logger, SOCKET_FILE)
         self._next_slow_frame_check = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
+        self._standbys: list[Standby] = []
 
     # -- start --------------------------------------------------------------------------------
     def start(self, allow_foreign_data_dir: bool = False) -> None:
@@ -225,16 +228,57 @@ class Supervisor:
         return handle
 
     def _spawn(self, handle: WorkerHandle) -> None:
+        standby = self._take_standby()
         try:
-            ready_fd = handle.spawn()
+            ready_fd = handle.spawn(standby)
         except OSError as error:
-            logger.error("%s: cannot start a worker: %s", handle.name, error)
-            handle.on_exit(1, time.monotonic())
+            if standby is None:
+                logger.error("%s: cannot start a worker: %s", handle.name, error)
+                handle.on_exit(1, time.monotonic())
+                return
+            logger.warning("%s: %s; starting a worker from scratch", handle.name, error)
+            self._spawn(handle)
             return
         self.selector.register(ready_fd, selectors.EVENT_READ, handle)
+        self._refill_standbys()
+
+    def _take_standby(self) -> Standby | None:
+        while self._standbys:
+            standby = self._standbys.pop(0)
+            if standby.alive():
+                return standby
+            standby.retire()  # died waiting (reaped by poll): drop it
+        return None
+
+    def _drop_dead_standbys(self) -> bool:
+        """Reap standbys that died waiting; True when one that had lived HEALTHY_RUN_S did (an
+        event, e.g. an operator's kill: replace it now).  One dying younger may be a broken
+        install: replaced only at the next spawn, so that it cannot loop."""
+        now = time.monotonic()
+        replace = False
+        for standby in self._standbys:
+            if not standby.alive():
+                standby.retire()
+                replace = replace or now - standby.started_at >= HEALTHY_RUN_S
+                logger.warning("the standby worker (pid %d) %s", standby.process.pid,
+                               describe_exit(standby.process.returncode))
+        self._standbys = [standby for standby in self._standbys if standby.ready_fd >= 0]
+        return replace
+
+    def _refill_standbys(self) -> None:
+        """Start standby workers up to worker_standby_count (see workers.Standby)."""
+        self._drop_dead_standbys()
+        while not self._stopping and len(self._standbys) < self.config.worker_standby_count:
+            try:
+                self._standbys.append(Standby())
+            except OSError as error:
+                logger.warning("cannot start a standby worker: %s", error)
+                return
 
     def _reap(self) -> None:
         now = time.monotonic()
+        if self._drop_dead_standbys():
+            self._refill_standbys()
         for handle in list(self.workers.values()):
             process = handle.process
             if process is None or process.poll() is None:
@@ -743,6 +787,8 @@ class Supervisor:
             self.listener.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.data_dir / SOCKET_FILE).unlink()
+        for standby in self._standbys:
+            standby.retire()  # stdin closed: it exits 0 (waited for below)
         now = time.monotonic()
         for handle in self.workers.values():
             handle.stop(now)
@@ -755,6 +801,13 @@ class Supervisor:
                 if handle.process is not None and handle.process.poll() is not None:
                     handle.on_exit(handle.process.returncode, now)
                 handle.kill_if_overdue(now)
+        for standby in self._standbys:
+            try:
+                standby.process.wait(STANDBY_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                standby.process.kill()
+                standby.process.wait()
+        self._standbys = []
         for handle in self.workers.values():
             handle.close_ready_fd()
             names.unlink(handle.paths.control_block_name)

@@ -283,100 +283,50 @@ def _rows_match(block: U8, prefix: U8) -> npt.NDArray[np.bool_]:
     return rows_ok
 
 
-def _record_starts(data: U8, start: int, end: int, count: int,
-                   collect: bool = True) -> tuple[I64, I64, I64]:
-    """Find each record's start, length-varint size and body length by walking the chain.
-
-    Records of equal size are verified many at a time on a strided view: after two of one
-    size, a block of SPECULATION_ROWS is checked, growing 4x while blocks hold; irregular ones
-    are stepped one by one (a few hundred ns each).  Without ``collect`` only the chain is
-    checked (empty arrays are returned).
-    """
-    starts: list[int] = []
-    size_lengths: list[int] = []
-    bodies: list[int] = []
-    run_parts: list[tuple[int, int, int, int, int]] = []  # (index, run, position, stride, size)
-    raw = memoryview(data)
-    index = 0
-    position = start
-    previous_stride = -1
-    repeats = 0
-    speculation_rows = SPECULATION_ROWS  # grows while runs fill it: O(count log count) at worst
-    while index < count:
-        if position >= end:
-            raise CorruptRecordError(
-                f"records section ends after {index} of {count} declared records")
-        body, after = decode_varint(raw, position, end)
-        size_length = after - position
-        stride = size_length + body
-        if body < 6 or position + stride > end:
-            raise CorruptRecordError(
-                f"record {index} claims {body} bytes; {end - after} remain in the batch")
-        repeats = repeats + 1 if stride == previous_stride else 0
-        room = (min(count - index, (end - position) // stride, speculation_rows)
-                if repeats >= 1 else 1)
-        if room > 2:
-            # Two records of one size in a row: speculate that more follow, verify their
-            # length fields on a strided view and accept the longest matching prefix.
-            block = data[position : position + room * stride].reshape(room, stride)
-            rows_ok = _rows_match(block, data[position : position + size_length])
-            run = room if rows_ok.all() else int(np.argmin(rows_ok))
-            if collect:
-                run_parts.append((len(starts), run, position, stride, size_length))
-            index += run
-            position += stride * run
-            if run == room:  # the run may go on: keep speculating, further
-                speculation_rows *= 4
-            else:
-                speculation_rows = SPECULATION_ROWS
-                repeats = 0
-        else:
-            if collect:
-                starts.append(position)
-                size_lengths.append(size_length)
-                bodies.append(body)
-            index += 1
-            position += stride
-        previous_stride = stride
-    if position != end:
-        raise CorruptRecordError(
-            f"{end - position} bytes left over after the {count} declared records")
-    starts_array = np.array(starts, dtype=np.int64)
-    size_lengths_array = np.array(size_lengths, dtype=np.int64)
-    bodies_array = np.array(bodies, dtype=np.int64)
-    if run_parts:
+def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64, I64]:
+    """Each record's start, length-varint size and body length (the chain walked by
+    :func:`_walk_records`; the lengths then read back at once)."""
+    singles: list[int] = []
+    runs: list[tuple[int, int, int, int]] = []  # (singles before it, rows, position, stride)
+    _walk_records(data, start, end, count, singles, runs)
+    starts = np.array(singles, dtype=np.int64)
+    if runs:
         # Interleave singles and runs in one pass (an np.insert per run is O(runs * count)).
-        starts_parts: list[I64] = []
-        size_parts: list[I64] = []
-        body_parts: list[I64] = []
+        parts: list[I64] = []
         previous = 0
-        for at, run, run_position, stride, size_length in run_parts:
-            starts_parts += [starts_array[previous:at], run_position + stride * np.arange(run)]
-            size_parts += [size_lengths_array[previous:at], np.full(run, size_length)]
-            body_parts += [bodies_array[previous:at], np.full(run, stride - size_length)]
+        for at, rows, position, stride in runs:
+            parts += [starts[previous:at], position + stride * np.arange(rows, dtype=np.int64)]
             previous = at
-        starts_array = np.concatenate(starts_parts + [starts_array[previous:]])
-        size_lengths_array = np.concatenate(size_parts + [size_lengths_array[previous:]])
-        bodies_array = np.concatenate(body_parts + [bodies_array[previous:]])
-    return starts_array, size_lengths_array, bodies_array
+        starts = np.concatenate(parts + [starts[previous:]])
+    bodies, size_lengths = read_varints(data, starts, end, VARINT_BYTES_MAX)
+    return starts, size_lengths, bodies
 
 
 def check_record_chain(buffer: object, start: int, end: int, count: int) -> None:
     """CorruptRecordError unless ``buffer[start:end]`` is exactly ``count`` length-prefixed
     records: the chain of record lengths, which a batch whose header lies about its record
-    count (with a recomputed CRC) breaks.  The records' insides are not decoded.
+    count (with a recomputed CRC) breaks.  The records' insides are not decoded.  Runs on every
+    append (the worker's hot path): see :func:`_walk_records` for its cost."""
+    _walk_records(_as_u8(buffer), start, end, count, None, None)
 
-    This runs on every append (the worker's hot path), so it is written for speed.  Record
-    lengths of one or two varint bytes (records under 8 KiB) are read inline in a tight loop,
-    ~0.2 us a record for irregular sizes.  Once four records in a row have one size, the rest
-    (up to where the offsetDelta varint grows) are guessed to be of that size too and verified
-    at once on a strided numpy view; where the guess fails, later guesses take blocks of
-    SPECULATION_ROWS growing 4x while they hold.  A batch of records of one shape costs two or
-    three numpy passes whatever its count (~15 us per 64 KiB).
-    A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal length
-    bytes mean equal strides.
+
+def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int] | None,
+                  runs: list[tuple[int, int, int, int]] | None) -> None:
+    """Walk the chain of ``count`` record lengths through ``data[start:end]``; raise
+    CorruptRecordError unless it ends exactly at ``end``.  With ``singles`` and ``runs``, note
+    where records start: single records' positions, and runs of equal-size records as
+    (len(singles) before the run, rows, first position, stride).
+
+    Written for speed.  Record lengths of one or two varint bytes (records under 8 KiB) are
+    read inline in a tight loop, ~0.2 us a record for irregular sizes.  Once four records in a
+    row have one size, the rest (up to where the offsetDelta varint grows) are guessed to be of
+    that size too and verified at once on a strided numpy view; where the guess fails, later
+    guesses take blocks of SPECULATION_ROWS growing 4x while they hold, and need twice the run
+    before them (SPECULATION_REPEATS_MAX bounds what a crafted batch costs).  A batch of
+    records of one shape costs two or three numpy passes whatever its count (~15 us per
+    64 KiB).  A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal
+    length bytes mean equal strides.
     """
-    data = _as_u8(buffer)
     raw = memoryview(data)[start:end]
     size = end - start
     position = 0
@@ -388,6 +338,8 @@ def check_record_chain(buffer: object, start: int, end: int, count: int) -> None
         while index < count:
             repeats = 0
             for index in range(index, count):  # noqa: B020 - resumes where the block ended
+                if singles is not None:
+                    singles.append(start + position)
                 z = raw[position]
                 if z < 0x80:
                     stride = 1
@@ -414,19 +366,21 @@ def check_record_chain(buffer: object, start: int, end: int, count: int) -> None
                 index = count
                 break
             index += 1
-            # Four records of one size in a row: speculate that more follow, compare their
-            # length bytes with the last one's on a strided view, accept the matching prefix.
             # A record's offsetDelta varint grows a byte at records 64 and 8192: so does its size.
             boundary = 64 if index < 64 else 8192 if index < 8192 else count
             room = min(boundary - index, count - index, (size - position) // stride,
                        speculation_rows)
             if room < 3:
                 continue
+            # Four records of one size in a row: speculate that more follow, compare their
+            # length bytes with the last one's on a strided view, accept the matching prefix.
             first = start + position
             length_bytes = stride - (z >> 1)
             block = data[first : first + room * stride].reshape(room, stride)
             rows_ok = _rows_match(block, data[first - stride : first - stride + length_bytes])
             run = room if rows_ok.all() else int(np.argmin(rows_ok))
+            if runs is not None and singles is not None and run:
+                runs.append((len(singles), run, first, stride))
             position += stride * run
             index += run
             if run == room:

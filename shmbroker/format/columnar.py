@@ -266,7 +266,7 @@ class RecordColumns:
 
 
 SPECULATION_ROWS = 64  # the first block of equal-size records verified at once (grows 4x)
-# check_record_chain speculates after this many repeats of one size (after one, sizes drawn
+# _walk_records speculates after this many repeats of one size (after one, sizes drawn
 # from a small range would pay a numpy call every ~20 records for runs of one or two), twice as
 # many after each speculation that fails, up to the max: a batch crafted to make every
 # speculation fail costs at most one numpy call (~8 us) per SPECULATION_REPEATS_MAX records more

@@ -6,10 +6,12 @@ Which segments are scanned (CRC of every batch) and which are only checked cheap
   scanned;
 - otherwise every segment that may hold offsets at or after the recovery point (the offset up to
   which the log was fsynced): the segment containing it and all later ones.  The one containing
-  it is scanned from the last offset-index entry at or below the recovery point (its indexes are
-  fsynced before each recovery-point checkpoint), not from byte 0 as Kafka does: a worker that
-  restarts after a crash then scans at most what was appended since the last checkpoint
-  (RECOVERY_POINT_CHECKPOINT_INTERVAL_MS), however large its active segment is.
+  it is scanned from the batch after the one named by the last offset-index entry below the
+  recovery point (its indexes are fsynced before each recovery-point checkpoint), not from byte
+  0 as Kafka does: a worker that restarts after a crash then scans at most what was appended
+  since the last checkpoint (RECOVERY_POINT_CHECKPOINT_INTERVAL_MS), however large its active
+  segment is.  Damage inside that flushed prefix is found on read, as in sealed segments below
+  the recovery point (below).
 
 A cheap check loads a segment's indexes, checks their shape (size a multiple of the entry size,
 keys strictly increasing, the last offset entry at a batch with the right base offset, inside the

@@ -618,8 +618,9 @@ class Segment:
 
         ``flushed_offset`` (the recovery point, when it falls inside this segment): the batches
         below it were fsynced, and so were the index entries naming them (the checkpoint is
-        written after the indexes are synced), so the scan resumes at the last offset-index
-        entry at or below it (see :meth:`_load_flushed_prefix`) instead of at byte 0.  This is
+        written after the indexes are synced), so the scan resumes after the batch named by the
+        last offset-index entry below it (see :meth:`_load_flushed_prefix`) instead of at
+        byte 0.  This is
         where Kafka rescans the whole segment; doing less keeps a worker's restart short when
         its active segment is large.
         """

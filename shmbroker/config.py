@@ -64,10 +64,10 @@ LOG_SETTINGS: tuple[Setting, ...] = (
             "what retention does with old segments; only 'delete' exists today",
             choices=("delete",)),
     Setting("record_validation", "records", "",
-            "what an append checks of each uncompressed batch: 'records' (header, size, CRC-32C "
-            "and the chain of record lengths, so that a batch whose record count lies is "
-            "refused: 15-30 us per 64 KiB batch of records of one size, ~0.2 us a record for "
-            "irregular sizes) or 'crc' (header, size and CRC-32C only)",
+            "what an append checks of each batch: 'records' (header, size, CRC-32C and the "
+            "chain of record lengths, inflating compressed batches first, so that a batch whose "
+            "record count lies is refused: 15-30 us per 64 KiB batch of records of one size, "
+            "~0.2 us a record for irregular sizes) or 'crc' (header, size and CRC-32C only)",
             choices=("crc", "records")),
 )
 

@@ -76,6 +76,7 @@ DELETED_DIR = "deleted"
 GROUPS_DIR = "groups"
 LOOP_WAIT_S_MAX = 0.1
 STANDBY_EXIT_TIMEOUT_S = 5.0  # a retired standby only has to notice its closed stdin
+STANDBY_START_DELAY_S = 1.0  # standbys start this long after the last worker spawn
 # A running worker ticks its control block every 100 ms; much older means stopped or hung
 # (reported by status; not killed: a SIGSTOPped worker must survive its SIGCONT).
 WORKER_UNRESPONSIVE_MS = 5000
@@ -144,6 +145,7 @@ class Supervisor:
         self._next_slow_frame_check = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
         self._standbys: list[Standby] = []
+        self._standbys_due: float | None = None  # when to start standbys (after spawns settle)
 
     # -- start --------------------------------------------------------------------------------
     def start(self, allow_foreign_data_dir: bool = False) -> None:
@@ -266,7 +268,13 @@ class Supervisor:
         return replace
 
     def _refill_standbys(self) -> None:
-        """Start standby workers up to worker_standby_count (see workers.Standby)."""
+        """Start standby workers up to worker_standby_count (see workers.Standby), once no
+        worker was spawned for STANDBY_START_DELAY_S: a burst of spawns (a topic's partitions, a
+        broker's start) boots first, and a broker that lives a moment (a test) starts none."""
+        self._standbys_due = time.monotonic() + STANDBY_START_DELAY_S
+
+    def _start_standbys(self) -> None:
+        self._standbys_due = None
         self._drop_dead_standbys()
         while not self._stopping and len(self._standbys) < self.config.worker_standby_count:
             try:
@@ -364,6 +372,8 @@ class Supervisor:
     def _upkeep(self, now: float) -> None:
         self._reap()
         self._restart_due(now)
+        if self._standbys_due is not None and now >= self._standbys_due:
+            self._start_standbys()
         next_upkeep = now + LOOP_WAIT_S_MAX
         for handle in self.workers.values():
             handle.kill_if_overdue(now)

@@ -126,3 +126,44 @@ def test_random_bytes_are_refused_or_accepted_as_the_decoder_does(section, count
     else:
         with pytest.raises(CorruptRecordError):
             check_record_chain(section, 0, len(section), count)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "zstd"])
+def test_a_compressed_batch_whose_count_lies_is_refused(tmp_path, codec):
+    """The records of a compressed batch are inflated and walked too (as Kafka's broker
+    decompresses to validate); an honest one is stored."""
+    log = PartitionLog(tmp_path / "p", LogConfig())
+    try:
+        honest = record_batch.encode_batch([b"c" * 20, b"d" * 30], codec=codec)
+        assert log.append(honest).last_offset == 1
+        lying = bytearray(honest)
+        struct.pack_into(">i", lying, 57, 3)
+        struct.pack_into(">i", lying, 23, 2)
+        size = struct.unpack_from(">i", lying, 8)[0] + record_batch.LOG_OVERHEAD
+        struct.pack_into(">I", lying, 17, record_batch.compute_crc(lying, 0, size))
+        with pytest.raises(CorruptRecordError, match="left over|ends inside|past"):
+            log.append(bytes(lying))
+        garbled = bytearray(honest)  # the compressed bytes themselves broken, CRC recomputed
+        garbled[record_batch.HEADER_SIZE + 2 : size - 2] = bytes(size - 4
+                                                                 - record_batch.HEADER_SIZE)
+        struct.pack_into(">I", garbled, 17, record_batch.compute_crc(garbled, 0, size))
+        with pytest.raises(CorruptRecordError):
+            log.append(bytes(garbled))
+        assert log.log_end_offset == 2
+        assert log.append(honest).first_offset == 2
+    finally:
+        log.close()
+
+
+def test_a_snappy_batch_is_stored_unchecked(tmp_path):
+    """We cannot inflate snappy: such a batch is stored and served unchanged, as documented."""
+    batch = bytearray(record_batch.encode_batch([b"s" * 20, b"t" * 20]))
+    attributes = struct.unpack_from(">h", batch, 21)[0]
+    struct.pack_into(">h", batch, 21, attributes | record_batch.CODEC_SNAPPY)
+    size = len(batch)
+    struct.pack_into(">I", batch, 17, record_batch.compute_crc(batch, 0, size))
+    log = PartitionLog(tmp_path / "p", LogConfig())
+    try:
+        assert log.append(bytes(batch)).last_offset == 1
+    finally:
+        log.close()

@@ -644,12 +644,22 @@ def status(as_json: bool, data_dir: Path | None) -> None:
         _out(f"{label + ':':<15}{value}")
     if workers:
         rows = [[f"{worker['topic']}/{worker['partition']}",
-                 str(worker["pid"]) if worker["pid"] else "-", worker["state"],
+                 str(worker["pid"]) if worker["pid"] else "-", _worker_state(worker),
                  str(worker["restarts"])]
                 for worker in sorted(workers, key=lambda w: (w["topic"], w["partition"]))]
         _out()
         for line in _table(["TOPIC/PARTITION", "PID", "STATE", "RESTARTS"], rows):
             _out(line)
+
+
+def _worker_state(worker: dict[str, Any]) -> str:
+    """The state column: the supervisor's state, and what stops a running worker's appends."""
+    notes = [worker["state"]]
+    if worker.get("storage_full"):
+        notes.append("storage full: appends refused until space is freed")
+    if worker.get("responsive") is False:
+        notes.append("unresponsive")
+    return ", ".join(notes)
 
 
 # -- groups ------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ Partition control block, version 1 (one per partition, written by its worker onl
     24        8     state               CONTROL_STATE_* below
     32        8     generation          incremented by each worker start
     40        8     updated_ms          wall clock of the last update
+    48        8     storage_full        1 while appends fail on the disk (no space left, ...)
     -- cache line 1 (64) --
     64        8     log_start_offset
     72        8     log_end_offset
@@ -181,6 +182,7 @@ CONTROL_WORKER_PID_POSITION = 16
 CONTROL_STATE_POSITION = 24
 CONTROL_GENERATION_POSITION = 32
 CONTROL_UPDATED_MS_POSITION = 40
+CONTROL_STORAGE_FULL_POSITION = 48  # added in place of zero padding: version 1 still
 CONTROL_LOG_START_OFFSET_POSITION = 64
 CONTROL_LOG_END_OFFSET_POSITION = 72
 CONTROL_HIGH_WATERMARK_POSITION = 80

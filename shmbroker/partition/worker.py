@@ -476,6 +476,7 @@ class PartitionWorker:
         control.log_start_offset = log.log_start_offset
         control.log_end_offset = log.log_end_offset
         control.high_watermark = log.log_end_offset  # no mirrors yet: everything is committed
+        control.storage_full = log.append_failure is not None  # shown by `shmbroker status`
 
     def _serve_parked(self, now: float) -> None:
         if not self.parked:
@@ -740,6 +741,7 @@ class PartitionWorker:
             results = self._append_one_by_one(_NoIntents(), region, view, [])
         except StorageError as error:  # logged by the log; the client gets it
             logger.debug("%s: %s", self.name, error)
+            self._publish_positions()
             raise
         self._after_append()
         if acks != 0:

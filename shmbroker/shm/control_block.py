@@ -45,6 +45,7 @@ from shmbroker.format.ring_layout import (
     CONTROL_STATE_STARTING,
     CONTROL_STATE_STOPPED,
     CONTROL_STATE_STOPPING,
+    CONTROL_STORAGE_FULL_POSITION,
     CONTROL_UPDATED_MS_POSITION,
     CONTROL_VERSION,
     CONTROL_VERSION_POSITION,
@@ -93,6 +94,8 @@ class ControlBlock:
                             "1 while the worker blocks in select: producers ring its doorbell")
     generation = _word(CONTROL_GENERATION_POSITION, "incremented by each worker start")
     updated_ms = _word(CONTROL_UPDATED_MS_POSITION, "wall clock (ms) of the last update")
+    storage_full = _word(CONTROL_STORAGE_FULL_POSITION,
+                         "1 while appends fail on the disk (no space left, ...), else 0")
 
     def __init__(self, name: str, mapping: mmap.mmap, writable: bool, inode: int = 0) -> None:
         self.name = name

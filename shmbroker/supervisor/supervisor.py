@@ -835,9 +835,10 @@ class Supervisor:
 
 def _process_view(handle: WorkerHandle) -> dict[str, Any]:
     """What psutil and the control block say about a worker process: its OS status (running,
-    sleeping, stopped, zombie), RSS, CPU seconds, and whether its loop ticked recently."""
+    sleeping, stopped, zombie), RSS, CPU seconds, whether its loop ticked recently, and whether
+    its appends are failing on the disk (storage_full)."""
     view: dict[str, Any] = {"process_status": None, "rss_bytes": None, "cpu_s": None,
-                            "responsive": None}
+                            "responsive": None, "storage_full": None}
     if handle.pid is None:
         return view
     with contextlib.suppress(psutil.Error):
@@ -851,6 +852,7 @@ def _process_view(handle: WorkerHandle) -> dict[str, Any]:
             block = ControlBlock.open(handle.paths.control_block_name, readonly=True)
             try:
                 age_ms = time.time_ns() // 1_000_000 - block.updated_ms
+                view["storage_full"] = bool(block.storage_full)
             finally:
                 block.close()
             view["responsive"] = age_ms < WORKER_UNRESPONSIVE_MS

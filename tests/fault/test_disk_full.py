@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,11 @@ def test_full_disk_refuses_cleanly_keeps_everything_and_recovers_by_itself(small
             # While full: fetches of stored data work; the partition says why it refuses.
             _check_acked(broker, acked)
             assert "t/0: cannot append: No space left on device" in broker.log()
+            assert _worker(broker)["storage_full"] is True
+            status = subprocess.run(
+                [sys.executable, "-m", "shmbroker.cli", "status", "--data-dir", str(small_fs)],
+                capture_output=True, text=True, timeout=TIMEOUT_S, check=True).stdout
+            assert "running, storage full: appends refused until space is freed" in status
             with pytest.raises(BrokerStorageFullError, match="no space left on device"):
                 producer.send("t", b"x" * VALUE_BYTES, partition=0).result(TIMEOUT_S)
             refused = _socket_produce(broker, b"x" * VALUE_BYTES)
@@ -194,6 +200,7 @@ def test_full_disk_refuses_cleanly_keeps_everything_and_recovers_by_itself(small
             assert metadata.offset == log_end
             acked[metadata.offset] = value
             assert _worker(broker)["pid"] == pid
+            assert _worker(broker)["storage_full"] is False
         _commit(broker, log_end)
         with broker.admin() as admin:
             admin.create_topic("t2", partitions=1)

@@ -28,12 +28,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from broker_helpers import RunningBroker
 
 from shmbroker import Consumer, Producer, TopicPartition
 from shmbroker.errors import CorruptLogError
 from shmbroker.format.record_batch import HEADER_SIZE, read_header
+from shmbroker.storage.checkpoint_file import CheckpointFile
+from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -48,6 +51,7 @@ BASE_TIMESTAMP_MS = 1_700_000_000_000
 READ_TIMEOUT_S = 20.0
 ERRORS_MAX = 200  # a bound on the read-through loop, not an expectation
 POLL_MS = 100
+CENTURY_MS = 100 * 365 * 24 * 3600 * 1000  # longer than the records are old
 SEED = int(os.environ.get("DAMAGE_SEED", random.SystemRandom().randrange(1 << 30)))
 
 
@@ -351,12 +355,47 @@ def test_damaged_indexes(broker: RunningBroker, rng: random.Random, damage: str)
 
 
 # -- 1e: a flipped byte in the active segment while running ----------------------------------------
-def test_flipped_byte_in_the_active_segment(broker: RunningBroker, rng: random.Random) -> None:
+def _active_segment_with_flushed_prefix(broker: RunningBroker, acked: dict[int, bytes]
+                                        ) -> tuple[Path, int, int]:
+    """Stop the broker cleanly (its recovery point is then the log end) until its active
+    segment holds a flushed prefix that recovery trusts: a batch before the one named by the
+    last offset-index entry below the recovery point.  (segment, recovery point, position of
+    that named batch: batches before it are not rescanned after a crash).  Records produced
+    meanwhile are added to ``acked``."""
+    for attempt in range(10):
+        broker.stop()
+        broker.start()
+        checkpoint = CheckpointFile(str(partition_dir(broker) / RECOVERY_POINT_CHECKPOINT))
+        recovery_point = checkpoint.read()["recovery_point_offset"]
+        active = segment_files(broker)[-1]
+        base = int(active.name[:20])
+        raw = np.frombuffer(active.with_suffix(".index").read_bytes(), dtype=">u4")
+        keys, positions = raw[0::2].astype(np.int64), raw[1::2].astype(np.int64)
+        named = positions[(keys < recovery_point - base) & (positions > 0)]
+        if len(named) and len(batches_of(active)) > 2:
+            return active, recovery_point, int(named.max())
+        acked.update(produce(broker, 40, first=RECORDS + 40 * attempt))  # fill it further
+    raise AssertionError("no active segment with an indexed flushed prefix in 10 tries")
+
+
+@pytest.mark.parametrize("where", ["unflushed tail", "flushed prefix"])
+def test_flipped_byte_in_the_active_segment(broker: RunningBroker, rng: random.Random,
+                                            where: str) -> None:
     acked = produce(broker, RECORDS)
-    active = segment_files(broker)[-1]
-    batches = batches_of(active)
-    assert len(batches) >= 4
-    position, size, base, next_offset = batches[rng.randrange(1, len(batches) - 1)]
+    with broker.admin() as admin:  # the records' timestamps are old: no time-based roll after
+        admin.alter_configs(TOPIC, {**TOPIC_CONFIG, "segment_ms": CENTURY_MS})  # each restart
+    active, recovery_point, resume_position = _active_segment_with_flushed_prefix(broker, acked)
+    prefix = [batch for batch in batches_of(active) if batch[0] < resume_position]
+    acked.update(produce(broker, 20, first=10 * RECORDS))  # an unflushed tail
+    if where == "flushed prefix":
+        assert segment_files(broker)[-1] == active, "the tail rolled the segment"
+        candidates = prefix
+    else:
+        active = segment_files(broker)[-1]
+        tail = [batch for batch in batches_of(active) if batch[2] >= recovery_point]
+        candidates = tail[:-1] or tail  # one with a batch after it, if there is one
+    assert candidates
+    position, size, base, next_offset = rng.choice(candidates)
     flip(active, position + rng.randrange(HEADER_SIZE, size), rng.randrange(1, 256))
 
     served, errors, end = read_through(broker)
@@ -364,15 +403,26 @@ def test_flipped_byte_in_the_active_segment(broker: RunningBroker, rng: random.R
     assert [(error.offset, error.position) for error in errors] == [(base, position)]
     assert reported == set(range(base, next_offset))  # the batch after it gave next_offset
 
-    # After a crash, recovery scans the active segment and cuts it at the damaged batch: the
-    # acknowledged records from there on are lost -- but *detected* (the consumer was told, and
-    # the broker's log names the position): with a single copy there is nothing to restore
-    # them from.  New records take the offsets from the cut on.
     broker.kill()
     broker.start()
-    served, errors, end = read_through(broker)
-    assert not errors and end == base
-    account(acked, served, errors, lost_from=base)
-    assert f"at position {position}" in broker.log()
-    more = produce(broker, 50, first=RECORDS)
-    assert sorted(more) == list(range(base, base + 50))
+    served, errors, after_crash = read_through(broker)
+    if where == "unflushed tail":
+        # After a crash, recovery scans what was appended since the recovery point and cuts the
+        # active segment at the damaged batch: the acknowledged records from there on are lost
+        # -- but *detected* (the consumer was told, and the broker's log names the position):
+        # with a single copy there is nothing to restore them from.  New records take the
+        # offsets from the cut on.
+        assert not errors and after_crash == base
+        account(acked, served, errors, lost_from=base)
+        assert f"at position {position}" in broker.log()
+        first_new = base
+    else:
+        # Below the recovery point the active segment was fsynced and is not scanned again (as
+        # sealed segments are not): the damage stays where it is, is reported on read with its
+        # position, and every other record is still served.
+        assert [(error.offset, error.position) for error in errors] == [(base, position)]
+        assert after_crash == end
+        assert account(acked, served, errors) == set(range(base, next_offset))
+        first_new = end
+    more = produce(broker, 50, first=20 * RECORDS)
+    assert sorted(more) == list(range(first_new, first_new + 50))

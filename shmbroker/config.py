@@ -184,9 +184,10 @@ BROKER_SETTINGS: tuple[Setting, ...] = (
     Setting("topic_ready_timeout_ms", 30_000, "ms",
             "how long topic creation waits for its workers to come up", minimum=1),
     Setting("worker_standby_count", 1, "count",
-            "worker processes kept started ahead of need (Python up, shmbroker imported), so "
-            "that a dead worker's replacement serves in milliseconds instead of after a "
-            "Python start (0.3 s idle, seconds under load); each costs ~40 MB of memory",
+            "worker processes kept started ahead of need (Python up, shmbroker imported; "
+            "started 1 s after the last worker spawn), so that a dead worker's replacement "
+            "only has to boot (tens of ms) instead of starting Python (0.3 s idle, seconds "
+            "under load); each costs ~40 MB of memory",
             minimum=0, maximum=64),
     Setting("worker_spin_us", 50, "µs",
             "how long an idle worker re-reads its rings before it sleeps (then producers must "

@@ -40,6 +40,16 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: 
         time.sleep(interval_s)
 
 
+def end_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGKILL a helper process if it still runs, reap it, close our ends of its pipes."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout_s)
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            stream.close()
+
+
 class RunningBroker:
     """A supervisor process (and its workers) serving ``data_dir``."""
 

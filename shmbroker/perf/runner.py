@@ -286,11 +286,7 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
     DONE_IDLE_S, or nothing came for DRAIN_IDLE_S."""
     from shmbroker import Consumer, TopicPartition
 
-    histogram = Histogram()
-    seqs: dict[int, list[np.ndarray]] = {}
-    consumed = 0
-    consumed_bytes = 0
-    slot = 2 * (workload.producers + index)
+    tally = ConsumerTally(counters, 2 * (workload.producers + index))
     group = workload.group
     with Consumer(data_dir, group_id=group, auto_offset_reset="earliest",
                   enable_auto_commit=group is not None, fetch_max_wait_ms=100) as consumer:
@@ -307,9 +303,6 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
         with ready.get_lock():  # += is a read and a write: two consumers at once
             ready.value += 1  # could lose one, and the parent wait for it forever
         next_offsets: dict[Any, int] = {}
-        idle_since = time.monotonic()
-        next_update = idle_since + COUNTER_UPDATE_S
-        next_p99 = idle_since
         columnar = workload.api == "columnar"
         while True:
             got = 0
@@ -328,13 +321,13 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
                             continue
                         decoded.append(payloads.decode_headers(batch.data, positions))
                         got += len(positions)
-                        consumed_bytes += int(batch.value_lengths[keep].clip(0).sum())
+                        tally.consumed_bytes += int(batch.value_lengths[keep].clip(0).sum())
                     next_offsets[tp] = int(part.offsets[-1]) + 1
                 if decoded:
                     intended, producer_ids, numbers = (
                         np.concatenate(column) for column in zip(*decoded))
-                    _note(histogram, seqs, time.monotonic_ns(), intended, producer_ids, numbers,
-                          warmup_end_ns.value)
+                    tally.note(time.monotonic_ns(), intended, producer_ids, numbers,
+                               warmup_end_ns.value)
             else:
                 records = consumer.poll(100)
                 if records:
@@ -342,47 +335,71 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
                     unpack = _HEADER.unpack_from
                     heads = [unpack(record.value) for record in records]
                     array = np.array(heads, dtype=np.int64)
-                    _note(histogram, seqs, now_ns, array[:, 0], array[:, 1], array[:, 3],
-                          warmup_end_ns.value)
+                    tally.note(now_ns, array[:, 0], array[:, 1], array[:, 3],
+                               warmup_end_ns.value)
                     got = len(records)
-                    consumed_bytes += sum(len(record.value) for record in records)
-            consumed += got
-            now = time.monotonic()
-            if got:
-                idle_since = now
-            if now >= next_update:
-                counters[slot] = consumed
-                next_update = now + COUNTER_UPDATE_S
-                if now >= next_p99 and histogram.count:  # the live line's "p99 so far"
-                    counters[slot + 1] = int(histogram.percentile(99) // 1000)
-                    next_p99 = now + 1.0
+                    tally.consumed_bytes += sum(len(record.value) for record in records)
+            idle = tally.polled(got)
             if expected.value >= 0:
-                idle = now - idle_since
                 together = sum(counters[2 * (workload.producers + other)]
                                for other in range(workload.consumers))
                 if idle > DRAIN_IDLE_S or idle > DONE_IDLE_S and together >= expected.value:
                     break
-    counters[slot] = consumed
-    bitmaps = {}
-    duplicates = 0
-    for producer_id, parts in seqs.items():
-        numbers = np.concatenate(parts)
-        counts = np.bincount(numbers)
-        duplicates += int((counts > 1).sum() and (counts - 1).clip(0).sum())
-        bitmaps[producer_id] = np.packbits(counts > 0).tobytes()
-    return {"consumed": consumed, "consumed_bytes": consumed_bytes, "duplicates": duplicates,
-            "histogram": histogram.to_dict(), "seen": bitmaps}
+    return tally.result()
 
 
-def _note(histogram: Histogram, seqs: dict[int, list[np.ndarray]], now_ns: int,
-          intended: np.ndarray, producer_ids: np.ndarray, numbers: np.ndarray,
-          warmup_end_ns: int) -> None:
-    """Latencies (after the warm-up) into the histogram; sequence numbers per producer."""
-    measured = intended >= warmup_end_ns
-    if measured.any():
-        histogram.record_many(now_ns - intended[measured])
-    for producer_id in np.unique(producer_ids):
-        seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])
+class ConsumerTally:
+    """What a benchmark consumer process counts (shmbroker's and the peers'): the latency
+    histogram, the sequence numbers seen per producer, records and bytes, and when it last got
+    one; published to the parent's shared ``counters`` at ``slot`` (records every
+    COUNTER_UPDATE_S, and the live line's "p99 so far" at ``slot + 1`` every second)."""
+
+    def __init__(self, counters: Any, slot: int) -> None:
+        self.histogram = Histogram()
+        self.seqs: dict[int, list[np.ndarray]] = {}
+        self.consumed = 0
+        self.consumed_bytes = 0
+        self.counters = counters
+        self.slot = slot
+        self.idle_since = time.monotonic()
+        self._next_update = self.idle_since + COUNTER_UPDATE_S
+        self._next_p99 = self.idle_since
+
+    def note(self, now_ns: int, intended: np.ndarray, producer_ids: np.ndarray,
+             numbers: np.ndarray, warmup_end_ns: int) -> None:
+        """Latencies (after the warm-up) into the histogram; sequence numbers per producer."""
+        measured = intended >= warmup_end_ns
+        if measured.any():
+            self.histogram.record_many(now_ns - intended[measured])
+        for producer_id in np.unique(producer_ids):
+            self.seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])
+
+    def polled(self, records: int) -> float:
+        """Count one poll's records, publish when due; the seconds since a record last came."""
+        self.consumed += records
+        now = time.monotonic()
+        if records:
+            self.idle_since = now
+        if now >= self._next_update:
+            self.counters[self.slot] = self.consumed
+            self._next_update = now + COUNTER_UPDATE_S
+            if now >= self._next_p99 and self.histogram.count:
+                self.counters[self.slot + 1] = int(self.histogram.percentile(99) // 1000)
+                self._next_p99 = now + 1.0
+        return now - self.idle_since
+
+    def result(self) -> dict[str, Any]:
+        """The final count (also into the shared counters) and what the parent merges."""
+        self.counters[self.slot] = self.consumed
+        bitmaps = {}
+        duplicates = 0
+        for producer_id, parts in self.seqs.items():
+            counts = np.bincount(np.concatenate(parts))
+            duplicates += int((counts > 1).sum() and (counts - 1).clip(0).sum())
+            bitmaps[producer_id] = np.packbits(counts > 0).tobytes()
+        return {"consumed": self.consumed, "consumed_bytes": self.consumed_bytes,
+                "duplicates": duplicates, "histogram": self.histogram.to_dict(),
+                "seen": bitmaps}
 
 
 # -- the parent ----------------------------------------------------------------------------------

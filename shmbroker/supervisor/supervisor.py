@@ -245,12 +245,8 @@ class Supervisor:
         self._refill_standbys()
 
     def _take_standby(self) -> Standby | None:
-        while self._standbys:
-            standby = self._standbys.pop(0)
-            if standby.alive():
-                return standby
-            standby.retire()  # died waiting (reaped by poll): drop it
-        return None
+        self._drop_dead_standbys()  # one dying after this is caught by assign(): see _spawn
+        return self._standbys.pop(0) if self._standbys else None
 
     def _drop_dead_standbys(self) -> bool:
         """Reap standbys that died waiting; True when one that had lived HEALTHY_RUN_S did (an

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import posix_ipc
 import pytest
-from broker_helpers import RunningBroker, wait_for
+from broker_helpers import RunningBroker, end_process, wait_for
 from integration.produce_helpers import read_partitions
 
 from shmbroker import Admin, Consumer, TopicPartition
@@ -80,12 +80,7 @@ class ProducerProcess:
         assert answer == b"done\n", f"the producer answered {answer!r} to {line!r}"
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(PROCESS_TIMEOUT_S)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+        end_process(self.process, PROCESS_TIMEOUT_S)
 
 
 def plant(name: str, size: int) -> None:

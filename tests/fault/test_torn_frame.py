@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker_helpers import RunningBroker, wait_for
+from broker_helpers import RunningBroker, end_process, wait_for
 from integration.produce_helpers import read_partitions
 
 from shmbroker.format import ring_layout
@@ -88,12 +88,7 @@ class TornProducer:
         assert code == -signal.SIGKILL, f"{self.mode}: exited with {code}, not killed"
 
     def end(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(PROCESS_TIMEOUT_S)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+        end_process(self.process, PROCESS_TIMEOUT_S)
         if self.observer is not None:
             self.observer.close()
         names.unlink(self.ring_name)

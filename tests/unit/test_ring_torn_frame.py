@@ -19,14 +19,13 @@ SIGKILLs itself at that point.  Hypothesis prints the failing example.
 
 from __future__ import annotations
 
-import mmap
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import posix_ipc
 import pytest
+from fault.torn_frame_producer import poke  # also the torn producer's: one way to poke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,18 +43,6 @@ ACK_SLOTS = 16
 TOPIC_ID = 7
 MODES = ("unpublished", "head_seq", "torn_head", "bad_length", "flipped")
 DRAIN_PASSES_MAX = 1000
-
-
-def poke(name: str, position: int, value: int) -> None:
-    """Store the u64 ``value`` at byte ``position`` of shm object ``name`` through a mapping of
-    its own, as another process would."""
-    shared = posix_ipc.SharedMemory(name)
-    try:
-        mapping = mmap.mmap(shared.fd, shared.size)
-    finally:
-        shared.close_fd()
-    struct.pack_into("<Q", mapping, position, value)
-    mapping.close()
 
 
 class InProcessWorker:

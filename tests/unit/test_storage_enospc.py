@@ -160,6 +160,17 @@ def _open(directory: Path, config=SMALL_CONFIG) -> PartitionLog:
     return PartitionLog(directory, config, clock_ms=FakeClock(), name="t/0")
 
 
+def _check_after_crash(log: PartitionLog, directory: Path, acked: list[tuple[int, bytes]],
+                       config=SMALL_CONFIG) -> None:
+    """Crash ``log`` (nothing flushed or trimmed), reopen it: recovery cuts nothing and the log
+    still holds exactly the acknowledged batches."""
+    log.abandon()
+    log = _open(directory, config)
+    assert log.recovery_report.bytes_truncated == 0 and not log.recovery_report.segments_deleted
+    _check_holds(log, acked)
+    log.close()
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     """Every file of a partition directory and its bytes (zero tails of preallocated indexes
     included), to compare before and after a failed call."""
@@ -203,11 +214,7 @@ def test_full_disk_error_is_clear_and_changes_nothing(tmp_path, disk):
     assert log.append_failure is None
     acked.append((result.first_offset, _batch(7)))
     _check_holds(log, acked)
-    log.abandon()
-    log = _open(directory)
-    assert log.recovery_report.bytes_truncated == 0
-    _check_holds(log, acked)
-    log.close()
+    _check_after_crash(log, directory, acked)
 
 
 def test_other_write_errors_are_storage_errors_not_full(tmp_path, disk):
@@ -254,11 +261,7 @@ def test_roll_that_cannot_create_its_segment_leaves_no_half_made_one(tmp_path, d
     acked.append((result.first_offset, _batch(10)))
     assert len(log.segments) == segments + 1
     _check_holds(log, acked)
-    log.abandon()
-    log = _open(directory, config)
-    assert log.recovery_report.bytes_truncated == 0 and not log.recovery_report.segments_deleted
-    _check_holds(log, acked)
-    log.close()
+    _check_after_crash(log, directory, acked, config)
 
 
 def test_index_write_failure_undoes_the_log_write_too(tmp_path, disk):
@@ -300,11 +303,7 @@ def test_a_cut_that_fails_blocks_appends_until_one_works(tmp_path, disk):
     acked.append((log.append(_batch(3)).first_offset, _batch(3)))
     assert log.active_segment.cut_pending is None
     _check_holds(log, acked)
-    log.abandon()
-    log = _open(directory)
-    assert log.recovery_report.bytes_truncated == 0
-    _check_holds(log, acked)
-    log.close()
+    _check_after_crash(log, directory, acked)
 
 
 @settings(max_examples=60, deadline=None,

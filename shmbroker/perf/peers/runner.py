@@ -25,7 +25,6 @@ import numpy as np
 
 from shmbroker.perf import payloads
 from shmbroker.perf import runner as shm_runner
-from shmbroker.perf.histogram import Histogram
 from shmbroker.perf.peers.base import Chunk, Peer
 from shmbroker.perf.workload import Workload
 
@@ -110,51 +109,28 @@ def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expect
     for DRAIN_IDLE_S (the rules of shmbroker's runner)."""
     from shmbroker.perf.peers import PEERS
 
-    histogram = Histogram()
-    seqs: dict[int, list[np.ndarray]] = {}
-    consumed = 0
-    consumed_bytes = 0
-    slot = 2 * (workload.producers + CONSUMER_INDEX)
+    tally = shm_runner.ConsumerTally(counters, 2 * (workload.producers + CONSUMER_INDEX))
     session = PEERS[peer_name].consumer(address)
     try:
         with ready.get_lock():  # += is a read and a write: two consumers at once
             ready.value += 1  # could lose one, and the parent wait for it forever
-        idle_since = time.monotonic()
-        next_update = idle_since + shm_runner.COUNTER_UPDATE_S
-        next_p99 = idle_since
         while True:
             got = 0
             for columns in session.poll(POLL_TIMEOUT_S):
                 now_ns = time.monotonic_ns()
                 intended, producer_ids, numbers = payloads.decode_headers(
                     columns.data, columns.value_positions, columns.value_lengths)
-                shm_runner._note(histogram, seqs, now_ns, intended, producer_ids, numbers,
-                                 warmup_end_ns.value)
+                tally.note(now_ns, intended, producer_ids, numbers, warmup_end_ns.value)
                 got += len(columns.value_positions)
-                consumed_bytes += int(columns.value_lengths.sum())
-            consumed += got
-            now = time.monotonic()
-            if got:
-                idle_since = now
-            if now >= next_update:
-                counters[slot] = consumed
-                next_update = now + shm_runner.COUNTER_UPDATE_S
-                if now >= next_p99 and histogram.count:  # the live line's "p99 so far"
-                    counters[slot + 1] = int(histogram.percentile(99) // 1000)
-                    next_p99 = now + 1.0
+                tally.consumed_bytes += int(columns.value_lengths.sum())
+            idle = tally.polled(got)
             if expected.value >= 0:
-                idle = now - idle_since
                 if idle > shm_runner.DRAIN_IDLE_S or (
-                        idle > shm_runner.DONE_IDLE_S and consumed >= expected.value):
+                        idle > shm_runner.DONE_IDLE_S and tally.consumed >= expected.value):
                     break
     finally:
         session.close()
-    counters[slot] = consumed
-    bitmaps = {}
-    for producer_id, parts in seqs.items():
-        bitmaps[producer_id] = np.packbits(np.bincount(np.concatenate(parts)) > 0).tobytes()
-    return {"consumed": consumed, "consumed_bytes": consumed_bytes,
-            "histogram": histogram.to_dict(), "seen": bitmaps}
+    return tally.result()
 
 
 def run(peer: Peer, workload: Workload,

@@ -196,13 +196,63 @@ def recovery_rate(log_dir: Path) -> tuple[float, int]:
     return scanned / elapsed, scanned
 
 
+def append_rates(base: Path, batch_64k: bytearray, region_1m: bytearray, total: int,
+                 runs: int) -> None:
+    raw, one, sixteen, one_crc, sixteen_crc = [], [], [], [], []
+    for _ in range(runs):
+        raw.append(raw_write(base, batch_64k, total))
+        one.append(log_append(base, batch_64k, total))
+        sixteen.append(log_append(base, region_1m, total))
+        one_crc.append(log_append(base, batch_64k, total, "crc"))
+        sixteen_crc.append(log_append(base, region_1m, total, "crc"))
+    print("append (GB/s)                     median   ratio to raw os.write")
+    print(f"  raw os.write 64 KiB              {median(raw) / 1e9:6.2f}")
+    for label, rates in (("log, 1 batch/call", one), ("log, 16 batches/call", sixteen),
+                         ("log, 1 batch/call, crc only", one_crc),
+                         ("log, 16 batches/call, crc only", sixteen_crc)):
+        print(f"  {label:<32} {median(rates) / 1e9:6.2f}   "
+              f"{median(rates) / median(raw):.2f}")
+    print("  (record_validation: 'records', the default, walks each batch's record chain;\n"
+          "   'crc only' checks header, size and CRC-32C)\n")
+
+
+def read_rates(base: Path, region_1m: bytearray, total: int, runs: int) -> None:
+    log_dir = base / "log-read"
+    log = PartitionLog(log_dir, LogConfig(segment_bytes=1 << 30, retention_ms=-1))
+    written = 0
+    while written < total:
+        log.append(region_1m)
+        written += len(region_1m)
+    log.flush()
+    segment_path = log_dir / f"{0:020d}.log"
+    raw_reads, log_reads = [], []
+    for _ in range(runs):
+        raw_reads.append(raw_sendfile(segment_path, MIB))
+        log_reads.append(log_sendfile(log, MIB))
+    print("read, 1 MiB sendfile to a Unix socket drained by another process (GB/s)")
+    print(f"  raw sendfile         {median(raw_reads) / 1e9:6.2f}")
+    print(f"  log.read + sendfile  {median(log_reads) / 1e9:6.2f}   "
+          f"{median(log_reads) / median(raw_reads):.2f}\n")
+    log.abandon()  # unclean: the recovery benchmark scans it all
+
+    rates = [recovery_rate(log_dir) for _ in range(runs)]
+    print(f"recovery scan (no checkpoint, page cache warm): "
+          f"{median([r for r, _ in rates]) / 1e9:.2f} GB/s over {rates[0][1] / MIB:.0f} MiB\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=512, help="bytes written per run")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None,
                         help="directory on the filesystem to test (default: a temp dir here)")
+    parser.add_argument("--parts", default="append,read,codec",
+                        help="comma-separated: append, read (and the recovery scan of the log "
+                             "it wrote), codec")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"append", "read", "codec"}:
+        parser.error(f"unknown part in --parts {args.parts!r}")
     total = args.size_mib * MIB
     base = Path(tempfile.mkdtemp(prefix="shmbroker-bench-", dir=args.dir or Path.cwd()))
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
@@ -211,52 +261,18 @@ def main() -> int:
     try:
         batch_64k = make_batch(64 * KIB)
         region_1m = bytearray(b"".join([bytes(batch_64k)] * 16))
-        raw, one, sixteen, one_crc, sixteen_crc = [], [], [], [], []
-        for _ in range(args.runs):
-            raw.append(raw_write(base, batch_64k, total))
-            one.append(log_append(base, batch_64k, total))
-            sixteen.append(log_append(base, region_1m, total))
-            one_crc.append(log_append(base, batch_64k, total, "crc"))
-            sixteen_crc.append(log_append(base, region_1m, total, "crc"))
-        print("append (GB/s)                     median   ratio to raw os.write")
-        print(f"  raw os.write 64 KiB              {median(raw) / 1e9:6.2f}")
-        for label, rates in (("log, 1 batch/call", one), ("log, 16 batches/call", sixteen),
-                             ("log, 1 batch/call, crc only", one_crc),
-                             ("log, 16 batches/call, crc only", sixteen_crc)):
-            print(f"  {label:<32} {median(rates) / 1e9:6.2f}   "
-                  f"{median(rates) / median(raw):.2f}")
-        print("  (record_validation: 'records', the default, walks each batch's record chain;\n"
-              "   'crc only' checks header, size and CRC-32C)\n")
-
-        log_dir = base / "log-read"
-        log = PartitionLog(log_dir, LogConfig(segment_bytes=1 << 30, retention_ms=-1))
-        written = 0
-        while written < total:
-            log.append(region_1m)
-            written += len(region_1m)
-        log.flush()
-        segment_path = log_dir / f"{0:020d}.log"
-        raw_reads, log_reads = [], []
-        for _ in range(args.runs):
-            raw_reads.append(raw_sendfile(segment_path, MIB))
-            log_reads.append(log_sendfile(log, MIB))
-        print("read, 1 MiB sendfile to a Unix socket drained by another process (GB/s)")
-        print(f"  raw sendfile         {median(raw_reads) / 1e9:6.2f}")
-        print(f"  log.read + sendfile  {median(log_reads) / 1e9:6.2f}   "
-              f"{median(log_reads) / median(raw_reads):.2f}\n")
-        log.abandon()  # unclean: the recovery benchmark scans it all
-
-        rates = [recovery_rate(log_dir) for _ in range(args.runs)]
-        print(f"recovery scan (no checkpoint, page cache warm): "
-              f"{median([r for r, _ in rates]) / 1e9:.2f} GB/s over {rates[0][1] / MIB:.0f} MiB\n")
-
-        for batch_bytes in (64 * KIB, 1 * MIB):
-            rates_by_case = codec_rates(batch_bytes, args.runs)
-            print(f"codec, 100-byte records, {batch_bytes // KIB} KiB batches "
-                  f"({records_for(batch_bytes)} records), M records/s")
-            for name, rate in rates_by_case.items():
-                print(f"  {name:18s} {rate / 1e6:7.2f}")
-            print()
+        if "append" in parts:
+            append_rates(base, batch_64k, region_1m, total, args.runs)
+        if "read" in parts:
+            read_rates(base, region_1m, total, args.runs)
+        if "codec" in parts:
+            for batch_bytes in (64 * KIB, 1 * MIB):
+                rates_by_case = codec_rates(batch_bytes, args.runs)
+                print(f"codec, 100-byte records, {batch_bytes // KIB} KiB batches "
+                      f"({records_for(batch_bytes)} records), M records/s")
+                for name, rate in rates_by_case.items():
+                    print(f"  {name:18s} {rate / 1e6:7.2f}")
+                print()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -21,6 +21,7 @@ never copied.  Inputs are untrusted: every length is bounds-checked and inconsis
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,20 +224,18 @@ def _encode_uniform(values: object, value_lengths: I64, keys: object | None,
         if count * max(key_length, 0) > len(key_data):
             raise ValueError(f"keys: lengths add up to {count * max(key_length, 0)} bytes, "
                              f"buffer holds {len(key_data)}")
-    timestamp_z = None
-    timestamp_sizes = None
-    if timestamp_deltas is not None:
-        z = zigzag(timestamp_deltas)
-        if int(z.max()):
-            timestamp_z = z
-            timestamp_sizes = varint_sizes(z)
+    timestamp_z, timestamp_sizes = uniform_records.timestamp_sizes(timestamp_deltas)
     runs = uniform_records.runs_for(timestamp_sizes, count)
     if len(runs) * uniform_records.RUN_RECORDS_MIN > count and len(runs) > 4:
         return None
     shape = uniform_records.Shape(key_length, value_length)
-    encoded = bytearray(head_room + uniform_records.encoded_size(shape, runs))
+    layouts = uniform_records.layouts_for(shape, runs)
+    if layouts is None:
+        return None
+    size = sum((last - first) * row.size for (first, last, _, _), row in zip(runs, layouts))
+    encoded = bytearray(head_room + size)
     out = np.frombuffer(encoded, dtype=np.uint8)[head_room:]
-    uniform_records.encode(out, shape, runs, value_data, key_data, timestamp_z)
+    uniform_records.encode(out, shape, runs, layouts, value_data, key_data, timestamp_z)
     return encoded
 
 
@@ -262,7 +261,6 @@ class RecordColumns:
     value_lengths: I64
     header_positions: I64
     header_counts: I64
-    record_ends: I64
 
 
 SPECULATION_ROWS = 64  # the first block of equal-size records verified at once (grows 4x)
@@ -408,6 +406,33 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
             f"{size - position} bytes left over after the {count} declared records")
 
 
+# Columns that only depend on a batch's record count are shared by the batches of one size
+# (one producer's usually are): at most 64 sizes of up to this many records (~8 MiB in all).
+SHARED_COLUMN_RECORDS_MAX = 16384
+
+
+def _constant_column(count: int, value: int) -> I64:
+    """A read-only column of ``count`` times ``value``."""
+    if count > SHARED_COLUMN_RECORDS_MAX:
+        return np.full(count, value, dtype=np.int64)
+    return _shared_column(count, value)
+
+
+def _offset_deltas(count: int) -> I64:
+    """The read-only column 0..count-1."""
+    if count > SHARED_COLUMN_RECORDS_MAX:
+        return np.arange(count, dtype=np.int64)
+    return _shared_column(count, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_column(count: int, value: int | None) -> I64:
+    column = (np.arange(count, dtype=np.int64) if value is None
+              else np.full(count, value, dtype=np.int64))
+    column.flags.writeable = False
+    return column
+
+
 def decode_records(buffer: object, start: int, end: int, count: int) -> RecordColumns:
     """Parse ``count`` records in ``buffer[start:end]`` into columns (positions into buffer)."""
     data = _as_u8(buffer)
@@ -415,16 +440,21 @@ def decode_records(buffer: object, start: int, end: int, count: int) -> RecordCo
         if start != end:
             raise CorruptRecordError(f"{end - start} bytes of records but a count of 0")
         empty = np.zeros(0, dtype=np.int64)
-        return RecordColumns(data, empty, empty, empty, empty, empty, empty, empty, empty, empty)
+        return RecordColumns(data, empty, empty, empty, empty, empty, empty, empty, empty)
     uniform = uniform_records.decode(data, start, end, count)
     if uniform is not None:
         shape = uniform.shape
-        header_positions = uniform.value_positions + max(shape.value_length, 0)
         return RecordColumns(
-            data, np.arange(count, dtype=np.int64), uniform.timestamp_deltas,
-            uniform.key_positions, np.full(count, shape.key_length, dtype=np.int64),
-            uniform.value_positions, np.full(count, shape.value_length, dtype=np.int64),
-            header_positions, np.zeros(count, dtype=np.int64), header_positions + 1)
+            data, _offset_deltas(count), uniform.timestamp_deltas, uniform.key_positions,
+            _constant_column(count, shape.key_length), uniform.value_positions,
+            _constant_column(count, shape.value_length),
+            uniform.value_positions + max(shape.value_length, 0), _constant_column(count, 0))
+    return decode_records_general(data, start, end, count)
+
+
+def decode_records_general(data: U8, start: int, end: int, count: int) -> RecordColumns:
+    """:func:`decode_records` without the fast path for records of one shape (which must
+    agree with it wherever it applies: tests compare them)."""
     starts, size_lengths, bodies = _record_starts(data, start, end, count)
     record_ends = starts + size_lengths + bodies
     position = starts + size_lengths + 1  # skip the attributes byte
@@ -465,8 +495,7 @@ def decode_records(buffer: object, start: int, end: int, count: int) -> RecordCo
                 raise CorruptRecordError(
                     f"record {index}: length disagrees with its headers")
     return RecordColumns(data, offset_deltas, timestamp_deltas, key_positions, key_lengths,
-                         value_positions, value_lengths, header_positions, header_counts,
-                         record_ends)
+                         value_positions, value_lengths, header_positions, header_counts)
 
 
 def decode_headers(raw: memoryview, position: int, end: int) -> tuple[list[tuple[str, bytes]], int]:

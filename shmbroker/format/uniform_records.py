@@ -3,16 +3,25 @@
 The common telemetry batch: every value the same size, keys absent or all the same size, no
 headers.  Such records differ only in their offset delta (0, 1, 2, ...), whose varint grows by
 one byte at 64, 8192 and 2**20, and in their timestamp delta, whose varint size changes rarely
-(deltas grow slowly through a batch).  So the section is a few *runs* of fixed-size rows; each
-run is a 2-D numpy view ``(records, record_size)`` whose fields are column blocks, and encode or
-decode cost a handful of numpy calls per run whatever the number of records.  This is what makes
-the columnar API run at tens of millions of records per second from Python.
+(deltas grow slowly through a batch).  So the section is a few *runs* of fixed-size rows, and a
+run is handled with a few numpy calls whatever its number of records.
 
-Decode treats the bytes as untrusted: the first record of a run is parsed field by field, then
-every row of the run is checked against it (constant columns byte-equal, offset-delta columns
-equal to the expected encoding, timestamp-delta continuation bits of the same size).  The run
-ends at the first row that differs; too many short runs, or a first row that is not of this
-shape, send the caller to the general decoder, which reports the precise defect.
+Python pays per numpy call (~1-3 us here), and a narrow column of a 2-D ``(records,
+record_size)`` view costs a strided inner loop per row; so the framing bytes of a row (length,
+attributes, timestamp delta, offset delta, key and value lengths, header count: ~10 bytes around
+the payload) are handled as a few **8-byte little-endian words**, each one strided 1-D
+``uint64`` view over the run (one element per record):
+
+* encode writes each word once per run (template bits | offset-delta bits from a cache |
+  timestamp-delta bits), then copies the keys and values as 2-D blocks;
+* decode checks each word with one masked compare against the same template, which covers every
+  framing byte and the continuation bits of the timestamp varint; the timestamp deltas are then
+  read through a lookup table on one strided view.
+
+Decode treats the bytes as untrusted: the run ends at the first record whose words differ from
+the template; too many short runs, or a record that is not of the batch's shape, send the caller
+to the general decoder, which reports the precise defect.  Records of fewer than 8 bytes (no
+room for a word) take the general path too.
 """
 
 from __future__ import annotations
@@ -25,31 +34,18 @@ import numpy as np
 import numpy.typing as npt
 
 from shmbroker.errors import CorruptRecordError
-from shmbroker.format.varint import decode_varint, encode_varint
+from shmbroker.format.varint import decode_varint, encode_varint, zigzag
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 
 # Offset-delta bands: [start, end) share one varint size (zig-zag doubles the value).
 _BANDS = ((0, 64, 1), (64, 8192, 2), (8192, 1 << 20, 3), (1 << 20, 1 << 27, 4),
           (1 << 27, 1 << 30, 5))
-_band_columns: dict[int, U8] = {}
 # Give up on the fast path when runs average fewer records than this.
 RUN_RECORDS_MIN = 8
-
-
-def _offset_delta_columns(size: int, first: int, last: int) -> U8:
-    """Varint bytes of offset deltas [first, last) (all of encoded ``size``), as (n, size)."""
-    band_start = next(start for start, _, band_size in _BANDS if band_size == size)
-    cached = _band_columns.get(size)
-    needed = last - band_start
-    if cached is None or len(cached) < needed:
-        grown = max(needed, 2 * (0 if cached is None else len(cached)), 64)
-        z = np.arange(band_start, band_start + grown, dtype=np.uint64) << np.uint64(1)
-        columns = np.empty((grown, size), dtype=np.uint8)
-        write_varint_columns(columns, 0, z, size)
-        _band_columns[size] = cached = columns
-    return cached[first - band_start : last - band_start]
+WORD_BYTES = 8
 
 
 def offset_band_end(index: int) -> tuple[int, int]:
@@ -60,13 +56,48 @@ def offset_band_end(index: int) -> tuple[int, int]:
     raise CorruptRecordError(f"offset delta {index} is too large")
 
 
-def write_varint_columns(block: U8, column: int, z: npt.NDArray[np.uint64], size: int) -> None:
-    """Write zig-zagged values ``z`` as ``size``-byte varints into columns of ``block``."""
+def _varint_payload(z: U64, size: int) -> U64:
+    """The ``size`` varint bytes (at most 8) of each zig-zagged ``z`` as a little-endian
+    integer, without continuation bits (those are constant for a given size: the row template
+    holds them)."""
+    if size == 1:
+        return z
+    payload = z & np.uint64(0x7F)
+    for byte_index in range(1, size):
+        payload |= ((z >> np.uint64(7 * byte_index)) & np.uint64(0x7F)) << np.uint64(
+            8 * byte_index)
+    return payload
+
+
+def _timestamp_bits(z: U64, size: int, shift: int) -> U64:
+    """The payload bits of each ``size``-byte timestamp varint that fall in a word where the
+    varint starts at bit ``shift`` (negative: before the word)."""
+    if size == 1:
+        return z << np.uint64(shift)
+    if size == 2 and 0 <= shift <= 48:
+        return _two_byte_timestamps(shift).take(z)
+    if 0 <= shift <= 64 - 8 * size:  # the whole varint lies in the word
+        return _varint_payload(z, size) << np.uint64(shift)
+    bits = np.zeros(len(z), dtype=np.uint64)
     for byte_index in range(size):
-        group = (z >> np.uint64(7 * byte_index)) & np.uint64(0x7F)
-        if byte_index < size - 1:
-            group |= np.uint64(0x80)
-        block[:, column + byte_index] = group
+        at = shift + 8 * byte_index
+        if 0 <= at < 64:
+            bits |= ((z >> np.uint64(7 * byte_index)) & np.uint64(0x7F)) << np.uint64(at)
+    return bits
+
+
+@functools.lru_cache(maxsize=8)
+def _two_byte_timestamps(shift: int) -> U64:
+    """The payload bits of every two-byte varint (z < 2**14), shifted: one lookup per record
+    instead of six passes (128 KiB per shift; a row layout puts the timestamp at byte 1-3)."""
+    return _varint_payload(np.arange(1 << 14, dtype=np.uint64), 2) << np.uint64(shift)
+
+
+def _shifted(bits: U64, shift: int) -> U64:
+    """``bits`` moved ``shift`` bits up (down when negative), truncated to 64 bits."""
+    if shift >= 0:
+        return bits << np.uint64(shift)
+    return bits >> np.uint64(-shift)
 
 
 class Shape(NamedTuple):
@@ -76,25 +107,63 @@ class Shape(NamedTuple):
     value_length: int  # -1 = null values
 
 
+class Word:
+    """One 8-byte window ``[offset, offset + 8)`` of a row's framing bytes.
+
+    ``mask`` selects the bits decode checks (whole framing bytes; only the continuation bit of
+    timestamp bytes), ``template`` their value with the offset delta's bytes zeroed; the offset
+    delta's bytes that fall in the window are added per record from a per-band cache, shifted
+    by ``offset_delta_shift`` bits (None: the window holds none of them); the timestamp's
+    payload bits likewise by ``timestamp_shift``."""
+
+    __slots__ = ("offset", "mask", "template", "offset_delta_shift", "offset_size",
+                 "timestamp_shift", "_band_start", "_expected")
+
+    def __init__(self, offset: int, mask: int, template: int, offset_delta_shift: int | None,
+                 offset_size: int, timestamp_shift: int | None) -> None:
+        self.offset = offset
+        self.mask = mask
+        self.template = template
+        self.offset_delta_shift = offset_delta_shift
+        self.offset_size = offset_size
+        self.timestamp_shift = timestamp_shift
+        self._band_start = next(start for start, _, size in _BANDS if size == offset_size)
+        self._expected: U64 | None = None
+
+    def expected(self, first: int, last: int) -> U64 | int:
+        """The window's template bits for records [first, last) of one offset band: one int
+        when no offset-delta byte falls in it, else a cached array slice (read-only)."""
+        if self.offset_delta_shift is None:
+            return self.template
+        band_start = self._band_start
+        cached = self._expected
+        if cached is None or len(cached) < last - band_start:
+            grown = max(last - band_start, 2 * (0 if cached is None else len(cached)), 64)
+            z = np.arange(band_start, band_start + grown, dtype=np.uint64) << np.uint64(1)
+            payload = _varint_payload(z, self.offset_size)
+            continuation = sum(0x80 << (8 * k) for k in range(self.offset_size - 1))
+            cached = _shifted(payload | np.uint64(continuation), self.offset_delta_shift)
+            cached |= np.uint64(self.template)
+            cached.flags.writeable = False
+            self._expected = cached
+        return cached[first - band_start : last - band_start]
+
+
 @dataclass(frozen=True)
 class Row:
     """Byte layout of one record of a run."""
 
-    prefix: bytes  # length varint .. key length varint, with zeroed delta bytes
+    size: int
     timestamp_column: int
     timestamp_size: int
-    offset_column: int
-    offset_size: int
     key_column: int
-    value_length_column: int
     value_column: int
-    size: int
-    constant_columns: I64  # columns every row repeats
-    constant_bytes: U8
+    words: tuple[Word, ...]
 
 
 @functools.lru_cache(maxsize=512)
-def row_layout(shape: Shape, timestamp_size: int, offset_size: int) -> Row:
+def row_layout(shape: Shape, timestamp_size: int, offset_size: int) -> Row | None:
+    """The layout of a record of ``shape`` with varints of these sizes; None below 8 bytes."""
     key_length_bytes = encode_varint(shape.key_length)
     value_length_bytes = encode_varint(shape.value_length)
     key_size = max(shape.key_length, 0)
@@ -102,70 +171,105 @@ def row_layout(shape: Shape, timestamp_size: int, offset_size: int) -> Row:
     body = (1 + timestamp_size + offset_size + len(key_length_bytes) + key_size
             + len(value_length_bytes) + value_size + 1)
     length_bytes = encode_varint(body)
+    size = len(length_bytes) + body
+    if size < WORD_BYTES:
+        return None
     timestamp_column = len(length_bytes) + 1
     offset_column = timestamp_column + timestamp_size
-    prefix = (length_bytes + b"\x00" + bytes(timestamp_size) + bytes(offset_size)
-              + key_length_bytes)
-    key_column = len(prefix)
-    value_length_column = key_column + key_size
-    value_column = value_length_column + len(value_length_bytes)
-    size = len(length_bytes) + body
-    row = np.zeros(size, dtype=np.uint8)
-    row[:key_column] = np.frombuffer(prefix, dtype=np.uint8)
-    row[value_length_column:value_column] = np.frombuffer(value_length_bytes, dtype=np.uint8)
-    columns = [c for c in range(key_column) if not timestamp_column <= c < key_column - len(
-        key_length_bytes)]
-    columns += list(range(value_length_column, value_column)) + [size - 1]
-    index = np.array(columns, dtype=np.int64)
-    return Row(prefix, timestamp_column, timestamp_size, offset_column, offset_size, key_column,
-               value_length_column, value_column, size, index, row[index])
+    key_column = offset_column + offset_size + len(key_length_bytes)
+    value_column = key_column + key_size + len(value_length_bytes)
+    template = bytearray(size)  # attributes and header count stay 0
+    mask = bytearray(size)
+    template[: len(length_bytes)] = length_bytes
+    template[timestamp_column : offset_column - 1] = b"\x80" * (timestamp_size - 1)
+    template[key_column - len(key_length_bytes) : key_column] = key_length_bytes
+    template[value_column - len(value_length_bytes) : value_column] = value_length_bytes
+    mask[:key_column] = b"\xff" * key_column
+    mask[timestamp_column:offset_column] = b"\x80" * timestamp_size
+    mask[key_column + key_size : value_column] = b"\xff" * len(value_length_bytes)
+    mask[size - 1] = 0xFF
+    words = []
+    uncovered = [column for column in range(size) if mask[column]]
+    while uncovered:
+        offset = min(uncovered[0], size - WORD_BYTES)
+        end = offset + WORD_BYTES
+        words.append(Word(
+            offset, int.from_bytes(mask[offset:end], "little"),
+            int.from_bytes(template[offset:end], "little"),
+            8 * (offset_column - offset) if offset_column < end and offset_column + offset_size
+            > offset else None, offset_size,
+            8 * (timestamp_column - offset) if timestamp_column < end and offset_column
+            > offset else None))
+        uncovered = [column for column in uncovered if column >= end]
+    return Row(size, timestamp_column, timestamp_size, key_column, value_column, tuple(words))
 
 
-def runs_for(timestamp_sizes: I64 | None, count: int) -> list[tuple[int, int, int, int]]:
-    """Split [0, count) into runs of one (timestamp size, offset size): (first, last, ts, od)."""
-    bounds = [0] + [start for start, _, _ in _BANDS if 0 < start < count] + [count]
-    if timestamp_sizes is not None and timestamp_sizes[0] != timestamp_sizes[-1] or (
-            timestamp_sizes is not None and not (timestamp_sizes == timestamp_sizes[0]).all()):
-        changes = (np.flatnonzero(timestamp_sizes[1:] != timestamp_sizes[:-1]) + 1).tolist()
-        bounds = sorted(set(bounds).union(changes))
+_SIZE_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+
+
+def timestamp_sizes(deltas: I64 | None) -> tuple[U64 | None, list[tuple[int, int]]]:
+    """Zig-zagged timestamp deltas (None when all are 0) and where their varints change size:
+    [(first record, size), ...] from record 0.  Non-decreasing deltas from 0 up (the usual
+    case) cost one comparison and one search, others a few passes."""
+    if deltas is None or len(deltas) == 0:
+        return None, [(0, 1)]
+    if int(deltas[0]) >= 0 and (len(deltas) == 1 or (deltas[1:] >= deltas[:-1]).all()):
+        if int(deltas[-1]) == 0:
+            return None, [(0, 1)]
+        z = (deltas << 1).view(np.uint64)  # zig-zag of non-negative values
+        firsts = [0, *np.searchsorted(z, _SIZE_THRESHOLDS).tolist()]
+        return z, [(first, size) for size, (first, after) in enumerate(
+            zip(firsts[:-1], firsts[1:]), start=1) if first < after]
+    z = zigzag(deltas)
+    sizes = np.searchsorted(_SIZE_THRESHOLDS, z, side="right") + 1
+    changes = [0, *(np.flatnonzero(sizes[1:] != sizes[:-1]) + 1).tolist()]
+    return z, [(first, int(sizes[first])) for first in changes]
+
+
+def runs_for(sizes: list[tuple[int, int]], count: int) -> list[tuple[int, int, int, int]]:
+    """Split [0, count) into runs of one (timestamp size, offset size): (first, last, ts, od),
+    given :func:`timestamp_sizes`."""
+    bounds = sorted({0, count, *(start for start, _, _ in _BANDS if 0 < start < count),
+                     *(first for first, _ in sizes)})
     runs = []
+    change = 0
     for first, last in zip(bounds[:-1], bounds[1:]):
-        runs.append((first, last,
-                     1 if timestamp_sizes is None else int(timestamp_sizes[first]),
-                     offset_band_end(first)[1]))
+        while change + 1 < len(sizes) and sizes[change + 1][0] <= first:
+            change += 1
+        runs.append((first, last, sizes[change][1], offset_band_end(first)[1]))
     return runs
 
 
-def encoded_size(shape: Shape, runs: list[tuple[int, int, int, int]]) -> int:
-    return sum((last - first) * row_layout(shape, ts, od).size for first, last, ts, od in runs)
+def layouts_for(shape: Shape, runs: list[tuple[int, int, int, int]]) -> list[Row] | None:
+    """The row layout of every run, or None when a record is too small for the fast path."""
+    rows = [row_layout(shape, ts, od) for _, _, ts, od in runs]
+    return None if None in rows else rows  # type: ignore[return-value]
 
 
-def encode(out: U8, shape: Shape, runs: list[tuple[int, int, int, int]], values: U8,
-           keys: U8 | None, timestamp_z: npt.NDArray[np.uint64] | None) -> None:
-    """Write the records of ``runs`` into ``out`` (exactly :func:`encoded_size` bytes,
-    zero-filled).  ``timestamp_z``: zig-zagged timestamp deltas, None when all are 0."""
+def encode(out: U8, shape: Shape, runs: list[tuple[int, int, int, int]], layouts: list[Row],
+           values: U8, keys: U8 | None, timestamp_z: U64 | None) -> None:
+    """Write the records of ``runs`` into ``out`` (exactly the sum of rows x row size bytes,
+    **zero-filled**).  ``timestamp_z``: zig-zagged timestamp deltas, None when all are 0."""
     key_size = max(shape.key_length, 0)
     value_size = max(shape.value_length, 0)
     position = 0
-    for first, last, timestamp_size, offset_size in runs:
-        row = row_layout(shape, timestamp_size, offset_size)
+    for (first, last, timestamp_size, _), row in zip(runs, layouts):
         rows = last - first
+        for word in row.words:  # framing first: a window may cover payload bytes
+            bits = word.expected(first, last)
+            if word.timestamp_shift is not None and timestamp_z is not None:
+                bits = bits | _timestamp_bits(timestamp_z[first:last], timestamp_size,
+                                              word.timestamp_shift)
+            elif isinstance(bits, int) and bits == 0:
+                continue  # zero-filled already
+            np.ndarray((rows,), "<u8", out, position + word.offset, (row.size,))[...] = bits
         block = out[position : position + rows * row.size].reshape(rows, row.size)
-        block[:, : row.key_column] = np.frombuffer(row.prefix, dtype=np.uint8)
-        if timestamp_z is not None:
-            write_varint_columns(block, row.timestamp_column, timestamp_z[first:last],
-                                 timestamp_size)
-        block[:, row.offset_column : row.offset_column + offset_size] = _offset_delta_columns(
-            offset_size, first, last)
         if key_size:
-            block[:, row.key_column : row.value_length_column] = (
+            block[:, row.key_column : row.key_column + key_size] = (
                 keys[first * key_size : last * key_size].reshape(rows, key_size))  # type: ignore[index]
-        block[:, row.value_length_column : row.value_column] = row.constant_bytes[
-            len(row.constant_bytes) - 1 - (row.value_column - row.value_length_column) : -1]
         if value_size:
             block[:, row.value_column : row.value_column + value_size] = (
                 values[first * value_size : last * value_size].reshape(rows, value_size))
-        # the last column (headers count) stays 0
         position += rows * row.size
 
 
@@ -178,93 +282,138 @@ class Decoded:
 
 
 def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[Shape, int] | None:
-    """Parse the record at ``position`` far enough to know its shape; None if it has none."""
+    """Parse the record at ``position`` far enough to know its shape; None if it has none.
+    Varints of one and two bytes (every field of records under 8 KiB) are read inline."""
     try:
-        _, field = decode_varint(raw, position, end)
-        if raw[field] != 0:
+        field = position + (1 if raw[position] < 0x80 else 2 if raw[position + 1] < 0x80 else 0)
+        if field == position:  # a length of three or more bytes
+            _, field = decode_varint(raw, position, end)
+        if raw[field] != 0:  # attributes
             return None
         field += 1
         _, after = decode_varint(raw, field, end, 10)
         timestamp_size = after - field
-        offset_delta, field = decode_varint(raw, after, end)
-        key_length, field = decode_varint(raw, field, end)
-        field += max(key_length, 0)
-        value_length, field = decode_varint(raw, field, end)
+        lengths = []
+        for _ in range(3):  # offset delta, key length, value length
+            z = raw[after]
+            if z < 0x80:
+                after += 1
+            elif raw[after + 1] < 0x80:
+                z = (z & 0x7F) | raw[after + 1] << 7
+                after += 2
+            else:
+                value, after = decode_varint(raw, after, end)
+                z = value << 1 if value >= 0 else (-value << 1) - 1
+            value = (z >> 1) ^ -(z & 1)
+            lengths.append(value)
+            if len(lengths) == 2:
+                after += max(value, 0)  # the key
     except (CorruptRecordError, IndexError):
         return None
-    if offset_delta != index or key_length < -1 or value_length < -1:
+    offset_delta, key_length, value_length = lengths
+    if offset_delta != index or key_length < -1 or value_length < -1 or after > end:
         return None
     return Shape(key_length, value_length), timestamp_size
+
+
+def _unzigzag(z: I64) -> I64:
+    return (z >> 1) ^ -(z & 1)
+
+
+# Timestamp deltas of one and two varint bytes, decoded by table: indexed by the byte, or by
+# the little-endian pair of bytes with continuation bits cleared (b0 | b1 << 8).
+_TIMESTAMPS_1 = _unzigzag(np.arange(256, dtype=np.int64) & 0x7F)
+_pair = np.arange(0x8000, dtype=np.int64)
+_TIMESTAMPS_2 = _unzigzag((_pair & 0x7F) | ((_pair >> 8) & 0x7F) << 7)
+del _pair
+_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+def _timestamp_deltas(data: U8, position: int, rows: int, row: Row) -> I64:
+    """Timestamp deltas of ``rows`` records from ``position`` (continuation bits verified)."""
+    column = position + row.timestamp_column
+    size = row.timestamp_size
+    if size == 1:
+        return _TIMESTAMPS_1.take(np.ndarray((rows,), np.uint8, data, column, (row.size,)))
+    if size == 2:
+        pairs = np.ndarray((rows,), "<u2", data, column, (row.size,))
+        return _TIMESTAMPS_2.take(pairs & np.uint16(0x7F7F))
+    z = np.zeros(rows, dtype=np.uint64)
+    for byte_index in range(size):
+        stamps = np.ndarray((rows,), np.uint8, data, column + byte_index, (row.size,))
+        z |= (stamps.astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * byte_index)
+    signed = z.view(np.int64)
+    return ((signed >> 1) & _I64_MAX) ^ -(signed & 1)
+
+
+def _timestamp_fits(raw: memoryview, position: int, end: int, row: Row) -> bool:
+    """Whether the record at ``position`` has a timestamp varint of ``row``'s size (a run of
+    one shape ends where the timestamp deltas need one more byte)."""
+    if end - position < row.size:
+        return False
+    last = position + row.timestamp_column + row.timestamp_size - 1
+    return raw[last] < 0x80 and (row.timestamp_size == 1 or raw[last - 1] >= 0x80)
+
+
+def _matching_rows(data: U8, position: int, end: int, rows: int, index: int, row: Row) -> int:
+    """How many of (at most) ``rows`` records from ``position`` (record ``index`` of the
+    section) match ``row``'s template: one masked compare per word."""
+    rows = min(rows, (end - position) // row.size)
+    if rows < 1:
+        return 0
+    ok = None
+    for word in row.words:
+        view = np.ndarray((rows,), "<u8", data, position + word.offset, (row.size,))
+        matches = (view & np.uint64(word.mask)) == word.expected(index, index + rows)
+        ok = matches if ok is None else ok & matches
+    return rows if ok.all() else int(np.argmin(ok))  # type: ignore[union-attr,arg-type]
 
 
 def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
     """Decode a section of ``count`` same-shape records, or return None if it is not one."""
     raw = memoryview(data)
-    first_parse = _parse_first(raw, start, end, 0)
-    if first_parse is None:
-        return None
-    shape = first_parse[0]
+    shape = None
     timestamp_parts: list[I64] = []
-    row_start_parts: list[I64] = []
-    column_parts: list[tuple[int, int]] = []
+    key_parts: list[I64] = []
+    value_parts: list[I64] = []
     position = start
     index = 0
     runs = 0
+    timestamp_size = 0
     while index < count:
-        parsed = first_parse if index == 0 else _parse_first(raw, position, end, index)
-        if parsed is None or parsed[0] != shape:
-            return None
-        timestamp_size = parsed[1]
         band_end, offset_size = offset_band_end(index)
-        row = row_layout(shape, timestamp_size, offset_size)
-        rows = min(count, band_end) - index
-        rows = min(rows, (end - position) // row.size)
-        if rows < 1:
-            return None
-        block = data[position : position + rows * row.size].reshape(rows, row.size)
-        ok = (block[:, row.constant_columns] == row.constant_bytes).all(axis=1)
-        ok &= (block[:, row.offset_column : row.offset_column + offset_size]
-               == _offset_delta_columns(offset_size, index, index + rows)).all(axis=1)
-        stamps = block[:, row.timestamp_column : row.timestamp_column + timestamp_size]
-        ok &= stamps[:, -1] < 0x80
-        if timestamp_size > 1:
-            ok &= (stamps[:, :-1] >= 0x80).all(axis=1)
-        if not ok.all():
-            rows = int(np.argmin(ok))
-            if rows == 0:
+        # Guess that the run goes on in the same shape (the words check the guess), parse the
+        # record where the guess fails.
+        row = None
+        if shape is not None:
+            row = row_layout(shape, timestamp_size, offset_size)
+            if row is not None and not _timestamp_fits(raw, position, end, row):
+                row = None
+        if row is None:
+            parsed = _parse_first(raw, position, end, index)
+            if parsed is None or (shape is not None and parsed[0] != shape):
                 return None
-            block = block[:rows]
-            stamps = stamps[:rows]
-        timestamp_parts.append(_timestamp_deltas(stamps))
-        row_start_parts.append(position + row.size * np.arange(rows, dtype=np.int64))
-        column_parts.append((row.key_column, row.value_column))
+            shape, timestamp_size = parsed
+            row = row_layout(shape, timestamp_size, offset_size)
+            if row is None:
+                return None
+        rows = _matching_rows(data, position, end, min(count, band_end) - index, index, row)
+        if rows == 0:
+            return None
+        timestamp_parts.append(_timestamp_deltas(data, position, rows, row))
+        value_positions = np.arange(position + row.value_column,
+                                    position + row.value_column + rows * row.size, row.size)
+        value_parts.append(value_positions)
+        key_parts.append(value_positions - (row.value_column - row.key_column)
+                         if shape.key_length >= 0 else value_positions)
         position += rows * row.size
         index += rows
         runs += 1
         if runs * RUN_RECORDS_MIN > count and runs > 4:
             return None
-    if position != end:
+    if position != end or shape is None:
         return None
     if runs == 1:
-        row_starts = row_start_parts[0]
-        key_positions = row_starts + column_parts[0][0]
-        value_positions = row_starts + column_parts[0][1]
-        return Decoded(shape, timestamp_parts[0], key_positions, value_positions)
-    key_positions = np.concatenate([s + c[0] for s, c in zip(row_start_parts, column_parts)])
-    value_positions = np.concatenate([s + c[1] for s, c in zip(row_start_parts, column_parts)])
-    return Decoded(shape, np.concatenate(timestamp_parts), key_positions, value_positions)
-
-
-def _timestamp_deltas(stamps: U8) -> I64:
-    size = stamps.shape[1]
-    if size == 1:
-        if not stamps.any():
-            return np.zeros(len(stamps), dtype=np.int64)
-        z = stamps[:, 0].astype(np.int64)
-    else:
-        z64 = np.zeros(len(stamps), dtype=np.uint64)
-        for byte_index in range(size):
-            z64 |= (stamps[:, byte_index].astype(np.uint64) & np.uint64(0x7F)) << np.uint64(
-                7 * byte_index)
-        z = z64.view(np.int64)
-    return ((z >> 1) & np.int64(0x7FFFFFFFFFFFFFFF)) ^ -(z & 1)
+        return Decoded(shape, timestamp_parts[0], key_parts[0], value_parts[0])
+    return Decoded(shape, np.concatenate(timestamp_parts), np.concatenate(key_parts),
+                   np.concatenate(value_parts))

@@ -1,0 +1,125 @@
+"""The fast path for records of one shape (``uniform_records``) against the general codec.
+
+The fast path handles a records section as runs of fixed-size rows and checks each row's framing
+as a few masked 8-byte words; the general path walks and parses every field.  Wherever the fast
+path applies it must give the same bytes (encode) and the same fields (decode), and on damaged
+bytes it must either step aside (return None: the general path then reports the defect) or
+agree with the general path.  Timestamps are drawn to cross varint-size boundaries inside a
+batch (sorted, with steps that make them grow past 64 and 8192) and at random.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shmbroker.errors import CorruptRecordError
+from shmbroker.format import columnar, uniform_records
+from shmbroker.format.varint import decode_varint
+
+SETTINGS = settings(deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HEAD_ROOM = 3  # decode from inside a buffer, not at its start
+
+
+@st.composite
+def sections(draw: st.DrawFn) -> tuple[dict[str, object], int, bool]:
+    """Arguments of ``encode_records`` for records of one shape, the record count, and
+    whether the timestamps keep the fast path (random ones make runs of a record or two)."""
+    count = draw(st.integers(1, 70) | st.integers(60, 400) | st.just(8200))
+    key_length = draw(st.sampled_from([-1, -1, 0, 1, 5, 17]))
+    value_length = draw(st.sampled_from([-1, 0, 1, 3, 7, 8, 60, 100, 130]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    style = draw(st.sampled_from(["none", "zero", "steps", "growing", "random", "negative"]))
+    if style == "none":
+        deltas = None
+    elif style == "zero":
+        deltas = np.zeros(count, dtype=np.int64)
+    elif style == "steps":  # ~20 records per millisecond, as telemetry arrives
+        deltas = np.arange(count, dtype=np.int64) // draw(st.integers(1, 50))
+    elif style == "growing":  # crosses the one-, two- and three-byte boundaries in a batch
+        deltas = np.cumsum(rng.integers(0, draw(st.sampled_from([2, 40, 3000])), count))
+        deltas -= deltas[0]
+    elif style == "random":
+        deltas = rng.integers(-(2**40), 2**40, count)
+    else:
+        deltas = -np.arange(count, dtype=np.int64)
+    arguments: dict[str, object] = {
+        "values": rng.bytes(count * max(value_length, 0)),
+        "value_lengths": np.full(count, value_length, dtype=np.int64),
+        "timestamp_deltas": deltas,
+    }
+    if key_length != -1 or draw(st.booleans()):
+        arguments["keys"] = rng.bytes(count * max(key_length, 0))
+        arguments["key_lengths"] = np.full(count, key_length, dtype=np.int64)
+    return arguments, count, style != "random"
+
+
+def encode_general(arguments: dict[str, object], count: int) -> bytearray:
+    """The general encoder: explicit (empty) header sections keep the fast path out."""
+    return columnar.encode_records(**arguments, headers=b"\x00" * count,  # type: ignore[arg-type]
+                                   header_lengths=np.ones(count, dtype=np.int64),
+                                   head_room=HEAD_ROOM)
+
+
+def general_or_none(data: np.ndarray, end: int, count: int) -> columnar.RecordColumns | None:
+    try:
+        return columnar.decode_records_general(data, HEAD_ROOM, end, count)
+    except CorruptRecordError:
+        return None
+
+
+def assert_same_records(fast: columnar.RecordColumns, general: columnar.RecordColumns) -> None:
+    for name in ("offset_deltas", "timestamp_deltas", "key_lengths", "value_lengths",
+                 "value_positions", "header_counts"):
+        assert np.array_equal(getattr(fast, name), getattr(general, name)), name
+    has_key = general.key_lengths >= 0
+    assert np.array_equal(fast.key_positions[has_key], general.key_positions[has_key])
+
+
+@settings(SETTINGS, max_examples=250)
+@given(sections())
+def test_fast_path_encodes_and_decodes_like_the_general_path(
+        section: tuple[dict[str, object], int, bool]) -> None:
+    arguments, count, fast_path = section
+    fast = columnar.encode_records(**arguments, head_room=HEAD_ROOM)  # type: ignore[arg-type]
+    general = encode_general(arguments, count)
+    assert fast == general
+    data = np.frombuffer(bytes(fast) + b"\xaa" * 8, dtype=np.uint8)  # bytes after the section
+    end = len(fast)
+    expected = columnar.decode_records_general(data, HEAD_ROOM, end, count)
+    decoded = columnar.decode_records(data, HEAD_ROOM, end, count)
+    assert_same_records(decoded, expected)
+    first_length, after = decode_varint(memoryview(fast), HEAD_ROOM, end)
+    smallest_row = after - HEAD_ROOM + first_length  # record 0: the shortest varints
+    if fast_path and smallest_row >= uniform_records.WORD_BYTES:  # else the general path
+        assert uniform_records.decode(data, HEAD_ROOM, end, count) is not None
+
+
+@settings(SETTINGS, max_examples=400)
+@given(sections(), st.data())
+def test_damaged_section_is_left_to_the_general_path_or_decoded_alike(
+        section: tuple[dict[str, object], int, bool], data: st.DataObject) -> None:
+    arguments, count, _ = section
+    buffer = bytearray(columnar.encode_records(**arguments,  # type: ignore[arg-type]
+                                               head_room=HEAD_ROOM))
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.integers(HEAD_ROOM, len(buffer) - 1))
+        buffer[where] = data.draw(st.integers(0, 255) | st.sampled_from(
+            [buffer[where] ^ 0x80, buffer[where] ^ 0x01, 0, 0x80]))
+    declared = count + data.draw(st.sampled_from([0, 0, 0, -1, 1]))
+    if declared < 1:
+        return
+    array = np.frombuffer(bytes(buffer), dtype=np.uint8)
+    general = general_or_none(array, len(buffer), declared)
+    fast = uniform_records.decode(array, HEAD_ROOM, len(buffer), declared)
+    if fast is not None:
+        assert general is not None, "the fast path accepted what the general path rejects"
+    try:
+        decoded = columnar.decode_records(array, HEAD_ROOM, len(buffer), declared)
+    except CorruptRecordError:
+        assert general is None
+        return
+    assert general is not None
+    assert_same_records(decoded, general)

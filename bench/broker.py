@@ -7,6 +7,10 @@ acks=1 (issue 3's performance section):
 * ``per-record``: ``Producer.send`` with linger, ``Consumer.poll`` -> records/s end to end;
 * ``columnar``: ``Producer.send_batch((buffer, lengths))``, ``Consumer.poll_columnar`` -> records/s
   and GB/s end to end;
+* ``file write ceiling`` (with ``columnar``): the bytes of the columnar run's records written
+  to a new file with 1 MiB ``os.write`` calls, as records/s: past a few hundred MiB the page
+  cache can only take new data as fast as the disk writes it back, so this bounds any
+  end-to-end rate of a broker that keeps its records (every scenario starts after ``os.sync``);
 * ``latency``: 10k records/s, linger 0, each value carries its send time (CLOCK_MONOTONIC, one
   clock for every process); the consumer reports p50/p99/p99.9 produce-to-consume.
 
@@ -158,6 +162,38 @@ def run_scenario(data_dir: str, mode: str, count: int, offset: int) -> dict[str,
     return result
 
 
+def file_write_ceiling(directory: str, record_count: int) -> dict[str, Any]:
+    """The disk's side of the columnar figure: the bytes that many records take in the log
+    (RecordBatch framing included), written to a new file in the broker's directory with
+    1 MiB ``os.write`` calls, no fsync, as the worker writes them.  Past the first few hundred
+    MiB the page cache must write back as fast as it takes new data, so a long run measures
+    the disk: the ceiling of any end-to-end figure that keeps what it is given."""
+    from shmbroker.format.record_batch import encode_batch_columnar
+
+    sample = 9708  # one ~1 MiB batch, as produce_columnar's batches are
+    batch_bytes = len(encode_batch_columnar(b"x" * (RECORD_BYTES * sample),
+                                            np.full(sample, RECORD_BYTES), timestamps=0))
+    total = record_count * batch_bytes // sample
+    chunk = b"x" * (1 << 20)
+    path = os.path.join(directory, "write-ceiling.tmp")
+    os.sync()  # start from the state every scenario starts from: nothing dirty
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        began = time.perf_counter()
+        written = 0
+        while written < total:
+            written += os.write(fd, chunk[: min(len(chunk), total - written)])
+        elapsed = time.perf_counter() - began
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"mode": "file write ceiling", "records": record_count, "elapsed_s": elapsed,
+            "records_per_s": record_count / elapsed,
+            "gb_per_s": record_count * RECORD_BYTES / elapsed / 1e9,
+            "disk_gb_per_s": total / elapsed / 1e9,
+            "latency_us": {}}
+
+
 def python_call_floor(count: int = 300_000) -> float:
     """Calls/s of the cheapest possible ``send``: a function taking a lock and appending the
     value and a timestamp to lists.  No per-record API can beat it on this machine; it is the
@@ -240,7 +276,13 @@ def main() -> None:
                     floor["gb_per_s"] = floor["records_per_s"] * RECORD_BYTES / 1e9
                     runs.append(floor)
                     _print_run(f"round {round_index} python call floor", floor)
+                    if "columnar" in modes:
+                        ceiling = file_write_ceiling(data_dir, counts["columnar"])
+                        ceiling["round"] = round_index
+                        runs.append(ceiling)
+                        _print_run(f"round {round_index} file write ceiling", ceiling)
                     for mode in modes:
+                        os.sync()  # each scenario starts with nothing dirty in the page cache
                         result = run_scenario(data_dir, mode, counts[mode], offset)
                         offset += counts[mode]
                         result["round"] = round_index

@@ -665,28 +665,12 @@ class ColumnarBatch:
     def value_blocks(self) -> list[UInt8Array] | None:
         """When every value has one size: the values as a few 2-D zero-copy views (records x
         value bytes), one per run of records with one stride, in offset order; else None."""
-        count = len(self.value_lengths)
-        if count == 0:
+        runs = _equal_size_runs(self.value_positions, self.value_lengths)
+        if runs is None:
             return None
-        size = int(self.value_lengths[0])
-        if size < 0 or not (self.value_lengths == size).all():
-            return None
-        strides = np.diff(self.value_positions)
-        cuts = ([0, *(np.flatnonzero(np.diff(strides)) + 1).tolist(), count - 1] if count > 1
-                else [0, 0])
-        blocks = []
-        first = 0
-        for cut in cuts[1:]:
-            last = cut + 1 if cut == count - 1 else cut  # run [first, last) shares strides
-            rows = last - first
-            start = int(self.value_positions[first])
-            stride = int(strides[first]) if rows > 1 else max(size, 1)
-            if stride < size:
-                return None
-            blocks.append(np.lib.stride_tricks.as_strided(
-                self.data[start:], shape=(rows, size), strides=(stride, 1), writeable=False))
-            first = last
-        return blocks
+        return [np.lib.stride_tricks.as_strided(self.data[start:], shape=(rows, size),
+                                                strides=(stride, 1), writeable=False)
+                for start, rows, stride, size in runs]
 
     def records(self, record_type: type = Record, leading: tuple[Any, ...] = (),
                 min_offset: int | None = None) -> list[Any]:
@@ -695,23 +679,33 @@ class ColumnarBatch:
         ``record_type`` (a tuple subclass) and ``leading`` let a caller build wider records in
         the same C-level pass: each row is ``leading + (offset, timestamp, key, value,
         headers)``; records below ``min_offset`` are left out."""
-        # One copy of this batch's records section, then slices of it (a fetch buffer may hold
-        # many batches: never copy more than this one).
+        # Fields of one size come through fixed-size byte-string views of the batch; others as
+        # slices of one copy of this batch's records section (a fetch buffer may hold many
+        # batches: never copy more than this one).
         base = self.records_start
-        raw = self.data[base : self.records_end].tobytes()
-        value_starts = (self.value_positions - base).tolist()
-        value_ends = (self.value_positions + self.value_lengths - base).tolist()
-        if (self.value_lengths >= 0).all():
-            values: Iterable[bytes | None] = [raw[s:e] for s, e in zip(value_starts, value_ends)]
-        else:
-            values = [None if e < s else raw[s:e] for s, e in zip(value_starts, value_ends)]
-        if (self.key_lengths < 0).all():
-            keys: Iterable[bytes | None] = repeat(None)
-        else:
-            key_starts = (self.key_positions - base).tolist()
-            key_ends = (self.key_positions + self.key_lengths - base).tolist()
-            keys = [None if e < s else raw[s:e] for s, e in zip(key_starts, key_ends)]
+        copies: list[bytes] = []
+
+        def section() -> bytes:
+            if not copies:
+                copies.append(self.data[base : self.records_end].tobytes())
+            return copies[0]
+
+        def fields(positions: IntArray, lengths: IntArray) -> list[bytes | None]:
+            equal = _equal_size_items(self.data, positions, lengths)
+            if equal is not None:
+                return equal  # type: ignore[return-value]
+            raw = section()
+            starts = (positions - base).tolist()
+            ends = (positions + lengths - base).tolist()
+            if (lengths >= 0).all():
+                return [raw[s:e] for s, e in zip(starts, ends)]
+            return [None if e < s else raw[s:e] for s, e in zip(starts, ends)]
+
+        values = fields(self.value_positions, self.value_lengths)
+        keys: Iterable[bytes | None] = (repeat(None) if (self.key_lengths < 0).all()
+                                        else fields(self.key_positions, self.key_lengths))
         if self.header_counts.any():
+            raw = section()
             view = memoryview(raw)
             headers: Iterable[tuple[tuple[str, bytes | None], ...]] = [
                 tuple(columnar.decode_headers(view, p, len(raw))[0]) if c else _NO_HEADERS
@@ -719,13 +713,55 @@ class ColumnarBatch:
                                 self.header_counts.tolist())]
         else:
             headers = repeat(_NO_HEADERS)
-        columns = [self.offsets.tolist(), self.timestamps.tolist(), keys, values, headers]
+        count = len(self.offsets)
+        first = int(self.offsets[0]) if count else 0
+        offsets: Iterable[int] = (range(first, first + count)  # the usual: no gaps
+                                  if count and int(self.offsets[-1]) - first == count - 1
+                                  else self.offsets.tolist())
+        columns = [offsets, self.timestamps.tolist(), keys, values, headers]
         if leading:
             columns[:0] = [repeat(value) for value in leading]
         rows: Iterable[tuple[Any, ...]] = zip(*columns)
         if min_offset is not None and int(self.offsets[0]) < min_offset:
             rows = islice(rows, int(np.searchsorted(self.offsets, min_offset)), None)
         return list(map(_new_record, repeat(record_type), rows))  # C-level: no frame per record
+
+
+def _equal_size_runs(positions: IntArray,
+                     lengths: IntArray) -> list[tuple[int, int, int, int]] | None:
+    """When every field has one size: its runs of one stride, as (first position, fields,
+    stride, size); else None."""
+    count = len(lengths)
+    if count == 0:
+        return None
+    size = int(lengths[0])
+    if size < 0 or not (lengths == size).all():
+        return None
+    if count == 1:
+        return [(int(positions[0]), 1, max(size, 1), size)]
+    strides = np.diff(positions)  # strides[i]: from field i to field i + 1
+    bounds = [0, *(np.flatnonzero(strides[1:] != strides[:-1]) + 1).tolist(), count]
+    runs = []
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        stride = int(strides[first])  # first < count - 1: the last field ends a run
+        if stride < size:
+            return None
+        runs.append((int(positions[first]), last - first, stride, size))
+    return runs
+
+
+def _equal_size_items(data: UInt8Array, positions: IntArray,
+                      lengths: IntArray) -> list[bytes] | None:
+    """Fields of one size > 0 as bytes objects, through fixed-size byte-string views (one C
+    loop per run instead of a Python slice per field); else None."""
+    runs = _equal_size_runs(positions, lengths)
+    if runs is None or runs[0][3] == 0:
+        return None
+    items: list[bytes] = []
+    for start, rows, stride, size in runs:
+        items += np.ndarray((rows,), dtype=f"V{size}", buffer=data, offset=start,
+                            strides=(stride,)).tolist()
+    return items
 
 
 def decode_columnar(

@@ -330,8 +330,8 @@ class Producer:
                                     else stamp.tolist())  # type: ignore[assignment]
                 self._write(state, batch, encode)
                 batches.append(batch)
-            if self._io_idle:
-                doorbell.ring(self._doorbell.address)
+            # No wake-up for the I/O thread: the worker rings it when it acknowledges (every
+            # ring, a new one too, says that it waits), as for batches sealed by send.
         return BatchFuture(topic, state.partition, batches)
 
     def flush(self, timeout: float | None = None) -> None:

@@ -225,16 +225,23 @@ def make_payloads(kind: str, lengths: npt.ArrayLike, rng: np.random.Generator, *
 
 # -- headers -------------------------------------------------------------------------------------
 
-def _header_rows(u8: U8, positions: I64, writeable: bool) -> U8 | None:
-    """A (records x 24) view of the headers when they are equally spaced, else None."""
+HEADER_RUNS_MAX = 16  # more runs of one spacing: one gather instead of a view per run
+
+
+def _header_rows(u8: U8, positions: I64, writeable: bool) -> list[U8] | None:
+    """The headers as a few (records x 24) views, one per run of equally spaced values (a
+    batch changes its stride where the offset-delta varint grows), when there are at most
+    :data:`HEADER_RUNS_MAX` runs and no two headers overlap; else None."""
     if len(positions) < 2:
         return None
     steps = np.diff(positions)
-    step = int(steps[0])
-    if step < HEADER_BYTES or not (steps == step).all():
+    changes = np.flatnonzero(steps[1:] != steps[:-1]) + 1
+    if len(changes) >= HEADER_RUNS_MAX or int(steps.min()) < HEADER_BYTES:
         return None
-    return as_strided(u8[int(positions[0]):], shape=(len(positions), HEADER_BYTES),
-                      strides=(step, 1), writeable=writeable)
+    bounds = [0, *changes.tolist(), len(positions)]
+    return [as_strided(u8[int(positions[first]):], shape=(last - first, HEADER_BYTES),
+                       strides=(int(steps[first]), 1), writeable=writeable)
+            for first, last in zip(bounds[:-1], bounds[1:])]
 
 
 def _check_positions(positions: I64, buffer_bytes: int, what: str) -> None:
@@ -268,21 +275,26 @@ def encode_headers(buffer: bytearray | memoryview | U8, offsets: npt.ArrayLike,
     if count == 0:
         return
     _check_positions(offsets, len(out), "offsets")
-    ordered = np.sort(offsets)
-    gaps = np.diff(ordered)
-    if len(gaps) and gaps.min() < HEADER_BYTES:
-        at = int(np.argmax(gaps < HEADER_BYTES))
-        raise ValueError(f"headers at offsets {int(ordered[at])} and {int(ordered[at + 1])} "
-                         f"would overlap: values need at least {HEADER_BYTES} bytes each")
+    gaps = np.diff(offsets)
+    if len(gaps) and gaps.min() < HEADER_BYTES:  # unordered, or overlapping
+        ordered = np.sort(offsets)
+        gaps = np.diff(ordered)
+        if gaps.min() < HEADER_BYTES:
+            at = int(np.argmax(gaps < HEADER_BYTES))
+            raise ValueError(f"headers at offsets {int(ordered[at])} and {int(ordered[at + 1])} "
+                             f"would overlap: values need at least {HEADER_BYTES} bytes each")
     rows = np.empty(count, dtype=HEADER_DTYPE)
     rows["intended_ns"] = intended
     rows["producer_id"] = producer_id
     rows["reserved"] = 0
     rows["seq"] = sequence
     raw = rows.view(np.uint8).reshape(count, HEADER_BYTES)
-    view = _header_rows(out, offsets, writeable=True)
-    if view is not None:
-        view[:] = raw
+    views = _header_rows(out, offsets, writeable=True)
+    if views is not None:
+        first = 0
+        for view in views:
+            view[:] = raw[first : first + len(view)]
+            first += len(view)
     else:
         out[offsets[:, None] + np.arange(HEADER_BYTES)] = raw
 
@@ -309,9 +321,13 @@ def decode_headers(data: bytes | bytearray | memoryview | U8, value_positions: n
                              f"{HEADER_BYTES}-byte benchmark header: was it written by "
                              f"shmbroker-bench?")
     _check_positions(positions, len(u8), "value positions")
-    view = _header_rows(u8, positions, writeable=False)
-    raw = (np.ascontiguousarray(view) if view is not None
-           else u8[positions[:, None] + np.arange(HEADER_BYTES)])
+    views = _header_rows(u8, positions, writeable=False)
+    if views is None:
+        raw = u8[positions[:, None] + np.arange(HEADER_BYTES)]
+    elif len(views) == 1:
+        raw = np.ascontiguousarray(views[0])
+    else:
+        raw = np.concatenate(views)
     rows = raw.view(HEADER_DTYPE).reshape(count)
     return (rows["intended_ns"].astype(np.int64), rows["producer_id"].astype(np.int32),
             rows["seq"].astype(np.int64))

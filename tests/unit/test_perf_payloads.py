@@ -182,11 +182,19 @@ int64s = st.integers(-(2**63), 2**63 - 1)
 
 @SETTINGS
 @given(records=st.lists(st.tuples(st.integers(HEADER_BYTES, 80), int64s, int64s), max_size=40),
-       producer_id=st.integers(-(2**31), 2**31 - 1), equal_sizes=st.booleans())
+       producer_id=st.integers(-(2**31), 2**31 - 1),
+       sizes=st.sampled_from(["equal", "runs", "ragged"]))
 def test_header_round_trip(records: list[tuple[int, int, int]], producer_id: int,
-                           equal_sizes: bool) -> None:
-    lengths = np.array([HEADER_BYTES + 8 if equal_sizes else r[0] for r in records],
-                       dtype=np.int64)
+                           sizes: str) -> None:
+    """Equal sizes (one strided view), a few runs of one size each (a view per run, as batches
+    whose offset-delta varint grows), ragged sizes (a gather)."""
+    if sizes == "equal":
+        lengths = np.full(len(records), HEADER_BYTES + 8, dtype=np.int64)
+    elif sizes == "runs":  # runs of 7 records, the run's size drawn from its first record
+        lengths = np.array([records[i - i % 7][0] for i in range(len(records))],
+                           dtype=np.int64)
+    else:
+        lengths = np.array([r[0] for r in records], dtype=np.int64)
     intended = np.array([r[1] for r in records], dtype=np.int64)
     seqs = np.array([r[2] for r in records], dtype=np.int64)
     buffer, _ = make_payloads("random", lengths, np.random.default_rng(0))

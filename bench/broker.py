@@ -205,10 +205,13 @@ def python_call_floor(count: int = 300_000) -> float:
     stamps: list[int] = []
 
     def send(topic: str, value: bytes, partition: int | None = None) -> int:
-        with lock:
+        lock.acquire()  # faster than "with lock" here, as Producer.send does it
+        try:
             values.append(value)
             stamps.append(time.time_ns())
             return len(values)
+        finally:
+            lock.release()
 
     value = b"x" * RECORD_BYTES
     began = time.perf_counter()

@@ -298,13 +298,13 @@ def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[
             z = raw[after]
             if z < 0x80:
                 after += 1
+                value = (z >> 1) ^ -(z & 1)
             elif raw[after + 1] < 0x80:
                 z = (z & 0x7F) | raw[after + 1] << 7
                 after += 2
+                value = (z >> 1) ^ -(z & 1)
             else:
                 value, after = decode_varint(raw, after, end)
-                z = value << 1 if value >= 0 else (-value << 1) - 1
-            value = (z >> 1) ^ -(z & 1)
             lengths.append(value)
             if len(lengths) == 2:
                 after += max(value, 0)  # the key

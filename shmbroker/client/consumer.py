@@ -292,13 +292,20 @@ class Consumer:
         limit = max_records or self.max_poll_records
         out: list[Record] = []
         decode_rows = record_batch.decode_rows
+        damaged: set[_Fetcher] = set()
         for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
+            if fetcher in damaged:
+                continue
             if isinstance(fetched, _Leftover):
                 out.append(fetched.record)
                 continue
             tp = fetcher.tp
-            out += decode_rows(fetched.raw, fetched.position, fetched.header, Record,
-                               (tp.topic, tp.partition), min_offset)
+            try:
+                out += decode_rows(fetched.raw, fetched.position, fetched.header, Record,
+                                   (tp.topic, tp.partition), min_offset)
+            except CorruptRecordError as error:
+                self._records_damaged(fetcher, fetched, min_offset, error)
+                damaged.add(fetcher)
         if limit is not None and len(out) > limit:
             self._push_back(out[limit:])
             del out[limit:]
@@ -311,12 +318,21 @@ class Consumer:
         self._maybe_auto_commit()
         grouped: dict[TopicPartition, list[Any]] = {}
         leftovers: dict[TopicPartition, list[Record]] = {}
-        for fetcher, fetched, _ in self._poll_batches(timeout_ms):
+        damaged: set[_Fetcher] = set()
+        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
+            if fetcher in damaged:
+                continue
             if isinstance(fetched, _Leftover):  # held back by an earlier poll(max_records)
                 leftovers.setdefault(fetcher.tp, []).append(fetched.record)
                 continue
-            grouped.setdefault(fetcher.tp, []).append(record_batch.decode_columnar(
-                fetched.raw, fetched.position, verify_crc=False))
+            try:
+                batch = record_batch.decode_columnar(fetched.raw, fetched.position,
+                                                     verify_crc=False)
+            except CorruptRecordError as error:
+                self._records_damaged(fetcher, fetched, min_offset, error)
+                damaged.add(fetcher)
+                continue
+            grouped.setdefault(fetcher.tp, []).append(batch)
         for tp, records in leftovers.items():
             # they come first (lower offsets); as columns, via batches rebuilt from the rows,
             # one per run of consecutive offsets
@@ -516,6 +532,23 @@ class Consumer:
             position=start + position if isinstance(start, int) else None,
             segment_base_offset=body.get("segment_base_offset"),
             topic=fetcher.tp.topic, partition=fetcher.tp.partition)
+
+    def _records_damaged(self, fetcher: _Fetcher, fetched: _Fetched, min_offset: int,
+                         error: CorruptRecordError) -> None:
+        """A batch whose CRC-32C holds but whose records do not parse (stored under
+        record_validation = "crc"), met while decoding: as for any damaged batch, what came
+        before it is returned and the next poll raises CorruptLogError, each poll again until
+        the application seeks past it.  The position goes back to its first record not
+        returned; the fetch sent ahead, for records past it, is dropped with the connection."""
+        header = fetched.header
+        offset = max(min_offset, header.base_offset)
+        reason = str(error).rsplit(" (batch at position", 1)[0]
+        fetcher.error = CorruptLogError(
+            reason, offset=offset, next_offset=max(header.next_offset, offset + 1),
+            topic=fetcher.tp.topic, partition=fetcher.tp.partition)
+        fetcher.position = offset
+        fetcher.buffered = []
+        self._disconnect(fetcher)
 
     def _out_of_range(self, fetcher: _Fetcher, error: OffsetOutOfRangeError) -> None:
         if self.auto_offset_reset == "none":

@@ -727,10 +727,10 @@ class ColumnarBatch:
         return list(map(_new_record, repeat(record_type), rows))  # C-level: no frame per record
 
 
-def _equal_size_runs(positions: IntArray,
-                     lengths: IntArray) -> list[tuple[int, int, int, int]] | None:
-    """When every field has one size: its runs of one stride, as (first position, fields,
-    stride, size); else None."""
+def _equal_size_runs(positions: IntArray, lengths: IntArray,
+                     runs_max: int | None = None) -> list[tuple[int, int, int, int]] | None:
+    """When every field has one size (and they make at most ``runs_max`` runs): its runs of
+    one stride, as (first position, fields, stride, size); else None."""
     count = len(lengths)
     if count == 0:
         return None
@@ -740,7 +740,10 @@ def _equal_size_runs(positions: IntArray,
     if count == 1:
         return [(int(positions[0]), 1, max(size, 1), size)]
     strides = np.diff(positions)  # strides[i]: from field i to field i + 1
-    bounds = [0, *(np.flatnonzero(strides[1:] != strides[:-1]) + 1).tolist(), count]
+    changes = np.flatnonzero(strides[1:] != strides[:-1])
+    if runs_max is not None and len(changes) >= runs_max:
+        return None
+    bounds = [0, *(changes + 1).tolist(), count]
     runs = []
     for first, last in zip(bounds[:-1], bounds[1:]):
         stride = int(strides[first])  # first < count - 1: the last field ends a run
@@ -750,11 +753,16 @@ def _equal_size_runs(positions: IntArray,
     return runs
 
 
+# More runs than this (fields of one size between others of many sizes make one run each):
+# slicing a copy of the section is cheaper than a view per run.
+EQUAL_SIZE_RUNS_MAX = 16
+
+
 def _equal_size_items(data: UInt8Array, positions: IntArray,
                       lengths: IntArray) -> list[bytes] | None:
     """Fields of one size > 0 as bytes objects, through fixed-size byte-string views (one C
     loop per run instead of a Python slice per field); else None."""
-    runs = _equal_size_runs(positions, lengths)
+    runs = _equal_size_runs(positions, lengths, EQUAL_SIZE_RUNS_MAX)
     if runs is None or runs[0][3] == 0:
         return None
     items: list[bytes] = []

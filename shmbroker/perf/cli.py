@@ -274,6 +274,8 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
                 runs.append({"round": round_index, "partitions": count,
                              "produce_per_s": result.produce_rate_per_s,
                              "consume_per_s": result.consume_rate_per_s,
+                             "sent": result.sent, "acknowledged": result.acknowledged,
+                             "consumed": result.consumed,
                              "p99_us": result.latency.percentile(99) / 1000
                              if result.latency.count else None})
                 click.echo(f"round {round_index} partitions {count}: produce "

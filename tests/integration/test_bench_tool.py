@@ -98,7 +98,12 @@ def test_scale_sweep(broker: RunningBroker, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     result = orjson.loads(out.read_bytes())
     assert [row["partitions"] for row in result["table"]] == [1, 2]
-    assert result["table"][0]["speed_up"] == 1.0 and result["table"][1]["rate_per_s"] > 0
+    first = result["table"][0]
+    assert first["speed_up"] == (1.0 if first["rate_per_s"] else 0.0)
+    # Rates are medians of whole seconds: one second on a loaded 2-core box may see a second
+    # partition's worker still starting.  What every run must show is records moved end to end.
+    for sweep_run in result["runs"]:
+        assert sweep_run["consumed"] >= sweep_run["acknowledged"] > 0, sweep_run
     assert "speed-up" in run.stdout and "CPUs" in run.stdout
 
 

@@ -34,7 +34,14 @@ import numpy as np
 import numpy.typing as npt
 
 from shmbroker.errors import CorruptRecordError
-from shmbroker.format.varint import decode_varint, encode_varint, zigzag
+from shmbroker.format.varint import (
+    SIZE_THRESHOLDS,
+    decode_varint,
+    encode_varint,
+    unzigzag,
+    varint_sizes,
+    zigzag,
+)
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -204,9 +211,6 @@ def row_layout(shape: Shape, timestamp_size: int, offset_size: int) -> Row | Non
     return Row(size, timestamp_column, timestamp_size, key_column, value_column, tuple(words))
 
 
-_SIZE_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
-
-
 def timestamp_sizes(deltas: I64 | None) -> tuple[U64 | None, list[tuple[int, int]]]:
     """Zig-zagged timestamp deltas (None when all are 0) and where their varints change size:
     [(first record, size), ...] from record 0.  Non-decreasing deltas from 0 up (the usual
@@ -217,11 +221,11 @@ def timestamp_sizes(deltas: I64 | None) -> tuple[U64 | None, list[tuple[int, int
         if int(deltas[-1]) == 0:
             return None, [(0, 1)]
         z = (deltas << 1).view(np.uint64)  # zig-zag of non-negative values
-        firsts = [0, *np.searchsorted(z, _SIZE_THRESHOLDS).tolist()]
+        firsts = [0, *np.searchsorted(z, SIZE_THRESHOLDS).tolist()]
         return z, [(first, size) for size, (first, after) in enumerate(
             zip(firsts[:-1], firsts[1:]), start=1) if first < after]
     z = zigzag(deltas)
-    sizes = np.searchsorted(_SIZE_THRESHOLDS, z, side="right") + 1
+    sizes = varint_sizes(z)
     changes = [0, *(np.flatnonzero(sizes[1:] != sizes[:-1]) + 1).tolist()]
     return z, [(first, int(sizes[first])) for first in changes]
 
@@ -316,17 +320,13 @@ def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[
     return Shape(key_length, value_length), timestamp_size
 
 
-def _unzigzag(z: I64) -> I64:
-    return (z >> 1) ^ -(z & 1)
-
-
 # Timestamp deltas of one and two varint bytes, decoded by table: indexed by the byte, or by
 # the little-endian pair of bytes with continuation bits cleared (b0 | b1 << 8).
-_TIMESTAMPS_1 = _unzigzag(np.arange(256, dtype=np.int64) & 0x7F)
-_pair = np.arange(0x8000, dtype=np.int64)
-_TIMESTAMPS_2 = _unzigzag((_pair & 0x7F) | ((_pair >> 8) & 0x7F) << 7)
+_TIMESTAMPS_1 = unzigzag(np.arange(256, dtype=np.uint64) & np.uint64(0x7F))
+_pair = np.arange(0x8000, dtype=np.uint64)
+_TIMESTAMPS_2 = unzigzag((_pair & np.uint64(0x7F)) | ((_pair >> np.uint64(8)) & np.uint64(0x7F))
+                         << np.uint64(7))
 del _pair
-_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
 
 def _timestamp_deltas(data: U8, position: int, rows: int, row: Row) -> I64:
@@ -342,8 +342,7 @@ def _timestamp_deltas(data: U8, position: int, rows: int, row: Row) -> I64:
     for byte_index in range(size):
         stamps = np.ndarray((rows,), np.uint8, data, column + byte_index, (row.size,))
         z |= (stamps.astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * byte_index)
-    signed = z.view(np.int64)
-    return ((signed >> 1) & _I64_MAX) ^ -(signed & 1)
+    return unzigzag(z)
 
 
 def _timestamp_fits(raw: memoryview, position: int, end: int, row: Row) -> bool:

@@ -86,12 +86,13 @@ def unzigzag(z: U64) -> I64:
     return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
 
 
-_SIZE_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+# SIZE_THRESHOLDS[k]: the smallest zig-zagged value whose varint takes k + 2 bytes.
+SIZE_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 
 
 def varint_sizes(z: U64) -> I64:
     """Encoded size in bytes of each zig-zagged value."""
-    return np.searchsorted(_SIZE_THRESHOLDS, z, side="right").astype(np.int64) + 1
+    return np.searchsorted(SIZE_THRESHOLDS, z, side="right").astype(np.int64) + 1
 
 
 def write_varints(out: U8, positions: I64, z: U64, sizes: I64) -> None:

@@ -64,6 +64,20 @@ def _ranges_index(starts: I64, lengths: I64) -> I64:
     return np.repeat(shift, lengths) + np.arange(total, dtype=np.int64)
 
 
+def stride_runs(positions: I64, runs_max: int | None = None) -> list[tuple[int, int, int]] | None:
+    """Split two or more positions into runs of one spacing: (first index, end index, stride)
+    each, in order (a batch's fields change spacing where a varint grows); None when they make
+    more than ``runs_max`` runs.  The spacing out of a run's last element is the run's too,
+    except for the last run, which ends the positions."""
+    strides = np.diff(positions)  # strides[i]: from element i to element i + 1
+    changes = np.flatnonzero(strides[1:] != strides[:-1])
+    if runs_max is not None and len(changes) >= runs_max:
+        return None
+    bounds = [0, *(changes + 1).tolist(), len(positions)]
+    return [(first, last, int(strides[first]))  # first < len - 1: the last element ends a run
+            for first, last in zip(bounds[:-1], bounds[1:])]
+
+
 def _as_u8(buffer: object) -> U8:
     if isinstance(buffer, np.ndarray):
         return buffer.view(np.uint8).reshape(-1)

@@ -739,18 +739,10 @@ def _equal_size_runs(positions: IntArray, lengths: IntArray,
         return None
     if count == 1:
         return [(int(positions[0]), 1, max(size, 1), size)]
-    strides = np.diff(positions)  # strides[i]: from field i to field i + 1
-    changes = np.flatnonzero(strides[1:] != strides[:-1])
-    if runs_max is not None and len(changes) >= runs_max:
+    runs = columnar.stride_runs(positions, runs_max)
+    if runs is None or min(stride for _, _, stride in runs) < size:
         return None
-    bounds = [0, *(changes + 1).tolist(), count]
-    runs = []
-    for first, last in zip(bounds[:-1], bounds[1:]):
-        stride = int(strides[first])  # first < count - 1: the last field ends a run
-        if stride < size:
-            return None
-        runs.append((int(positions[first]), last - first, stride, size))
-    return runs
+    return [(int(positions[first]), last - first, stride, size) for first, last, stride in runs]
 
 
 # More runs than this (fields of one size between others of many sizes make one run each):

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
+from shmbroker.format.columnar import stride_runs
 from shmbroker.limits import MIB
 
 U8 = npt.NDArray[np.uint8]
@@ -234,14 +235,12 @@ def _header_rows(u8: U8, positions: I64, writeable: bool) -> list[U8] | None:
     :data:`HEADER_RUNS_MAX` runs and no two headers overlap; else None."""
     if len(positions) < 2:
         return None
-    steps = np.diff(positions)
-    changes = np.flatnonzero(steps[1:] != steps[:-1]) + 1
-    if len(changes) >= HEADER_RUNS_MAX or int(steps.min()) < HEADER_BYTES:
+    runs = stride_runs(positions, HEADER_RUNS_MAX)
+    if runs is None or min(stride for _, _, stride in runs) < HEADER_BYTES:
         return None
-    bounds = [0, *changes.tolist(), len(positions)]
     return [as_strided(u8[int(positions[first]):], shape=(last - first, HEADER_BYTES),
-                       strides=(int(steps[first]), 1), writeable=writeable)
-            for first, last in zip(bounds[:-1], bounds[1:])]
+                       strides=(stride, 1), writeable=writeable)
+            for first, last, stride in runs]
 
 
 def _check_positions(positions: I64, buffer_bytes: int, what: str) -> None:

@@ -27,12 +27,14 @@ class CorruptRecordError(ShmbrokerError):
 
     Raised for every defect of untrusted bytes: short buffers, wrong magic, CRC mismatch, lengths
     past the end, varint overflow, record counts that disagree with the bytes.  ``position`` is the
-    byte position (in the buffer or file being read) of the batch at fault, when known.
+    byte position (in the buffer or file being read) of the batch at fault, when known;
+    ``reason`` the message without it (for errors that name the position their own way).
     """
 
     code = "CORRUPT_MESSAGE"  # received as CorruptBatchError
 
     def __init__(self, message: str, position: int | None = None) -> None:
+        self.reason = message
         if position is not None:
             message = f"{message} (batch at position {position})"
         super().__init__(message)

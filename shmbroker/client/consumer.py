@@ -526,9 +526,8 @@ class Consumer:
             if isinstance(vouched, int) and vouched > offset:
                 next_offset = vouched
         start = body.get("position")
-        reason = str(error).rsplit(" (batch at position", 1)[0]
         return CorruptLogError(
-            reason, offset=offset, next_offset=next_offset,
+            error.reason, offset=offset, next_offset=next_offset,
             position=start + position if isinstance(start, int) else None,
             segment_base_offset=body.get("segment_base_offset"),
             topic=fetcher.tp.topic, partition=fetcher.tp.partition)
@@ -542,9 +541,8 @@ class Consumer:
         returned; the fetch sent ahead, for records past it, is dropped with the connection."""
         header = fetched.header
         offset = max(min_offset, header.base_offset)
-        reason = str(error).rsplit(" (batch at position", 1)[0]
         fetcher.error = CorruptLogError(
-            reason, offset=offset, next_offset=max(header.next_offset, offset + 1),
+            error.reason, offset=offset, next_offset=max(header.next_offset, offset + 1),
             topic=fetcher.tp.topic, partition=fetcher.tp.partition)
         fetcher.position = offset
         fetcher.buffered = []

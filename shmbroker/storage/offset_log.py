@@ -753,7 +753,7 @@ class OffsetLog:
                 try:
                     op = decode_record(chunk, relative, size)
                 except CorruptRecordError as error:
-                    report.reason = str(error).rsplit(" (batch at position", 1)[0]
+                    report.reason = error.reason
                     break
                 self._apply(op)
                 report.records_read += 1

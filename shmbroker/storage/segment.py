@@ -454,14 +454,14 @@ class Segment:
         is the error path only, so reading one batch back costs nothing on the hot path."""
         offset = start_offset
         position = error.position if error.position is not None else start_position
-        reason = str(error).rsplit(" (batch at position", 1)[0].split(": ", 1)[-1]
+        reason = error.reason.split(": ", 1)[-1]
         if previous is not None:
             offset = previous.next_offset
             try:
                 validate_batch(self.pread_exact(previous.position, previous.size_bytes))
             except CorruptRecordError as previous_error:
                 offset, position = previous.base_offset, previous.position
-                reason = str(previous_error).rsplit(" (batch at position", 1)[0]
+                reason = previous_error.reason
         next_offset = max(self.resume_offset_after(position), offset + 1)
         return CorruptLogError(reason, offset=offset, next_offset=next_offset,
                                position=position, segment_base_offset=self.base_offset)
@@ -664,7 +664,7 @@ class Segment:
             try:
                 header = validate_batch(chunk, relative)
             except CorruptRecordError as error:
-                reason = str(error).rsplit(" (batch at position", 1)[0]
+                reason = error.reason
                 break
             if header.base_offset != self.next_offset:
                 reason = f"base offset {header.base_offset} where {self.next_offset} was expected"

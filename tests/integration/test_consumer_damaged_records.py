@@ -10,12 +10,11 @@ by ``poll`` or by ``poll_columnar``, and the position never passes records not r
 
 from __future__ import annotations
 
-import struct
 import time
 
 import pytest
 from broker_helpers import RunningBroker
-from integration.produce_helpers import raw_connect, raw_request
+from integration.produce_helpers import lying_batch, raw_connect, raw_request
 
 from shmbroker import Consumer, TopicPartition
 from shmbroker.errors import CorruptLogError
@@ -24,17 +23,6 @@ from shmbroker.protocol.messages import ApiKey
 
 TOPIC = "trusting"
 POLL_DEADLINE_S = 20
-
-
-def _lying_batch() -> bytearray:
-    """Two records under a header that says three, CRC recomputed: the records section ends
-    inside record 2."""
-    lying = record_batch.encode_batch([b"lie-0", b"lie-1"], producer_id=99, base_sequence=0)
-    struct.pack_into(">i", lying, 57, 3)  # records_count
-    struct.pack_into(">i", lying, 23, 2)  # last_offset_delta
-    size = struct.unpack_from(">i", lying, 8)[0] + 12
-    struct.pack_into(">I", lying, 17, record_batch.compute_crc(lying, 0, size))
-    return lying
 
 
 @pytest.fixture
@@ -47,7 +35,7 @@ def stored(broker: RunningBroker) -> TopicPartition:
         (meta,) = admin.metadata([TOPIC])
     batches = [record_batch.encode_batch([b"good-0", b"good-1"], producer_id=97,
                                          base_sequence=0),
-               _lying_batch(),
+               lying_batch([b"lie-0", b"lie-1"], 3),  # ends inside record 2
                record_batch.encode_batch([b"good-5", b"good-6"], producer_id=98,
                                          base_sequence=0)]
     with raw_connect(str(meta["partitions"][0]["socket"])) as sock:

@@ -33,6 +33,7 @@ from integration.produce_helpers import (
     BackgroundConsumer,
     BackgroundProducer,
     closed_soon,
+    lying_batch,
     raw_connect,
     raw_request,
     read_partitions,
@@ -404,12 +405,7 @@ def test_a_crc_valid_batch_whose_record_count_lies_is_refused(broker: RunningBro
     broker.wait_ready()
     with broker.admin() as admin:
         (meta,) = admin.metadata([strict])
-    lying = record_batch.encode_batch([b"count-a", b"count-b"], producer_id=99,
-                                      base_sequence=0)
-    struct.pack_into(">i", lying, 57, count)
-    struct.pack_into(">i", lying, 23, count - 1)
-    size = struct.unpack_from(">i", lying, 8)[0] + 12
-    struct.pack_into(">I", lying, 17, record_batch.compute_crc(lying, 0, size))
+    lying = lying_batch([b"count-a", b"count-b"], count)
     good = record_batch.encode_batch([b"after"], producer_id=98, base_sequence=0)
     with raw_connect(str(meta["partitions"][0]["socket"])) as sock:
         reply, _, _ = raw_request(sock, ApiKey.PRODUCE, {"acks": 1}, bytes(lying))

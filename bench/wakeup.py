@@ -33,6 +33,7 @@ from shmbroker.format import record_batch
 
 VALUE = b"x" * 100
 SAMPLES = 1500
+ECHO_LIFETIME_S = 120.0  # far more than one ping-pong case takes (SAMPLES ms and a start)
 
 
 def work_after_sleep(gap_s: float) -> float:
@@ -49,14 +50,17 @@ def work_after_sleep(gap_s: float) -> float:
 
 
 def _echo(address: bytes, spin: bool, ready: Any) -> None:
+    """Answer each datagram until told to quit, or ECHO_LIFETIME_S at most (an orphan, its
+    parent killed, must not spin on)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
-    sock.setblocking(not spin)
+    sock.settimeout(0.0 if spin else 1.0)
     ready.set()
-    while True:
+    deadline = time.monotonic() + ECHO_LIFETIME_S
+    while time.monotonic() < deadline:
         try:
             data, sender = sock.recvfrom(16)
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             continue
         if data == b"q":
             return

@@ -30,7 +30,7 @@ import re
 import selectors
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from shmbroker.client.committer import AsyncCommitter, CommitCallback
@@ -292,20 +292,17 @@ class Consumer:
         limit = max_records or self.max_poll_records
         out: list[Record] = []
         decode_rows = record_batch.decode_rows
-        damaged: set[_Fetcher] = set()
-        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
-            if fetcher in damaged:
-                continue
-            if isinstance(fetched, _Leftover):
-                out.append(fetched.record)
-                continue
+
+        def decode(fetcher: _Fetcher, fetched: _Fetched, min_offset: int) -> list[Record]:
             tp = fetcher.tp
-            try:
-                out += decode_rows(fetched.raw, fetched.position, fetched.header, Record,
-                                   (tp.topic, tp.partition), min_offset)
-            except CorruptRecordError as error:
-                self._records_damaged(fetcher, fetched, min_offset, error)
-                damaged.add(fetcher)
+            return decode_rows(fetched.raw, fetched.position, fetched.header, Record,
+                               (tp.topic, tp.partition), min_offset)
+
+        for _, item in self._decoded_batches(timeout_ms, decode):
+            if isinstance(item, _Leftover):
+                out.append(item.record)
+            else:
+                out += item
         if limit is not None and len(out) > limit:
             self._push_back(out[limit:])
             del out[limit:]
@@ -318,21 +315,15 @@ class Consumer:
         self._maybe_auto_commit()
         grouped: dict[TopicPartition, list[Any]] = {}
         leftovers: dict[TopicPartition, list[Record]] = {}
-        damaged: set[_Fetcher] = set()
-        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
-            if fetcher in damaged:
-                continue
-            if isinstance(fetched, _Leftover):  # held back by an earlier poll(max_records)
-                leftovers.setdefault(fetcher.tp, []).append(fetched.record)
-                continue
-            try:
-                batch = record_batch.decode_columnar(fetched.raw, fetched.position,
-                                                     verify_crc=False)
-            except CorruptRecordError as error:
-                self._records_damaged(fetcher, fetched, min_offset, error)
-                damaged.add(fetcher)
-                continue
-            grouped.setdefault(fetcher.tp, []).append(batch)
+
+        def decode(fetcher: _Fetcher, fetched: _Fetched, min_offset: int) -> Any:
+            return record_batch.decode_columnar(fetched.raw, fetched.position, verify_crc=False)
+
+        for fetcher, item in self._decoded_batches(timeout_ms, decode):
+            if isinstance(item, _Leftover):  # held back by an earlier poll(max_records)
+                leftovers.setdefault(fetcher.tp, []).append(item.record)
+            else:
+                grouped.setdefault(fetcher.tp, []).append(item)
         for tp, records in leftovers.items():
             # they come first (lower offsets); as columns, via batches rebuilt from the rows,
             # one per run of consecutive offsets
@@ -350,6 +341,27 @@ class Consumer:
             grouped[tp] = [*rebuilt, *grouped.get(tp, [])]
         return [ColumnarRecords(tp.topic, tp.partition, batches)
                 for tp, batches in grouped.items()]
+
+    def _decoded_batches(self, timeout_ms: int, decode: Callable[[_Fetcher, _Fetched, int], Any]
+                         ) -> Iterator[tuple[_Fetcher, Any]]:
+        """The batches of :meth:`_poll_batches`, each through ``decode(fetcher, batch,
+        min_offset)`` (records held back by an earlier poll as they are).  A batch whose
+        records do not parse ends its partition's share of this poll: see
+        :meth:`_records_damaged`."""
+        damaged: set[_Fetcher] = set()
+        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
+            if fetcher in damaged:
+                continue
+            if isinstance(fetched, _Leftover):
+                yield fetcher, fetched
+                continue
+            try:
+                decoded = decode(fetcher, fetched, min_offset)
+            except CorruptRecordError as error:
+                self._records_damaged(fetcher, fetched, min_offset, error)
+                damaged.add(fetcher)
+                continue
+            yield fetcher, decoded
 
     def _poll_batches(self, timeout_ms: int) -> list[tuple[_Fetcher, Any, int]]:
         self._check_open()

@@ -278,10 +278,13 @@ class RecordColumns:
 
 
 SPECULATION_ROWS = 64  # the first block of equal-size records verified at once (grows 4x)
-# _walk_records speculates after this many repeats of one size (after one, sizes drawn
-# from a small range would pay a numpy call every ~20 records for runs of one or two), twice as
-# many after each speculation that fails, up to the max: a batch crafted to make every
-# speculation fail costs at most one numpy call (~8 us) per SPECULATION_REPEATS_MAX records more
+# Until a speculation of _walk_records fails it speculates right after the first record of each
+# size (a batch of one shape: one record walked, then the rest at once, twice in a batch of 64
+# records or more).  After a failure it speculates only after this many repeats of one size
+# (after one, sizes drawn from a small range would pay a failed guess every ~20 records for
+# runs of one or two), twice as many after each failure, up to the max: a batch crafted to make
+# every speculation fail costs at most one failed guess (~8 us) per SPECULATION_REPEATS_MAX
+# records more.
 SPECULATION_REPEATS = 3
 SPECULATION_REPEATS_MAX = 64
 
@@ -291,20 +294,32 @@ _LENGTH_DTYPES = {1: np.dtype(np.uint8), 2: np.dtype("<u2")}
 
 def _equal_run(data: U8, first: int, rows: int, stride: int, length_bytes: int) -> int:
     """How many of the ``rows`` records from ``first`` (``stride`` apart) start with the same
-    ``length_bytes`` as the record before ``first``.  Lengths of one or two bytes are read as
-    one strided integer view (a single compare); longer ones column by column."""
+    ``length_bytes`` as the record before ``first``.
+
+    Each length byte is gathered as one strided slice copied out (``tobytes``, a C loop) and
+    compared with the reference byte repeated: ~1.5 us a byte for 600 records, where building a
+    strided view, comparing and reducing cost three numpy calls (~7 us).  Only a run that breaks
+    pays for finding where (one strided integer view, or column by column)."""
     reference = first - stride
+    stop = first + rows * stride
+    for column in range(length_bytes):
+        at = reference + column
+        if (data[first + column : stop + column : stride].tobytes()
+                != data[at : at + 1].tobytes() * rows):
+            break
+    else:
+        return rows
     dtype = _LENGTH_DTYPES.get(length_bytes)
     if dtype is not None:
         lengths = np.ndarray((rows,), dtype=dtype, buffer=data, offset=first, strides=(stride,))
         value = int.from_bytes(data[reference : reference + length_bytes].tobytes(), "little")
         rows_ok = lengths == value
     else:
-        block = data[first : first + rows * stride].reshape(rows, stride)
+        block = data[first:stop].reshape(rows, stride)
         rows_ok = block[:, 0] == data[reference]
         for column in range(1, length_bytes):
             rows_ok &= block[:, column] == data[reference + column]
-    return rows if rows_ok.all() else int(np.argmin(rows_ok))
+    return int(np.argmin(rows_ok))
 
 
 def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64, I64]:
@@ -342,14 +357,15 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
     (len(singles) before the run, rows, first position, stride).
 
     Written for speed.  Record lengths of one or two varint bytes (records under 8 KiB) are
-    read inline in a tight loop, ~0.2 us a record for irregular sizes.  Once four records in a
-    row have one size, the rest (up to where the offsetDelta varint grows) are guessed to be of
-    that size too and verified at once on a strided numpy view; where the guess fails, later
-    guesses take blocks of SPECULATION_ROWS growing 4x while they hold, and need twice the run
-    before them (SPECULATION_REPEATS_MAX bounds what a crafted batch costs).  A batch of
-    records of one shape costs two or three numpy compares whatever its count (~12 us per
-    64 KiB, the CRC-32C ~5 us).  A stride fixes the length varint's size (1 byte up to 64, 2
-    up to 8193), so equal length bytes mean equal strides.
+    read inline in a tight loop, ~0.2 us a record for irregular sizes.  After a record (until a
+    guess fails; then after SPECULATION_REPEATS records of one size) the rest up to where the
+    offsetDelta varint grows are guessed to be of that size too and verified at once by
+    :func:`_equal_run`; where the guess fails, later guesses take blocks of SPECULATION_ROWS
+    growing 4x while they hold, and need twice the run before them (SPECULATION_REPEATS_MAX
+    bounds what a crafted batch costs).  A batch of records of one shape walks two records and
+    makes two guesses whatever its count (~10 us per 64 KiB of 100-byte records; its CRC-32C
+    ~5 us).  A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal
+    length bytes mean equal strides.
     """
     raw = memoryview(data)[start:end]
     size = end - start
@@ -357,7 +373,7 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
     index = 0
     stride = previous_stride = -1
     speculation_rows = count  # first guess: all the rest are of that size (one numpy pass)
-    required_repeats = SPECULATION_REPEATS
+    required_repeats = 0  # speculate after one record of a size, until a guess fails
     try:
         while index < count:
             repeats = 0
@@ -384,8 +400,8 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
                     repeats = 0
                 else:
                     repeats += 1
-                    if repeats == required_repeats:
-                        break
+                if repeats == required_repeats:
+                    break
             else:
                 index = count
                 break
@@ -396,8 +412,8 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
                        speculation_rows)
             if room < 3:
                 continue
-            # Four records of one size in a row: speculate that more follow, compare their
-            # length bytes with the last one's on a strided view, accept the matching prefix.
+            # Enough records of one size in a row: speculate that more follow, compare their
+            # length bytes with the last one's, accept the matching prefix.
             first = start + position
             run = _equal_run(data, first, room, stride, stride - (z >> 1))
             if runs is not None and singles is not None and run:
@@ -408,7 +424,8 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
                 speculation_rows *= 4
             else:  # speculate in smaller blocks and after longer runs from now on
                 speculation_rows = SPECULATION_ROWS
-                required_repeats = min(2 * required_repeats, SPECULATION_REPEATS_MAX)
+                required_repeats = min(max(2 * required_repeats, SPECULATION_REPEATS),
+                                       SPECULATION_REPEATS_MAX)
     except IndexError:
         raise CorruptRecordError(
             f"the records section ends inside record {index} of {count}") from None

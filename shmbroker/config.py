@@ -56,7 +56,9 @@ LOG_SETTINGS: tuple[Setting, ...] = (
             "largest batch accepted, header included (Kafka's max.message.bytes)", minimum=61),
     Setting("flush_messages", 0, "records",
             "fsync after this many records were appended since the last flush; "
-            "0 = leave it to the OS and flush_ms, 1 = every append", minimum=0),
+            "0 = leave it to the OS and flush_ms, 1 = every append, and then "
+            "acknowledgements and consumers' reads wait for the fsync (group commit)",
+            minimum=0),
     Setting("flush_ms", 0, "ms",
             "fsync when the oldest unflushed append is this old; 0 = no time-based flush",
             minimum=0),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -54,8 +55,10 @@ class RunningBroker:
     """A supervisor process (and its workers) serving ``data_dir``."""
 
     def __init__(self, data_dir: Path, *, config_toml: str | None = None,
-                 log_level: str = "INFO", extra_args: tuple[str, ...] = ()) -> None:
+                 log_level: str = "INFO", extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.env = env  # added to the broker's (and so its workers') environment
         self.config_toml = config_toml
         self.log_level = log_level
         self.extra_args = extra_args
@@ -79,7 +82,9 @@ class RunningBroker:
             config_path.write_text(self.config_toml)
             command += ["--config", str(config_path)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        env = {**os.environ, **self.env} if self.env else None
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                        env=env)
         log.close()
         if wait:
             self.wait_ready(workers)

@@ -17,6 +17,14 @@ validated and appended from the private copy.  Appending straight from the ring 
 misbehaving producer rewrite bytes between the CRC check and the write, and a CRC-bad batch in
 the middle of a segment would make recovery truncate everyone's later records.
 
+Acknowledging after fsync (the topic's ``flush_messages = 1``): group commit.  Appended regions
+are not published (acknowledged, their ring bytes freed) at once: they wait in ``_awaiting``
+while a flush thread (:mod:`shmbroker.partition.flusher`) fsyncs what was appended, and the
+worker goes on draining and appending.  When that flush is done, every region it covers is
+published and the next flush starts, covering what came meanwhile.  Fetches then serve only
+flushed batches (the high watermark is ``flushed_offset``): no consumer sees a record that a
+power cut could take back.
+
 Crash safety of rings: before appending a region the worker writes each frame's *intended* base
 offset into its ack slot (not yet published).  A restarted worker finds unconsumed frames still
 in the ring; for the first ones whose slot holds an intent, it checks the log: a batch at that
@@ -34,6 +42,7 @@ is unlinked.  The control block is checked each tick and repaired or created aga
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import fcntl
@@ -70,13 +79,14 @@ from shmbroker.format.ring_layout import (
     RING_BROKEN_RELEASED,
     broken_reason,
 )
+from shmbroker.partition.flusher import Flusher
 from shmbroker.partition.paths import PartitionPaths
 from shmbroker.protocol import messages
 from shmbroker.protocol.frames import Frame, frame_head
 from shmbroker.protocol.messages import RING_RESULT_NUMBERS, ApiKey, error_frame, field
 from shmbroker.shm import doorbell, names
 from shmbroker.shm.control_block import ControlBlock
-from shmbroker.shm.ring import RingReader
+from shmbroker.shm.ring import RingReader, RingRegion
 from shmbroker.storage.partition_log import PartitionLog
 from shmbroker.transport.unix import (
     Refusals,
@@ -129,7 +139,7 @@ def _storage_result(error: StorageError) -> int:
 class AttachedRing:
     """A producer's ring as the worker sees it."""
 
-    __slots__ = ("reader", "connection", "recovering", "last_alive_check_ms")
+    __slots__ = ("reader", "connection", "recovering", "last_alive_check_ms", "awaiting")
 
     def __init__(self, reader: RingReader, connection: ServerConnection | None,
                  recovering: bool) -> None:
@@ -137,6 +147,7 @@ class AttachedRing:
         self.connection = connection
         self.recovering = recovering  # after a restart: check intents until a frame is new
         self.last_alive_check_ms = 0
+        self.awaiting = 0  # regions appended, waiting for their fsync to be published
 
 
 class ParkedFetch:
@@ -193,6 +204,11 @@ class PartitionWorker:
         self._reload_requested = False
         self._ring_cursor = 0
         self._next_tick = 0.0
+        # group commit (flush_messages = 1): regions appended and not yet published, with the
+        # log end after each; the thread that fsyncs (made at the first flush)
+        self._awaiting: collections.deque[tuple[AttachedRing, RingRegion, int]] = (
+            collections.deque())
+        self._flusher: Flusher | None = None
 
     # -- boot ---------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -208,6 +224,8 @@ class PartitionWorker:
         self.control.worker_pid = os.getpid()
         self.control.generation = self._control_generation = self.control.generation + 1
         self.control.state = 0
+        if self._acks_after_fsync:  # what recovery kept past the recovery point: visible now
+            self.log.flush()
         self._publish_positions()
         self.doorbell = doorbell.Doorbell.bind(paths.doorbell_name)
         self.selector.register(self.doorbell.fileno(), selectors.EVENT_READ, "doorbell")
@@ -227,6 +245,11 @@ class PartitionWorker:
     @property
     def name(self) -> str:
         return f"{self.paths.topic}/{self.paths.partition}"
+
+    @property
+    def _acks_after_fsync(self) -> bool:
+        """Group commit: a batch is acknowledged, and served, only once fsynced."""
+        return self.config.flush_messages == 1
 
     def _lock_partition(self) -> None:
         fd = os.open(self.paths.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -358,24 +381,116 @@ class PartitionWorker:
             next_offset += _LAST_OFFSET_DELTA.unpack_from(
                 view, position + _LAST_OFFSET_DELTA_POSITION)[0] + 1
         reader.record_results(region, intents)
+        group_commit = self._acks_after_fsync
         if len(skip) < len(positions):
             start = positions[len(skip)]
             try:
-                results += log.append(view[start:]).base_offsets
+                results += log.append(view[start:], defer_flush=group_commit).base_offsets
             except CorruptRecordError:
-                results += self._append_one_by_one(reader, region, view, results)
+                results += self._append_one_by_one(reader, region, view, results,
+                                                   defer_flush=group_commit)
             except StorageError as error:  # logged by the log (once per run of failures)
                 logger.debug("%s: %s", self.name, error)
                 results += [_storage_result(error)] * (len(positions) - len(results))
         reader.record_results(region, results)
+        if group_commit:  # published once an fsync covers it (_pump_flushes)
+            self._awaiting.append((ring, region, log.log_end_offset))
+            ring.awaiting += 1
+            return
         # positions first: whoever sees the ack must see a high watermark that covers it
         self._after_append()
+        self._publish_region(reader, region)
+
+    @staticmethod
+    def _publish_region(reader: RingReader, region: RingRegion) -> None:
         reader.publish(region)
         if reader.producer_waiting:
             doorbell.ring(reader.doorbell_address)
 
+    # -- group commit -------------------------------------------------------------------------
+    def _pump_flushes(self) -> None:
+        """Take the outcome of the flush in flight (publish what it covers) and start the next
+        one while regions wait for theirs."""
+        flusher = self._flusher
+        if flusher is not None and flusher.in_flight is not None:
+            done = flusher.finished()
+            if done is None:
+                return
+            self._end_flush(*done)
+        self._release_flushed()
+        log = self.log
+        assert log is not None
+        if not self._awaiting or log.fenced is not None:
+            return
+        try:
+            ticket = log.begin_flush()
+        except StorageError as error:  # fenced by a flush of its own (e.g. tick)
+            self._fail_awaiting(error)
+            return
+        if ticket is None:  # flushed meanwhile (begin_flush fell back to flush())
+            self._release_flushed()
+            return
+        if flusher is None:
+            flusher = self._flusher = Flusher()
+            self.selector.register(flusher.fileno(), selectors.EVENT_READ, "flushed")
+        flusher.submit(ticket)
+
+    def _end_flush(self, ticket: Any, error: OSError | None) -> None:
+        log = self.log
+        assert log is not None
+        try:
+            log.end_flush(ticket, error)
+        except StorageError as failure:  # fenced: the loop exits, a new worker recovers
+            self._fail_awaiting(failure)
+
+    def _release_flushed(self) -> None:
+        """Publish the waiting regions that flushed_offset covers, in order."""
+        awaiting = self._awaiting
+        if not awaiting:
+            return
+        log = self.log
+        assert log is not None
+        flushed = log.flushed_offset
+        if awaiting[0][2] > flushed:
+            return
+        self._publish_positions()  # first: whoever sees the ack sees a watermark covering it
+        while awaiting and awaiting[0][2] <= flushed:
+            ring, region, _ = awaiting.popleft()
+            ring.awaiting -= 1
+            self._publish_region(ring.reader, region)
+
+    def _fail_awaiting(self, error: StorageError) -> None:
+        """The fsync that was to cover the waiting regions failed: each of their batches gets
+        the storage error (it may still be stored: a retry can store it twice, as Kafka)."""
+        logger.error("%s: %d region(s) of batches not known durable: %s", self.name,
+                     len(self._awaiting), error)
+        result = _storage_result(error)
+        while self._awaiting:
+            ring, region, _ = self._awaiting.popleft()
+            ring.awaiting -= 1
+            ring.reader.record_results(region, [result] * region.frames)
+            self._publish_region(ring.reader, region)
+        self._publish_positions()
+
+    def _settle_flushes(self, wait_s: float) -> None:
+        """Wait for the flush in flight, flush the rest here and publish every waiting region
+        (stopping, or acks no longer wait for fsync)."""
+        log = self.log
+        assert log is not None
+        flusher = self._flusher
+        if flusher is not None and flusher.in_flight is not None:
+            done = flusher.finished(wait_s)
+            if done is not None:
+                self._end_flush(*done)
+        if self._awaiting:
+            try:
+                log.flush()
+            except StorageError as error:
+                self._fail_awaiting(error)
+            self._release_flushed()
+
     def _append_one_by_one(self, reader: RingReader, region: Any, view: memoryview,
-                           done: list[int]) -> list[int]:
+                           done: list[int], *, defer_flush: bool = False) -> list[int]:
         """A region holding a bad batch: append the good ones, an error number for each bad."""
         log = self.log
         assert log is not None
@@ -389,7 +504,8 @@ class PartitionWorker:
                 continue
             reader.record_results(region, done + results + [log.log_end_offset])
             try:
-                results.append(log.append(view[position:position + size]).base_offsets[0])
+                results.append(log.append(view[position:position + size],
+                                          defer_flush=defer_flush).base_offsets[0])
             except CorruptRecordError as error:
                 logger.warning("%s: refused a corrupt batch from ring %s: %s", self.name,
                                reader.name, error)
@@ -447,6 +563,8 @@ class PartitionWorker:
             closed = reader.producer_closed  # before pending(): a frame published before the
             if not broken and reader.pending():  # close flag is then still seen as pending
                 continue
+            if ring.awaiting:  # appended regions wait for their fsync to be published
+                continue
             gone = closed or broken
             if not gone and ring.connection is None:
                 if now_ms - ring.last_alive_check_ms < RING_LIVENESS_CHECK_MS:
@@ -475,15 +593,22 @@ class PartitionWorker:
         assert log is not None and control is not None
         control.log_start_offset = log.log_start_offset
         control.log_end_offset = log.log_end_offset
-        control.high_watermark = log.log_end_offset  # no mirrors yet: everything is committed
+        control.high_watermark = self._high_watermark()
         control.storage_full = log.append_failure is not None  # shown by `shmbroker status`
+
+    def _high_watermark(self) -> int:
+        """What consumers may read up to: the log end (no mirrors yet: everything appended is
+        committed), or with group commit what is fsynced."""
+        log = self.log
+        assert log is not None
+        return log.flushed_offset if self._acks_after_fsync else log.log_end_offset
 
     def _serve_parked(self, now: float) -> None:
         if not self.parked:
             return
         log = self.log
         assert log is not None
-        log_end = log.log_end_offset
+        log_end = self._high_watermark()
         still: list[ParkedFetch] = []
         for fetch in self.parked:
             if fetch.connection.closed:
@@ -634,7 +759,7 @@ class PartitionWorker:
         log = self.log
         assert log is not None
         return {"log_start_offset": log.log_start_offset, "log_end_offset": log.log_end_offset,
-                "high_watermark": log.log_end_offset}
+                "high_watermark": self._high_watermark()}
 
     def _fetch(self, connection: ServerConnection, correlation_id: int,
                body: dict[str, Any]) -> None:
@@ -649,7 +774,7 @@ class PartitionWorker:
         if not log.log_start_offset <= offset <= log.log_end_offset:
             raise OffsetOutOfRangeError(offset, log.log_start_offset, log.log_end_offset)
         if max_wait_ms and not self._stop_requested and (
-                offset == log.log_end_offset
+                offset >= self._high_watermark()
                 or min_bytes > 1 and self._available_bytes(offset, max_bytes) < min_bytes):
             # at most one parked fetch per connection (a later request answers it first), so
             # parked fetches are bounded by connections_max
@@ -663,7 +788,7 @@ class PartitionWorker:
         log = self.log
         assert log is not None
         try:
-            found = log.read(offset, max_bytes)
+            found = log.read(offset, max_bytes, flushed_only=self._acks_after_fsync)
         except OffsetOutOfRangeError as error:  # retention moved log_start while it waited
             connection.send(error_frame(ApiKey.FETCH, correlation_id, error))
             self._update_interest(connection)
@@ -700,7 +825,7 @@ class PartitionWorker:
         log = self.log
         assert log is not None
         try:
-            return log.read(offset, max_bytes).size_bytes
+            return log.read(offset, max_bytes, flushed_only=self._acks_after_fsync).size_bytes
         except CorruptLogError:
             return max_bytes
 
@@ -711,7 +836,7 @@ class PartitionWorker:
         if timestamp_ms == messages.EARLIEST_TIMESTAMP:
             return {"offset": log.log_start_offset, "timestamp_ms": -1, **self._positions()}
         if timestamp_ms == messages.LATEST_TIMESTAMP:
-            return {"offset": log.log_end_offset, "timestamp_ms": -1, **self._positions()}
+            return {"offset": self._high_watermark(), "timestamp_ms": -1, **self._positions()}
         if timestamp_ms < 0:
             raise ProtocolError(f"timestamp_ms must be >= 0, -1 (latest) or -2 (earliest), "
                                 f"not {timestamp_ms}")
@@ -744,6 +869,7 @@ class PartitionWorker:
             self._publish_positions()
             raise
         self._after_append()
+        self._release_flushed()  # its flush (flush_messages = 1) covered waiting regions too
         if acks != 0:
             connection.send(frame_head(frame.api_key, frame.correlation_id,
                                        {"results": results}))
@@ -784,6 +910,8 @@ class PartitionWorker:
                 raise StorageError(f"{self.name}: {log.fenced}; exiting, so that a new worker "
                                    "recovers the log from disk")
             taken = self._drain_rings()
+            if self._awaiting or self._flusher is not None and self._flusher.in_flight:
+                self._pump_flushes()
             now = time.monotonic()
             events = self._wait(busy or bool(taken), now)
             for key, mask in events:
@@ -802,6 +930,8 @@ class PartitionWorker:
                     self._accept()
                 elif data == "doorbell":
                     self.doorbell.drain()
+                elif data == "flushed":
+                    self._pump_flushes()
                 elif data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         self._signal_r.recv(4096)
@@ -828,6 +958,7 @@ class PartitionWorker:
             deleted = []
         if deleted:
             logger.info("%s: retention deleted segment(s) %s", self.name, deleted)
+        self._release_flushed()  # a flush of tick's may cover waiting regions
         self._check_control_block()
         self._publish_positions()
         self.control.updated_ms = now_ms
@@ -877,8 +1008,17 @@ class PartitionWorker:
                          error)
             return
         assert self.log is not None
+        was_group_commit = self._acks_after_fsync
         self.config = config
         self.log.config = config
+        if was_group_commit and not self._acks_after_fsync:
+            self._settle_flushes(STOP_DRAIN_S_MAX)
+        elif self._acks_after_fsync and not was_group_commit:
+            try:  # served up to flushed_offset from now on: no step back for consumers
+                self.log.flush()
+            except StorageError as error:
+                logger.error("%s: %s", self.name, error)
+        self._publish_positions()
         logger.info("%s: config reloaded", self.name)
 
     # -- stop ---------------------------------------------------------------------------------
@@ -901,6 +1041,7 @@ class PartitionWorker:
                     for name, ring in self.rings.items()):
                 if not self._drain_rings():
                     break
+            self._settle_flushes(STOP_DRAIN_S_MAX)
             self._serve_parked(time.monotonic())
             self._flush_outputs(time.monotonic() + STOP_FLUSH_OUTPUT_S_MAX)
             self._release_finished_rings(time.time_ns() // 1_000_000)
@@ -908,6 +1049,9 @@ class PartitionWorker:
                 log.close()
             except StorageError as error:  # closed anyway; the next open recovers
                 logger.error("%s: %s", self.name, error)
+        if self._flusher is not None:
+            self._flusher.close()
+            self._flusher = None
         for ring in self.rings.values():
             ring.reader.close()
         self.rings.clear()

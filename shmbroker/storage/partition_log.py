@@ -15,10 +15,15 @@ Durability cursors, in this order (asserted after every mutation)::
 The owner (one worker process) is the only writer and calls :meth:`PartitionLog.tick`
 periodically for time-based flushes, retention and the recovery-point checkpoint (every
 RECOVERY_POINT_CHECKPOINT_INTERVAL_MS it also fsyncs what is unflushed, so that a crash rescans
-only the segments written since); there are no threads here.  A :class:`ReadSlice` (an fd and
-a byte range for ``os.sendfile``) stays valid until the next call that deletes or truncates
-segments (``tick``, ``enforce_retention``, ``truncate_to``, ``delete_records_before``,
-``close``); ``os.dup`` the fd to keep it longer.
+only the segments written since).  The log itself starts no thread and takes no lock; the one
+thing it lets another thread do is run a :class:`FlushTicket`: :meth:`PartitionLog.begin_flush`
+takes what is to be fsynced (duplicated fds), the ticket's ``run`` fsyncs them anywhere, and
+:meth:`PartitionLog.end_flush`, back on the owner's thread, advances ``flushed_offset``.  The
+owner keeps appending meanwhile (group commit without stalling appends: see the worker).
+
+A :class:`ReadSlice` (an fd and a byte range for ``os.sendfile``) stays valid until the next
+call that deletes or truncates segments (``tick``, ``enforce_retention``, ``truncate_to``,
+``delete_records_before``, ``close``); ``os.dup`` the fd to keep it longer.
 
 Disk errors (see ``tests/unit/test_storage_enospc.py`` and ``tests/fault/test_disk_full.py``):
 
@@ -47,7 +52,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from shmbroker.config import LogConfig
 from shmbroker.errors import (
@@ -94,6 +99,41 @@ RECOVERY_POINT_CHECKPOINT_INTERVAL_MS = 10_000
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class FlushTicket(NamedTuple):
+    """A flush begun by :meth:`PartitionLog.begin_flush`, to be :meth:`run` on any thread and
+    then handed to :meth:`PartitionLog.end_flush` on the owner's."""
+
+    offset: int  # the log end when it began: what it makes durable
+    segment_base_offset: int  # the active segment then ...
+    position: int  # ... and its size then (``offset``'s byte position in it)
+    fds: list[int]  # duplicates of the fds of the segments holding unflushed batches
+    directory: str | None  # fsync the directory too (segments made or deleted since)
+    generation: int  # the log's truncation count then: a stale ticket advances nothing
+
+    def run(self) -> OSError | None:
+        """fsync what the ticket holds (any thread: os.fsync releases the GIL); close its fds.
+        Returns the error instead of raising it."""
+        try:
+            for fd in self.fds:
+                os.fsync(fd)
+            if self.directory is not None:
+                fsync_directory(self.directory)
+        except OSError as error:
+            return error
+        finally:
+            self.discard()
+        return None
+
+    def discard(self) -> None:
+        """Close the ticket's fds (a ticket that will not run)."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
 
 
 class AppendResult(NamedTuple):
@@ -200,6 +240,11 @@ class PartitionLog:
         self._unflushed_since_ms: int | None = (
             None if self._flushed_offset == self._log_end_offset else clock_ms())
         self._directory_dirty = bool(self.recovery_report.segments_deleted)
+        self._directory_in_flight = False  # a FlushTicket will fsync the directory
+        self._truncations = 0  # FlushTicket.generation
+        # (segment base offset, byte position) of flushed_offset, for reads of flushed batches
+        # only; None: found (and kept) at the next such read
+        self._flushed_position: tuple[int, int] | None = None
         self._checkpointed_recovery_point = -1
         self._last_checkpoint_ms = clock_ms()
         if not self._try_recovery_checkpoint():
@@ -275,7 +320,8 @@ class PartitionLog:
                                f"reopened: {self._fenced}")
 
     # -- append -------------------------------------------------------------------------------
-    def append(self, buffer: bytes | bytearray | memoryview) -> AppendResult:
+    def append(self, buffer: bytes | bytearray | memoryview, *,
+               defer_flush: bool = False) -> AppendResult:
         """Append one or more concatenated batches; assign their offsets; return them.
 
         Every batch is validated first (header, size <= max_batch_bytes, CRC-32C, and
@@ -286,6 +332,8 @@ class PartitionLog:
         with one os.write per segment touched, rolling between batches when needed.  A disk error
         raises StorageError (StorageFullError for a full disk) and leaves the log as it was.  A
         failed flush (``flush_messages``) after the write fences the log and raises StorageError.
+        With ``defer_flush`` the caller owns the ``flush_messages`` policy (it flushes with
+        :meth:`begin_flush`, off its thread, before it acknowledges).
         """
         if self._closed or self._fenced is not None:  # (no call on the hot path)
             self._check_writable()
@@ -308,7 +356,8 @@ class PartitionLog:
         if self._unflushed_since_ms is None:
             self._unflushed_since_ms = now_ms
         flush_messages = self.config.flush_messages
-        if flush_messages and self._log_end_offset - self._flushed_offset >= flush_messages:
+        if (flush_messages and not defer_flush
+                and self._log_end_offset - self._flushed_offset >= flush_messages):
             self.flush()
         self._check_invariants()
         return AppendResult(first, last, [span.base_offset for span in spans], now_ms,
@@ -416,21 +465,37 @@ class PartitionLog:
             raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
         return self._segments[bisect.bisect_right(self._base_offsets, offset) - 1]
 
-    def read(self, offset: int, max_bytes: int) -> ReadSlice:
+    def read(self, offset: int, max_bytes: int, *, flushed_only: bool = False) -> ReadSlice:
         """Whole batches from the one holding ``offset``, within one segment, about ``max_bytes``
         (at least one batch).  Empty at log_end; OffsetOutOfRangeError outside the log;
-        CorruptLogError (with the offset to resume from) where stored batches are damaged."""
+        CorruptLogError (with the offset to resume from) where stored batches are damaged.
+        With ``flushed_only``, only batches below ``flushed_offset`` (empty from there on)."""
         self._check_open()
         segment = self._segment_for(offset)
-        if offset == self._log_end_offset:
+        end = self._flushed_offset if flushed_only else self._log_end_offset
+        if offset >= end:
             active = self._segments[-1]
             return ReadSlice(active.fd, active.size_bytes, 0, active.base_offset,
                              offset, self._log_end_offset, offset)
-        found = segment.read_range(offset, max_bytes)
+        cap = None
+        if segment.next_offset > end:  # flushed_offset falls inside this segment
+            cap = (self._flushed_position_in(segment), end)
+        found = segment.read_range(offset, max_bytes, cap)
         assert found is not None, (offset, segment.base_offset, segment.next_offset)
         position, size_bytes, first, next_offset = found
         return ReadSlice(segment.fd, position, size_bytes, segment.base_offset,
                          first.base_offset, self._log_end_offset, next_offset)
+
+    def _flushed_position_in(self, segment: Segment) -> int:
+        """The byte position of flushed_offset (a batch boundary) in ``segment``."""
+        known = self._flushed_position
+        if known is not None and known[0] == segment.base_offset:
+            return known[1]
+        span = segment.find_batch(self._flushed_offset)
+        assert span is not None and span.base_offset == self._flushed_offset, (
+            span, self._flushed_offset)
+        self._flushed_position = (segment.base_offset, span.position)
+        return span.position
 
     def read_bytes(self, offset: int, max_bytes: int) -> bytes:
         """As :meth:`read`, but the bytes themselves (os.pread)."""
@@ -469,23 +534,78 @@ class PartitionLog:
     def flush(self) -> None:
         """fsync every segment holding unflushed offsets (and the directory after rolls)."""
         self._check_writable()
-        if self._flushed_offset == self._log_end_offset and not self._directory_dirty:
+        directory = self._directory_dirty or self._directory_in_flight
+        if self._flushed_offset == self._log_end_offset and not directory:
             return
         try:
-            for segment in reversed(self._segments):
-                if segment.next_offset <= self._flushed_offset and segment.size_bytes:
-                    break
+            for segment in self._unflushed_segments():
                 segment.flush()
-            if self._directory_dirty:
+            if directory:
                 fsync_directory(self.directory)
                 self._directory_dirty = False
         except OSError as error:
-            self._fence(f"fsync failed ({errno.errorcode.get(error.errno or 0, 'EIO')}: "
-                        f"{error.strerror or error}) with offsets [{self._flushed_offset}, "
-                        f"{self._log_end_offset}) not known to be durable")
-            raise StorageError(f"partition {self.name}: {self._fenced}") from error
+            self._fence_for(error)
+        active = self._segments[-1]
         self._flushed_offset = self._log_end_offset
+        self._flushed_position = (active.base_offset, active.size_bytes)
         self._unflushed_since_ms = None
+        self._check_invariants()
+
+    def _unflushed_segments(self) -> list[Segment]:
+        found = []
+        for segment in reversed(self._segments):
+            if segment.next_offset <= self._flushed_offset and segment.size_bytes:
+                break
+            found.append(segment)
+        return found
+
+    def _fence_for(self, error: OSError) -> NoReturn:
+        """Fence the log after a failed fsync and raise StorageError."""
+        self._fence(f"fsync failed ({errno.errorcode.get(error.errno or 0, 'EIO')}: "
+                    f"{error.strerror or error}) with offsets [{self._flushed_offset}, "
+                    f"{self._log_end_offset}) not known to be durable")
+        raise StorageError(f"partition {self.name}: {self._fenced}") from error
+
+    def begin_flush(self) -> FlushTicket | None:
+        """Take what :meth:`flush` would fsync now, as a ticket to run on another thread while
+        this one goes on appending; None when everything is flushed.  The ticket then goes to
+        :meth:`end_flush` (on this thread): only that advances ``flushed_offset``."""
+        self._check_writable()
+        if self._flushed_offset == self._log_end_offset and not self._directory_dirty:
+            return None
+        fds: list[int] = []
+        try:
+            for segment in self._unflushed_segments():
+                fds.append(os.dup(segment.fd))
+        except OSError:  # out of fds: flush here instead
+            FlushTicket(0, 0, 0, fds, None, 0).discard()
+            self.flush()
+            return None
+        directory = self.directory if self._directory_dirty else None
+        if directory is not None:
+            self._directory_dirty = False
+            self._directory_in_flight = True
+        active = self._segments[-1]
+        return FlushTicket(self._log_end_offset, active.base_offset, active.size_bytes, fds,
+                           directory, self._truncations)
+
+    def end_flush(self, ticket: FlushTicket, error: OSError | None) -> None:
+        """Take the outcome of a ticket from :meth:`begin_flush`: advance ``flushed_offset``
+        to its offset, or fence the log (and raise StorageError) when its fsync failed."""
+        ticket.discard()
+        if self._closed:
+            return
+        if ticket.directory is not None:
+            self._directory_in_flight = False
+            if error is not None:
+                self._directory_dirty = True
+        if error is not None:
+            self._fence_for(error)
+        if ticket.generation == self._truncations and ticket.offset > self._flushed_offset:
+            self._flushed_offset = ticket.offset
+            self._flushed_position = (ticket.segment_base_offset, ticket.position)
+            if ticket.offset == self._log_end_offset:
+                self._unflushed_since_ms = None
         self._check_invariants()
 
     def _fence(self, reason: str) -> None:
@@ -636,7 +756,9 @@ class PartitionLog:
         self._log_end_offset = self._segments[-1].next_offset
         fsync_directory(self.directory)
         self._directory_dirty = False
+        self._truncations += 1  # a flush begun before advances nothing
         self._flushed_offset = min(self._flushed_offset, self._log_end_offset)
+        self._flushed_position = None
         self._segments[-1].flush()
         self._write_recovery_checkpoint(clean_shutdown=False)
         self._check_invariants()

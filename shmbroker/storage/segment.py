@@ -497,41 +497,45 @@ class Segment:
             CorruptRecordError(f"the batches end before offset {offset}", self.size_bytes),
             previous, start_offset, position)
 
-    def read_range(self, offset: int, max_bytes: int) -> tuple[int, int, BatchSpan, int] | None:
+    def read_range(self, offset: int, max_bytes: int, end: tuple[int, int] | None = None
+                   ) -> tuple[int, int, BatchSpan, int] | None:
         """(position, size_bytes, first batch, next offset) of the whole batches from the one
         holding ``offset`` that fit in ``max_bytes`` -- at least that first batch.  ``next
         offset`` is the offset after the last batch of the range (where the next read starts),
         checked against the header after it or the segment's end.  Damage inside the range ends
-        it before the batch that may be at fault (the next read meets that batch first)."""
+        it before the batch that may be at fault (the next read meets that batch first).
+        ``end``: (position, offset) of a batch boundary past ``offset`` where reading stops
+        (the flushed end), instead of the segment's end."""
         first = self.find_batch(offset)
         if first is None:
             return None
+        size_bytes, end_offset = (self.size_bytes, self.readable_next_offset) if end is None \
+            else end
         limit = first.position + max(max_bytes, first.size_bytes)
-        if limit >= self.size_bytes:
-            return (first.position, self.size_bytes - first.position, first,
-                    self.readable_next_offset)
+        if limit >= size_bytes:
+            return first.position, size_bytes - first.position, first, end_offset
         found = self.offset_index.first_index_at_or_after_value(limit + 1) - 1
         start, start_offset = first.position, first.base_offset
-        end, next_offset = first.end_position, first.next_offset
+        end_position, next_offset = first.end_position, first.next_offset
         if found >= 0 and int(self.offset_index.values[found]) > first.position:
             # an indexed batch boundary inside the range: resume the walk from there
-            start = end = int(self.offset_index.values[found])
+            start = end_position = int(self.offset_index.values[found])
             start_offset = next_offset = self.base_offset + int(self.offset_index.keys[found])
         previous: BatchSpan | None = None
         try:
-            for span in self.iter_batches(start, self.size_bytes, start_offset):
+            for span in self.iter_batches(start, size_bytes, start_offset):
                 if span.end_position > limit:
                     break
                 previous = span
-                end, next_offset = span.end_position, span.next_offset
+                end_position, next_offset = span.end_position, span.next_offset
         except CorruptRecordError:
             if previous is None or previous.position == first.position:
                 # only the first batch: where reading can go on after it is the next index
                 # entry's offset (the first batch may be the one at fault)
                 return (first.position, first.size_bytes, first,
                         self.resume_offset_after(first.position))
-            end, next_offset = previous.position, previous.base_offset
-        return first.position, end - first.position, first, next_offset
+            end_position, next_offset = previous.position, previous.base_offset
+        return first.position, end_position - first.position, first, next_offset
 
     def timestamp_start_position(self, timestamp_ms: int) -> int:
         """A batch boundary at or before the first batch whose max timestamp >= timestamp_ms."""

@@ -342,3 +342,103 @@ def test_tick_flushes_and_checkpoints_the_recovery_point_without_a_flush_policy(
     assert reopened.log_end_offset == 5
     assert reopened.recovery_report.recovery_point_offset == 3
     reopened.close()
+
+
+# -- flushes run off the owner's thread (group commit) ---------------------------------------
+
+def _durable(tmp_path):
+    config = LogConfig(segment_bytes=4096, index_interval_bytes=256, segment_index_bytes=1024,
+                       retention_ms=-1, flush_messages=1)
+    return PartitionLog(tmp_path / "p0", config, clock_ms=FakeClock())
+
+
+def test_deferred_flush_advances_flushed_offset_only_when_its_ticket_ends(tmp_path):
+    log = _durable(tmp_path)
+    log.append(sized_batch(3, 10))
+    assert log.flushed_offset == 3  # flush_messages = 1: inline
+    log.append(sized_batch(2, 10), defer_flush=True)
+    assert (log.flushed_offset, log.log_end_offset) == (3, 5)
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.offset == 5 and len(ticket.fds) == 1
+    log.append(sized_batch(4, 10), defer_flush=True)  # appends go on while it runs
+    assert ticket.run() is None and ticket.fds == []  # its fds are closed
+    assert log.flushed_offset == 3
+    log.end_flush(ticket, None)
+    assert log.flushed_offset == 5  # not 9: the later append is not covered
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.offset == 9
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 9 and log.begin_flush() is None
+
+
+def test_a_ticket_covers_every_segment_rolled_since_the_last_flush(tmp_path, monkeypatch):
+    log = _durable(tmp_path)
+    while len(log.segments) < 3:
+        log.append(sized_batch(5, 200), defer_flush=True)
+    ticket = log.begin_flush()
+    assert ticket is not None and len(ticket.fds) == 3 and ticket.directory is not None
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino)
+                        or real_fsync(fd))
+    log.end_flush(ticket, ticket.run())
+    inodes = {os.stat(segment.log_path).st_ino for segment in log.segments}
+    assert inodes <= set(synced)  # every segment's file (through its duplicated fd)
+    assert log.flushed_offset == log.log_end_offset
+
+
+def test_reads_of_flushed_batches_stop_at_flushed_offset(tmp_path):
+    log = _durable(tmp_path)
+    log.append(sized_batch(3, 10) + sized_batch(2, 10))
+    log.append(sized_batch(4, 10), defer_flush=True)
+    assert [base_offset_of(batch) for batch in split_batches(log.read_bytes(0, 10**6))] \
+        == [0, 3, 5]
+    flushed = log.read(0, 10**6, flushed_only=True)
+    assert flushed.next_offset == 5
+    assert [base_offset_of(batch) for batch in split_batches(
+        segment_module.os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0, 3]
+    assert log.read(3, 1, flushed_only=True).next_offset == 5
+    beyond = log.read(5, 10**6, flushed_only=True)
+    assert beyond.size_bytes == 0 and beyond.next_offset == 5
+    ticket = log.begin_flush()
+    assert ticket is not None
+    log.end_flush(ticket, ticket.run())
+    assert log.read(0, 10**6, flushed_only=True).next_offset == 9
+
+
+def test_reads_of_flushed_batches_after_reopen_find_the_flushed_position(tmp_path):
+    log = _durable(tmp_path)
+    log.append(sized_batch(3, 10))
+    log.close()
+    log = _durable(tmp_path)  # flushed_offset 3 from the checkpoint; its position not known
+    log.append(sized_batch(2, 10), defer_flush=True)
+    assert (log.flushed_offset, log.log_end_offset) == (3, 5)
+    flushed = log.read(0, 10**6, flushed_only=True)
+    assert flushed.next_offset == 3
+    assert [base_offset_of(batch) for batch in split_batches(
+        segment_module.os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0]
+
+
+def test_a_failed_ticket_fences_the_log(tmp_path):
+    log = _durable(tmp_path)
+    log.append(sized_batch(2, 10), defer_flush=True)
+    ticket = log.begin_flush()
+    assert ticket is not None
+    ticket.discard()
+    with pytest.raises(StorageError, match="fsync failed"):
+        log.end_flush(ticket, OSError(errno.EIO, "Input/output error"))
+    assert log.fenced is not None and log.flushed_offset == 0
+    with pytest.raises(StorageError):
+        log.append(sized_batch(1, 10))
+
+
+def test_a_ticket_begun_before_a_truncation_advances_nothing(tmp_path):
+    log = _durable(tmp_path)
+    log.append(sized_batch(3, 10))
+    log.append(sized_batch(3, 10), defer_flush=True)
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.offset == 6
+    log.truncate_to(3)
+    log.append(sized_batch(3, 10), defer_flush=True)  # offsets 3..5 again, other bytes
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 3

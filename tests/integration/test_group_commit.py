@@ -1,0 +1,137 @@
+"""A topic with ``flush_messages = 1`` acknowledges a batch only once an fsync covers it, and
+serves consumers only fsynced batches; the worker fsyncs on a thread of its own while it goes
+on appending (group commit).  These tests hold the worker's fsyncs at a gate (a
+``sitecustomize`` on the broker's PYTHONPATH wraps ``os.fsync`` in worker processes), and
+SIGKILL workers under durable load."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from broker_helpers import RunningBroker, wait_for
+from integration.produce_helpers import BackgroundProducer, check_acked, read_partitions
+
+from shmbroker import Consumer, Producer, TopicPartition
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+# While the gate file exists, every fsync of a worker waits (at most GATE_WAIT_S_MAX); the first
+# waiting one writes the path of the file it syncs next to the gate.
+FSYNC_GATE_HOOK = '''
+import os
+import time
+
+_gate = os.environ.get("SHMBROKER_TEST_FSYNC_GATE")
+try:
+    with open("/proc/self/cmdline", "rb") as _cmdline:
+        _worker = b"shmbroker.partition.worker" in _cmdline.read()
+except OSError:
+    _worker = False
+if _gate and _worker:
+    _real_fsync = os.fsync
+
+    def _gated_fsync(fd):
+        if os.path.exists(_gate):
+            try:
+                synced = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                synced = "?"
+            with open(_gate + ".waiting", "a") as note:
+                note.write(synced + "\\n")
+            deadline = time.monotonic() + 60
+            while os.path.exists(_gate) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return _real_fsync(fd)
+
+    os.fsync = _gated_fsync
+'''
+NEGATIVE_WAIT_S = 0.3  # how long an ack that must not come is given to come
+
+
+def _gated_broker(tmp_path: Path) -> tuple[RunningBroker, Path]:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FSYNC_GATE_HOOK)
+    gate = tmp_path / "fsync-gate"
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    broker = RunningBroker(tmp_path / "data", env={"PYTHONPATH": path,
+                                                   "SHMBROKER_TEST_FSYNC_GATE": str(gate)})
+    return broker, gate
+
+
+def _positions(broker: RunningBroker, topic: str) -> tuple[int, int]:
+    with broker.admin() as admin:
+        entry = admin.describe_topic(topic)["partitions"][0]
+    return entry["log_end_offset"], entry["high_watermark"]
+
+
+def test_acks_and_reads_wait_for_the_fsync_that_covers_them(tmp_path: Path) -> None:
+    broker, gate = _gated_broker(tmp_path)
+    tp = TopicPartition("durable", 0)
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("durable", config={"flush_messages": 1})
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
+                Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
+            assert producer.send("durable", b"first", partition=0).result(10).offset == 0
+            consumer.assign([tp])
+            seen = []
+            wait_for(lambda: seen.extend(consumer.poll(0.05)) or seen, message="the first record")
+            gate.touch()
+            try:
+                second = producer.send("durable", b"second", partition=0)
+                # appended (log end 2), its fsync under way and held at the gate
+                wait_for(lambda: _positions(broker, "durable")[0] == 2, message="the append")
+                waiting = Path(str(gate) + ".waiting")
+                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                         message="the worker's fsync of the segment")
+                with pytest.raises(TimeoutError):
+                    second.result(NEGATIVE_WAIT_S)
+                assert _positions(broker, "durable") == (2, 1)
+                assert consumer.highwater(tp) == 1
+                assert consumer.poll(NEGATIVE_WAIT_S) == []  # the unflushed one is not served
+            finally:
+                gate.unlink()
+            assert second.result(10).offset == 1
+            wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 2,
+                     message="the second record")
+            assert [(r.offset, r.value) for r in seen] == [(0, b"first"), (1, b"second")]
+            assert _positions(broker, "durable") == (2, 2)
+
+
+def test_without_flush_messages_acks_do_not_wait_for_fsyncs(tmp_path: Path) -> None:
+    """The gate holds every fsync, yet a topic without flush_messages acknowledges: what the
+    test above sees is the fsync policy, not the gate stalling the worker."""
+    broker, gate = _gated_broker(tmp_path)
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("plain")
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer:
+            assert producer.send("plain", b"first", partition=0).result(10).offset == 0
+            gate.touch()
+            try:
+                assert producer.send("plain", b"second", partition=0).result(10).offset == 1
+                assert _positions(broker, "plain") == (2, 2)
+            finally:
+                gate.unlink()
+
+
+def test_sigkill_worker_under_durable_load_loses_and_duplicates_nothing(
+        broker: RunningBroker) -> None:
+    with broker.admin() as admin:
+        admin.create_topic("durable", partitions=2, config={"flush_messages": 1})
+    with Producer(broker.data_dir, acks=1, linger_ms=1) as producer:
+        load = BackgroundProducer(producer, "durable", 2).start()
+        load.wait_acked(500)
+        for partition in (0, 1):
+            old_pid = broker.worker_pids()[("durable", partition)]
+            os.kill(old_pid, signal.SIGKILL)
+            wait_for(lambda p=partition, old=old_pid: broker.worker_pids().get(
+                ("durable", p)) not in (None, old), 20.0, message="a new worker")
+            load.wait_acked(500)
+        acked = load.stop()
+    assert len(acked) == len(load.sent)
+    records = read_partitions(broker.data_dir, "durable", range(2))
+    assert check_acked(acked, records) == len(acked)
+    assert sum(len(found) for found in records.values()) == len(acked)

@@ -4,7 +4,9 @@ Processes (``multiprocessing``, spawn: no fork of a process with threads):
 
 * **consumers** start first and say when they have their partitions (a group's assignment, or
   their share of every partition by explicit assignment);
-* **producers** then start together at one ``start_at``.  Record ``seq`` of a producer is meant
+* **producers** then start together at one ``start_at``, set once every producer process has
+  started and opened its producer (:class:`StartGate`: a slow spawn on a loaded machine must
+  not eat into the measured seconds).  Record ``seq`` of a producer is meant
   to be sent at ``start + seq / rate``: that *intended* time, not the moment ``send`` was
   reached, goes into the record (its 24-byte header: ``payloads.encode_headers``).  A producer
   that falls behind keeps the schedule, so the latency a consumer measures (arrival minus
@@ -45,6 +47,7 @@ TEMPLATE_RECORDS = 4096  # payloads generated once per producer and reused cycli
 COLUMNAR_CHUNK_RECORDS = 1024  # records per send_batch call
 COUNTER_UPDATE_S = 0.05
 READY_TIMEOUT_S = 60.0
+START_MARGIN_S = 0.05  # from the last producer ready to the common start
 DRAIN_IDLE_S = 3.0  # consumers stop after this long without a record, once producers are done
 DONE_IDLE_S = 0.3  # ... or this long, once they have as many records as were acknowledged
 _HEADER = struct.Struct("<qiiq")  # payloads.encode_headers' layout, for the per-record path
@@ -86,16 +89,19 @@ class RunResult:
 
 # -- children ------------------------------------------------------------------------------------
 def _producer_main(data_dir: str, topics: list[str], workload_dict: dict[str, Any], index: int,
-                   start_at: float, counters: Any, results: Any) -> None:
+                   start: Any, counters: Any, results: Any) -> None:
     try:
         results.put(("producer", index, _produce(data_dir, topics, Workload(**workload_dict),
-                                                 index, start_at, counters)))
+                                                 index, start, counters)))
     except BaseException as error:  # the parent reports it; never hang it
         results.put(("error", f"producer {index}", repr(error)))
 
 
-def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, start_at: float,
+def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, start: Any,
              counters: Any) -> dict[str, Any]:
+    """``start``: the start gate (a shared double): this producer says it is ready by adding 1
+    to ``start.ready``, then waits until the parent sets ``start.value`` to the common start
+    time (monotonic seconds)."""
     from shmbroker import Producer
 
     rng = np.random.default_rng(index)
@@ -106,7 +112,6 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     rate = workload.rate_per_sec / workload.producers
     interval_ns = int(1e9 / rate) if rate > 0 else 0
-    end_at = start_at + workload.warmup_s + workload.duration_s
     compression = None if workload.compression == "none" else workload.compression
     acks = {"0": 0, "1": 1, "all": "all"}[workload.acks]
     keys = [b"sensor-%04d" % k for k in range(KEYS)] if workload.keyed else None
@@ -138,6 +143,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         for topic in topics:
             partitions += [(topic, partition) for partition in range(partition_counts[topic])]
         partitions = producer_share(partitions, index, workload.producers)
+        start_at = _wait_for_start(start)
+        end_at = start_at + workload.warmup_s + workload.duration_s
         while time.monotonic() < start_at:
             time.sleep(0.0005)
         start_ns = time.monotonic_ns()
@@ -235,6 +242,41 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost
     return {"sent": sent, "sent_bytes": sent_bytes, "errors": errors,
             "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+
+
+class StartGate:
+    """Producers start together once all of them are ready (a slow spawn on a loaded machine
+    must not eat into the measured seconds: a 1-second run could see none of them)."""
+
+    def __init__(self, context: Any) -> None:
+        self.ready = context.Value("i", 0)
+        self.start_at = context.Value("d", 0.0, lock=False)
+
+    def open(self, producers: int, processes: list[Any], results: Any) -> float:
+        """Wait until ``producers`` are ready; set and return the start time."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self.ready.value < producers:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
+                dead = [f"{p.name} exited with {p.exitcode}" for p in processes
+                        if not p.is_alive()]
+                raise RuntimeError(_child_errors(results) or (
+                    f"the producers did not start: {', '.join(dead)}" if dead else
+                    f"the producers did not start in {READY_TIMEOUT_S:.0f} s: "
+                    f"{self.ready.value} of {producers} ready"))
+            time.sleep(0.005)
+        self.start_at.value = start_at = time.monotonic() + START_MARGIN_S
+        return start_at
+
+
+def _wait_for_start(start: StartGate) -> float:
+    with start.ready.get_lock():
+        start.ready.value += 1
+    deadline = time.monotonic() + 2 * READY_TIMEOUT_S
+    while not start.start_at.value:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the start signal never came")
+        time.sleep(0.001)
+    return float(start.start_at.value)
 
 
 def next_chunk(sent: int, start_ns: int, interval_ns: int,
@@ -444,12 +486,13 @@ def run(workload: Workload, data_dir: str,
                     + (f", group {workload.group!r}: {_group_state(data_dir, workload.group)}"
                        if workload.group is not None else "")))
             time.sleep(0.01)
-        start_at = time.monotonic() + 1.0 + 0.3 * workload.producers  # spawn + import time
+        gate = StartGate(context)
         for index in range(workload.producers):
             processes.append(context.Process(
                 target=_producer_main, name=f"bench-producer-{index}",
-                args=(data_dir, topics, workload_dict, index, start_at, counters, results)))
+                args=(data_dir, topics, workload_dict, index, gate, counters, results)))
             processes[-1].start()
+        start_at = gate.open(workload.producers, processes, results)
         warmup_end_ns.value = int((start_at + workload.warmup_s) * 1e9)
         timeline = _watch(workload, start_at, counters, processes, progress, broker_pid)
         collected = _collect(results, processes, workload, expected)

@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from storage_helpers import FakeClock, make_batch, split_batches  # noqa: E402
 
 from shmbroker.config import LogConfig  # noqa: E402
+from shmbroker.errors import StorageError  # noqa: E402
 from shmbroker.format.record_batch import (  # noqa: E402
     decode_columnar,
     iter_batch_positions,
@@ -41,8 +42,16 @@ class PartitionLogMachine(RuleBasedStateMachine):
         self.model: list[tuple[int, bytes]] = []  # (base offset, batch) from log_start's batch
         self.log_start = 0
         self.log_end = 0
+        self.ticket = None  # a flush begun (begin_flush) and not ended yet
+        self.ticket_stale = False  # a truncation since it began: it may advance nothing
+
+    def _drop_ticket(self):
+        if self.ticket is not None:
+            self.ticket.discard()
+            self.ticket = None
 
     def teardown(self):
+        self._drop_ticket()
         if not self.log.is_closed:
             self.log.close()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -52,10 +61,14 @@ class PartitionLogMachine(RuleBasedStateMachine):
                       if base + read_header(batch).last_offset_delta >= log_start]
 
     # -- rules ----------------------------------------------------------------------------------
-    @rule(batches=st.lists(BATCH, min_size=1, max_size=3), writable=st.booleans())
-    def append(self, batches, writable):
+    @rule(batches=st.lists(BATCH, min_size=1, max_size=3), writable=st.booleans(),
+          defer=st.booleans())
+    def append(self, batches, writable, defer):
         buffer = b"".join(batches)
-        result = self.log.append(bytearray(buffer) if writable else buffer)
+        flushed = self.log.flushed_offset
+        result = self.log.append(bytearray(buffer) if writable else buffer, defer_flush=defer)
+        if defer:  # the caller owns flush_messages: nothing was flushed here
+            assert self.log.flushed_offset == flushed
         assert result.first_offset == self.log_end
         offset = self.log_end
         for batch, base in zip(batches, result.base_offsets, strict=True):
@@ -80,6 +93,77 @@ class PartitionLogMachine(RuleBasedStateMachine):
         piece = self.log.read(offset, max_bytes)
         last_base, last_batch = self.model[first + len(batches) - 1]
         assert piece.next_offset == last_base + read_header(last_batch).last_offset_delta + 1
+
+    @rule()
+    def begin_flush(self):
+        if self.ticket is None:
+            self.ticket = self.log.begin_flush()
+            self.ticket_stale = False
+            if self.ticket is None:
+                assert self.log.flushed_offset == self.log_end
+            else:
+                assert self.ticket.offset == self.log_end
+
+    @rule(fail=st.booleans())
+    def end_flush(self, fail):
+        if self.ticket is None:
+            return
+        ticket, self.ticket = self.ticket, None
+        flushed = self.log.flushed_offset
+        if fail:  # a failed fsync fences the log: reopen it, as a worker's restart does
+            ticket.discard()
+            try:
+                self.log.end_flush(ticket, OSError(5, "Input/output error"))
+            except StorageError:
+                pass
+            else:
+                raise AssertionError("a failed flush must fence the log")
+            assert self.log.fenced is not None
+            self.log.abandon()
+            self.log = PartitionLog(self.directory, self.config, clock_ms=self.clock)
+            return
+        self.log.end_flush(ticket, ticket.run())
+        if self.ticket_stale:
+            assert self.log.flushed_offset == flushed
+        else:
+            assert self.log.flushed_offset == max(flushed, ticket.offset)
+
+    @rule(batches=st.lists(BATCH, min_size=1, max_size=3), data=st.data(),
+          max_bytes=st.integers(1, 2000))
+    def group_commit(self, batches, data, max_bytes):
+        """What a worker does with flush_messages = 1: a flush runs while more is appended
+        (deferred), then reads of flushed batches only stop where that flush ended."""
+        if self.ticket is None:
+            self.begin_flush()
+        self.append(batches, writable=True, defer=True)
+        if self.ticket is not None:
+            self.end_flush(fail=False)
+        self.read_flushed(data, max_bytes)
+
+    @rule(data=st.data())
+    def flush_across_truncation(self, data):
+        """A flush begun before a truncation (a mirror's) must not claim what came after."""
+        if self.ticket is not None or self.log_end == self.log_start:
+            return
+        self.begin_flush()
+        if self.ticket is None:
+            return
+        self.truncate_to(data)
+        if data.draw(st.booleans(), label="append again"):
+            self.append([data.draw(BATCH, label="batch")], writable=True, defer=True)
+        self.end_flush(fail=False)
+
+    @rule(data=st.data(), max_bytes=st.integers(1, 2000))
+    def read_flushed(self, data, max_bytes):
+        offset = data.draw(st.integers(self.log_start, self.log_end), label="offset")
+        piece = self.log.read(offset, max_bytes, flushed_only=True)
+        flushed = self.log.flushed_offset
+        if offset >= flushed:
+            assert piece.size_bytes == 0 and piece.next_offset == offset
+            return
+        assert piece.size_bytes > 0 and piece.next_offset <= flushed
+        whole = self.log.read(offset, max_bytes)
+        assert whole.position == piece.position and whole.size_bytes >= piece.size_bytes
 
     @rule(data=st.data())
     def offset_for_timestamp(self, data):
@@ -112,6 +196,8 @@ class PartitionLogMachine(RuleBasedStateMachine):
     def truncate_to(self, data):
         offset = data.draw(st.integers(0, self.log_end + 2))
         self.log.truncate_to(offset)
+        if offset < self.log_end:
+            self.ticket_stale = True
         if offset >= self.log_end:
             return
         if offset < self.log_start:
@@ -133,12 +219,14 @@ class PartitionLogMachine(RuleBasedStateMachine):
 
     @rule()
     def close_reopen(self):
+        self._drop_ticket()
         self.log.close()
         self.log = PartitionLog(self.directory, self.config, clock_ms=self.clock)
         assert self.log.recovery_report.segments_scanned == 0
 
     @rule(data=st.data(), damage=st.sampled_from(["none", "delete", "zero", "garbage", "cut"]))
     def crash(self, data, damage):
+        self._drop_ticket()
         active_base = self.log.segments[-1].base_offset
         self.log.abandon()
         logs = sorted(name for name in os.listdir(self.directory) if name.endswith(".log"))

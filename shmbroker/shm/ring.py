@@ -119,6 +119,10 @@ def _geometry_problem(data_bytes: int, ack_slots: int) -> str | None:
     return None
 
 
+_WORD_MASK = (1 << 64) - 1
+_SEQ_MAX = 1 << 62  # frame numbers of a ring stay below this (2**62 frames: never reached)
+
+
 def _read_progress(words: memoryview) -> tuple[int, int]:
     """The (tail, tail_seq) pair through the seqlock."""
     for _ in range(_SEQLOCK_TRIES_MAX):
@@ -440,6 +444,9 @@ class RingReader(_RingMapping):
             data_bytes, ack_slots = words[DATA_BYTES_WORD], words[ACK_SLOTS_WORD]
             producer_id, doorbell_length = words[PRODUCER_ID_WORD], words[DOORBELL_LENGTH_WORD]
             doorbell_start = bytes(mapping[DOORBELL_ADDRESS_POSITION:DOORBELL_ADDRESS_POSITION + 1])
+            # (both slots: a reader may start from either)
+            progress_seqs = [words[PROGRESS_WORD + slot * PROGRESS_SLOT_WORDS + 1]
+                             for slot in (0, 1)]
         finally:
             words.release()
         problem = None
@@ -456,6 +463,11 @@ class RingReader(_RingMapping):
                            f"ack_slots {ack_slots}) says {expected}")
             elif problem is None and not 0 < producer_id <= _PRODUCER_ID_MAX:
                 problem = f"producer_id {producer_id} is not a positive int64"
+            elif problem is None and max(progress_seqs) >= _SEQ_MAX:
+                # the worker's own words, overwritten: frame numbers this high never happen,
+                # and counting on from them would overflow the 64-bit words
+                problem = (f"its progress words hold frame number {max(progress_seqs)}, past "
+                           f"{_SEQ_MAX}: not what a worker wrote")
             elif problem is None and doorbell_length and (
                     doorbell_length > doorbell.ADDRESS_BYTES_MAX or doorbell_start != b"\0"):
                 # the worker sends datagrams there: only to an abstract address, never a path
@@ -597,7 +609,7 @@ class RingReader(_RingMapping):
         assert region.first_seq == self._published_seq, (
             f"regions must be published in order: {region.first_seq} after {self._published_seq}")
         words = self._words
-        generation = self._generation + 1
+        generation = (self._generation + 1) & _WORD_MASK  # (read from shared memory: any value)
         slot = PROGRESS_WORD + (generation & 1) * PROGRESS_SLOT_WORDS
         words[slot] = region.end_tail
         words[slot + 1] = region.first_seq + region.frames

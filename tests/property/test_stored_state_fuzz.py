@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shmbroker.errors import RingError, StorageError
@@ -63,11 +63,16 @@ WORDS = {name: getattr(layout, name) for name in (
     "HEAD_POSITION", "HEAD_SEQ_POSITION", "PROGRESS_GEN_POSITION", "PROGRESS_POSITION",
     "WORKER_BROKEN_POSITION", "PRODUCER_ID_POSITION", "DOORBELL_LENGTH_POSITION",
     "DATA_BYTES_POSITION", "ACK_SLOTS_POSITION", "VERSION_POSITION", "MAGIC_POSITION")}
+WORDS["PROGRESS_SEQ_POSITION"] = layout.PROGRESS_POSITION + 8  # slot 0's tail_seq
+WORDS["PROGRESS_1_POSITION"] = layout.PROGRESS_POSITION + layout.PROGRESS_SLOT_BYTES
+WORDS["PROGRESS_1_SEQ_POSITION"] = layout.PROGRESS_POSITION + layout.PROGRESS_SLOT_BYTES + 8
 word_values = st.integers(0, 2**64 - 1) | st.integers(0, 2 * DATA_BYTES) | st.sampled_from(
     [0, 1, 61, 62, DATA_BYTES - 1, DATA_BYTES, DATA_BYTES + 1, 2**63])
 
 
 @SETTINGS
+@example(words={"PROGRESS_GEN_POSITION": 2**64 - 1}, patches=[], with_frames=True)
+@example(words={"PROGRESS_SEQ_POSITION": 2**63}, patches=[], with_frames=True)
 @given(st.dictionaries(st.sampled_from(sorted(WORDS)), word_values, max_size=4),
        st.lists(st.tuples(st.integers(0, DATA_BYTES - 1), st.binary(min_size=1, max_size=80)),
                 max_size=6),

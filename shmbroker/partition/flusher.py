@@ -68,6 +68,8 @@ class Flusher:
         if self._thread is not None:  # (a ticket left in flight closes its own fds)
             self._requests.put(None)
             self._thread.join(THREAD_JOIN_S)
+            if self._thread.is_alive():  # an fsync hangs: it may still write to the pipe, so
+                return  # keep the fds (a closed number could be reused); the exit closes them
             self._thread = None
         self.in_flight = None
         for fd in (self._wake_r, self._wake_w):

@@ -78,7 +78,8 @@ class Workload:
     processes read everything back: as members of consumer group ``group``, or, with no group,
     each assigned its share of the partitions.  ``keyed`` sends keys (partition by murmur2 of
     the key).  ``durable`` creates the topics with ``flush_messages = 1``: the broker fsyncs
-    before it acknowledges (one fdatasync per drained region of the rings: group commit).
+    before it acknowledges (group commit: one fsync in flight, covering everything appended
+    while the one before ran).
     ``acks``, ``linger_ms``, ``batch_size_bytes`` and ``compression`` are the producer
     settings; ``api`` picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar``
     ("columnar"); ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).

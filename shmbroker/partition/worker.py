@@ -450,27 +450,28 @@ class PartitionWorker:
             return
         log = self.log
         assert log is not None
-        flushed = log.flushed_offset
-        if awaiting[0][2] > flushed:
-            return
-        self._publish_positions()  # first: whoever sees the ack sees a watermark covering it
-        while awaiting and awaiting[0][2] <= flushed:
-            ring, region, _ = awaiting.popleft()
-            ring.awaiting -= 1
-            self._publish_region(ring.reader, region)
+        if awaiting[0][2] <= log.flushed_offset:
+            self._publish_positions()  # first: whoever sees the ack sees a watermark covering it
+            self._publish_awaiting(log.flushed_offset)
 
     def _fail_awaiting(self, error: StorageError) -> None:
         """The fsync that was to cover the waiting regions failed: each of their batches gets
         the storage error (it may still be stored: a retry can store it twice, as Kafka)."""
         logger.error("%s: %d region(s) of batches not known durable: %s", self.name,
                      len(self._awaiting), error)
-        result = _storage_result(error)
-        while self._awaiting:
-            ring, region, _ = self._awaiting.popleft()
-            ring.awaiting -= 1
-            ring.reader.record_results(region, [result] * region.frames)
-            self._publish_region(ring.reader, region)
+        self._publish_awaiting(None, _storage_result(error))
         self._publish_positions()
+
+    def _publish_awaiting(self, upto: int | None, result: int | None = None) -> None:
+        """Publish the waiting regions whose log end is at most ``upto`` (None: all), in
+        order; with ``result``, each of their frames gets that error number first."""
+        awaiting = self._awaiting
+        while awaiting and (upto is None or awaiting[0][2] <= upto):
+            ring, region, _ = awaiting.popleft()
+            ring.awaiting -= 1
+            if result is not None:
+                ring.reader.record_results(region, [result] * region.frames)
+            self._publish_region(ring.reader, region)
 
     def _settle_flushes(self, wait_s: float) -> None:
         """Wait for the flush in flight, flush the rest here and publish every waiting region
@@ -608,7 +609,7 @@ class PartitionWorker:
             return
         log = self.log
         assert log is not None
-        log_end = self._high_watermark()
+        high_watermark = self._high_watermark()
         still: list[ParkedFetch] = []
         for fetch in self.parked:
             if fetch.connection.closed:
@@ -617,9 +618,9 @@ class PartitionWorker:
                 self._answer_fetch(fetch.connection, fetch.correlation_id, fetch.offset,
                                    fetch.max_bytes)
                 continue
-            if fetch.offset < log_end or now >= fetch.deadline or self._stop_requested:
-                if (fetch.offset < log_end and fetch.min_bytes > 1 and now < fetch.deadline
-                        and not self._stop_requested):
+            if fetch.offset < high_watermark or now >= fetch.deadline or self._stop_requested:
+                if (fetch.offset < high_watermark and fetch.min_bytes > 1
+                        and now < fetch.deadline and not self._stop_requested):
                     if self._available_bytes(fetch.offset, fetch.max_bytes) < fetch.min_bytes:
                         still.append(fetch)
                         continue

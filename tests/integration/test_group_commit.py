@@ -15,11 +15,13 @@ from broker_helpers import RunningBroker, wait_for
 from integration.produce_helpers import BackgroundProducer, check_acked, read_partitions
 
 from shmbroker import Consumer, Producer, TopicPartition
+from shmbroker.errors import BrokerStorageError
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
-# While the gate file exists, every fsync of a worker waits (at most GATE_WAIT_S_MAX); the first
-# waiting one writes the path of the file it syncs next to the gate.
+# While the gate file exists, every fsync of a worker waits (at most 60 s), and each waiting one
+# writes the path of the file it syncs to <gate>.waiting.  While <gate>.fail exists, a worker's
+# fsync of a segment (.log) fails with EIO instead.
 FSYNC_GATE_HOOK = '''
 import os
 import time
@@ -34,6 +36,12 @@ if _gate and _worker:
     _real_fsync = os.fsync
 
     def _gated_fsync(fd):
+        if os.path.exists(_gate + ".fail"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").endswith(".log"):
+                    raise OSError(5, "Input/output error (injected)")
+            except FileNotFoundError:
+                pass
         if os.path.exists(_gate):
             try:
                 synced = os.readlink(f"/proc/self/fd/{fd}")
@@ -115,6 +123,33 @@ def test_without_flush_messages_acks_do_not_wait_for_fsyncs(tmp_path: Path) -> N
                 assert _positions(broker, "plain") == (2, 2)
             finally:
                 gate.unlink()
+
+
+def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(
+        tmp_path: Path) -> None:
+    """EIO from the flush thread's fsync: the batches it was to cover get the storage error
+    (they were not made durable), the worker exits, and its successor takes new records."""
+    broker, gate = _gated_broker(tmp_path)
+    fail = Path(str(gate) + ".fail")
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("durable", config={"flush_messages": 1})
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer:
+            assert producer.send("durable", b"first", partition=0).result(10).offset == 0
+            old_pid = broker.worker_pids()[("durable", 0)]
+            fail.touch()
+            try:
+                doomed = producer.send("durable", b"doomed", partition=0)
+                with pytest.raises(BrokerStorageError):
+                    doomed.result(10)
+            finally:
+                fail.unlink()
+            wait_for(lambda: broker.worker_pids().get(("durable", 0)) not in (None, old_pid),
+                     20.0, message="a new worker")
+            after = producer.send("durable", b"after", partition=0).result(20)
+        # "doomed" may be stored all the same (in the page cache; at least once, as Kafka)
+        records = read_partitions(broker.data_dir, "durable", [0])[0]
+    assert records[0].value == b"first"
+    assert records[-1].value == b"after" and records[-1].offset == after.offset
 
 
 def test_sigkill_worker_under_durable_load_loses_and_duplicates_nothing(

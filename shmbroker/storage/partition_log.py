@@ -128,12 +128,16 @@ class FlushTicket(NamedTuple):
 
     def discard(self) -> None:
         """Close the ticket's fds (a ticket that will not run)."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds.clear()
+        _close_fds(self.fds)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 class AppendResult(NamedTuple):
@@ -578,7 +582,7 @@ class PartitionLog:
             for segment in self._unflushed_segments():
                 fds.append(os.dup(segment.fd))
         except OSError:  # out of fds: flush here instead
-            FlushTicket(0, 0, 0, fds, None, 0).discard()
+            _close_fds(fds)
             self.flush()
             return None
         directory = self.directory if self._directory_dirty else None

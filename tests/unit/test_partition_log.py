@@ -396,7 +396,7 @@ def test_reads_of_flushed_batches_stop_at_flushed_offset(tmp_path):
     flushed = log.read(0, 10**6, flushed_only=True)
     assert flushed.next_offset == 5
     assert [base_offset_of(batch) for batch in split_batches(
-        segment_module.os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0, 3]
+        os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0, 3]
     assert log.read(3, 1, flushed_only=True).next_offset == 5
     beyond = log.read(5, 10**6, flushed_only=True)
     assert beyond.size_bytes == 0 and beyond.next_offset == 5
@@ -416,7 +416,7 @@ def test_reads_of_flushed_batches_after_reopen_find_the_flushed_position(tmp_pat
     flushed = log.read(0, 10**6, flushed_only=True)
     assert flushed.next_offset == 3
     assert [base_offset_of(batch) for batch in split_batches(
-        segment_module.os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0]
+        os.pread(flushed.fd, flushed.size_bytes, flushed.position))] == [0]
 
 
 def test_a_failed_ticket_fences_the_log(tmp_path):

@@ -1,7 +1,7 @@
 """A topic with ``flush_messages = 1`` acknowledges a batch only once an fsync covers it, and
 serves consumers only fsynced batches; the worker fsyncs on a thread of its own while it goes
-on appending (group commit).  These tests hold the worker's fsyncs at a gate (a
-``sitecustomize`` on the broker's PYTHONPATH wraps ``os.fsync`` in worker processes), and
+on appending (group commit).  These tests hold the worker's fsyncs at a gate or make them fail
+(a ``sitecustomize`` on the broker's PYTHONPATH wraps ``os.fsync`` in worker processes), and
 SIGKILL workers under durable load."""
 
 from __future__ import annotations

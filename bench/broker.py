@@ -105,12 +105,13 @@ def produce_paced(data_dir: str, count: int, start: Any, rate_per_s: int) -> Non
 
 
 def consume(data_dir: str, count: int, start_offset: int, mode: str, start: Any,
-            results: Any) -> None:
+            results: Any, poll_spin_us: int = 0) -> None:
     from shmbroker import Consumer, TopicPartition
 
     tp = TopicPartition(TOPIC, 0)
     latencies: list[np.ndarray[Any, Any]] = []
-    with Consumer(data_dir, fetch_max_bytes=8 << 20, fetch_max_wait_ms=100) as consumer:
+    with Consumer(data_dir, fetch_max_bytes=8 << 20, fetch_max_wait_ms=100,
+                  poll_spin_us=poll_spin_us) as consumer:
         consumer.assign([tp])
         consumer.seek(tp, start_offset)
         start.wait()
@@ -137,12 +138,14 @@ def consume(data_dir: str, count: int, start_offset: int, mode: str, start: Any,
                  if len(lat) else {}})
 
 
-def run_scenario(data_dir: str, mode: str, count: int, offset: int) -> dict[str, Any]:
+def run_scenario(data_dir: str, mode: str, count: int, offset: int,
+                 poll_spin_us: int = 0) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     start = context.Event()
     results = context.Queue()
     consumer = context.Process(target=consume,
-                               args=(data_dir, count, offset, mode, start, results))
+                               args=(data_dir, count, offset, mode, start, results,
+                                     poll_spin_us))
     if mode == "per-record":
         producer = context.Process(target=produce_per_record, args=(data_dir, count, start))
     elif mode == "columnar":
@@ -260,12 +263,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="per-record,columnar,latency")
     parser.add_argument("--spin-sweep", default="",
-                        help="comma-separated worker_spin_us values: run the latency scenario "
-                             "once per value per round, each on its own broker")
+                        help="comma-separated worker_spin_us values, each optionally "
+                             "'/POLL_SPIN_US' for the consumer's poll_spin_us (default 0): "
+                             "run the latency scenario once per value per round, each on its "
+                             "own broker")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = [mode for mode in args.modes.split(",") if mode]
-    spins = [int(value) for value in args.spin_sweep.split(",") if value]
+    spins = [tuple(int(part) for part in (value + "/0").split("/")[:2])
+             for value in args.spin_sweep.split(",") if value]
     counts = {"per-record": args.records, "columnar": args.columnar_records,
               "latency": args.latency_records}
     runs: list[dict[str, Any]] = []
@@ -292,11 +298,12 @@ def main() -> None:
                         runs.append(result)
                         _print_run(f"round {round_index} {mode}", result)
         for round_index in range(args.repeat if spins else 0):
-            for spin in spins:
-                with running_broker(temp, f"spin{spin}-{round_index}",
+            for spin, poll_spin in spins:
+                with running_broker(temp, f"spin{spin}-{poll_spin}-{round_index}",
                                     f"worker_spin_us = {spin}\n") as data_dir:
-                    result = run_scenario(data_dir, "latency", counts["latency"], 0)
-                result.update(round=round_index, mode=f"latency spin {spin} us")
+                    result = run_scenario(data_dir, "latency", counts["latency"], 0, poll_spin)
+                result.update(round=round_index,
+                              mode=f"latency spin {spin}/{poll_spin} us")
                 runs.append(result)
                 _print_run(f"round {round_index} {result['mode']}", result)
     print("\nmedians:")

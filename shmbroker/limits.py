@@ -27,6 +27,8 @@ frame_json_bytes_max = 1 * MIB
 fetch_bytes_max = 64 * MIB
 # Longest a fetch may park waiting for data.
 fetch_wait_ms_max = 60_000
+# Longest a consumer busy-polls its fetch sockets before it sleeps (Consumer's poll_spin_us).
+poll_spin_us_max = 1_000_000
 # Connections one worker or the supervisor accepts at once: the most the broker setting
 # connections_max may ask for (a process also keeps its fd soft limit above what it accepts:
 # it raises RLIMIT_NOFILE toward the hard limit at start, and accepts fewer if it cannot).

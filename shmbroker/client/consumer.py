@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+from shmbroker import limits
 from shmbroker.client.committer import AsyncCommitter, CommitCallback
 from shmbroker.client.connection import Connection, read_frame
 from shmbroker.client.membership import Membership
@@ -117,7 +118,7 @@ class Consumer:
                  enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000,
                  session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000,
                  group_instance_id: str | None = None, assignor: str = "range",
-                 client_id: str = "shmbroker-consumer") -> None:
+                 poll_spin_us: int = 0, client_id: str = "shmbroker-consumer") -> None:
         if auto_offset_reset not in ("earliest", "latest", "none"):
             raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not "
                              f"{auto_offset_reset!r}")
@@ -128,6 +129,10 @@ class Consumer:
                 raise ValueError(f"{name} must be an int > 0, not {value!r}")
         if group_instance_id is not None and group_id is None:
             raise ValueError("group_instance_id needs a group_id")
+        if not isinstance(poll_spin_us, int) or isinstance(poll_spin_us, bool) \
+                or not 0 <= poll_spin_us <= limits.poll_spin_us_max:
+            raise ValueError(f"poll_spin_us must be an int from 0 to "
+                             f"{limits.poll_spin_us_max}, not {poll_spin_us!r}")
         self.data_dir = resolve_data_dir(data_dir)
         self.auto_offset_reset = auto_offset_reset
         self.fetch_max_bytes = fetch_max_bytes
@@ -135,6 +140,10 @@ class Consumer:
         self.fetch_min_bytes = fetch_min_bytes
         self.max_poll_records = max_poll_records
         self.check_crcs = check_crcs
+        # Busy-poll the fetch sockets this long before sleeping in select: on a host with a
+        # core to spare for the consumer, the record that arrives meanwhile skips a wake-up
+        # (tens of µs on a virtual machine: README, "Latency").  0 = never spin (Kafka's way).
+        self.poll_spin_s = poll_spin_us / 1e6
         self.request_timeout_s = request_timeout_ms / 1000
         self._metadata = Metadata(self.data_dir, self.request_timeout_s)
         self._metadata.refresh()
@@ -402,7 +411,7 @@ class Consumer:
                 # member with no partition (or all paused) has none: it would leave and join
                 # again every interval, rebalancing the group each time.
                 timeout = min(timeout, self._membership.max_poll_interval_s / 2)
-            events = self._selector.select(timeout) if self._selector.get_map() else (
+            events = self._select(timeout) if self._selector.get_map() else (
                 time.sleep(timeout) or [])
             for key, _ in events:
                 if key.data is _WAKE:
@@ -413,6 +422,22 @@ class Consumer:
             if ready or time.monotonic() >= deadline:
                 break
         return ready
+
+    def _select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """The selector's events within ``timeout`` s: spinning (``poll_spin_us``) first."""
+        if self.poll_spin_s and timeout > 0:
+            began = time.monotonic()
+            spin_until = began + min(timeout, self.poll_spin_s)
+            select = self._selector.select
+            while True:
+                events = select(0)
+                if events:
+                    return events
+                now = time.monotonic()
+                if now >= spin_until:
+                    break
+            timeout = max(0.0, timeout - (now - began))
+        return self._selector.select(timeout)
 
     def _send_fetch(self, fetcher: _Fetcher, wait_ms: int, now: float) -> None:
         if fetcher.position is None:

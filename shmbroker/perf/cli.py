@@ -23,7 +23,7 @@ from typing import Any
 import click
 import orjson
 
-from shmbroker import __version__
+from shmbroker import __version__, limits
 from shmbroker.perf.compare import compare
 from shmbroker.perf.workload import Workload, load_workload
 
@@ -38,12 +38,18 @@ def _broker_pid(data_dir: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def embedded_broker() -> Iterator[tuple[Path, int]]:
-    """A broker serving a fresh temp data dir: (data dir, supervisor pid); removed after."""
+def embedded_broker(worker_spin_us: int | None = None) -> Iterator[tuple[Path, int]]:
+    """A broker serving a fresh temp data dir: (data dir, supervisor pid); removed after.
+    ``worker_spin_us``: that broker setting, else its default."""
     temp = Path(tempfile.mkdtemp(prefix="shmbroker-bench-"))
     data_dir = temp / "data"
-    process = subprocess.Popen([sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
-                                str(data_dir), "--log-level", "WARNING"])
+    command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir", str(data_dir),
+               "--log-level", "WARNING"]
+    if worker_spin_us is not None:
+        config = temp / "broker.toml"
+        config.write_text(f"worker_spin_us = {worker_spin_us}\n")
+        command += ["--config", str(config)]
+    process = subprocess.Popen(command)
     try:
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         while not (data_dir / "broker.sock").exists():
@@ -84,7 +90,8 @@ def _summary(result: Any) -> list[str]:
         f"acks {workload.acks}{' (durable: fsync before ack)' if workload.durable else ''}"
         f", rate "
         + (f"{workload.rate_per_sec:,}/s" if workload.rate_per_sec else "max")
-        + f", {workload.duration_s:g} s (+{workload.warmup_s:g} s warm-up)",
+        + f", {workload.duration_s:g} s (+{workload.warmup_s:g} s warm-up)"
+        + (f", consumers spin {workload.poll_spin_us} µs" if workload.poll_spin_us else ""),
         "",
         f"{'':12}{'records/s':>14}{'MB/s':>10}",
         f"{'produce':12}{result.produce_rate_per_s:>14,.0f}{result.produce_mb_per_s:>10,.1f}",
@@ -167,6 +174,12 @@ def _plot(result: Any, path: Path) -> None:
 @click.option("--api", type=click.Choice(["per-record", "columnar"]), default=None)
 @click.option("--compression", type=click.Choice(["none", "gzip", "lz4", "zstd"]), default=None)
 @click.option("--payload", type=click.Choice(["random", "telemetry"]), default=None)
+@click.option("--poll-spin-us", type=click.IntRange(min=0, max=limits.poll_spin_us_max),
+              default=None, help="The consumers' poll_spin_us: busy-poll this long before "
+              "sleeping (default 0).")
+@click.option("--worker-spin-us", type=click.IntRange(min=0), default=None,
+              help="The embedded broker's worker_spin_us setting (default: the setting's "
+              "default); not with --data-dir.")
 @click.option("--durable/--no-durable", default=None,
               help="Acknowledge only fsynced records (the topics' flush_messages = 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -181,6 +194,10 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
     (coordinated omission corrected), every acknowledged record checked consumed."""
     if ctx.invoked_subcommand is not None:
         return
+    worker_spin_us = options.pop("worker_spin_us")
+    if worker_spin_us is not None and data_dir is not None:
+        raise click.UsageError("--worker-spin-us sets the embedded broker's worker_spin_us; "
+                               "a broker already serving --data-dir keeps its own config")
     try:
         workload = load_workload(workload_file) if workload_file else Workload()
         workload = workload.with_overrides(options)
@@ -195,7 +212,7 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
 
     try:
         if data_dir is None:
-            with embedded_broker() as (target, pid):
+            with embedded_broker(worker_spin_us) as (target, pid):
                 result = go(target, pid)
         else:
             if not (data_dir / "broker.sock").exists():

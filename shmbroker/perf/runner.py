@@ -339,7 +339,8 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
     tally = ConsumerTally(counters, 2 * (workload.producers + index))
     group = workload.group
     with Consumer(data_dir, group_id=group, auto_offset_reset="earliest",
-                  enable_auto_commit=group is not None, fetch_max_wait_ms=100) as consumer:
+                  enable_auto_commit=group is not None, fetch_max_wait_ms=100,
+                  poll_spin_us=workload.poll_spin_us) as consumer:
         if group is not None:  # the parent waits for the group to settle (more consumers than
             consumer.subscribe(topics)  # partitions: some never get one)
             consumer.poll(50)

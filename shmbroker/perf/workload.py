@@ -83,6 +83,9 @@ class Workload:
     ``acks``, ``linger_ms``, ``batch_size_bytes`` and ``compression`` are the producer
     settings; ``api`` picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar``
     ("columnar"); ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).
+    ``poll_spin_us`` is the consumers' setting of that name: how long a poll busy-polls its
+    fetch sockets before it sleeps (0, the default, never spins; for latency runs on a host
+    with a core to spare per consumer).
     """
 
     name: str = "default"
@@ -103,6 +106,7 @@ class Workload:
     compression: str = "none"
     payload: str = "random"
     durable: bool = False
+    poll_spin_us: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,6 +162,8 @@ class Workload:
         fix("linger_ms", _integer("linger_ms", self.linger_ms, 0, LINGER_MS_MAX))
         fix("batch_size_bytes", _integer("batch_size_bytes", self.batch_size_bytes,
                                          BATCH_SIZE_BYTES_MIN, BATCH_SIZE_BYTES_MAX))
+        fix("poll_spin_us", _integer("poll_spin_us", self.poll_spin_us, 0,
+                                     limits.poll_spin_us_max))
         _choice("api", self.api, APIS)
         _choice("compression", self.compression, COMPRESSIONS)
         _choice("payload", self.payload, PAYLOAD_KINDS)

@@ -86,6 +86,22 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     assert message in run.stderr
 
 
+def test_spinning_consumers_and_workers(tmp_path: Path) -> None:
+    """--poll-spin-us reaches the consumers (the workload says so), --worker-spin-us the
+    embedded broker (a setting it refused would stop it starting); the run is clean."""
+    out = tmp_path / "result.json"
+    run = bench("--duration-s", "1", "--rate-per-sec", "2000", "--linger-ms", "0",
+                "--poll-spin-us", "300", "--worker-spin-us", "300", "--json", str(out))
+    result = check_clean_run(run, out)
+    assert result["workload"]["poll_spin_us"] == 300
+    assert "consumers spin 300 µs" in run.stdout
+
+
+def test_worker_spin_needs_the_embedded_broker(tmp_path: Path) -> None:
+    run = bench("--data-dir", str(tmp_path), "--worker-spin-us", "10", "--duration-s", "1")
+    assert run.returncode == 2 and "keeps its own config" in run.stderr, run.stderr
+
+
 def test_no_broker_at_the_data_dir(tmp_path: Path) -> None:
     run = bench("--data-dir", str(tmp_path / "nothing"), "--duration-s", "1")
     assert run.returncode == 1 and "no broker at" in run.stderr

@@ -58,6 +58,39 @@ def test_long_poll_returns_when_a_record_arrives(broker: RunningBroker) -> None:
     assert elapsed_s < LONG_POLL_MS / 1000 * 0.8, f"poll returned only after {elapsed_s:.2f} s"
 
 
+@pytest.mark.parametrize("poll_spin_us", [1000, 1_000_000])
+def test_a_spinning_consumer_gets_records_and_keeps_its_timeout(broker: RunningBroker,
+                                                                poll_spin_us: int) -> None:
+    """poll_spin_us: a record that arrives during the spin (1 s) or after it (1 ms, then the
+    blocking select) is delivered; an empty poll still ends at its timeout, however long the
+    spin."""
+    with broker.admin() as admin:
+        admin.create_topic("spin", partitions=1)
+    tp = TopicPartition("spin", 0)
+    with Consumer(broker.data_dir, fetch_max_wait_ms=LONG_POLL_MS,
+                  poll_spin_us=poll_spin_us) as consumer, \
+            Producer(broker.data_dir, linger_ms=0) as producer:
+        consumer.assign([tp])
+        assert consumer.position(tp) == 0
+        started = time.monotonic()
+        assert consumer.poll(timeout_ms=100) == []
+        elapsed_s = time.monotonic() - started
+        assert 0.1 <= elapsed_s < 0.9, f"an empty 100 ms poll took {elapsed_s:.3f} s"
+        acked: list[int] = []
+        timer = threading.Timer(PRODUCE_DELAY_S / 3, lambda: acked.append(
+            producer.send("spin", b"spun", partition=0).result(10).offset))
+        timer.start()
+        records = consumer.poll(timeout_ms=LONG_POLL_MS)
+        timer.join(10)
+    assert [(r.offset, r.value) for r in records] == [(0, b"spun")] and acked == [0]
+
+
+@pytest.mark.parametrize("value", [-1, 1_000_001, 1.5, True, "10"])
+def test_poll_spin_us_is_checked(broker: RunningBroker, value: object) -> None:
+    with pytest.raises(ValueError, match="poll_spin_us must be an int from 0 to 1000000"):
+        Consumer(broker.data_dir, poll_spin_us=value)  # type: ignore[arg-type]
+
+
 def test_poll_with_timeout_zero_does_not_wait(broker: RunningBroker) -> None:
     with broker.admin() as admin:
         admin.create_topic("empty", partitions=2)

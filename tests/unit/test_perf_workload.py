@@ -22,7 +22,7 @@ def test_defaults() -> None:
         "group": None, "record_size": "100", "keyed": False, "rate_per_sec": 0,
         "duration_s": 10.0, "warmup_s": 0.0, "acks": "1", "linger_ms": 5,
         "batch_size_bytes": 65536, "api": "per-record", "compression": "none",
-        "payload": "random", "durable": False,
+        "payload": "random", "durable": False, "poll_spin_us": 0,
     }
     orjson.dumps(workload.to_dict())  # JSON-serialisable for result files
 
@@ -52,6 +52,8 @@ def test_defaults() -> None:
     ({"durable": 1}, "'durable' must be true or false"),
     ({"group": ""}, "'group' must be a consumer group id"),
     ({"name": "a b"}, "'name' must be 1 to 100 letters"),
+    ({"poll_spin_us": -1}, r"'poll_spin_us' must be an integer in \[0, 1000000\], got -1"),
+    ({"poll_spin_us": 1_000_001}, "'poll_spin_us' must be an integer in"),
 ])
 def test_validation_names_the_field_and_the_allowed_values(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -40,6 +40,12 @@ SUN_PATH_BYTES_MAX = 107
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RECV_BYTES = 256 * 1024
 REFUSAL_LOG_INTERVAL_S = 1.0
+# A file range up to this size is sent by copy (pread, then one send with its frame head), not
+# sendfile: one syscall instead of two, and a sleeping reader wakes once, to a whole frame.
+# Measured here (head + range to a socketpair, reader not sleeping): 170 B 3.4 vs 4.5 µs
+# (copy vs head + sendfile), 4 KiB 5.0 vs 4.9, 16 KiB 6.7 vs 5.7, 64 KiB 16.3 vs 9.7; a
+# reader's wake-up costs tens of µs on these VMs (bench/wakeup.py), so copy up to 16 KiB.
+COPY_SEND_BYTES_MAX = 16 * 1024
 CONNECT_RETRY_S = 0.002
 
 _directory_fds: dict[str, int] = {}
@@ -241,10 +247,22 @@ class ServerConnection:
         self.flush()
 
     def send_file(self, head: bytes, fd: int, position: int, size: int) -> None:
-        """Queue ``head`` then ``size`` bytes of file ``fd`` from ``position`` (sendfile)."""
-        self._output.append(head)
-        if size:
-            self._output.append(_FileRange(fd, position, size))
+        """Queue ``head`` then ``size`` bytes of file ``fd`` from ``position``: copied with
+        the head into one send up to COPY_SEND_BYTES_MAX, else by sendfile."""
+        if 0 < size <= COPY_SEND_BYTES_MAX:
+            try:
+                data = os.pread(fd, size, position)
+            except OSError:
+                self.close()
+                return
+            if len(data) < size:  # as sendfile's early end: the reader must not wait for more
+                self.close()
+                return
+            self._output.append(head + data)
+        else:
+            self._output.append(head)
+            if size:
+                self._output.append(_FileRange(fd, position, size))
         self.flush()
 
     def flush(self) -> None:

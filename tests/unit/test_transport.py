@@ -400,19 +400,51 @@ def test_close_releases_dup_fds(pair: tuple[ServerConnection, socket.socket],
     assert not connection.pending_output and connection.closed
 
 
+@pytest.mark.parametrize(("size", "received"), [
+    (100, b""),  # copied: the short read is seen before anything is sent
+    (unix.COPY_SEND_BYTES_MAX + 1, b"H56789"),  # sendfile: it stops at the end of the file
+])
 def test_file_range_past_the_end_of_the_file_closes_the_connection(
-        pair: tuple[ServerConnection, socket.socket], tmp_path: Path) -> None:
+        pair: tuple[ServerConnection, socket.socket], tmp_path: Path, size: int,
+        received: bytes) -> None:
     connection, client = pair
     path = tmp_path / "short.log"
     path.write_bytes(b"0123456789")
     fd = os.open(path, os.O_RDONLY)
     try:
-        connection.send_file(b"H", fd, 5, 100)  # the segment was truncated
+        connection.send_file(b"H", fd, 5, size)  # the segment was truncated
     finally:
         os.close(fd)
     connection.flush()  # the next flush finds the end of the file
     assert connection.closed and not connection.pending_output
-    assert drain(client, 1000) == b"H56789"
+    assert drain(client, 1000) == received
+
+
+def test_small_ranges_are_copied_larger_ones_sent_by_sendfile(
+        pair: tuple[ServerConnection, socket.socket], segment: tuple[Path, bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to COPY_SEND_BYTES_MAX the head and the range go out in one send, no sendfile."""
+    connection, client = pair
+    path, content = segment
+    calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(unix.os, "sendfile", counting_sendfile)
+    limit = unix.COPY_SEND_BYTES_MAX
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        connection.send_file(b"SMALL", fd, 7, limit)
+        assert calls == [] and not connection.pending_output
+        assert drain(client, 2 * limit) == b"SMALL" + content[7:7 + limit]
+        connection.send_file(b"LARGE", fd, 7, limit + 1)
+        assert calls == [limit + 1] and not connection.pending_output
+    finally:
+        os.close(fd)
+    assert drain(client, 2 * limit) == b"LARGE" + content[7:8 + limit]
 
 
 def test_send_to_a_closed_peer_closes_the_connection(

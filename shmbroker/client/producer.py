@@ -453,7 +453,9 @@ class Producer:
         self._open_bytes -= state.open_bytes
         state.reset_open()
         batch.count = len(values)
-        batch.timestamps = timestamps
+        # one record (linger 0): its int, not a list, so the batch in flight is one object
+        # for the garbage collector to track (see futures._COMPLETION_LOCK)
+        batch.timestamps = timestamps[0] if len(timestamps) == 1 else timestamps
         sticky = self._routes.get((state.topic, None))
         if sticky is state:  # KIP-480: a keyless topic moves on when its batch is sealed
             partitions = len(self._topic(state.topic))
@@ -652,15 +654,19 @@ class Producer:
                     self._check_connections(now)
                     next_check = now + CONNECTION_CHECK_S
             if in_flight:
-                # Spin briefly for acks, yielding the GIL on every turn (a spin that kept it
-                # would stall the application's sending thread for up to the switch interval).
+                # Spin briefly for acks, keeping the GIL.  Yielding it on every turn
+                # (sleep(0)) cost far more while the application's thread computes: each turn
+                # then waits out its switch interval (5 ms) to get the GIL back, so acks were
+                # collected 10-70 ms late at 10k sends/s, and the batches in flight set off
+                # young garbage collections whose survivors brought on ~30 ms full ones (the
+                # latency tail on the 16-core device machine, bench/RESULTS.md "Latency").
+                # Kept, the GIL stalls that thread SPIN_S at most.
                 spin_until = time.monotonic() + SPIN_S
                 progressed = False
                 while time.monotonic() < spin_until:
                     if self._acks_ready():
                         progressed = True
                         break
-                    time.sleep(0)
                 if progressed:
                     continue
             # Sleep on our doorbell; every ring says we wait, so the worker rings it when it

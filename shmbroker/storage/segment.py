@@ -155,6 +155,11 @@ class Segment:
         # failed); appends are refused until a cut succeeds.
         self.cut_pending: str | None = None
         self.damaged: DamagedRange | None = None  # set by recovery (sealed segments only)
+        # The last batch appended (absolute position): a consumer keeping up fetches it next,
+        # and find_batch then needs no index lookup and no header walk (a quarter of a
+        # tail fetch's cost in the worker at 10k one-record batches/s).  Trusted only while it
+        # still ends the segment; truncation and undo clear it.
+        self._tail: BatchSpan | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
     @classmethod
@@ -289,6 +294,8 @@ class Segment:
             self.restore(state)
             raise
         self.size_bytes = start + len(data)
+        last = batches[-1]
+        self._tail = last._replace(position=start + last.position)
         if self.roll_start_ms is None:
             self.roll_start_ms = now_ms
 
@@ -327,6 +334,7 @@ class Segment:
         :attr:`cut_pending`, and appends are refused until a cut succeeds."""
         (self.size_bytes, self.next_offset, self.max_timestamp_ms, self.offset_of_max_timestamp,
          self._bytes_since_index_entry, _, _, self.roll_start_ms) = state
+        self._tail = None
         for index, count in ((self.offset_index, state.offset_entries),
                              (self.time_index, state.time_entries)):
             try:
@@ -342,6 +350,7 @@ class Segment:
     # -- truncation ---------------------------------------------------------------------------
     def truncate_to_offset(self, offset: int) -> int:
         """Drop every batch whose last offset is >= ``offset``; return the bytes removed."""
+        self._tail = None
         damaged = self.damaged
         removed = 0
         if damaged is not None:  # the damaged tail goes first: it is past every kept offset
@@ -482,6 +491,10 @@ class Segment:
             return None
         if self.damaged is not None and offset >= self.damaged.offset:
             raise self._damaged_tail_error()
+        tail = self._tail
+        if (tail is not None and tail.base_offset <= offset
+                and tail.end_position == self.size_bytes and tail.next_offset == self.next_offset):
+            return tail
         key, position = self.offset_index.lookup(offset - self.base_offset)
         start_offset = self.base_offset + key
         previous: BatchSpan | None = None
@@ -702,6 +715,7 @@ class Segment:
                            scanned_from)
 
     def _reset_to_empty(self) -> None:
+        self._tail = None
         self.size_bytes = 0
         self.next_offset = self.base_offset
         self.max_timestamp_ms = NO_TIMESTAMP

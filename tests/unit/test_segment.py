@@ -139,3 +139,59 @@ def test_write_error_cuts_back(tmp_path, monkeypatch):
     assert segment.size_bytes == size == segment.file_size_bytes
     _fill(segment, 2, base_offset=segment.next_offset)
     assert segment.file_size_bytes == segment.size_bytes
+
+
+def _walked(segment, offset):
+    """find_batch the long way (index lookup and header walk), the tail cache bypassed."""
+    tail, segment._tail = segment._tail, None
+    try:
+        return segment.find_batch(offset)
+    finally:
+        segment._tail = tail
+
+
+def test_find_batch_of_the_last_batch_agrees_with_the_walk(tmp_path, monkeypatch):
+    """The last appended batch is found without a walk (the tail cache); after a truncation,
+    a failed append or an append of batches of other sizes it is the batch on disk that counts:
+    every answer equals the walk's, and the cached one is used where it still ends the log."""
+    segment = Segment.create(str(tmp_path), 0, CONFIG)
+    stored = _fill(segment, 20, base_offset=0)
+
+    def check_all():
+        for offset in range(segment.next_offset + 1):
+            assert segment.find_batch(offset) == _walked(segment, offset), offset
+
+    check_all()
+    last_offset, last_batch = stored[-1]
+    walks = []
+    real_iter = segment.iter_batches
+    monkeypatch.setattr(segment, "iter_batches",
+                        lambda *args: walks.append(args) or real_iter(*args))
+    span = segment.find_batch(read_header(last_batch).next_offset - 1)
+    assert walks == [] and span.base_offset == last_offset
+    assert span.end_position == segment.size_bytes
+    monkeypatch.undo()
+    # truncate into the middle, then append batches with other sizes at the same offsets
+    offset, batch = stored[12]
+    segment.truncate_to_offset(offset)
+    assert segment._tail is None
+    check_all()
+    stored[12:] = _fill(segment, 6, base_offset=offset)
+    check_all()
+    # a failed append leaves the old tail as the answer
+    real_write = os.write
+    monkeypatch.setattr(segment_module.os, "write",
+                        lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(OSError):
+        _fill(segment, 1, base_offset=segment.next_offset)
+    monkeypatch.setattr(segment_module.os, "write", real_write)
+    check_all()
+    # appends undone (a later step of the same PartitionLog append failed)
+    state = segment.snapshot()
+    _fill(segment, 2, base_offset=segment.next_offset)
+    segment.restore(state)
+    assert segment._tail is None
+    check_all()
+    _fill(segment, 1, base_offset=segment.next_offset)
+    check_all()
+    segment.close()

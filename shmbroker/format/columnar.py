@@ -341,12 +341,54 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     return starts, size_lengths, bodies
 
 
+# Batches of at most this many records are walked without numpy: for a one-record batch (a
+# producer with linger 0) the array set-up cost 3.7 us here against ~1 us for the plain walk.
+SCALAR_WALK_RECORDS_MAX = 8
+
+
 def check_record_chain(buffer: object, start: int, end: int, count: int) -> None:
     """CorruptRecordError unless ``buffer[start:end]`` is exactly ``count`` length-prefixed
     records: the chain of record lengths, which a batch whose header lies about its record
     count (with a recomputed CRC) breaks.  The records' insides are not decoded.  Runs on every
     append (the worker's hot path): see :func:`_walk_records` for its cost."""
-    _walk_records(_as_u8(buffer), start, end, count, None, None)
+    if count <= SCALAR_WALK_RECORDS_MAX and not isinstance(buffer, np.ndarray):
+        _walk_few_records(buffer, start, end, count)  # type: ignore[arg-type]
+    else:
+        _walk_records(_as_u8(buffer), start, end, count, None, None)
+
+
+def _walk_few_records(buffer: bytes | bytearray | memoryview, start: int, end: int,
+                      count: int) -> None:
+    """:func:`_walk_records` for a few records, without numpy: the same checks and messages."""
+    raw = memoryview(buffer)[start:end]
+    size = end - start
+    position = 0
+    index = 0
+    try:
+        for index in range(count):
+            z = raw[position]
+            if z < 0x80:
+                stride = 1
+            else:
+                z = (z & 0x7F) | (raw[position + 1] << 7)
+                stride = 2
+                if z >= 0x4000:  # three or more varint bytes: a record of 8 KiB or more
+                    body, after = decode_varint(raw, position, size)
+                    z = body << 1 if body >= 0 else 1
+                    stride = after - position
+            if z & 1 or z < 12:  # negative, or shorter than a record's six 1-byte fields
+                raise CorruptRecordError(
+                    f"record {index} of {count} has a length of {(z >> 1) ^ -(z & 1)}")
+            position += stride + (z >> 1)
+    except IndexError:
+        raise CorruptRecordError(
+            f"the records section ends inside record {index} of {count}") from None
+    if position > size:
+        raise CorruptRecordError(
+            f"the last of {count} records runs {position - size} bytes past the batch's end")
+    if position < size:
+        raise CorruptRecordError(
+            f"{size - position} bytes left over after the {count} declared records")
 
 
 def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int] | None,

@@ -305,9 +305,16 @@ class PartitionLog:
         once an append succeeds again."""
         return self._append_failure
 
-    def _check_invariants(self) -> None:
+    def _check_invariants(self, appended: bool = False) -> None:
+        """The class invariants; after an append (``appended``) in O(1): an append only adds
+        segments at the end, so the base offsets are checked there, not over every segment
+        (with small segments and long retention, a walk per append would dominate it)."""
         segments = self._segments
-        assert segments and self._base_offsets == [s.base_offset for s in segments]
+        if appended:
+            assert len(self._base_offsets) == len(segments)
+            assert self._base_offsets[-1] == segments[-1].base_offset
+        else:
+            assert segments and self._base_offsets == [s.base_offset for s in segments]
         assert segments[0].base_offset <= self._log_start_offset <= self._log_end_offset
         assert self._log_end_offset == segments[-1].next_offset
         assert self._flushed_offset <= self._log_end_offset
@@ -363,7 +370,7 @@ class PartitionLog:
         if (flush_messages and not defer_flush
                 and self._log_end_offset - self._flushed_offset >= flush_messages):
             self.flush()
-        self._check_invariants()
+        self._check_invariants(appended=True)
         return AppendResult(first, last, [span.base_offset for span in spans], now_ms,
                             self._log_end_offset)
 
@@ -421,6 +428,9 @@ class PartitionLog:
                     created.append(target)
                     continue
                 start_position = spans[index].position
+                if start_position == 0 and stop == len(spans):  # all of it (the usual)
+                    target.append(view, spans, now_ms, snapshot if target is original else None)
+                    break
                 chunk = view[start_position : spans[stop - 1].end_position]
                 target.append(chunk, [span._replace(position=span.position - start_position)
                                       for span in spans[index:stop]], now_ms,

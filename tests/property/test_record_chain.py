@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from shmbroker.config import LogConfig
 from shmbroker.errors import CorruptRecordError
 from shmbroker.format import record_batch
-from shmbroker.format.columnar import _as_u8, _record_starts, check_record_chain
+from shmbroker.format.columnar import (
+    SCALAR_WALK_RECORDS_MAX,
+    _as_u8,
+    _record_starts,
+    _walk_few_records,
+    _walk_records,
+    check_record_chain,
+)
 from shmbroker.format.varint import decode_varint
 from shmbroker.storage.partition_log import PartitionLog
 
@@ -186,3 +193,29 @@ def test_a_snappy_batch_is_stored_unchecked(tmp_path):
         assert log.append(bytes(batch)).last_offset == 1
     finally:
         log.close()
+
+
+def _outcome(walk, *args):
+    try:
+        walk(*args)
+    except CorruptRecordError as error:
+        return str(error)
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=400),
+                 st.lists(st.binary(max_size=9000), max_size=8).map(
+                     lambda values: bytes(record_batch.encode_batch(values or [b""]))[
+                         record_batch.HEADER_SIZE:])),
+       st.integers(0, SCALAR_WALK_RECORDS_MAX), st.data())
+def test_the_walk_without_numpy_agrees_with_the_vectorised_one(section, count, data):
+    """Batches of up to SCALAR_WALK_RECORDS_MAX records take the walk without numpy: it
+    accepts and refuses exactly what the vectorised walk does, with the same message, also
+    inside a larger buffer and for records of 8 KiB and more (three-byte lengths)."""
+    pad = data.draw(st.integers(0, 5))
+    buffer = b"\xff" * pad + section + b"\x00" * data.draw(st.integers(0, 5))
+    args = (pad, pad + len(section), count)
+    fast = _outcome(_walk_few_records, memoryview(buffer), *args)
+    assert fast == _outcome(_walk_records, _as_u8(buffer), *args, None, None)
+    assert fast == _outcome(check_record_chain, buffer, *args)

@@ -21,6 +21,7 @@ fails, the segment refuses appends until a later cut succeeds (``cut_pending``).
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ INDEX_SUFFIX = ".index"
 TIME_INDEX_SUFFIX = ".timeindex"
 BASE_OFFSET_DIGITS = 20
 NO_TIMESTAMP = -1
+RECENT_BATCHES_MAX = 64  # the last batches appended, kept for find_batch (see __init__)
 POSITION_MAX = 2**32 - 1  # index positions are uint32
 RELATIVE_OFFSET_MAX = 2**31 - 1  # as Kafka: relative offsets stay within an int32
 
@@ -155,11 +157,12 @@ class Segment:
         # failed); appends are refused until a cut succeeds.
         self.cut_pending: str | None = None
         self.damaged: DamagedRange | None = None  # set by recovery (sealed segments only)
-        # The last batch appended (absolute position): a consumer keeping up fetches it next,
-        # and find_batch then needs no index lookup and no header walk (a quarter of a
-        # tail fetch's cost in the worker at 10k one-record batches/s).  Trusted only while it
-        # still ends the segment; truncation and undo clear it.
-        self._tail: BatchSpan | None = None
+        # The last batches appended (absolute positions, oldest first): a consumer keeping up
+        # fetches one of them next, and find_batch then needs no index lookup and no header
+        # walk (a quarter of a tail fetch's cost in the worker at 10k one-record batches/s).
+        # Trusted only while the newest still ends the segment; truncation and undo clear it.
+        self._recent: collections.deque[BatchSpan] = collections.deque(
+            maxlen=RECENT_BATCHES_MAX)
 
     # -- life cycle ---------------------------------------------------------------------------
     @classmethod
@@ -294,8 +297,12 @@ class Segment:
             self.restore(state)
             raise
         self.size_bytes = start + len(data)
-        last = batches[-1]
-        self._tail = last._replace(position=start + last.position)
+        recent = self._recent
+        if len(batches) == 1:
+            recent.append(batches[0]._replace(position=start + batches[0].position))
+        else:
+            recent.extend(span._replace(position=start + span.position)
+                          for span in batches[-RECENT_BATCHES_MAX:])
         if self.roll_start_ms is None:
             self.roll_start_ms = now_ms
 
@@ -334,7 +341,7 @@ class Segment:
         :attr:`cut_pending`, and appends are refused until a cut succeeds."""
         (self.size_bytes, self.next_offset, self.max_timestamp_ms, self.offset_of_max_timestamp,
          self._bytes_since_index_entry, _, _, self.roll_start_ms) = state
-        self._tail = None
+        self._recent.clear()
         for index, count in ((self.offset_index, state.offset_entries),
                              (self.time_index, state.time_entries)):
             try:
@@ -350,7 +357,7 @@ class Segment:
     # -- truncation ---------------------------------------------------------------------------
     def truncate_to_offset(self, offset: int) -> int:
         """Drop every batch whose last offset is >= ``offset``; return the bytes removed."""
-        self._tail = None
+        self._recent.clear()
         damaged = self.damaged
         removed = 0
         if damaged is not None:  # the damaged tail goes first: it is past every kept offset
@@ -491,10 +498,13 @@ class Segment:
             return None
         if self.damaged is not None and offset >= self.damaged.offset:
             raise self._damaged_tail_error()
-        tail = self._tail
-        if (tail is not None and tail.base_offset <= offset
-                and tail.end_position == self.size_bytes and tail.next_offset == self.next_offset):
-            return tail
+        recent = self._recent
+        if (recent and recent[0].base_offset <= offset
+                and recent[-1].end_position == self.size_bytes
+                and recent[-1].next_offset == self.next_offset):
+            for span in reversed(recent):  # the newest first: where consumers read
+                if span.base_offset <= offset:
+                    return span
         key, position = self.offset_index.lookup(offset - self.base_offset)
         start_offset = self.base_offset + key
         previous: BatchSpan | None = None
@@ -715,7 +725,7 @@ class Segment:
                            scanned_from)
 
     def _reset_to_empty(self) -> None:
-        self._tail = None
+        self._recent.clear()
         self.size_bytes = 0
         self.next_offset = self.base_offset
         self.max_timestamp_ms = NO_TIMESTAMP

@@ -142,18 +142,20 @@ def test_write_error_cuts_back(tmp_path, monkeypatch):
 
 
 def _walked(segment, offset):
-    """find_batch the long way (index lookup and header walk), the tail cache bypassed."""
-    tail, segment._tail = segment._tail, None
+    """find_batch the long way (index lookup and header walk), the recent batches bypassed."""
+    recent = segment._recent
+    segment._recent = type(recent)(maxlen=recent.maxlen)
     try:
         return segment.find_batch(offset)
     finally:
-        segment._tail = tail
+        segment._recent = recent
 
 
-def test_find_batch_of_the_last_batch_agrees_with_the_walk(tmp_path, monkeypatch):
-    """The last appended batch is found without a walk (the tail cache); after a truncation,
-    a failed append or an append of batches of other sizes it is the batch on disk that counts:
-    every answer equals the walk's, and the cached one is used where it still ends the log."""
+def test_find_batch_of_the_last_batches_agrees_with_the_walk(tmp_path, monkeypatch):
+    """The last batches appended are found without a walk (the recent ones); after a
+    truncation, a failed append or an append of batches of other sizes it is the batch on disk
+    that counts: every answer equals the walk's, and the kept ones serve where they still end
+    the log."""
     segment = Segment.create(str(tmp_path), 0, CONFIG)
     stored = _fill(segment, 20, base_offset=0)
 
@@ -170,11 +172,12 @@ def test_find_batch_of_the_last_batch_agrees_with_the_walk(tmp_path, monkeypatch
     span = segment.find_batch(read_header(last_batch).next_offset - 1)
     assert walks == [] and span.base_offset == last_offset
     assert span.end_position == segment.size_bytes
+    assert segment.find_batch(stored[-5][0]).base_offset == stored[-5][0] and walks == []
     monkeypatch.undo()
     # truncate into the middle, then append batches with other sizes at the same offsets
     offset, batch = stored[12]
     segment.truncate_to_offset(offset)
-    assert segment._tail is None
+    assert not segment._recent
     check_all()
     stored[12:] = _fill(segment, 6, base_offset=offset)
     check_all()
@@ -190,7 +193,7 @@ def test_find_batch_of_the_last_batch_agrees_with_the_walk(tmp_path, monkeypatch
     state = segment.snapshot()
     _fill(segment, 2, base_offset=segment.next_offset)
     segment.restore(state)
-    assert segment._tail is None
+    assert not segment._recent
     check_all()
     _fill(segment, 1, base_offset=segment.next_offset)
     check_all()

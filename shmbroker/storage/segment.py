@@ -297,12 +297,9 @@ class Segment:
             self.restore(state)
             raise
         self.size_bytes = start + len(data)
-        recent = self._recent
-        if len(batches) == 1:
-            recent.append(batches[0]._replace(position=start + batches[0].position))
-        else:
-            recent.extend(span._replace(position=start + span.position)
-                          for span in batches[-RECENT_BATCHES_MAX:])
+        self._recent.extend([BatchSpan(start + position, base_offset, size, delta, timestamp)
+                             for position, base_offset, size, delta, timestamp
+                             in batches[-RECENT_BATCHES_MAX:]])
         if self.roll_start_ms is None:
             self.roll_start_ms = now_ms
 

@@ -21,16 +21,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
-out="${OUT:-.}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-{
-    echo "cores: $(nproc); $(python3 --version); $(uname -srm)"
-    grep -m1 'model name' /proc/cpuinfo || true
-    python3 -c 'import numpy, psutil, click; print("numpy", numpy.__version__, "psutil",
-                psutil.__version__, "click", click.__version__)'
-} | tee "$out/machine.txt"
+source bench/device_env.sh  # the wheels, PYTHONPATH, $out and machine.txt
 # Counts alternate within each round (1 2 4 8 1 2 4 8 ...); medians of 3 rounds of 8 s.
 python3 -m shmbroker.perf.cli scale --partitions 1,2,4,8 --rounds 3 --duration-s 8 \
     --json "$out/scale.json" 2>&1 | tee "$out/scale.log"

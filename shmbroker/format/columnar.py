@@ -357,6 +357,16 @@ def check_record_chain(buffer: object, start: int, end: int, count: int) -> None
         _walk_records(_as_u8(buffer), start, end, count, None, None)
 
 
+def _check_chain_end(position: int, size: int, count: int) -> None:
+    """CorruptRecordError unless the walk of ``count`` records ended exactly at ``size``."""
+    if position > size:
+        raise CorruptRecordError(
+            f"the last of {count} records runs {position - size} bytes past the batch's end")
+    if position < size:
+        raise CorruptRecordError(
+            f"{size - position} bytes left over after the {count} declared records")
+
+
 def _walk_few_records(buffer: bytes | bytearray | memoryview, start: int, end: int,
                       count: int) -> None:
     """:func:`_walk_records` for a few records, without numpy: the same checks and messages."""
@@ -383,12 +393,7 @@ def _walk_few_records(buffer: bytes | bytearray | memoryview, start: int, end: i
     except IndexError:
         raise CorruptRecordError(
             f"the records section ends inside record {index} of {count}") from None
-    if position > size:
-        raise CorruptRecordError(
-            f"the last of {count} records runs {position - size} bytes past the batch's end")
-    if position < size:
-        raise CorruptRecordError(
-            f"{size - position} bytes left over after the {count} declared records")
+    _check_chain_end(position, size, count)
 
 
 def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int] | None,
@@ -471,12 +476,7 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
     except IndexError:
         raise CorruptRecordError(
             f"the records section ends inside record {index} of {count}") from None
-    if position > size:
-        raise CorruptRecordError(
-            f"the last of {count} records runs {position - size} bytes past the batch's end")
-    if position < size:
-        raise CorruptRecordError(
-            f"{size - position} bytes left over after the {count} declared records")
+    _check_chain_end(position, size, count)
 
 
 # Columns that only depend on a batch's record count are shared by the batches of one size

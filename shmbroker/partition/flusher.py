@@ -10,6 +10,9 @@ covered and starts the next flush, which covers everything appended meanwhile.  
 commit with one fsync in flight, as Redpanda and PostgreSQL do it: the more the disk lags, the
 more each fsync covers.
 
+The periodic flushes (``flush_ms``, the recovery-point interval) run here too, for every
+topic: inline, one fsync of seconds of page-cache writes stalled appends and fetches as long.
+
 One thread, at most one ticket in flight.  Completion is reported through a queue and a
 non-blocking pipe whose read end the worker's selector watches, so a sleeping worker wakes.
 """
@@ -39,11 +42,15 @@ class Flusher:
         """Readable when a ticket finished (for the worker's selector)."""
         return self._wake_r
 
-    def submit(self, ticket: FlushTicket) -> None:
-        assert self.in_flight is None, "one flush in flight at a time"
+    def start(self) -> None:
+        """Start the thread now (else the first :meth:`submit` does)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
             self._thread.start()
+
+    def submit(self, ticket: FlushTicket) -> None:
+        assert self.in_flight is None, "one flush in flight at a time"
+        self.start()
         self.in_flight = ticket
         self._requests.put(ticket)
 

@@ -108,6 +108,8 @@ EXIT_BOOT_FAILED = 3
 TICK_MS = 100
 SPIN_US = 50  # default of the broker setting worker_spin_us
 SLEEP_MS_MAX = 50
+# What the selector holds besides connections: listener, doorbell, signal pipe, flusher pipe.
+SERVICE_REGISTRATIONS = 4
 RING_LIVENESS_CHECK_MS = 1000  # also how often ring headers are checked for overwrites
 # /dev/shm is listed this often for rings nobody attached (a producer killed between creating its
 # ring and ATTACH_RING); a ring whose header stays unusable this long after its creation (killed
@@ -232,6 +234,11 @@ class PartitionWorker:
         self._signal_r.setblocking(False)
         self._signal_w.setblocking(False)
         self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+        # The flush thread and its pipe from the start: periodic flushes use them on every
+        # topic, so the worker's threads, fds and maps do not grow later on.
+        self._flusher = Flusher()
+        self._flusher.start()
+        self.selector.register(self._flusher.fileno(), selectors.EVENT_READ, "flushed")
         for name in names.list_rings(paths.shm_prefix, paths.topic_id, paths.partition):
             self._attach(name, None, recovering=True)
         self.connections_max = fit_fd_limit(self.connections_max)
@@ -430,10 +437,27 @@ class PartitionWorker:
         if ticket is None:  # flushed meanwhile (begin_flush fell back to flush())
             self._release_flushed()
             return
-        if flusher is None:
-            flusher = self._flusher = Flusher()
-            self.selector.register(flusher.fileno(), selectors.EVENT_READ, "flushed")
-        flusher.submit(ticket)
+        self._submit_flush(ticket)
+
+    def _submit_flush(self, ticket: Any) -> None:
+        assert self._flusher is not None
+        self._flusher.submit(ticket)
+
+    def _start_periodic_flush(self, now_ms: int) -> None:
+        """The flushes of ``flush_ms`` and of the recovery-point interval, on the flush thread
+        too: done inline, an fsync of seconds of page-cache writes stalled appends and fetches
+        for as long (the log's tick runs with background_flush).  One flush in flight at a time;
+        group commit's flushes (which start only while regions wait) cover the same ground."""
+        log = self.log
+        assert log is not None
+        flusher = self._flusher
+        if flusher is not None and flusher.in_flight is not None:
+            return
+        if log.fenced is not None or not log.flush_due(now_ms):
+            return
+        ticket = log.begin_flush()  # (raises StorageError only when fenced: checked above)
+        if ticket is not None:
+            self._submit_flush(ticket)
 
     def _end_flush(self, ticket: Any, error: OSError | None) -> None:
         log = self.log
@@ -457,6 +481,8 @@ class PartitionWorker:
     def _fail_awaiting(self, error: StorageError) -> None:
         """The fsync that was to cover the waiting regions failed: each of their batches gets
         the storage error (it may still be stored: a retry can store it twice, as Kafka)."""
+        if not self._awaiting:  # a periodic flush failed: the fenced log ends the loop
+            return
         logger.error("%s: %d region(s) of batches not known durable: %s", self.name,
                      len(self._awaiting), error)
         self._publish_awaiting(None, _storage_result(error))
@@ -650,7 +676,7 @@ class PartitionWorker:
             except OSError as error:  # EMFILE, ENFILE, ENOBUFS: the client sees its connect
                 logger.warning("%s: cannot accept a connection: %s", self.name, error)
                 return
-            connections = len(self.selector.get_map()) - 3  # listener, doorbell, signal
+            connections = len(self.selector.get_map()) - SERVICE_REGISTRATIONS
             if connections >= self.connections_max:
                 self._refusals.refuse(sock, self.connections_max)
                 continue
@@ -953,7 +979,8 @@ class PartitionWorker:
         self._next_tick = now + TICK_MS / 1000
         now_ms = time.time_ns() // 1_000_000
         try:
-            deleted = log.tick(now_ms)
+            deleted = log.tick(now_ms, background_flush=True)
+            self._start_periodic_flush(now_ms)
         except StorageError as error:
             logger.error("%s: periodic flush/retention failed: %s", self.name, error)
             deleted = []

@@ -15,11 +15,14 @@ Durability cursors, in this order (asserted after every mutation)::
 The owner (one worker process) is the only writer and calls :meth:`PartitionLog.tick`
 periodically for time-based flushes, retention and the recovery-point checkpoint (every
 RECOVERY_POINT_CHECKPOINT_INTERVAL_MS it also fsyncs what is unflushed, so that a crash rescans
-only the segments written since).  The log itself starts no thread and takes no lock; the one
-thing it lets another thread do is run a :class:`FlushTicket`: :meth:`PartitionLog.begin_flush`
-takes what is to be fsynced (duplicated fds), the ticket's ``run`` fsyncs them anywhere, and
-:meth:`PartitionLog.end_flush`, back on the owner's thread, advances ``flushed_offset``.  The
-owner keeps appending meanwhile (group commit without stalling appends: see the worker).
+only the segments written since).  An owner that must not stall in those fsyncs (the worker)
+calls ``tick(background_flush=True)`` instead and runs a :class:`FlushTicket` whenever
+:meth:`PartitionLog.flush_due` says so.  The log itself starts no thread and takes no lock;
+the one thing it lets another thread do is run a :class:`FlushTicket`:
+:meth:`PartitionLog.begin_flush` takes what is to be fsynced (duplicated fds), the ticket's
+``run`` fsyncs them anywhere, and :meth:`PartitionLog.end_flush`, back on the owner's thread,
+advances ``flushed_offset``.  The owner keeps appending meanwhile (group commit without
+stalling appends: see the worker).
 
 A :class:`ReadSlice` (an fd and a byte range for ``os.sendfile``) stays valid until the next
 call that deletes or truncates segments (``tick``, ``enforce_retention``, ``truncate_to``,
@@ -111,6 +114,7 @@ class FlushTicket(NamedTuple):
     fds: list[int]  # duplicates of the fds of the segments holding unflushed batches
     directory: str | None  # fsync the directory too (segments made or deleted since)
     generation: int  # the log's truncation count then: a stale ticket advances nothing
+    began_ms: int  # the log's clock then: appends after it are not covered
 
     def run(self) -> OSError | None:
         """fsync what the ticket holds (any thread: os.fsync releases the GIL); close its fds.
@@ -601,7 +605,7 @@ class PartitionLog:
             self._directory_in_flight = True
         active = self._segments[-1]
         return FlushTicket(self._log_end_offset, active.base_offset, active.size_bytes, fds,
-                           directory, self._truncations)
+                           directory, self._truncations, self._clock_ms())
 
     def end_flush(self, ticket: FlushTicket, error: OSError | None) -> None:
         """Take the outcome of a ticket from :meth:`begin_flush`: advance ``flushed_offset``
@@ -618,8 +622,10 @@ class PartitionLog:
         if ticket.generation == self._truncations and ticket.offset > self._flushed_offset:
             self._flushed_offset = ticket.offset
             self._flushed_position = (ticket.segment_base_offset, ticket.position)
-            if ticket.offset == self._log_end_offset:
-                self._unflushed_since_ms = None
+            # what is still unflushed was appended after the ticket began (flush_ms counts
+            # from then: at worst a flush comes early, never late)
+            self._unflushed_since_ms = (None if ticket.offset == self._log_end_offset
+                                        else ticket.began_ms)
         self._check_invariants()
 
     def _fence(self, reason: str) -> None:
@@ -639,18 +645,33 @@ class PartitionLog:
             return True
         return False
 
-    def tick(self, now_ms: int | None = None) -> list[int]:
+    def flush_due(self, now_ms: int | None = None) -> bool:
+        """Whether a flush is due now, for an owner that flushes in the background (see
+        :meth:`tick`): the oldest unflushed append is ``flush_ms`` old, or as old as the
+        recovery-point interval (which bounds what a crash rescans)."""
+        since = self._unflushed_since_ms
+        if since is None or self._flushed_offset == self._log_end_offset:
+            return False
+        age_ms = (self._clock_ms() if now_ms is None else now_ms) - since
+        flush_ms = self.config.flush_ms
+        return (bool(flush_ms) and age_ms >= flush_ms) or (
+            age_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+
+    def tick(self, now_ms: int | None = None, *, background_flush: bool = False) -> list[int]:
         """Periodic work: time-based flush, retention, recovery-point checkpoint.
 
-        Returns the base offsets of the segments retention deleted.
+        With ``background_flush`` it fsyncs nothing itself: the owner runs the flushes that
+        :meth:`flush_due` asks for as tickets off its thread, and the checkpoint records what
+        they made durable.  Returns the base offsets of the segments retention deleted.
         """
         self._check_writable()
         now_ms = self._clock_ms() if now_ms is None else now_ms
-        self.maybe_flush(now_ms)
+        if not background_flush:
+            self.maybe_flush(now_ms)
         deleted = self.enforce_retention(now_ms)
         if now_ms - self._last_checkpoint_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS:
             self._last_checkpoint_ms = now_ms
-            if self._flushed_offset < self._log_end_offset:
+            if self._flushed_offset < self._log_end_offset and not background_flush:
                 self.flush()  # a failed fsync fences the log, as any flush does
             if self._flushed_offset != self._checkpointed_recovery_point:
                 self._try_recovery_checkpoint()  # on failure: tried again after the interval

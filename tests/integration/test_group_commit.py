@@ -125,6 +125,36 @@ def test_without_flush_messages_acks_do_not_wait_for_fsyncs(tmp_path: Path) -> N
                 gate.unlink()
 
 
+def test_a_periodic_flush_runs_on_the_flush_thread(tmp_path: Path) -> None:
+    """flush_ms (and the recovery-point interval) fsync on the flush thread: while such an
+    fsync hangs at the gate, the worker goes on appending, acknowledging and serving (inline,
+    it stalled them all)."""
+    broker, gate = _gated_broker(tmp_path)
+    tp = TopicPartition("timed", 0)
+    waiting = Path(str(gate) + ".waiting")
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("timed", config={"flush_ms": 100})
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
+                Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
+            consumer.assign([tp])
+            gate.touch()
+            try:
+                assert producer.send("timed", b"first", partition=0).result(10).offset == 0
+                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                         message="the periodic fsync of the segment, held at the gate")
+                for index in range(1, 20):  # acknowledged and served while it hangs
+                    assert producer.send("timed", b"v%d" % index,
+                                         partition=0).result(10).offset == index
+                seen: list = []
+                wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 20,
+                         message="every record served while the fsync hangs")
+                assert [r.offset for r in seen] == list(range(20))
+            finally:
+                gate.unlink()
+        assert [r.value for r in read_partitions(broker.data_dir, "timed", [0])[0]] == [
+            b"first", *(b"v%d" % index for index in range(1, 20))]
+
+
 def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(
         tmp_path: Path) -> None:
     """EIO from the flush thread's fsync: the batches it was to cover get the storage error

@@ -344,6 +344,69 @@ def test_tick_flushes_and_checkpoints_the_recovery_point_without_a_flush_policy(
     reopened.close()
 
 
+def test_background_flush_tick_fsyncs_nothing_and_flush_due_says_when(tmp_path, monkeypatch):
+    """tick(background_flush=True) leaves the fsyncs to the owner's tickets: flush_due asks
+    for one once the oldest unflushed append is flush_ms (or the recovery-point interval) old;
+    after a ticket that did not cover later appends it counts from when the ticket began; the
+    checkpoint records what the tickets made durable."""
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    clock = FakeClock()
+    log = _open(tmp_path / "a", LogConfig(segment_bytes=4096, index_interval_bytes=256,
+                                          segment_index_bytes=1024, flush_ms=1000), clock)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    assert not log.flush_due()
+    log.append(sized_batch(3, 1))
+    clock.advance(999)
+    assert not log.flush_due()
+    clock.advance(1)
+    assert log.flush_due()
+    log.tick(background_flush=True)
+    assert synced == [] and log.flushed_offset == 0  # maybe_flush did not run
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.began_ms == clock()
+    clock.advance(300)
+    log.append(sized_batch(2, 1))  # after the ticket began: not covered
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 3 and not log.flush_due()
+    clock.advance(699)
+    assert not log.flush_due()  # 999 ms since the ticket began
+    clock.advance(1)
+    assert log.flush_due()
+    ticket = log.begin_flush()
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 5 and not log.flush_due()
+    # the interval's checkpoint: no fsync of segments from tick, the flushed offset recorded
+    synced.clear()
+    clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+    log.append(sized_batch(4, 1))
+    log.tick(background_flush=True)
+    assert log.flushed_offset == 5 and log.log_end_offset == 9
+    segment_fds = {segment.fd for segment in log.segments}
+    assert not segment_fds & set(synced)
+    reopened = _open(tmp_path / "a", SMALL_CONFIG, clock)  # a crash: no close
+    assert reopened.recovery_report.recovery_point_offset == 5
+    assert reopened.log_end_offset == 9
+    reopened.close()
+
+
+def test_without_flush_ms_the_recovery_interval_makes_a_flush_due(tmp_path):
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    clock = FakeClock()
+    log = _open(tmp_path / "a", SMALL_CONFIG, clock)
+    log.append(sized_batch(1, 1))
+    clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS - 1)
+    assert not log.flush_due()
+    clock.advance(1)
+    assert log.flush_due()
+    log.flush()
+    assert not log.flush_due()
+    log.close()
+
+
 # -- flushes run off the owner's thread (group commit) ---------------------------------------
 
 def _durable(tmp_path):

@@ -85,6 +85,23 @@ def test_a_spinning_consumer_gets_records_and_keeps_its_timeout(broker: RunningB
     assert [(r.offset, r.value) for r in records] == [(0, b"spun")] and acked == [0]
 
 
+def test_the_spin_ends_at_the_timeout_and_a_sleep_follows_it(broker: RunningBroker) -> None:
+    """The consumer's select: a spin longer than the timeout ends at the timeout (no fetch
+    answer cuts it short here: nothing is assigned), and after a short spin the blocking
+    select still returns the event that comes later (here the heartbeat thread's wake-up)."""
+    with Consumer(broker.data_dir, poll_spin_us=1_000_000) as consumer:
+        started = time.monotonic()
+        assert consumer._select(0.05) == []
+        elapsed_s = time.monotonic() - started
+        assert 0.05 <= elapsed_s < 0.5, f"a 50 ms select spun {elapsed_s:.3f} s"
+    with Consumer(broker.data_dir, poll_spin_us=1000) as consumer:
+        timer = threading.Timer(0.1, consumer._wake)
+        timer.start()
+        events = consumer._select(5.0)
+        timer.join()
+        assert [key.data for key, _ in events] == ["wake"]
+
+
 @pytest.mark.parametrize("value", [-1, 1_000_001, 1.5, True, "10"])
 def test_poll_spin_us_is_checked(broker: RunningBroker, value: object) -> None:
     with pytest.raises(ValueError, match="poll_spin_us must be an int from 0 to 1000000"):

@@ -391,11 +391,11 @@ class PartitionWorker:
         group_commit = self._acks_after_fsync
         if len(skip) < len(positions):
             start = positions[len(skip)]
-            try:
-                results += log.append(view[start:], defer_flush=group_commit).base_offsets
+            try:  # flush_messages is ours to run: on the flush thread (_start_due_flush)
+                results += log.append(view[start:], defer_flush=True).base_offsets
             except CorruptRecordError:
                 results += self._append_one_by_one(reader, region, view, results,
-                                                   defer_flush=group_commit)
+                                                   defer_flush=True)
             except StorageError as error:  # logged by the log (once per run of failures)
                 logger.debug("%s: %s", self.name, error)
                 results += [_storage_result(error)] * (len(positions) - len(results))
@@ -407,6 +407,8 @@ class PartitionWorker:
         # positions first: whoever sees the ack must see a high watermark that covers it
         self._after_append()
         self._publish_region(reader, region)
+        if self.config.flush_messages:  # flush_messages > 1: fsync every N, not before acks
+            self._start_due_flush()
 
     @staticmethod
     def _publish_region(reader: RingReader, region: RingRegion) -> None:
@@ -443,11 +445,12 @@ class PartitionWorker:
         assert self._flusher is not None
         self._flusher.submit(ticket)
 
-    def _start_periodic_flush(self, now_ms: int) -> None:
-        """The flushes of ``flush_ms`` and of the recovery-point interval, on the flush thread
-        too: done inline, an fsync of seconds of page-cache writes stalled appends and fetches
-        for as long (the log's tick runs with background_flush).  One flush in flight at a time;
-        group commit's flushes (which start only while regions wait) cover the same ground."""
+    def _start_due_flush(self, now_ms: int | None = None) -> None:
+        """The flushes of ``flush_ms``, of ``flush_messages`` above 1 and of the recovery-point
+        interval, on the flush thread too: done inline, an fsync of seconds of page-cache
+        writes stalled appends and fetches for as long (the log's tick runs with
+        background_flush).  One flush in flight at a time; group commit's flushes (which start
+        only while regions wait) cover the same ground."""
         log = self.log
         assert log is not None
         flusher = self._flusher
@@ -980,7 +983,7 @@ class PartitionWorker:
         now_ms = time.time_ns() // 1_000_000
         try:
             deleted = log.tick(now_ms, background_flush=True)
-            self._start_periodic_flush(now_ms)
+            self._start_due_flush(now_ms)
         except StorageError as error:
             logger.error("%s: periodic flush/retention failed: %s", self.name, error)
             deleted = []

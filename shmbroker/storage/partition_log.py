@@ -647,11 +647,15 @@ class PartitionLog:
 
     def flush_due(self, now_ms: int | None = None) -> bool:
         """Whether a flush is due now, for an owner that flushes in the background (see
-        :meth:`tick`): the oldest unflushed append is ``flush_ms`` old, or as old as the
+        :meth:`tick`, and ``append(defer_flush=True)``): ``flush_messages`` records are
+        unflushed, or the oldest unflushed append is ``flush_ms`` old, or as old as the
         recovery-point interval (which bounds what a crash rescans)."""
         since = self._unflushed_since_ms
         if since is None or self._flushed_offset == self._log_end_offset:
             return False
+        flush_messages = self.config.flush_messages
+        if flush_messages and self._log_end_offset - self._flushed_offset >= flush_messages:
+            return True
         age_ms = (self._clock_ms() if now_ms is None else now_ms) - since
         flush_ms = self.config.flush_ms
         return (bool(flush_ms) and age_ms >= flush_ms) or (

@@ -155,6 +155,36 @@ def test_a_periodic_flush_runs_on_the_flush_thread(tmp_path: Path) -> None:
             b"first", *(b"v%d" % index for index in range(1, 20))]
 
 
+def test_flush_messages_above_one_fsyncs_on_the_flush_thread(tmp_path: Path) -> None:
+    """flush_messages = 5: an fsync every 5 records, on the flush thread; acks do not wait for
+    it (only flush_messages = 1 makes them), so records go on being acknowledged and served
+    while it hangs at the gate (inline, it stalled the worker)."""
+    broker, gate = _gated_broker(tmp_path)
+    tp = TopicPartition("counted", 0)
+    waiting = Path(str(gate) + ".waiting")
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("counted", config={"flush_messages": 5})
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
+                Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
+            consumer.assign([tp])
+            gate.touch()
+            try:
+                for index in range(5):
+                    assert producer.send("counted", b"v%d" % index,
+                                         partition=0).result(10).offset == index
+                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                         message="the fsync after 5 records, held at the gate")
+                for index in range(5, 20):
+                    assert producer.send("counted", b"v%d" % index,
+                                         partition=0).result(10).offset == index
+                seen: list = []
+                wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 20,
+                         message="every record served while the fsync hangs")
+                assert [r.value for r in seen] == [b"v%d" % index for index in range(20)]
+            finally:
+                gate.unlink()
+
+
 def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(
         tmp_path: Path) -> None:
     """EIO from the flush thread's fsync: the batches it was to cover get the storage error

@@ -392,6 +392,22 @@ def test_background_flush_tick_fsyncs_nothing_and_flush_due_says_when(tmp_path, 
     reopened.close()
 
 
+def test_flush_messages_makes_a_flush_due_when_the_count_is_reached(tmp_path):
+    """append(defer_flush=True) leaves flush_messages to the owner: flush_due says when."""
+    log = _open(tmp_path / "a", SMALL_CONFIG.replace(flush_messages=5), FakeClock())
+    log.append(sized_batch(3, 1), defer_flush=True)
+    assert log.flushed_offset == 0 and not log.flush_due()
+    log.append(sized_batch(2, 1), defer_flush=True)
+    assert log.flushed_offset == 0 and log.flush_due()
+    ticket = log.begin_flush()
+    log.append(sized_batch(4, 1), defer_flush=True)  # 4 after the ticket: not yet 5
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 5 and not log.flush_due()
+    log.append(sized_batch(1, 1), defer_flush=True)
+    assert log.flush_due()
+    log.close()
+
+
 def test_without_flush_ms_the_recovery_interval_makes_a_flush_due(tmp_path):
     from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
 

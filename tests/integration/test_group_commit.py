@@ -125,64 +125,40 @@ def test_without_flush_messages_acks_do_not_wait_for_fsyncs(tmp_path: Path) -> N
                 gate.unlink()
 
 
-def test_a_periodic_flush_runs_on_the_flush_thread(tmp_path: Path) -> None:
-    """flush_ms (and the recovery-point interval) fsync on the flush thread: while such an
-    fsync hangs at the gate, the worker goes on appending, acknowledging and serving (inline,
-    it stalled them all)."""
+@pytest.mark.parametrize(("config", "before_fsync"), [
+    ({"flush_ms": 100}, 1),  # the time-based flush (and so the recovery-point interval's)
+    ({"flush_messages": 5}, 5),  # an fsync every 5 records; acks never waited for it
+], ids=["flush_ms", "flush_messages-5"])
+def test_flushes_that_acks_do_not_wait_for_run_on_the_flush_thread(
+        tmp_path: Path, config: dict, before_fsync: int) -> None:
+    """flush_ms and flush_messages above 1 fsync on the flush thread: while such an fsync
+    hangs at the gate, the worker goes on appending, acknowledging and serving (inline, it
+    stalled them all)."""
     broker, gate = _gated_broker(tmp_path)
-    tp = TopicPartition("timed", 0)
+    tp = TopicPartition("flushed", 0)
     waiting = Path(str(gate) + ".waiting")
+    values = [b"v%d" % index for index in range(20)]
     with broker.start(), broker.admin() as admin:
-        admin.create_topic("timed", config={"flush_ms": 100})
+        admin.create_topic("flushed", config=config)
         with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
                 Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
             consumer.assign([tp])
             gate.touch()
             try:
-                assert producer.send("timed", b"first", partition=0).result(10).offset == 0
-                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
-                         message="the periodic fsync of the segment, held at the gate")
-                for index in range(1, 20):  # acknowledged and served while it hangs
-                    assert producer.send("timed", b"v%d" % index,
+                for index, value in enumerate(values):
+                    if index == before_fsync:
+                        wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                                 message="the fsync of the segment, held at the gate")
+                    # acknowledged (and then served) while the fsync hangs
+                    assert producer.send("flushed", value,
                                          partition=0).result(10).offset == index
                 seen: list = []
                 wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 20,
                          message="every record served while the fsync hangs")
-                assert [r.offset for r in seen] == list(range(20))
+                assert [(r.offset, r.value) for r in seen] == list(enumerate(values))
             finally:
                 gate.unlink()
-        assert [r.value for r in read_partitions(broker.data_dir, "timed", [0])[0]] == [
-            b"first", *(b"v%d" % index for index in range(1, 20))]
-
-
-def test_flush_messages_above_one_fsyncs_on_the_flush_thread(tmp_path: Path) -> None:
-    """flush_messages = 5: an fsync every 5 records, on the flush thread; acks do not wait for
-    it (only flush_messages = 1 makes them), so records go on being acknowledged and served
-    while it hangs at the gate (inline, it stalled the worker)."""
-    broker, gate = _gated_broker(tmp_path)
-    tp = TopicPartition("counted", 0)
-    waiting = Path(str(gate) + ".waiting")
-    with broker.start(), broker.admin() as admin:
-        admin.create_topic("counted", config={"flush_messages": 5})
-        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
-                Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
-            consumer.assign([tp])
-            gate.touch()
-            try:
-                for index in range(5):
-                    assert producer.send("counted", b"v%d" % index,
-                                         partition=0).result(10).offset == index
-                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
-                         message="the fsync after 5 records, held at the gate")
-                for index in range(5, 20):
-                    assert producer.send("counted", b"v%d" % index,
-                                         partition=0).result(10).offset == index
-                seen: list = []
-                wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 20,
-                         message="every record served while the fsync hangs")
-                assert [r.value for r in seen] == [b"v%d" % index for index in range(20)]
-            finally:
-                gate.unlink()
+        assert [r.value for r in read_partitions(broker.data_dir, "flushed", [0])[0]] == values
 
 
 def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(

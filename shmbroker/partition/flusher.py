@@ -10,8 +10,9 @@ covered and starts the next flush, which covers everything appended meanwhile.  
 commit with one fsync in flight, as Redpanda and PostgreSQL do it: the more the disk lags, the
 more each fsync covers.
 
-The periodic flushes (``flush_ms``, the recovery-point interval) run here too, for every
-topic: inline, one fsync of seconds of page-cache writes stalled appends and fetches as long.
+The flushes that acknowledgements do not wait for (``flush_ms``, ``flush_messages`` above 1,
+the recovery-point interval) run here too, for every topic: inline, one fsync of seconds of
+page-cache writes stalled appends and fetches as long.
 
 One thread, at most one ticket in flight.  Completion is reported through a queue and a
 non-blocking pipe whose read end the worker's selector watches, so a sleeping worker wakes.

@@ -207,7 +207,7 @@ class PartitionWorker:
         self._ring_cursor = 0
         self._next_tick = 0.0
         # group commit (flush_messages = 1): regions appended and not yet published, with the
-        # log end after each; the thread that fsyncs (made at the first flush)
+        # log end after each; the thread that runs every flush (started at boot)
         self._awaiting: collections.deque[tuple[AttachedRing, RingRegion, int]] = (
             collections.deque())
         self._flusher: Flusher | None = None
@@ -429,8 +429,13 @@ class PartitionWorker:
         self._release_flushed()
         log = self.log
         assert log is not None
-        if not self._awaiting or log.fenced is not None:
-            return
+        if self._awaiting and log.fenced is None:
+            self._begin_flush()
+
+    def _begin_flush(self) -> None:
+        """Hand what is unflushed to the flush thread (none in flight, the log not fenced)."""
+        log, flusher = self.log, self._flusher
+        assert log is not None and flusher is not None
         try:
             ticket = log.begin_flush()
         except StorageError as error:  # fenced by a flush of its own (e.g. tick)
@@ -439,11 +444,7 @@ class PartitionWorker:
         if ticket is None:  # flushed meanwhile (begin_flush fell back to flush())
             self._release_flushed()
             return
-        self._submit_flush(ticket)
-
-    def _submit_flush(self, ticket: Any) -> None:
-        assert self._flusher is not None
-        self._flusher.submit(ticket)
+        flusher.submit(ticket)
 
     def _start_due_flush(self, now_ms: int | None = None) -> None:
         """The flushes of ``flush_ms``, of ``flush_messages`` above 1 and of the recovery-point
@@ -456,11 +457,8 @@ class PartitionWorker:
         flusher = self._flusher
         if flusher is not None and flusher.in_flight is not None:
             return
-        if log.fenced is not None or not log.flush_due(now_ms):
-            return
-        ticket = log.begin_flush()  # (raises StorageError only when fenced: checked above)
-        if ticket is not None:
-            self._submit_flush(ticket)
+        if log.fenced is None and log.flush_due(now_ms):
+            self._begin_flush()
 
     def _end_flush(self, ticket: Any, error: OSError | None) -> None:
         log = self.log

@@ -341,8 +341,9 @@ def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64
     return starts, size_lengths, bodies
 
 
-# Batches of at most this many records are walked without numpy: for a one-record batch (a
-# producer with linger 0) the array set-up cost 3.7 us here against ~1 us for the plain walk.
+# Batches of at most this many records are walked without numpy (no speculation, no array
+# view): for a one-record batch (a producer with linger 0) the array set-up cost 3.7 us here
+# against ~1 us for the plain walk.
 SCALAR_WALK_RECORDS_MAX = 8
 
 
@@ -351,55 +352,17 @@ def check_record_chain(buffer: object, start: int, end: int, count: int) -> None
     records: the chain of record lengths, which a batch whose header lies about its record
     count (with a recomputed CRC) breaks.  The records' insides are not decoded.  Runs on every
     append (the worker's hot path): see :func:`_walk_records` for its cost."""
-    if count <= SCALAR_WALK_RECORDS_MAX and not isinstance(buffer, np.ndarray):
-        _walk_few_records(buffer, start, end, count)  # type: ignore[arg-type]
-    else:
-        _walk_records(_as_u8(buffer), start, end, count, None, None)
-
-
-def _check_chain_end(position: int, size: int, count: int) -> None:
-    """CorruptRecordError unless the walk of ``count`` records ended exactly at ``size``."""
-    if position > size:
-        raise CorruptRecordError(
-            f"the last of {count} records runs {position - size} bytes past the batch's end")
-    if position < size:
-        raise CorruptRecordError(
-            f"{size - position} bytes left over after the {count} declared records")
-
-
-def _walk_few_records(buffer: bytes | bytearray | memoryview, start: int, end: int,
-                      count: int) -> None:
-    """:func:`_walk_records` for a few records, without numpy: the same checks and messages."""
-    raw = memoryview(buffer)[start:end]
-    size = end - start
-    position = 0
-    index = 0
-    try:
-        for index in range(count):
-            z = raw[position]
-            if z < 0x80:
-                stride = 1
-            else:
-                z = (z & 0x7F) | (raw[position + 1] << 7)
-                stride = 2
-                if z >= 0x4000:  # three or more varint bytes: a record of 8 KiB or more
-                    body, after = decode_varint(raw, position, size)
-                    z = body << 1 if body >= 0 else 1
-                    stride = after - position
-            if z & 1 or z < 12:  # negative, or shorter than a record's six 1-byte fields
-                raise CorruptRecordError(
-                    f"record {index} of {count} has a length of {(z >> 1) ^ -(z & 1)}")
-            position += stride + (z >> 1)
-    except IndexError:
-        raise CorruptRecordError(
-            f"the records section ends inside record {index} of {count}") from None
-    _check_chain_end(position, size, count)
+    few = count <= SCALAR_WALK_RECORDS_MAX and not isinstance(buffer, np.ndarray)
+    _walk_records(buffer if few else _as_u8(buffer), start, end, count,  # type: ignore[arg-type]
+                  None, None)
 
 
 def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int] | None,
                   runs: list[tuple[int, int, int, int]] | None) -> None:
     """Walk the chain of ``count`` record lengths through ``data[start:end]``; raise
-    CorruptRecordError unless it ends exactly at ``end``.  With ``singles`` and ``runs``, note
+    CorruptRecordError unless it ends exactly at ``end``.  ``data`` may be any bytes-like
+    buffer instead of a numpy array for at most SCALAR_WALK_RECORDS_MAX records: those are
+    walked one by one, without speculating.  With ``singles`` and ``runs``, note
     where records start: single records' positions, and runs of equal-size records as
     (len(singles) before the run, rows, first position, stride).
 
@@ -420,7 +383,8 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
     index = 0
     stride = previous_stride = -1
     speculation_rows = count  # first guess: all the rest are of that size (one numpy pass)
-    required_repeats = 0  # speculate after one record of a size, until a guess fails
+    # speculate after one record of a size, until a guess fails; a few records: never
+    required_repeats = count if count <= SCALAR_WALK_RECORDS_MAX else 0
     try:
         while index < count:
             repeats = 0
@@ -476,7 +440,12 @@ def _walk_records(data: U8, start: int, end: int, count: int, singles: list[int]
     except IndexError:
         raise CorruptRecordError(
             f"the records section ends inside record {index} of {count}") from None
-    _check_chain_end(position, size, count)
+    if position > size:
+        raise CorruptRecordError(
+            f"the last of {count} records runs {position - size} bytes past the batch's end")
+    if position < size:
+        raise CorruptRecordError(
+            f"{size - position} bytes left over after the {count} declared records")
 
 
 # Columns that only depend on a batch's record count are shared by the batches of one size

@@ -275,6 +275,8 @@ class RecordColumns:
     value_lengths: I64
     header_positions: I64
     header_counts: I64
+    # set when every record has one shape (one key and one value size, no headers)
+    uniform: uniform_records.Decoded | None = None
 
 
 SPECULATION_ROWS = 64  # the first block of equal-size records verified at once (grows 4x)
@@ -490,7 +492,8 @@ def decode_records(buffer: object, start: int, end: int, count: int) -> RecordCo
             data, _offset_deltas(count), uniform.timestamp_deltas, uniform.key_positions,
             _constant_column(count, shape.key_length), uniform.value_positions,
             _constant_column(count, shape.value_length),
-            uniform.value_positions + max(shape.value_length, 0), _constant_column(count, 0))
+            uniform.value_positions + max(shape.value_length, 0), _constant_column(count, 0),
+            uniform)
     return decode_records_general(data, start, end, count)
 
 

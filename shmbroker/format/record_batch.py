@@ -54,10 +54,11 @@ Snappy batches are recognised, kept and served, but cannot be decoded by this bu
 from __future__ import annotations
 
 import io
+import operator
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 from typing import Any, NamedTuple
@@ -70,7 +71,7 @@ from crc32c import crc32c
 
 from shmbroker import limits
 from shmbroker.errors import CorruptRecordError, UnsupportedCodecError
-from shmbroker.format import columnar, small_batch
+from shmbroker.format import columnar, small_batch, uniform_records
 
 IntArray = npt.NDArray[np.int64]
 UInt8Array = npt.NDArray[np.uint8]
@@ -644,6 +645,8 @@ class ColumnarBatch:
     header_counts: IntArray
     records_start: int  # the records section is data[records_start:records_end]
     records_end: int
+    # set when every record has one shape: where its runs of one stride are
+    uniform: uniform_records.Decoded | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -665,16 +668,30 @@ class ColumnarBatch:
     def value_blocks(self) -> list[UInt8Array] | None:
         """When every value has one size: the values as a few 2-D zero-copy views (records x
         value bytes), one per run of records with one stride, in offset order; else None."""
-        runs = _equal_size_runs(self.value_positions, self.value_lengths)
-        if runs is None:
-            return None
+        if self.uniform is not None:
+            size = self.uniform.shape.value_length
+            if size < 0:
+                return None
+            runs = [(start, rows, stride, size) for start, rows, stride in self.uniform.value_runs]
+        else:
+            runs = _equal_size_runs(self.value_positions, self.value_lengths)
+            if runs is None:
+                return None
         return [np.lib.stride_tricks.as_strided(self.data[start:], shape=(rows, size),
                                                 strides=(stride, 1), writeable=False)
                 for start, rows, stride, size in runs]
 
     def records(self, record_type: type = Record, leading: tuple[Any, ...] = (),
                 min_offset: int | None = None) -> list[Any]:
-        """Materialise the batch as :class:`Record` tuples (values copied into bytes).
+        """Materialise the batch as a list of :class:`Record` tuples (values copied into
+        bytes); arguments as :meth:`record_list`, which makes them one at a time instead."""
+        return list(self.record_list(record_type, leading, min_offset))
+
+    def record_list(self, record_type: type = Record, leading: tuple[Any, ...] = (),
+                    min_offset: int | None = None) -> RecordList:
+        """The batch as a :class:`RecordList`: keys, values and headers are copied into Python
+        objects now (so the batch's buffer may be reused), each record tuple is made when it is
+        read.
 
         ``record_type`` (a tuple subclass) and ``leading`` let a caller build wider records in
         the same C-level pass: each row is ``leading + (offset, timestamp, key, value,
@@ -701,30 +718,97 @@ class ColumnarBatch:
                 return [raw[s:e] for s, e in zip(starts, ends)]
             return [None if e < s else raw[s:e] for s, e in zip(starts, ends)]
 
-        values = fields(self.value_positions, self.value_lengths)
-        keys: Iterable[bytes | None] = (repeat(None) if (self.key_lengths < 0).all()
-                                        else fields(self.key_positions, self.key_lengths))
-        if self.header_counts.any():
+        values: list[bytes | None] | _Same
+        keys: list[bytes | None] | _Same
+        headers: list[tuple[tuple[str, bytes | None], ...]] | _Same = _Same(_NO_HEADERS)
+        uniform = self.uniform
+        if uniform is not None:  # what the decoder found: no checks, no searches for runs
+            values = _run_items(self.data, uniform.value_runs, uniform.shape.value_length)
+            keys = _run_items(self.data, [(start - uniform.key_gap, rows, stride)
+                                          for start, rows, stride in uniform.value_runs],
+                              uniform.shape.key_length)
+        else:
+            values = fields(self.value_positions, self.value_lengths)
+            keys = (_Same(None) if (self.key_lengths < 0).all()
+                    else fields(self.key_positions, self.key_lengths))
+        if uniform is None and self.header_counts.any():
             raw = section()
             view = memoryview(raw)
-            headers: Iterable[tuple[tuple[str, bytes | None], ...]] = [
+            headers = [
                 tuple(columnar.decode_headers(view, p, len(raw))[0]) if c else _NO_HEADERS
                 for p, c in zip((self.header_positions - base).tolist(),
                                 self.header_counts.tolist())]
-        else:
-            headers = repeat(_NO_HEADERS)
         count = len(self.offsets)
         first = int(self.offsets[0]) if count else 0
-        offsets: Iterable[int] = (range(first, first + count)  # the usual: no gaps
+        offsets: Sequence[int] = (range(first, first + count)  # the usual: no gaps
                                   if count and int(self.offsets[-1]) - first == count - 1
                                   else self.offsets.tolist())
-        columns = [offsets, self.timestamps.tolist(), keys, values, headers]
-        if leading:
-            columns[:0] = [repeat(value) for value in leading]
-        rows: Iterable[tuple[Any, ...]] = zip(*columns)
-        if min_offset is not None and int(self.offsets[0]) < min_offset:
-            rows = islice(rows, int(np.searchsorted(self.offsets, min_offset)), None)
-        return list(map(_new_record, repeat(record_type), rows))  # C-level: no frame per record
+        columns: list[Sequence[Any] | _Same] = [
+            *map(_Same, leading), offsets, self.timestamps.tolist(), keys, values, headers]
+        skip = 0
+        if min_offset is not None and count and first < min_offset:
+            skip = int(np.searchsorted(self.offsets, min_offset))
+        return RecordList(columns, record_type, skip, count - skip)
+
+
+class _Same(NamedTuple):
+    """A column whose every row holds ``value`` (a null key, no headers, a topic name)."""
+
+    value: Any
+
+
+class RecordList(Sequence[Record]):
+    """The records of one batch, as a read-only sequence that makes each :class:`Record` (or
+    wider tuple) when it is read.
+
+    Why not a list: records are tuple subclasses, which CPython's garbage collector tracks and
+    never untracks (it untracks exact tuples of atoms only).  A list of thousands of them sets off
+    young collections that walk them all again and again, and promotes them into full collections
+    of the whole heap: with the list built at once, 40 % of decoding a 1 MiB batch went to the
+    collector.  Made one at a time by a C-level ``map`` and dropped by the reader, records never
+    reach a collection.  ``list(records)`` gives the list when the records are to be kept.
+    Compares equal to a list or tuple of the same records.
+    """
+
+    __slots__ = ("_columns", "_record_type", "_first", "_count")
+
+    def __init__(self, columns: list[Sequence[Any] | _Same], record_type: type,
+                 first: int, count: int) -> None:
+        self._columns = columns
+        self._record_type = record_type
+        self._first = first  # rows before it (below a fetch's offset) are left out
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self._first
+        rows = zip(*[repeat(column.value) if type(column) is _Same
+                     else column if not first else islice(column, first, None)
+                     for column in self._columns])
+        return map(_new_record, repeat(self._record_type), rows)  # C-level: no frame per record
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(self._count)[index]]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("record index out of range")
+        row = index + self._first
+        return _new_record(self._record_type, [
+            column.value if type(column) is _Same else column[row] for column in self._columns])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordList | list | tuple):
+            return len(self) == len(other) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        return f"RecordList({list(self)!r})"
 
 
 def _equal_size_runs(positions: IntArray, lengths: IntArray,
@@ -750,6 +834,18 @@ def _equal_size_runs(positions: IntArray, lengths: IntArray,
 EQUAL_SIZE_RUNS_MAX = 16
 
 
+def _run_items(data: UInt8Array, runs: list[tuple[int, int, int]],
+               size: int) -> list[bytes | None] | _Same:
+    """Fields of one ``size`` (-1: null) at runs of (first position, fields, stride)."""
+    if size <= 0:
+        return _Same(None if size < 0 else b"")
+    items: list[bytes | None] = []
+    for start, rows, stride in runs:
+        items += np.ndarray((rows,), dtype=f"V{size}", buffer=data, offset=start,
+                            strides=(stride,)).tolist()
+    return items
+
+
 def _equal_size_items(data: UInt8Array, positions: IntArray,
                       lengths: IntArray) -> list[bytes] | None:
     """Fields of one size > 0 as bytes objects, through fixed-size byte-string views (one C
@@ -757,11 +853,8 @@ def _equal_size_items(data: UInt8Array, positions: IntArray,
     runs = _equal_size_runs(positions, lengths, EQUAL_SIZE_RUNS_MAX)
     if runs is None or runs[0][3] == 0:
         return None
-    items: list[bytes] = []
-    for start, rows, stride, size in runs:
-        items += np.ndarray((rows,), dtype=f"V{size}", buffer=data, offset=start,
-                            strides=(stride,)).tolist()
-    return items
+    return _run_items(data, [(start, rows, stride) for start, rows, stride, _ in runs],
+                      runs[0][3])  # type: ignore[return-value]
 
 
 def decode_columnar(
@@ -808,14 +901,15 @@ def decode_columnar(
     return ColumnarBatch(
         header, position, data, offsets, timestamps, columns.key_positions, columns.key_lengths,
         columns.value_positions, columns.value_lengths, columns.header_positions,
-        columns.header_counts, records_start, records_end)
+        columns.header_counts, records_start, records_end, columns.uniform)
 
 
 def decode_batch(
     buffer: bytes | bytearray | memoryview, position: int = 0, *, verify_crc: bool = True
-) -> list[Record]:
-    """Decode the batch at ``position`` into :class:`Record` tuples."""
-    return decode_columnar(buffer, position, verify_crc=verify_crc).records()
+) -> RecordList:
+    """Decode the batch at ``position`` into :class:`Record` tuples, made as they are read
+    (see :class:`RecordList`).  Every check runs here, before the first record is read."""
+    return decode_columnar(buffer, position, verify_crc=verify_crc).record_list()
 
 
 def iter_batch_positions(

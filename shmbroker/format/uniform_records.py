@@ -284,6 +284,10 @@ class Decoded:
     timestamp_deltas: I64
     key_positions: I64
     value_positions: I64
+    # the values as runs of one stride: (first value's position, records, stride); a key sits
+    # key_gap bytes before its value
+    value_runs: list[tuple[int, int, int]]
+    key_gap: int
 
 
 def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[Shape, int] | None:
@@ -376,10 +380,12 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
     timestamp_parts: list[I64] = []
     key_parts: list[I64] = []
     value_parts: list[I64] = []
+    value_runs: list[tuple[int, int, int]] = []
     position = start
     index = 0
     runs = 0
     timestamp_size = 0
+    key_gap = 0
     while index < count:
         band_end, offset_size = offset_band_end(index)
         # Guess that the run goes on in the same shape (the words check the guess), parse the
@@ -404,8 +410,9 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
         value_positions = np.arange(position + row.value_column,
                                     position + row.value_column + rows * row.size, row.size)
         value_parts.append(value_positions)
-        key_parts.append(value_positions - (row.value_column - row.key_column)
-                         if shape.key_length >= 0 else value_positions)
+        value_runs.append((position + row.value_column, rows, row.size))
+        key_gap = row.value_column - row.key_column
+        key_parts.append(value_positions - key_gap if shape.key_length >= 0 else value_positions)
         position += rows * row.size
         index += rows
         runs += 1
@@ -414,6 +421,7 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
     if position != end or shape is None:
         return None
     if runs == 1:
-        return Decoded(shape, timestamp_parts[0], key_parts[0], value_parts[0])
+        return Decoded(shape, timestamp_parts[0], key_parts[0], value_parts[0], value_runs,
+                       key_gap)
     return Decoded(shape, np.concatenate(timestamp_parts), np.concatenate(key_parts),
-                   np.concatenate(value_parts))
+                   np.concatenate(value_parts), value_runs, key_gap)

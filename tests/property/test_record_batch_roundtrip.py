@@ -9,6 +9,7 @@ example and a ``@reproduce_failure`` blob that replays it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,7 +172,9 @@ def check_decoded(batch: Batch, encoded: bytearray | bytes, position: int = 0) -
                           ("producer_epoch", -1), ("base_sequence", -1)):
         assert getattr(header, name) == batch.fields.get(name, default)
 
-    assert rb.decode_batch(encoded, position) == expected
+    records = rb.decode_batch(encoded, position)
+    assert records == expected and len(records) == count
+    assert [records[i] for i in range(-count, count)] == expected + expected
     # decode_rows: the scalar decoder below SMALL_BATCH_RECORDS_MAX, the columnar one above
     assert rb.decode_rows(encoded, position, header) == expected
     skip = count // 2
@@ -191,6 +194,8 @@ def check_decoded(batch: Batch, encoded: bytearray | bytes, position: int = 0) -
             assert data[start : start + length].tobytes() == keys[i]
     assert columns.header_counts.tolist() == [len(h) for h in headers]
     assert columns.records() == expected
+    # the uniform decoder's runs, when it found them, and the general field search agree
+    assert dataclasses.replace(columns, uniform=None).records() == expected
     view = columns.values_equal_size()
     if view is not None:
         assert view.tolist() == [list(v) for v in batch.values]  # type: ignore[arg-type]

@@ -6,10 +6,14 @@ the codec, so the byte-for-byte comparisons below pin the format rather than the
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import struct
 import time
 import tracemalloc
 import zlib
+from collections import deque
+from collections.abc import Callable
 
 import lz4.frame
 import numpy as np
@@ -192,6 +196,75 @@ def test_decode_of_the_sample() -> None:
     assert columns.value_lengths.tolist() == [7, 0, -1, 300]
     assert columns.header_counts.tolist() == [2, 0, 1, 0]
     assert columns.values_equal_size() is None
+
+
+def test_decoded_records_are_a_sequence_made_as_it_is_read() -> None:
+    batch = encode_sample(base_offset=100)
+    expected = [Record(100 + i, ts, k, v, tuple(h)) for i, (ts, k, v, h) in enumerate(SAMPLE)]
+    records = decode_batch(batch)
+    assert isinstance(records, rb.RecordList) and len(records) == 4
+    assert list(records) == expected and list(records) == expected  # iterates again
+    assert records == tuple(expected) and expected == records and records == decode_batch(batch)
+    assert records != expected[:3] and records != [*expected[:3], expected[0]]
+    assert records != "not records" and records != set()
+    assert [records[i] for i in (0, 3, -1, -4)] == [expected[i] for i in (0, 3, -1, -4)]
+    assert records[1:3] == expected[1:3] and records[::-2] == expected[::-2]
+    assert records[-1].value == SAMPLE[3][2] and type(records[0]) is Record
+    for index in (4, -5):
+        with pytest.raises(IndexError):
+            records[index]
+    with pytest.raises(TypeError):
+        hash(records)
+    assert repr(records) == f"RecordList({expected!r})"
+    # rows below min_offset left out, wider rows with leading fields
+    wide = decode_columnar(batch).record_list(tuple, ("t", 7), min_offset=102)
+    assert len(wide) == 2 and list(wide) == [("t", 7, *r) for r in expected[2:]]
+    assert wide[0] == ("t", 7, *expected[2]) and wide[-1] == ("t", 7, *expected[3])
+
+
+@pytest.mark.parametrize(("key", "value_size"), [
+    (b"key", -1), (b"key", 0), (None, 5), (b"", 5), (b"key", 5)])
+def test_records_of_one_shape_come_from_the_decoders_runs(key: bytes | None,
+                                                           value_size: int) -> None:
+    """The uniform decoder's runs give the same records as the general field search."""
+    values = [None if value_size < 0 else bytes([i % 251]) * value_size for i in range(200)]
+    batch = encode_batch(values, keys=[key] * 200, timestamps=[7] * 200)
+    columns = decode_columnar(batch)
+    assert columns.uniform is not None and len(columns.uniform.value_runs) == 2  # 1-, 2-byte deltas
+    expected = [Record(i, 7, key, value) for i, value in enumerate(values)]
+    assert columns.records() == expected
+    assert dataclasses.replace(columns, uniform=None).records() == expected
+    if value_size >= 0:
+        blocks = columns.value_blocks()
+        assert blocks is not None and [len(b) for b in blocks] == [64, 136]
+        assert [bytes(row) for block in blocks for row in block] == values
+
+
+def test_reading_decoded_records_one_at_a_time_sets_off_no_garbage_collection() -> None:
+    """Records are tuple subclasses, which the collector tracks: a list of thousands sets off
+    young collections (one per 700 allocations).  Made and dropped one at a time, they do not."""
+    values = [bytes([i % 251]) * 100 for i in range(10_000)]
+    batch = encode_batch(values, timestamps=list(range(10_000)))
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    def collections_during(action: Callable[[], object]) -> int:
+        gc.collect()
+        collections.clear()
+        gc.callbacks.append(count)
+        try:
+            action()
+        finally:
+            gc.callbacks.remove(count)
+        return len(collections)
+
+    assert gc.isenabled()
+    assert collections_during(lambda: deque(decode_batch(batch), 0)) <= 1
+    assert collections_during(lambda: [r.value for r in decode_batch(batch)]) <= 1
+    assert collections_during(lambda: list(decode_batch(batch))) >= 10  # the cost avoided
 
 
 def test_defaults_and_timestamp_now() -> None:

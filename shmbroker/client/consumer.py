@@ -307,14 +307,8 @@ class Consumer:
             return decode_rows(fetched.raw, fetched.position, fetched.header, Record,
                                (tp.topic, tp.partition), min_offset)
 
-        for _, item in self._decoded_batches(timeout_ms, decode):
-            if isinstance(item, _Leftover):
-                out.append(item.record)
-            else:
-                out += item
-        if limit is not None and len(out) > limit:
-            self._push_back(out[limit:])
-            del out[limit:]
+        for _, item in self._decoded_batches(timeout_ms, decode, limit):
+            out += item
         return out
 
     def poll_columnar(self, timeout_ms: int = 0) -> list[ColumnarRecords]:
@@ -329,8 +323,8 @@ class Consumer:
             return record_batch.decode_columnar(fetched.raw, fetched.position, verify_crc=False)
 
         for fetcher, item in self._decoded_batches(timeout_ms, decode):
-            if isinstance(item, _Leftover):  # held back by an earlier poll(max_records)
-                leftovers.setdefault(fetcher.tp, []).append(item.record)
+            if isinstance(item, list):  # records held back by an earlier poll(max_records)
+                leftovers.setdefault(fetcher.tp, []).extend(item)
             else:
                 grouped.setdefault(fetcher.tp, []).append(item)
         for tp, records in leftovers.items():
@@ -351,18 +345,36 @@ class Consumer:
         return [ColumnarRecords(tp.topic, tp.partition, batches)
                 for tp, batches in grouped.items()]
 
-    def _decoded_batches(self, timeout_ms: int, decode: Callable[[_Fetcher, _Fetched, int], Any]
-                         ) -> Iterator[tuple[_Fetcher, Any]]:
+    def _decoded_batches(self, timeout_ms: int, decode: Callable[[_Fetcher, _Fetched, int], Any],
+                         records_max: int | None = None) -> Iterator[tuple[_Fetcher, Any]]:
         """The batches of :meth:`_poll_batches`, each through ``decode(fetcher, batch,
-        min_offset)`` (records held back by an earlier poll as they are).  A batch whose
-        records do not parse ends its partition's share of this poll: see
-        :meth:`_records_damaged`."""
+        min_offset)`` (records held back by an earlier poll come as a list of them).  A batch
+        whose records do not parse ends its partition's share of this poll: see
+        :meth:`_records_damaged`.
+
+        With ``records_max`` (``decode`` then gives lists of records), what would go past it
+        is held back for the next poll as it is: the rest of a list as one slice, the batches
+        after it undecoded.  So each record is decoded and moved once, however many polls
+        it takes to return them all."""
         damaged: set[_Fetcher] = set()
-        for fetcher, fetched, min_offset in self._poll_batches(timeout_ms):
+        ready = self._poll_batches(timeout_ms)
+        returned = 0
+        for index, (fetcher, fetched, min_offset) in enumerate(ready):
             if fetcher in damaged:
                 continue
+            if records_max is not None and returned >= records_max:
+                self._hold_back(ready[index:], damaged)
+                return
             if isinstance(fetched, _Leftover):
-                yield fetcher, fetched
+                decoded: Any = fetched.take(None if records_max is None
+                                            else records_max - returned)
+                if fetched.records:  # some are left: they go first next time
+                    self._hold_back([(fetcher, fetched, fetched.first_offset()),
+                                     *ready[index + 1:]], damaged)
+                    yield fetcher, decoded
+                    return
+                yield fetcher, decoded
+                returned += len(decoded)
                 continue
             try:
                 decoded = decode(fetcher, fetched, min_offset)
@@ -370,7 +382,26 @@ class Consumer:
                 self._records_damaged(fetcher, fetched, min_offset, error)
                 damaged.add(fetcher)
                 continue
+            if records_max is not None and returned + len(decoded) > records_max:
+                rest = _Leftover(decoded)
+                decoded = rest.take(records_max - returned)
+                self._hold_back([(fetcher, rest, rest.first_offset()), *ready[index + 1:]],
+                                damaged)
+                yield fetcher, decoded
+                return
+            returned += len(decoded) if records_max is not None else 0
             yield fetcher, decoded
+
+    def _hold_back(self, entries: list[tuple[_Fetcher, Any, int]],
+                   damaged: set[_Fetcher]) -> None:
+        """Put what a poll does not return back in front of its partitions' buffers, in order
+        (records a paused partition received since come after them)."""
+        held: dict[_Fetcher, list[tuple[Any, int]]] = {}
+        for fetcher, batch, min_offset in entries:
+            if fetcher not in damaged:
+                held.setdefault(fetcher, []).append((batch, min_offset))
+        for fetcher, batches in held.items():
+            fetcher.buffered[:0] = batches
 
     def _poll_batches(self, timeout_ms: int) -> list[tuple[_Fetcher, Any, int]]:
         self._check_open()
@@ -591,12 +622,6 @@ class Consumer:
         fetcher.position = (error.log_start_offset if self.auto_offset_reset == "earliest"
                             or (fetcher.position or 0) < error.log_start_offset
                             else error.log_end_offset)
-
-    def _push_back(self, records: list[Record]) -> None:
-        """Keep records beyond max_records for the next poll (as already-decoded tuples)."""
-        for record in records:
-            fetcher = self._fetchers[TopicPartition(record.topic, record.partition)]
-            fetcher.buffered.append((_Leftover(record), record.offset))
 
     # -- group membership --------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -947,15 +972,30 @@ class _Fetched:
 
 
 class _Leftover:
-    """A record decoded by an earlier poll and held back by max_records."""
+    """Records decoded by an earlier poll and held back by max_records: ``records[start:]``."""
 
-    __slots__ = ("record",)
+    __slots__ = ("records", "start")
 
-    def __init__(self, record: Record) -> None:
-        self.record = record
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+        self.start = 0
+
+    def take(self, count: int | None) -> list[Any]:
+        """The next ``count`` records (None: all), removed from this leftover."""
+        start = self.start
+        end = len(self.records) if count is None else min(len(self.records), start + count)
+        taken = self.records[start:end] if start or end < len(self.records) else self.records
+        self.start = end
+        if end == len(self.records):
+            self.records = []
+            self.start = 0
+        return taken
+
+    def first_offset(self) -> int:
+        return int(self.records[self.start].offset)
 
 
 def _first_offset(batch: Any) -> int:
     if isinstance(batch, _Leftover):
-        return batch.record.offset
+        return batch.first_offset()
     return int(batch.header.base_offset)

@@ -67,6 +67,10 @@ from shmbroker.transport.unix import connect
 logger = logging.getLogger("shmbroker.consumer")
 
 RECONNECT_PAUSE_S = 0.05
+# Kafka's max.poll.records default: a poll returns at most this many records (the rest of
+# what was fetched waits for the next polls), which bounds the work between polls (and so
+# max_poll_interval_ms) and keeps each poll's list young for the garbage collector.
+MAX_POLL_RECORDS_DEFAULT = 500
 _WAKE = "wake"
 
 
@@ -113,7 +117,7 @@ class Consumer:
     def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
                  auto_offset_reset: str = "latest", fetch_max_bytes: int = 4 * 1024 * 1024,
                  fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
-                 max_poll_records: int | None = None, check_crcs: bool = True,
+                 max_poll_records: int | None = MAX_POLL_RECORDS_DEFAULT, check_crcs: bool = True,
                  request_timeout_ms: int = 30_000, group_id: str | None = None,
                  enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000,
                  session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000,
@@ -129,6 +133,7 @@ class Consumer:
                 raise ValueError(f"{name} must be an int > 0, not {value!r}")
         if group_instance_id is not None and group_id is None:
             raise ValueError("group_instance_id needs a group_id")
+        _check_max_records("max_poll_records", max_poll_records)
         if not isinstance(poll_spin_us, int) or isinstance(poll_spin_us, bool) \
                 or not 0 <= poll_spin_us <= limits.poll_spin_us_max:
             raise ValueError(f"poll_spin_us must be an int from 0 to "
@@ -296,7 +301,11 @@ class Consumer:
 
     # -- polling -----------------------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> list[Record]:
-        """Records fetched since the last poll, waiting up to ``timeout_ms`` for the first."""
+        """Records fetched since the last poll, waiting up to ``timeout_ms`` for the first: at
+        most ``max_records`` (default: the consumer's ``max_poll_records``; None = all there
+        are).  Those fetched and not returned are returned by the next polls, in order."""
+        if max_records is not None:
+            _check_max_records("max_records", max_records)
         self._maybe_auto_commit()
         limit = max_records or self.max_poll_records
         out: list[Record] = []
@@ -969,6 +978,12 @@ class _Fetched:
         self.raw = raw
         self.position = position
         self.header = header
+
+
+def _check_max_records(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 1):
+        raise ValueError(f"{name} must be an int >= 1 or None (no limit), not {value!r}")
 
 
 class _Leftover:

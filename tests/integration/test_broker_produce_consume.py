@@ -211,6 +211,17 @@ def test_max_poll_records_returns_every_record_once_and_holds_back_whole_batches
                                          for i in range(count)]
 
 
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
+def test_max_poll_records_and_max_records_are_checked(broker: RunningBroker,
+                                                      value: object) -> None:
+    with pytest.raises(ValueError, match=r"max_poll_records must be an int >= 1 or None"):
+        Consumer(broker.data_dir, max_poll_records=value)  # type: ignore[arg-type]
+    with Consumer(broker.data_dir) as consumer:
+        assert consumer.max_poll_records == 500  # Kafka's default
+        with pytest.raises(ValueError, match=r"max_records must be an int >= 1 or None"):
+            consumer.poll(0, max_records=value)  # type: ignore[arg-type]
+
+
 def test_seek_position_offsets_for_times_and_max_records(broker: RunningBroker) -> None:
     with broker.admin() as admin:
         admin.create_topic("seek", partitions=1)

@@ -30,7 +30,7 @@ import re
 import selectors
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from shmbroker import limits
@@ -311,7 +311,7 @@ class Consumer:
         out: list[Record] = []
         decode_rows = record_batch.decode_rows
 
-        def decode(fetcher: _Fetcher, fetched: _Fetched, min_offset: int) -> list[Record]:
+        def decode(fetcher: _Fetcher, fetched: _Fetched, min_offset: int) -> Sequence[Record]:
             tp = fetcher.tp
             return decode_rows(fetched.raw, fetched.position, fetched.header, Record,
                                (tp.topic, tp.partition), min_offset)
@@ -332,7 +332,7 @@ class Consumer:
             return record_batch.decode_columnar(fetched.raw, fetched.position, verify_crc=False)
 
         for fetcher, item in self._decoded_batches(timeout_ms, decode):
-            if isinstance(item, list):  # records held back by an earlier poll(max_records)
+            if not isinstance(item, record_batch.ColumnarBatch):  # held back by an earlier poll
                 leftovers.setdefault(fetcher.tp, []).extend(item)
             else:
                 grouped.setdefault(fetcher.tp, []).append(item)
@@ -987,15 +987,16 @@ def _check_max_records(name: str, value: int | None) -> None:
 
 
 class _Leftover:
-    """Records decoded by an earlier poll and held back by max_records: ``records[start:]``."""
+    """Records decoded by an earlier poll and held back by max_records: ``records[start:]``
+    (a list, or a RecordList whose records are made when a poll takes them)."""
 
     __slots__ = ("records", "start")
 
-    def __init__(self, records: list[Any]) -> None:
+    def __init__(self, records: Sequence[Any]) -> None:
         self.records = records
         self.start = 0
 
-    def take(self, count: int | None) -> list[Any]:
+    def take(self, count: int | None) -> Sequence[Any]:
         """The next ``count`` records (None: all), removed from this leftover."""
         start = self.start
         end = len(self.records) if count is None else min(len(self.records), start + count)

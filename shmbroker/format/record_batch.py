@@ -60,7 +60,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import lz4.frame
@@ -783,15 +783,23 @@ class RecordList(Sequence[Record]):
         return self._count
 
     def __iter__(self) -> Iterator[Any]:
-        first = self._first
-        rows = zip(*[repeat(column.value) if type(column) is _Same
-                     else column if not first else islice(column, first, None)
+        return self._rows(0, self._count)
+
+    def _rows(self, start: int, stop: int) -> Iterator[Any]:
+        """Records [start, stop) (0 <= start <= stop <= len), made as they are read."""
+        first, last = self._first + start, self._first + stop
+        whole = first == 0 and stop == self._count
+        rows = zip(*[repeat(column.value, stop - start) if type(column) is _Same
+                     else column if whole else column[first:last]
                      for column in self._columns])
         return map(_new_record, repeat(self._record_type), rows)  # C-level: no frame per record
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return [self[i] for i in range(self._count)[index]]
+            start, stop, step = index.indices(self._count)
+            if step == 1:
+                return list(self._rows(start, max(start, stop)))
+            return [self[i] for i in range(start, stop, step)]
         if index < 0:
             index += self._count
         if not 0 <= index < self._count:
@@ -947,11 +955,12 @@ def iter_records(
 
 def decode_rows(buffer: bytes | bytearray | memoryview, position: int, header: BatchHeader,
                 record_type: type = Record, leading: tuple[Any, ...] = (),
-                min_offset: int | None = None) -> list[Any]:
+                min_offset: int | None = None) -> Sequence[Any]:
     """The records of the (already validated) batch at ``position`` as ``record_type`` tuples:
-    the scalar decoder for a few records, the columnar one otherwise."""
+    the scalar decoder for a few records (a list), the columnar one otherwise (a
+    :class:`RecordList`, whose records are made as they are read)."""
     if header.records_count > small_batch.SMALL_BATCH_RECORDS_MAX:
-        return decode_columnar(buffer, position, verify_crc=False).records(
+        return decode_columnar(buffer, position, verify_crc=False).record_list(
             record_type, leading, min_offset)
     start, end = position + HEADER_SIZE, position + header.size
     data: bytes | bytearray | memoryview = buffer

@@ -175,11 +175,14 @@ def check_decoded(batch: Batch, encoded: bytearray | bytes, position: int = 0) -
     records = rb.decode_batch(encoded, position)
     assert records == expected and len(records) == count
     assert [records[i] for i in range(-count, count)] == expected + expected
+    third = count // 3
+    assert records[third : count - third] == expected[third : count - third]
     # decode_rows: the scalar decoder below SMALL_BATCH_RECORDS_MAX, the columnar one above
     assert rb.decode_rows(encoded, position, header) == expected
     skip = count // 2
-    assert rb.decode_rows(encoded, position, header, tuple, ("t", 7), base_offset + skip) == [
-        ("t", 7, *record) for record in expected[skip:]]
+    rows = rb.decode_rows(encoded, position, header, tuple, ("t", 7), base_offset + skip)
+    assert rows == [("t", 7, *record) for record in expected[skip:]]
+    assert rows[1:] == [("t", 7, *record) for record in expected[skip + 1 :]]
     columns = rb.decode_columnar(encoded, position)
     assert columns.header == header and len(columns) == count
     assert columns.offsets.tolist() == [r.offset for r in expected]

@@ -220,6 +220,8 @@ def test_decoded_records_are_a_sequence_made_as_it_is_read() -> None:
     wide = decode_columnar(batch).record_list(tuple, ("t", 7), min_offset=102)
     assert len(wide) == 2 and list(wide) == [("t", 7, *r) for r in expected[2:]]
     assert wide[0] == ("t", 7, *expected[2]) and wide[-1] == ("t", 7, *expected[3])
+    assert wide[1:] == [("t", 7, *expected[3])] and wide[-2:-1] == [("t", 7, *expected[2])]
+    assert wide[5:9] == [] and wide[1:0] == [] and wide[:] == list(wide)
 
 
 @pytest.mark.parametrize(("key", "value_size"), [

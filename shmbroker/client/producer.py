@@ -7,12 +7,17 @@
 Path of a record: ``send`` appends it to its partition's open batch (under one lock); the batch
 is sealed when it reaches ``batch_size_bytes``, when ``linger_ms`` has passed since its first
 record (the I/O thread seals it), or at ``flush``.  ``linger_ms=0`` seals at once, in the
-calling thread: the lowest latency, one batch per record.  A sealed batch is encoded as a Kafka
-RecordBatch v2 (producer id = the ring's id, base sequence = records sent so far to that
-partition, so a restarted worker can recognise what it already appended) and copied into this
-producer's shared-memory ring for that partition; the worker is woken through its doorbell only
-when its control block says it sleeps.  The worker writes each batch's base offset (or an error
-number) into the ring's ack slots; the I/O thread reads them and completes the futures.
+calling thread (the lowest latency, one batch per record) while fewer than
+``max_in_flight_batches`` of the partition's batches await their ack; past that, as Kafka's
+sender does at max.in.flight.requests.per.connection, records gather in the open batch until an
+ack comes back (the I/O thread seals it then, or after ``LINGER_ZERO_HOLD_S``), so under load
+batches grow by themselves instead of the worker taking one batch per record.  A sealed batch
+is encoded as a Kafka RecordBatch v2 (producer id = the ring's id, base sequence = records sent
+so far to that partition, so a restarted worker can recognise what it already appended) and
+copied into this producer's shared-memory ring for that partition; the worker is woken through
+its doorbell only when its control block says it sleeps.  The worker writes each batch's base
+offset (or an error number) into the ring's ack slots; the I/O thread reads them and completes
+the futures.
 
 Nothing in a ring is lost when a worker dies: the restarted worker re-attaches the ring and
 appends what is left.  A partition whose ring cannot be created (no /dev/shm access, another
@@ -78,6 +83,10 @@ METADATA_RETRY_AFTER_S = 1.0  # a worker unreachable this long: ask the supervis
 SPIN_S = 0.0001
 IO_WAIT_S_MAX = 0.1
 IN_FLIGHT_WAIT_S = 0.005
+# linger_ms=0 with max_in_flight_batches awaiting their ack: the longest a record waits in its
+# open batch for an ack to come back (then it is sealed anyway: a worker that stopped
+# acknowledging gets the records in its ring, where delivery_timeout_ms and max_block_ms apply)
+LINGER_ZERO_HOLD_S = 0.005
 ATTACH_RETRY_S = 0.1
 CONNECTION_CHECK_S = 0.5
 KEY_CACHE_ENTRIES_MAX = 65_536  # key -> partition, so murmur2 runs once per distinct key
@@ -141,16 +150,22 @@ class Producer:
                  delivery_timeout_ms: int = 120_000, compression: str | None = None,
                  ring_bytes: int = 8 * limits.MIB, ring_ack_slots: int = 4096,
                  transport: str = "auto", request_timeout_ms: int = 30_000,
-                 metadata_max_age_ms: int = 300_000) -> None:
+                 metadata_max_age_ms: int = 300_000, max_in_flight_batches: int = 5) -> None:
         if transport not in ("auto", "shm", "socket"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'socket', not {transport!r}")
         for name, value in (("linger_ms", linger_ms), ("max_block_ms", max_block_ms),
                             ("batch_size_bytes", batch_size_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+        if not isinstance(max_in_flight_batches, int) or isinstance(max_in_flight_batches, bool) \
+                or max_in_flight_batches < 1:
+            raise ValueError(f"max_in_flight_batches must be an int >= 1, not "
+                             f"{max_in_flight_batches!r}")
         self.data_dir = resolve_data_dir(data_dir)
         self.acks = _acks_number(acks)
         self.linger_s = linger_ms / 1000
+        # Kafka's max.in.flight.requests.per.connection, for linger_ms=0 (see the module text)
+        self.max_in_flight_batches = max_in_flight_batches
         self.batch_size_bytes = max(batch_size_bytes, 1)
         self.max_block_s = max_block_ms / 1000
         self.buffer_memory_bytes = buffer_memory_bytes
@@ -240,7 +255,8 @@ class Producer:
                                     else timestamp_ms)
             state.open_bytes += size
             self._open_bytes += size
-            if not self.linger_s or state.open_bytes >= state.batch_limit:
+            if state.open_bytes >= state.batch_limit or (
+                    not self.linger_s and not self._acks_awaited(state)):
                 self._seal(state)
             return RecordFuture(batch, index)  # type: ignore[arg-type]
         finally:
@@ -251,8 +267,8 @@ class Producer:
             self._flush_open_batches()
         state.batch = ProducedBatch(state.topic, state.partition)
         state.opened_at = time.monotonic()
-        if self._io_idle and self.linger_s:
-            doorbell.ring(self._doorbell.address)
+        if self._io_idle and (self.linger_s or self._acks_awaited(state)):
+            doorbell.ring(self._doorbell.address)  # it seals this batch: it must know of it
 
     def send_batch(self, topic: str, values: Sequence[bytes | None] | tuple[Any, Any], *,
                    partition: int | None = None, keys: Sequence[bytes | None] | None = None,
@@ -435,7 +451,10 @@ class Producer:
         state = self._partitions.get((topic, partition))
         if state is None:
             state = _Partition(infos[partition])
-            state.batch_limit = min(self.batch_size_bytes, state.record_bytes_max)
+            # a batch must also fit in a ring frame (half the ring): records gathering while
+            # batches are in flight (linger_ms=0) or lingering must not outgrow a small ring
+            state.batch_limit = max(1, min(self.batch_size_bytes, state.record_bytes_max,
+                                           self.ring_bytes // 2 - record_batch.HEADER_SIZE))
             self._partitions[(topic, partition)] = state
         return state
 
@@ -648,8 +667,9 @@ class Producer:
                 if self._io_stop:
                     return
                 now = time.monotonic()
-                linger_wait = self._seal_lingering(now)
-                in_flight = self._collect_acks(now)
+                in_flight = self._collect_acks(now)  # first: acks make room (linger_ms=0)
+                linger_wait, sealed = self._seal_lingering(now)
+                in_flight = in_flight or sealed
                 if now >= next_check:
                     self._check_connections(now)
                     next_check = now + CONNECTION_CHECK_S
@@ -681,19 +701,37 @@ class Producer:
                 self._set_waiting(False)
                 self._io_idle = False
 
-    def _seal_lingering(self, now: float) -> float:
+    def _seal_lingering(self, now: float) -> tuple[float, bool]:
+        """Seal the open batches that are due: (seconds until the next is, whether any was)."""
         wait = IO_WAIT_S_MAX
+        sealed = False
         for state in list(self._partitions.values()):
             if state.values:
                 due = state.opened_at + self.linger_s
+                if not self.linger_s and self._acks_awaited(state):
+                    due = state.opened_at + LINGER_ZERO_HOLD_S  # (or an ack, sooner)
                 if now >= due:
+                    sealed = True
                     try:
                         self._seal(state)
                     except (ShmbrokerError, OSError):
                         pass  # its futures carry the error; the I/O thread goes on
                 else:
                     wait = min(wait, due - now)
-        return wait
+        return wait, sealed
+
+    def _acks_awaited(self, state: _Partition) -> bool:
+        """Whether max_in_flight_batches of the partition's batches await the worker's ack (in
+        the ring's own counters: the I/O thread may not have collected those that came)."""
+        if len(state.in_flight) < self.max_in_flight_batches:
+            return False
+        ring = state.ring
+        if ring is None:
+            return False
+        try:
+            return ring.in_flight >= self.max_in_flight_batches
+        except RingError:  # its words are garbage: the write that follows meets it and says so
+            return False
 
     def _collect_acks(self, now: float) -> bool:
         """Complete the batches the workers acknowledged; True while any are in flight."""

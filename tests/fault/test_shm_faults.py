@@ -57,8 +57,11 @@ RECORDS = 20  # per producer and phase
 WAIT_S = 15.0
 RESTART_WAIT_S = 20.0
 VALUE = re.compile(rb"(other|victim|after)-\d+")
+# linger 0 and no bound on batches awaiting acks: each record is its own batch in the ring at
+# once, even while the worker is stopped (the records in flight this file is about)
 PRODUCER_SETTINGS: dict[str, Any] = {"linger_ms": 0, "ring_bytes": 256 * 1024,
-                                     "ring_ack_slots": 64, "delivery_timeout_ms": 30_000}
+                                     "ring_ack_slots": 64, "delivery_timeout_ms": 30_000,
+                                     "max_in_flight_batches": 1 << 20}
 Acked = tuple[bytes, int, int]
 
 

@@ -47,7 +47,8 @@ def _partitions(broker: RunningBroker, topic: str) -> dict[int, dict[str, object
 
 def _produce(broker: RunningBroker, topic: str, values: list[bytes], partition: int = 0,
              timestamp_ms: int | None = None) -> list[tuple[bytes, int, int]]:
-    with Producer(broker.data_dir, linger_ms=0) as producer:
+    # one batch per record, so that small segment_bytes roll often
+    with Producer(broker.data_dir, linger_ms=0, batch_size_bytes=1) as producer:
         futures = [producer.send(topic, value, partition=partition, timestamp_ms=timestamp_ms)
                    for value in values]
         producer.flush(20)

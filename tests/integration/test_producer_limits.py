@@ -6,12 +6,13 @@ import os
 import signal
 
 import pytest
-from broker_helpers import RunningBroker
+from broker_helpers import RunningBroker, wait_for
 from integration.produce_helpers import check_acked, read_partitions
 
 from shmbroker import Producer
 from shmbroker.client import producer as producer_module
 from shmbroker.errors import BufferFullError
+from shmbroker.format import record_batch
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +38,66 @@ def test_a_full_ring_blocks_then_raises_and_nothing_acked_is_lost(broker: Runnin
             assert 10 < len(futures) < 1000
         finally:
             os.kill(worker, signal.SIGCONT)
+        # With linger 0 the first max_in_flight_batches records went out as batches of one;
+        # the rest gathered in the open batch, and the send that sealed it (full) raised: the
+        # records of that batch fail with the same error, and none of them is stored.
+        failed = []
         for sent, future in futures:
-            acked.append((sent, 0, future.result(10).offset))
-    assert check_acked(acked, read_partitions(broker.data_dir, "slow", [0])) == len(acked)
+            error = future.exception(10)
+            if error is None:
+                acked.append((sent, 0, future.result(0).offset))
+            else:
+                assert isinstance(error, BufferFullError), error
+                failed.append(sent)
+        assert len(acked) > producer.max_in_flight_batches and failed
+    stored = read_partitions(broker.data_dir, "slow", [0])
+    assert check_acked(acked, stored) == len(acked)
+    assert not set(failed) & {record.value for record in stored[0]}
+
+
+def _batch_sizes(broker: RunningBroker, topic: str) -> list[int]:
+    """Records per stored batch of partition 0, in offset order."""
+    directory = broker.data_dir / "topics" / topic / "0"
+    sizes = []
+    for path in sorted(directory.glob("*.log")):
+        data = path.read_bytes()
+        sizes += [header.records_count for _, header in record_batch.iter_batch_positions(data)]
+    return sizes
+
+
+def test_linger_zero_sends_each_record_at_once_until_batches_await_acks(
+        broker: RunningBroker) -> None:
+    """linger_ms=0 as Kafka's: a record goes out at once (a batch of one) while fewer than
+    max_in_flight_batches await their ack; past that, records gather until an ack comes back,
+    so a slow worker gets a few large batches instead of one per record."""
+    with broker.admin() as admin:
+        admin.create_topic("lingerless", partitions=1)
+    worker = broker.worker_pids()[("lingerless", 0)]
+    acked: list[tuple[bytes, int, int]] = []
+    with Producer(broker.data_dir, linger_ms=0, max_in_flight_batches=3) as producer:
+        for index in range(10):  # one at a time: nothing awaits an ack, each goes at once
+            value = b"single-%d" % index
+            acked.append((value, 0, producer.send("lingerless", value, partition=0)
+                          .result(10).offset))
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            futures = [(b"burst-%d" % i, producer.send("lingerless", b"burst-%d" % i,
+                                                       partition=0)) for i in range(300)]
+            wait_for(lambda: not producer._partitions[("lingerless", 0)].values, 10,
+                     message="the I/O thread to seal the gathered records (LINGER_ZERO_HOLD_S)")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        acked += [(value, 0, future.result(10).offset) for value, future in futures]
+    assert check_acked(acked, read_partitions(broker.data_dir, "lingerless", [0])) == len(acked)
+    sizes = _batch_sizes(broker, "lingerless")
+    assert sizes[:13] == [1] * 13  # ten sent one by one, then three before the first wait
+    assert sum(sizes) == 310 and len(sizes) < 13 + 20, sizes  # the rest in a few batches
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "5"])
+def test_max_in_flight_batches_is_checked(broker: RunningBroker, value: object) -> None:
+    with pytest.raises(ValueError, match=r"max_in_flight_batches must be an int >= 1"):
+        Producer(broker.data_dir, max_in_flight_batches=value)  # type: ignore[arg-type]
 
 
 def test_producer_falls_back_to_the_socket_when_shared_memory_is_refused(

@@ -496,16 +496,18 @@ _CRC_STRUCT = struct.Struct(">I")
 def _lengths_and_buffer(items: Sequence[bytes | None], what: str) -> tuple[bytes, IntArray]:
     """Join a list of byte strings (None = null) into one buffer plus an int64 length array."""
     count = len(items)
-    try:
-        if None in items:
-            lengths = np.fromiter((-1 if item is None else len(item) for item in items),
-                                  dtype=np.int64, count=count)
-            return b"".join(item for item in items if item is not None), lengths
+    try:  # the usual: no null (a scan for None first cost a third as much as the join)
         return b"".join(items), np.fromiter(map(len, items), dtype=np.int64, count=count)  # type: ignore[arg-type]
     except TypeError:
-        bad = next(item for item in items
-                   if not isinstance(item, bytes | bytearray | memoryview | None))
-        raise TypeError(f"{what} must be bytes (or None), not {type(bad).__name__}") from None
+        pass
+    bad = next((item for item in items
+                if item is not None and not isinstance(item, bytes | bytearray | memoryview)),
+               None)
+    if bad is not None:
+        raise TypeError(f"{what} must be bytes (or None), not {type(bad).__name__}")
+    lengths = np.fromiter((-1 if item is None else len(item) for item in items),
+                          dtype=np.int64, count=count)
+    return b"".join([item for item in items if item is not None]), lengths
 
 
 def encode_batch(

@@ -712,6 +712,13 @@ def test_columnar_buffer_is_not_modified() -> None:
     (lambda: encode_batch([b"a", "b"], timestamps=1), TypeError, "values must be bytes"),
     (lambda: encode_batch([b"a", 5], timestamps=1), TypeError, "values must be bytes"),
     (lambda: encode_batch([b"a", None, "c"], timestamps=1), TypeError, "values must be bytes"),
+    # past the scalar path's few records: the joined values, then the search for the bad one
+    (lambda: encode_batch([b"a"] * 40 + [None, "c"], timestamps=1), TypeError,
+     r"values must be bytes \(or None\), not str"),
+    (lambda: encode_batch([b"a"] * 40 + [5], timestamps=1), TypeError,
+     r"values must be bytes \(or None\), not int"),
+    (lambda: encode_batch([b"a"] * 40, keys=[b"k"] * 39 + [3.5], timestamps=1), TypeError,
+     r"keys must be bytes \(or None\), not float"),
     (lambda: encode_batch([b"a"], keys=["k"], timestamps=1), TypeError, "keys must be bytes"),
     (lambda: encode_batch([b"a"], keys=[b"k", b"l"], timestamps=1), ValueError, "keys"),
     (lambda: encode_batch([b"a", b"b"], timestamps=[1]), ValueError, None),

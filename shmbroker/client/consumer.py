@@ -357,13 +357,13 @@ class Consumer:
     def _decoded_batches(self, timeout_ms: int, decode: Callable[[_Fetcher, _Fetched, int], Any],
                          records_max: int | None = None) -> Iterator[tuple[_Fetcher, Any]]:
         """The batches of :meth:`_poll_batches`, each through ``decode(fetcher, batch,
-        min_offset)`` (records held back by an earlier poll come as a list of them).  A batch
+        min_offset)`` (records held back by an earlier poll come as a sequence of them).  A batch
         whose records do not parse ends its partition's share of this poll: see
         :meth:`_records_damaged`.
 
-        With ``records_max`` (``decode`` then gives lists of records), what would go past it
-        is held back for the next poll as it is: the rest of a list as one slice, the batches
-        after it undecoded.  So each record is decoded and moved once, however many polls
+        With ``records_max`` (``decode`` then gives sequences of records), what would go past
+        it is held back for the next poll as it is: the rest of a sequence as one slice, the
+        batches after it undecoded.  So each record is decoded and moved once, however many polls
         it takes to return them all."""
         damaged: set[_Fetcher] = set()
         ready = self._poll_batches(timeout_ms)

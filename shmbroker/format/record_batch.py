@@ -817,6 +817,17 @@ class RecordList(Sequence[Record]):
 
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
 
+    def __add__(self, other: object) -> list[Any]:
+        """Concatenation gives a list, as a list's would (records made now)."""
+        if isinstance(other, RecordList | list | tuple):
+            return [*self, *other]
+        return NotImplemented
+
+    def __radd__(self, other: object) -> list[Any]:
+        if isinstance(other, list | tuple):
+            return [*other, *self]
+        return NotImplemented
+
     def __repr__(self) -> str:
         return f"RecordList({list(self)!r})"
 

@@ -216,6 +216,10 @@ def test_decoded_records_are_a_sequence_made_as_it_is_read() -> None:
     with pytest.raises(TypeError):
         hash(records)
     assert repr(records) == f"RecordList({expected!r})"
+    assert records + records == expected * 2 and expected[:1] + records == expected[:1] + expected
+    assert records + (expected[0],) == [*expected, expected[0]]
+    with pytest.raises(TypeError):
+        records + 1  # type: ignore[operator]
     # rows below min_offset left out, wider rows with leading fields
     wide = decode_columnar(batch).record_list(tuple, ("t", 7), min_offset=102)
     assert len(wide) == 2 and list(wide) == [("t", 7, *r) for r in expected[2:]]

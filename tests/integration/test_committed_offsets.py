@@ -69,6 +69,39 @@ def test_commit_resume_and_survive_a_supervisor_kill(tmp_path: Path) -> None:
         broker.cleanup_shared_memory()
 
 
+def test_commit_after_a_limited_poll_covers_only_the_records_returned(
+        broker: RunningBroker) -> None:
+    """A fetch brings every record; max_poll_records returns a few.  commit() (and the
+    auto-commit on close) stores the position after the last record returned, not after the
+    last one fetched: the next member starts at the first record it never saw."""
+    with broker.admin() as admin:
+        admin.create_topic("events", partitions=2)
+    with Producer(broker.data_dir, linger_ms=50) as producer:  # one batch per partition
+        for index in range(400):
+            producer.send("events", b"%d" % index, partition=index % 2)
+        producer.flush(10)
+    seen: list[tuple[int, int]] = []
+    with Consumer(broker.data_dir, group_id="g", auto_offset_reset="earliest",
+                  max_poll_records=30) as consumer:
+        consumer.assign([TP0, TP1])
+        while len(seen) < 50:
+            seen += [(r.partition, r.offset) for r in consumer.poll(5000)]
+        consumer.commit()
+        committed = consumer.committed([TP0, TP1])
+        for tp in (TP0, TP1):
+            returned = [offset for partition, offset in seen if partition == tp.partition]
+            assert committed[tp] == consumer.position(tp) == (returned[-1] + 1 if returned
+                                                               else 0)
+        seen += [(r.partition, r.offset) for r in consumer.poll(5000)]  # then close commits
+    with Consumer(broker.data_dir, group_id="g", auto_offset_reset="earliest") as consumer:
+        consumer.assign([TP0, TP1])
+        while len(seen) < 400:
+            records = consumer.poll(5000)
+            assert records, "the second consumer stopped short"
+            seen += [(r.partition, r.offset) for r in records]
+    assert sorted(seen) == sorted((p, o) for p in range(2) for o in range(200))  # each once
+
+
 def test_bad_commits_get_clear_errors(broker: RunningBroker) -> None:
     with broker.admin() as admin:
         admin.create_topic("events", partitions=2)

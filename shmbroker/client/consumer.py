@@ -375,30 +375,25 @@ class Consumer:
                 self._hold_back(ready[index:], damaged)
                 return
             if isinstance(fetched, _Leftover):
-                decoded: Any = fetched.take(None if records_max is None
-                                            else records_max - returned)
-                if fetched.records:  # some are left: they go first next time
-                    self._hold_back([(fetcher, fetched, fetched.first_offset()),
-                                     *ready[index + 1:]], damaged)
+                pending = fetched
+            else:
+                try:
+                    decoded = decode(fetcher, fetched, min_offset)
+                except CorruptRecordError as error:
+                    self._records_damaged(fetcher, fetched, min_offset, error)
+                    damaged.add(fetcher)
+                    continue
+                if records_max is None:
                     yield fetcher, decoded
-                    return
-                yield fetcher, decoded
-                returned += len(decoded)
-                continue
-            try:
-                decoded = decode(fetcher, fetched, min_offset)
-            except CorruptRecordError as error:
-                self._records_damaged(fetcher, fetched, min_offset, error)
-                damaged.add(fetcher)
-                continue
-            if records_max is not None and returned + len(decoded) > records_max:
-                rest = _Leftover(decoded)
-                decoded = rest.take(records_max - returned)
-                self._hold_back([(fetcher, rest, rest.first_offset()), *ready[index + 1:]],
-                                damaged)
+                    continue
+                pending = _Leftover(decoded)
+            decoded = pending.take(None if records_max is None else records_max - returned)
+            if pending.records:  # some are left: they go first next time
+                self._hold_back([(fetcher, pending, pending.first_offset()),
+                                 *ready[index + 1:]], damaged)
                 yield fetcher, decoded
                 return
-            returned += len(decoded) if records_max is not None else 0
+            returned += len(decoded)
             yield fetcher, decoded
 
     def _hold_back(self, entries: list[tuple[_Fetcher, Any, int]],

@@ -637,13 +637,16 @@ class PartitionLog:
     def maybe_flush(self, now_ms: int | None = None) -> bool:
         """Flush when the oldest unflushed append is ``flush_ms`` old; True if it flushed."""
         self._check_open()
-        now_ms = self._clock_ms() if now_ms is None else now_ms
-        flush_ms = self.config.flush_ms
-        if flush_ms and self._unflushed_since_ms is not None and (
-                now_ms - self._unflushed_since_ms >= flush_ms):
+        if self._flush_ms_due(self._clock_ms() if now_ms is None else now_ms):
             self.flush()
             return True
         return False
+
+    def _flush_ms_due(self, now_ms: int) -> bool:
+        """Whether ``flush_ms`` is set and the oldest unflushed append is that old."""
+        flush_ms = self.config.flush_ms
+        since = self._unflushed_since_ms
+        return bool(flush_ms) and since is not None and now_ms - since >= flush_ms
 
     def flush_due(self, now_ms: int | None = None) -> bool:
         """Whether a flush is due now, for an owner that flushes in the background (see
@@ -656,10 +659,9 @@ class PartitionLog:
         flush_messages = self.config.flush_messages
         if flush_messages and self._log_end_offset - self._flushed_offset >= flush_messages:
             return True
-        age_ms = (self._clock_ms() if now_ms is None else now_ms) - since
-        flush_ms = self.config.flush_ms
-        return (bool(flush_ms) and age_ms >= flush_ms) or (
-            age_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        return (self._flush_ms_due(now_ms)
+                or now_ms - since >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
 
     def tick(self, now_ms: int | None = None, *, background_flush: bool = False) -> list[int]:
         """Periodic work: time-based flush, retention, recovery-point checkpoint.

@@ -153,7 +153,7 @@ def test_flushes_that_acks_do_not_wait_for_run_on_the_flush_thread(
                     assert producer.send("flushed", value,
                                          partition=0).result(10).offset == index
                 seen: list = []
-                wait_for(lambda: seen.extend(consumer.poll(0.05)) or len(seen) == 20,
+                wait_for(lambda: seen.extend(consumer.poll(50)) or len(seen) == 20,
                          message="every record served while the fsync hangs")
                 assert [(r.offset, r.value) for r in seen] == list(enumerate(values))
             finally:

@@ -270,7 +270,9 @@ def test_reading_decoded_records_one_at_a_time_sets_off_no_garbage_collection() 
     assert gc.isenabled()
     assert collections_during(lambda: deque(decode_batch(batch), 0)) <= 1
     assert collections_during(lambda: [r.value for r in decode_batch(batch)]) <= 1
-    assert collections_during(lambda: list(decode_batch(batch))) >= 10  # the cost avoided
+    # the cost avoided: a young collection per threshold allocations (700 up to CPython 3.13)
+    young_threshold = gc.get_threshold()[0]
+    assert collections_during(lambda: list(decode_batch(batch))) >= 10_000 // young_threshold // 2
 
 
 def test_defaults_and_timestamp_now() -> None:

@@ -248,6 +248,19 @@ def validate_batch(
     from a well-behaved producer is trusted for its records, as a Kafka broker trusts an
     uncompressed batch's CRC; use :func:`decode_records` to go further.
     """
+    header = frame_batch(buffer, position, max_batch_bytes)
+    check_crc(buffer, position, header)
+    return header
+
+
+def frame_batch(
+    buffer: bytes | bytearray | memoryview,
+    position: int = 0,
+    max_batch_bytes: int | None = None,
+) -> BatchHeader:
+    """:func:`validate_batch` without the CRC: the header is sane and the batch it declares
+    fits in the buffer (and in ``max_batch_bytes``).  Enough to cut a buffer into batches and
+    assign their offsets; :func:`check_crc` finishes the job."""
     header = read_header(buffer, position)
     size = header.size
     if max_batch_bytes is not None and size > max_batch_bytes:
@@ -257,12 +270,17 @@ def validate_batch(
     available = len(buffer) - position
     if size > available:
         raise CorruptRecordError(f"truncated batch: {available} of {size} bytes", position)
-    actual = compute_crc(buffer, position, size)
+    return header
+
+
+def check_crc(buffer: bytes | bytearray | memoryview, position: int, header: BatchHeader) -> None:
+    """CorruptRecordError unless the CRC-32C of the batch at ``position`` (framed by
+    :func:`frame_batch`) matches its header's."""
+    actual = compute_crc(buffer, position, header.size)
     if actual != header.crc:
         raise CorruptRecordError(
             f"CRC-32C mismatch: stored {header.crc:#010x}, computed {actual:#010x}", position
         )
-    return header
 
 
 RESYNC_CANDIDATES_MAX = 4096  # batch starts tried by find_next_valid_batch (an error path)

@@ -7,8 +7,11 @@ Test files import this with ``tests/`` put on ``sys.path`` (see the top of each 
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Sequence
+
+from crc32c import crc32c
 
 from shmbroker.config import LogConfig
 from shmbroker.format.record_batch import validate_batch
@@ -57,6 +60,16 @@ def sized_batch(records: int, value_bytes: int, first_timestamp_ms: int = 1000,
     """``records`` records of ``value_bytes`` bytes each (content derived from ``tag``)."""
     values = [bytes([(tag + index) % 256]) * value_bytes for index in range(records)]
     return make_batch(values, timestamps=[first_timestamp_ms + index for index in range(records)])
+
+
+def chain_lie(records: int = 3) -> bytes:
+    """A batch whose header claims one record more than it holds (records count and last
+    offset delta agree, CRC recomputed): only a walk of its record chain finds it."""
+    batch = bytearray(sized_batch(records, 20))
+    struct.pack_into(">i", batch, 23, records)  # last_offset_delta
+    struct.pack_into(">i", batch, 57, records + 1)  # records count
+    struct.pack_into(">I", batch, 17, crc32c(bytes(batch[21:])))
+    return bytes(batch)
 
 
 def split_batches(data: bytes) -> list[bytes]:

@@ -159,6 +159,8 @@ def load_segments(
 
     segments: list[Segment] = []
     buffer = bytearray(0)  # the scans' read buffer, grown by Segment.recover as needed
+    walk_records_from = (recovery_point_offset if config.record_validation == "records"
+                         else None)
     for number, base in enumerate(log_bases):
         segment = Segment.open_existing(directory, base, config)
         previous = segments[-1] if segments else None
@@ -186,7 +188,8 @@ def load_segments(
             # prefix is trusted as the segments below are); a segment whose cheap check failed
             # is scanned whole.
             trusted = recovery_point_offset if outcome.reason is None else None
-            scan = segment.recover(buffer, is_last, next_base, flushed_offset=trusted)
+            scan = segment.recover(buffer, is_last, next_base, flushed_offset=trusted,
+                                   walk_records_from=walk_records_from)
             outcome.scanned_from = scan.scanned_from
             outcome.truncated_bytes = scan.truncated_bytes
             outcome.first_bad_position = scan.first_bad_position

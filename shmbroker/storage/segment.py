@@ -29,11 +29,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from shmbroker import limits
 from shmbroker.config import LogConfig
 from shmbroker.errors import CorruptLogError, CorruptRecordError
+from shmbroker.format import record_batch
+from shmbroker.format.columnar import check_record_chain
 from shmbroker.format.record_batch import (
+    CODEC_GZIP,
+    CODEC_LZ4,
+    CODEC_NONE,
+    CODEC_ZSTD,
     HEADER_SIZE,
     LOG_OVERHEAD,
+    BatchHeader,
     batch_size_at,
     validate_batch,
 )
@@ -58,6 +66,22 @@ SCAN_CHUNK_BYTES = 16 * 1024 * 1024
 
 def segment_file_name(base_offset: int, suffix: str) -> str:
     return f"{base_offset:0{BASE_OFFSET_DIGITS}d}{suffix}"
+
+
+# Codecs whose records an append can walk (record_validation = "records"): a compressed batch
+# is inflated first (bounded by limits.decompressed_batch_bytes_max), as Kafka's broker does.
+# Snappy batches, which we cannot decode, are stored and served unchanged.
+CHECKED_CODECS = frozenset((CODEC_NONE, CODEC_GZIP, CODEC_LZ4, CODEC_ZSTD))
+
+
+def check_records(view: memoryview, position: int, header: BatchHeader) -> None:
+    """CorruptRecordError unless the batch at ``position`` holds ``records_count`` records."""
+    start, end = position + HEADER_SIZE, position + header.size
+    if header.codec == CODEC_NONE:
+        check_record_chain(view, start, end, header.records_count)
+    else:
+        records = record_batch.decompress(header.codec, view[start:end])
+        check_record_chain(records, 0, len(records), header.records_count)
 
 
 class BatchSpan(NamedTuple):
@@ -631,7 +655,8 @@ class Segment:
 
     def recover(self, buffer: bytearray, is_last: bool,
                 next_base_offset: int | None = None,
-                flushed_offset: int | None = None) -> SegmentScan:
+                flushed_offset: int | None = None,
+                walk_records_from: int | None = None) -> SegmentScan:
         """Keep the longest prefix of whole, CRC-valid, offset-contiguous batches, cut the
         rest, and rebuild the indexes when they differ from what that prefix implies.
 
@@ -647,6 +672,12 @@ class Segment:
         byte 0.  This is
         where Kafka rescans the whole segment; doing less keeps a worker's restart short when
         its active segment is large.
+
+        ``walk_records_from`` (the recovery point, with ``record_validation = "records"``):
+        in the last segment, batches from this offset on that start in the file's last
+        ``limits.append_overlap_bytes_max`` bytes must also pass :func:`check_records`.  A
+        large append writes its batches while it checks them (APPEND_OVERLAP in
+        partition_log.py), so a crash can leave unchecked batches there, and only there.
         """
         file_size = self.file_size_bytes
         position = 0
@@ -656,6 +687,10 @@ class Segment:
             self._reset_to_empty()
         scanned_from = position
         reason: str | None = None
+        walk_from_offset = walk_records_from or 0
+        walk_from_position = file_size - limits.append_overlap_bytes_max
+        if walk_records_from is None or not is_last:
+            walk_from_position = file_size  # none
         needed = min(SCAN_CHUNK_BYTES, file_size - position)
         if len(buffer) < needed:  # grown in place: the caller reuses it for later segments
             buffer.extend(bytes(needed - len(buffer)))
@@ -687,6 +722,9 @@ class Segment:
                     break
             try:
                 header = validate_batch(chunk, relative)
+                if (position >= walk_from_position and header.codec in CHECKED_CODECS
+                        and header.base_offset >= walk_from_offset):
+                    check_records(chunk, relative, header)
             except CorruptRecordError as error:
                 reason = error.reason
                 break

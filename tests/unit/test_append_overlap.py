@@ -25,7 +25,8 @@ CONFIG = SMALL_CONFIG.replace(segment_bytes=16 * 1024)
 
 @pytest.fixture
 def helper_calls(monkeypatch):
-    """Every append of two batches or more overlaps; the list counts the hand-offs made."""
+    """Every append overlaps (that goes whole into one segment); the list records each
+    hand-off tried (False: the helper was busy)."""
     monkeypatch.setattr(limits, "append_overlap_bytes_min", 0)
     calls = []
     real_start = overlap.Overlap.start
@@ -63,6 +64,7 @@ def test_a_bad_batch_in_an_overlapped_append_stores_nothing(tmp_path, helper_cal
     before = _files(tmp_path / "p0")
     batches = [sized_batch(2, 40, tag=number) for number in range(5)]
     batches[where] = bad()
+    helper_calls.clear()
     with pytest.raises(CorruptRecordError) as caught:
         log.append(b"".join(batches))
     assert helper_calls == [True]
@@ -87,6 +89,7 @@ def test_an_overlapped_append_into_a_new_segment_is_undone_whole(tmp_path, helpe
         log.append(sized_batch(4, 200))
     end = log.log_end_offset
     before = _files(tmp_path / "p0")
+    helper_calls.clear()
     # 2 batches of ~1 KiB each do not fit in what is left: the call rolls, then goes whole
     # into the new segment (overlapped); the bad second batch undoes the roll too
     with pytest.raises(CorruptRecordError, match="batch 1: "):
@@ -109,9 +112,20 @@ def test_a_call_split_between_segments_is_checked_before_it_is_written(tmp_path,
     monkeypatch.setattr(segment_module.os, "write",
                         lambda fd, data: writes.append(len(data)) or real_write(fd, data))
     batches = [sized_batch(4, 250, tag=number) for number in range(3)] + [chain_lie()]
+    helper_calls.clear()
     with pytest.raises(CorruptRecordError, match="batch 3: "):
         log.append(b"".join(batches))
     assert helper_calls == [] and writes == []  # refused before the first byte
+    log.close()
+
+
+def test_one_big_batch_overlaps_too(tmp_path, helper_calls):
+    log = _open(tmp_path / "p0")
+    with pytest.raises(CorruptRecordError, match="batch 0: "):
+        log.append(chain_lie(200))
+    assert helper_calls == [True] and log.size_bytes == 0
+    assert log.append(sized_batch(200, 20)).base_offsets == [0]
+    assert helper_calls == [True, True] and log.log_end_offset == 200
     log.close()
 
 
@@ -144,6 +158,7 @@ def test_a_disk_error_during_an_overlapped_append(tmp_path, helper_calls, monkey
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(segment_module.os, "write", short_then_full)
+    helper_calls.clear()
     good = sized_batch(2, 40) + sized_batch(3, 40)
     with pytest.raises(StorageError, match="No space left on device"):
         log.append(good)

@@ -171,6 +171,9 @@ def _plot(result: Any, path: Path) -> None:
 @click.option("--acks", type=click.Choice(["0", "1", "all"]), default=None)
 @click.option("--linger-ms", type=click.IntRange(min=0), default=None)
 @click.option("--batch-size-bytes", type=click.IntRange(min=1), default=None)
+@click.option("--ring-bytes", type=click.IntRange(min=1), default=None,
+              help="The producers' ring per partition (default 8 MiB; a multiple of 4096): "
+              "the bytes in flight unacknowledged, which under --durable must cover an fsync.")
 @click.option("--api", type=click.Choice(["per-record", "columnar"]), default=None)
 @click.option("--compression", type=click.Choice(["none", "gzip", "lz4", "zstd"]), default=None)
 @click.option("--payload", type=click.Choice(["random", "telemetry"]), default=None)

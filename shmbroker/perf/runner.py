@@ -138,7 +138,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
             batch_ok[slot] = batch.done and batch.error is None
             del open_slots[batch]
     with Producer(data_dir, acks=acks, linger_ms=workload.linger_ms,
-                  batch_size_bytes=workload.batch_size_bytes, compression=compression) as producer:
+                  batch_size_bytes=workload.batch_size_bytes, ring_bytes=workload.ring_bytes,
+                  compression=compression) as producer:
         partition_counts = {topic: len(producer.partitions_for(topic)) for topic in topics}
         for topic in topics:
             partitions += [(topic, partition) for partition in range(partition_counts[topic])]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shmbroker import limits
+from shmbroker.format.ring_layout import PAGE_BYTES
 from shmbroker.perf.payloads import PAYLOAD_KINDS, parse_size_spec
 
 PROCESSES_MAX = 1024  # producers, and consumers: each is one OS process
@@ -80,9 +81,11 @@ class Workload:
     the key).  ``durable`` creates the topics with ``flush_messages = 1``: the broker fsyncs
     before it acknowledges (group commit: one fsync in flight, covering everything appended
     while the one before ran).
-    ``acks``, ``linger_ms``, ``batch_size_bytes`` and ``compression`` are the producer
-    settings; ``api`` picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar``
-    ("columnar"); ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).
+    ``acks``, ``linger_ms``, ``batch_size_bytes``, ``ring_bytes`` and ``compression`` are the
+    producer settings (``ring_bytes``: the shared-memory ring per partition, a multiple of 4096:
+    what may be in flight unacknowledged, Kafka's ``buffer.memory`` per partition); ``api``
+    picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar`` ("columnar");
+    ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).
     ``poll_spin_us`` is the consumers' setting of that name: how long a poll busy-polls its
     fetch sockets before it sleeps (0, the default, never spins; for latency runs on a host
     with a core to spare per consumer).
@@ -102,6 +105,7 @@ class Workload:
     acks: str = "1"
     linger_ms: int = 5
     batch_size_bytes: int = 65536
+    ring_bytes: int = 8 * limits.MIB
     api: str = "per-record"
     compression: str = "none"
     payload: str = "random"
@@ -162,6 +166,11 @@ class Workload:
         fix("linger_ms", _integer("linger_ms", self.linger_ms, 0, LINGER_MS_MAX))
         fix("batch_size_bytes", _integer("batch_size_bytes", self.batch_size_bytes,
                                          BATCH_SIZE_BYTES_MIN, BATCH_SIZE_BYTES_MAX))
+        fix("ring_bytes", _integer("ring_bytes", self.ring_bytes, limits.ring_data_bytes_min,
+                                   limits.ring_data_bytes_max))
+        if self.ring_bytes % PAGE_BYTES:  # a ring's data area is whole pages
+            raise ValueError(f"workload field 'ring_bytes' must be a multiple of "
+                             f"{PAGE_BYTES}, got {self.ring_bytes}")
         fix("poll_spin_us", _integer("poll_spin_us", self.poll_spin_us, 0,
                                      limits.poll_spin_us_max))
         _choice("api", self.api, APIS)

@@ -79,6 +79,7 @@ def test_workload_file_and_overrides(broker: RunningBroker, tmp_path: Path) -> N
     (["--partitions", "0"], "--partitions"),
     (["--acks", "2"], "--acks"),
     (["--duration-s", "-1"], "--duration-s"),
+    (["--ring-bytes", "65537"], "'ring_bytes' must be a multiple of 4096"),
 ])
 def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     run = bench(*args, "--duration-s", "1") if "--duration-s" not in args else bench(*args)

@@ -21,8 +21,8 @@ def test_defaults() -> None:
         "name": "default", "topics": 1, "partitions": 1, "producers": 1, "consumers": 1,
         "group": None, "record_size": "100", "keyed": False, "rate_per_sec": 0,
         "duration_s": 10.0, "warmup_s": 0.0, "acks": "1", "linger_ms": 5,
-        "batch_size_bytes": 65536, "api": "per-record", "compression": "none",
-        "payload": "random", "durable": False, "poll_spin_us": 0,
+        "batch_size_bytes": 65536, "ring_bytes": 8 * 1024 * 1024, "api": "per-record",
+        "compression": "none", "payload": "random", "durable": False, "poll_spin_us": 0,
     }
     orjson.dumps(workload.to_dict())  # JSON-serialisable for result files
 
@@ -40,6 +40,8 @@ def test_defaults() -> None:
     ({"linger_ms": -1}, "'linger_ms' must be an integer in"),
     ({"batch_size_bytes": 1023}, r"'batch_size_bytes' must be an integer in \[1024, 67108864\]"),
     ({"batch_size_bytes": 64 * 1024 * 1024 + 1}, "'batch_size_bytes' must be an integer in"),
+    ({"ring_bytes": 32768}, r"'ring_bytes' must be an integer in \[65536, 1073741824\]"),
+    ({"ring_bytes": 65536 + 100}, "'ring_bytes' must be a multiple of 4096, got 65636"),
     ({"acks": "2"}, "'acks' must be one of '0', '1', 'all'; got '2'"),
     ({"api": "batch"}, "'api' must be one of 'per-record', 'columnar'; got 'batch'"),
     ({"compression": "snappy"},

@@ -109,6 +109,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
     lengths = payloads.sizes(spec, TEMPLATE_RECORDS, rng)
     buffer, lengths = payloads.make_payloads(workload.payload, lengths, rng)
     template = bytearray(buffer)
+    template_view = memoryview(template)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     rate = workload.rate_per_sec / workload.producers
     interval_ns = int(1e9 / rate) if rate > 0 else 0
@@ -164,8 +165,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                     continue
                 first, seqs, intended = due
                 take = len(seqs)
-                values = bytearray(template[starts[first]:starts[first] + int(
-                    lengths[first:first + take].sum())])
+                values = bytearray(template_view[starts[first]:starts[first] + int(
+                    lengths[first:first + take].sum())])  # one copy (a slice would be two)
                 payloads.encode_headers(values, starts[first:first + take] - starts[first],
                                         intended, index, seqs)
                 topic, partition = partitions[target % len(partitions)]

@@ -87,6 +87,7 @@ from shmbroker.protocol.messages import RING_RESULT_NUMBERS, ApiKey, error_frame
 from shmbroker.shm import doorbell, names
 from shmbroker.shm.control_block import ControlBlock
 from shmbroker.shm.ring import RingReader, RingRegion
+from shmbroker.storage import overlap
 from shmbroker.storage.partition_log import PartitionLog
 from shmbroker.transport.unix import (
     Refusals,
@@ -1195,6 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
     parser.add_argument("--spin-us", type=int, default=SPIN_US)
+    parser.add_argument("--check-thread", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--connections-max", type=int, default=limits.connections_max)
     parser.add_argument("--frame-read-timeout-ms", type=int, default=FRAME_READ_TIMEOUT_MS)
     parser.add_argument("--log-level", default="INFO")
@@ -1205,6 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_BOOT_FAILED  # the supervisor died before we set the death signal
+    overlap.configure(args.check_thread)
     paths = PartitionPaths(args.data_dir.resolve(), args.topic, args.topic_id, args.partition)
     worker = PartitionWorker(paths, socket_mode=args.socket_mode, spin_us=args.spin_us,
                              connections_max=args.connections_max,

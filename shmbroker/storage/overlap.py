@@ -8,7 +8,8 @@ the log may hold those bytes before their check ends).
 The hand-off is two bare locks, not a queue or a future: a ``concurrent.futures`` round trip
 costs tens of microseconds, which is what a 64 KiB batch's whole check costs.  One caller at a
 time: :meth:`Overlap.start` returns False while the helper is busy (another thread's append),
-or when no thread can be started, and the caller then runs the check itself.
+when no thread can be started, or when the process turned it off (:func:`configure`), and the
+caller then runs the check itself.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class Overlap:
     the exception it raised, or None.  Every successful ``start`` must be followed by one
     ``wait`` (the helper stays busy until then)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._free = _thread.allocate_lock()  # held from start() to wait(): one caller
         self._go = _thread.allocate_lock()  # released by start(): a job is ready
         self._go.acquire()
@@ -36,7 +38,7 @@ class Overlap:
         self._thread: threading.Thread | None = None
 
     def start(self, function: Callable[..., Any], *args: Any) -> bool:
-        if not self._free.acquire(blocking=False):
+        if not self.enabled or not self._free.acquire(blocking=False):
             return False
         if self._thread is None:
             thread = threading.Thread(target=self._run, name="shmbroker-overlap", daemon=True)
@@ -71,12 +73,31 @@ class Overlap:
 
 
 OVERLAP = Overlap()
+# With fewer usable CPUs, "auto" leaves the helper off: the check then runs on the appending
+# thread, and no thread switch is added to cores that other processes keep busy.
+AUTO_CPUS_MIN = 4
+
+
+def configure(mode: str) -> bool:
+    """Turn the helper "on", "off", or "auto" (on with AUTO_CPUS_MIN usable CPUs or more: the
+    broker setting worker_check_thread); return whether it is on."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"check thread mode must be 'auto', 'on' or 'off', got {mode!r}")
+    OVERLAP.enabled = mode == "on" or (mode == "auto" and usable_cpus() >= AUTO_CPUS_MIN)
+    return OVERLAP.enabled
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _forget_in_child() -> None:
     """A forked child has no helper thread (only the forking thread survives a fork)."""
     global OVERLAP
-    OVERLAP = Overlap()
+    OVERLAP = Overlap(OVERLAP.enabled)
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -210,3 +210,25 @@ def test_overlapped_and_checked_first_appends_agree(tmp_path_factory, monkeypatc
         log.close()
         outcomes.append((results, _files(directory)))
     assert outcomes[0] == outcomes[1]
+
+
+def test_configure_auto_needs_four_cpus(monkeypatch):
+    monkeypatch.setattr(overlap.OVERLAP, "enabled", True)
+    for cpus, expected in ((1, False), (3, False), (4, True), (64, True)):
+        monkeypatch.setattr(overlap, "usable_cpus", lambda cpus=cpus: cpus)
+        assert overlap.configure("auto") is expected
+        assert overlap.OVERLAP.enabled is expected
+    assert overlap.configure("on") is True
+    assert overlap.configure("off") is False
+    assert not overlap.OVERLAP.start(print)  # off: the caller checks
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        overlap.configure("sometimes")
+
+
+def test_a_helper_turned_off_means_the_append_checks_first(tmp_path, helper_calls, monkeypatch):
+    monkeypatch.setattr(overlap.OVERLAP, "enabled", False)
+    log = _open(tmp_path / "p0")
+    with pytest.raises(CorruptRecordError, match="batch 1: "):
+        log.append(sized_batch(2, 40) + chain_lie())
+    assert helper_calls == [False] and log.size_bytes == 0
+    log.close()

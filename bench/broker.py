@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from shmbroker.subprocesses import child_environment, python_module
+
 RECORD_BYTES = 100
 SPIN_NS = 150_000
 TOPIC = "bench"
@@ -227,13 +229,13 @@ def python_call_floor(count: int = 300_000) -> float:
 def running_broker(temp: str, name: str, config_toml: str = "") -> Iterator[str]:
     """A broker serving a fresh data dir with the bench topic; yields the data dir."""
     data_dir = os.path.join(temp, name)
-    command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir", data_dir,
-               "--log-level", "WARNING"]
+    command = python_module("shmbroker.cli", "serve", "--data-dir", data_dir,
+                            "--log-level", "WARNING")
     if config_toml:
         config_path = os.path.join(temp, f"{name}.toml")
         Path(config_path).write_text(config_toml)
         command += ["--config", config_path]
-    broker = subprocess.Popen(command)
+    broker = subprocess.Popen(command, env=child_environment())
     try:
         _wait_socket(Path(data_dir) / "broker.sock", broker)
         from shmbroker import Admin

@@ -15,13 +15,14 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from shmbroker.subprocesses import child_environment, python_module
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
@@ -56,9 +57,10 @@ class RunningBroker:
 
     def __init__(self, data_dir: Path, *, config_toml: str | None = None,
                  log_level: str = "INFO", extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.env = env  # added to the broker's (and so its workers') environment
+        self.cwd = cwd  # the broker's working directory (default: ours)
         self.config_toml = config_toml
         self.log_level = log_level
         self.extra_args = extra_args
@@ -75,16 +77,16 @@ class RunningBroker:
         return self.process.pid
 
     def start(self, wait: bool = True, workers: bool = True) -> RunningBroker:
-        command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
-                   str(self.data_dir), "--log-level", self.log_level, *self.extra_args]
+        command = python_module("shmbroker.cli", "serve", "--data-dir", str(self.data_dir),
+                                "--log-level", self.log_level, *self.extra_args)
         if self.config_toml is not None:
             config_path = self.data_dir.parent / f"{self.log_path.stem}.toml"
             config_path.write_text(self.config_toml)
             command += ["--config", str(config_path)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        env = {**os.environ, **self.env} if self.env else None
+        env = child_environment({**os.environ, **(self.env or {})})
         self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                        env=env)
+                                        env=env, cwd=self.cwd)
         log.close()
         if wait:
             self.wait_ready(workers)

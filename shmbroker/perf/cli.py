@@ -26,6 +26,7 @@ import orjson
 from shmbroker import __version__, limits
 from shmbroker.perf.compare import compare
 from shmbroker.perf.workload import Workload, load_workload
+from shmbroker.subprocesses import child_environment, python_module
 
 BROKER_START_TIMEOUT_S = 30.0
 
@@ -43,13 +44,13 @@ def embedded_broker(worker_spin_us: int | None = None) -> Iterator[tuple[Path, i
     ``worker_spin_us``: that broker setting, else its default."""
     temp = Path(tempfile.mkdtemp(prefix="shmbroker-bench-"))
     data_dir = temp / "data"
-    command = [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir", str(data_dir),
-               "--log-level", "WARNING"]
+    command = python_module("shmbroker.cli", "serve", "--data-dir", str(data_dir),
+                            "--log-level", "WARNING")
     if worker_spin_us is not None:
         config = temp / "broker.toml"
         config.write_text(f"worker_spin_us = {worker_spin_us}\n")
         command += ["--config", str(config)]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=child_environment())
     try:
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         while not (data_dir / "broker.sock").exists():

@@ -52,7 +52,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from shmbroker.perf.histogram import Histogram
+from shmbroker.subprocesses import child_environment, python_module
 
 TOPIC = "soak"
 GROUPS = ("soak-a", "soak-b")
@@ -310,9 +310,9 @@ class SoakBroker:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shmbroker.cli", "serve", "--data-dir",
-                 str(self.data_dir), "--log-level", "WARNING"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                python_module("shmbroker.cli", "serve", "--data-dir", str(self.data_dir),
+                              "--log-level", "WARNING"),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_environment())
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         while self.workers() is None:
             if self.process.poll() is not None:

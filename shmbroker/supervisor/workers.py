@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import orjson
@@ -22,6 +21,7 @@ import orjson
 from shmbroker.config import BrokerConfig
 from shmbroker.partition.paths import PartitionPaths
 from shmbroker.partition.worker import EXIT_BOOT_FAILED, EXIT_OK, STANDBY_FLAG
+from shmbroker.subprocesses import child_environment, python_module
 
 logger = logging.getLogger("shmbroker.supervisor")
 
@@ -211,10 +211,10 @@ def _start_worker_process(arguments: list[str], *, stdin: bool = False,
     """Popen ``python -m shmbroker.partition.worker`` with a ready pipe; (process, read end)."""
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)
-    command = [sys.executable, "-m", "shmbroker.partition.worker", *arguments,
-               "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid())]
+    command = python_module("shmbroker.partition.worker", *arguments,
+                            "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()))
     try:
-        process = subprocess.Popen(command, pass_fds=(write_fd,),
+        process = subprocess.Popen(command, pass_fds=(write_fd,), env=child_environment(),
                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
     except OSError:
         os.close(read_fd)

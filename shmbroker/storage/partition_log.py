@@ -477,8 +477,9 @@ class PartitionLog:
                               snapshot if target is original else None)
                 index = stop
             if overlapped:
-                overlapped = False  # waited for, whatever it says
-                if (bad := overlap.OVERLAP.wait()) is not None:
+                bad = overlap.OVERLAP.wait()
+                overlapped = False  # waited for (an interrupt in the wait: waited below)
+                if bad is not None:
                     raise bad
         except BaseException as error:  # a disk error, a bad batch (or an interrupt): undo
             for segment in created:

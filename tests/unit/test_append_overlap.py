@@ -232,3 +232,27 @@ def test_a_helper_turned_off_means_the_append_checks_first(tmp_path, helper_call
         log.append(sized_batch(2, 40) + chain_lie())
     assert helper_calls == [False] and log.size_bytes == 0
     log.close()
+
+
+def test_an_interrupt_while_waiting_for_the_helper_undoes_and_frees_it(tmp_path, helper_calls,
+                                                                       monkeypatch):
+    log = _open(tmp_path / "p0")
+    log.append(sized_batch(2, 30))
+    before = _files(tmp_path / "p0")
+    real_wait = overlap.Overlap.wait
+    interrupts = []
+
+    def interrupted_wait(self):
+        if not interrupts:  # the first wait is interrupted (Ctrl-C); the undo waits again
+            interrupts.append(True)
+            raise KeyboardInterrupt
+        return real_wait(self)
+
+    monkeypatch.setattr(overlap.Overlap, "wait", interrupted_wait)
+    helper_calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        log.append(sized_batch(2, 40) + sized_batch(2, 40))
+    assert _files(tmp_path / "p0") == before and log.log_end_offset == 2
+    assert log.append(sized_batch(2, 40) + sized_batch(2, 40)).base_offsets == [2, 4]
+    assert helper_calls == [True, True]  # the helper was free again
+    log.close()

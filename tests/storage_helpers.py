@@ -62,14 +62,20 @@ def sized_batch(records: int, value_bytes: int, first_timestamp_ms: int = 1000,
     return make_batch(values, timestamps=[first_timestamp_ms + index for index in range(records)])
 
 
+def lying_batch(values: Sequence[bytes], count: int) -> bytearray:
+    """A batch of ``values`` whose records_count and last_offset_delta say ``count`` records,
+    agreeing with each other but not with the records, its CRC recomputed: only a walk of the
+    record lengths finds the lie (record_validation = "records")."""
+    lying = bytearray(_encode_batch(list(values), producer_id=99, base_sequence=0))
+    struct.pack_into(">i", lying, 57, count)  # records_count
+    struct.pack_into(">i", lying, 23, count - 1)  # last_offset_delta
+    struct.pack_into(">I", lying, 17, crc32c(bytes(lying[21:])))
+    return lying
+
+
 def chain_lie(records: int = 3) -> bytes:
-    """A batch whose header claims one record more than it holds (records count and last
-    offset delta agree, CRC recomputed): only a walk of its record chain finds it."""
-    batch = bytearray(sized_batch(records, 20))
-    struct.pack_into(">i", batch, 23, records)  # last_offset_delta
-    struct.pack_into(">i", batch, 57, records + 1)  # records count
-    struct.pack_into(">I", batch, 17, crc32c(bytes(batch[21:])))
-    return bytes(batch)
+    """:func:`lying_batch` of ``records`` 20-byte values claiming one record more."""
+    return bytes(lying_batch([bytes([index]) * 20 for index in range(records)], records + 1))
 
 
 def split_batches(data: bytes) -> list[bytes]:

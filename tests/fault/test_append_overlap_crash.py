@@ -21,6 +21,7 @@ from storage_helpers import (
 from shmbroker import limits
 from shmbroker.format.record_batch import read_header
 from shmbroker.storage.partition_log import PartitionLog
+from shmbroker.subprocesses import child_environment
 
 pytestmark = pytest.mark.fault
 
@@ -29,8 +30,8 @@ TESTS = Path(__file__).parent.parent
 
 
 def _child(mode, directory, **kwargs):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(TESTS), str(CHILD.parent), os.environ.get("PYTHONPATH", "")]))
+    env = child_environment()  # this shmbroker, and storage_helpers from tests/
+    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env["PYTHONPATH"]
     return subprocess.Popen([sys.executable, str(CHILD), mode, str(directory)], env=env,
                             **kwargs)
 

@@ -13,7 +13,6 @@ import json
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from storage_helpers import lying_batch  # noqa: F401 - the integration tests import it here
+
 from shmbroker import Consumer, Record, TopicPartition
 from shmbroker.client.connection import read_frame
-from shmbroker.format import record_batch
 from shmbroker.protocol.frames import encode_frame
 from shmbroker.transport.unix import connect
 
@@ -330,15 +330,3 @@ class BackgroundConsumer:
         assert not self._thread.is_alive(), (
             f"the background consumer did not reach {ends} in {timeout_s} s")
         return self.records
-
-
-def lying_batch(values: Sequence[bytes], count: int) -> bytearray:
-    """A batch of ``values`` whose records_count and last_offset_delta say ``count`` records,
-    agreeing with each other but not with the records, its CRC recomputed: only a walk of the
-    record lengths finds the lie (record_validation = "records")."""
-    lying = record_batch.encode_batch(list(values), producer_id=99, base_sequence=0)
-    struct.pack_into(">i", lying, 57, count)  # records_count
-    struct.pack_into(">i", lying, 23, count - 1)  # last_offset_delta
-    size = struct.unpack_from(">i", lying, 8)[0] + 12
-    struct.pack_into(">I", lying, 17, record_batch.compute_crc(lying, 0, size))
-    return lying

@@ -5,6 +5,7 @@ path; every outcome (what is stored, what is refused and with which message) mus
 the same append checked first.
 """
 
+import errno
 import os
 import struct
 import threading
@@ -146,8 +147,6 @@ def test_a_busy_helper_means_the_append_checks_first(tmp_path, helper_calls):
 
 
 def test_a_disk_error_during_an_overlapped_append(tmp_path, helper_calls, monkeypatch):
-    import errno
-
     log = _open(tmp_path / "p0")
     log.append(sized_batch(2, 30))
     before = _files(tmp_path / "p0")

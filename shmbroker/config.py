@@ -17,6 +17,7 @@ from typing import Any
 
 from shmbroker import limits
 from shmbroker.errors import InvalidConfigError
+from shmbroker.storage import overlap
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -199,7 +200,7 @@ BROKER_SETTINGS: tuple[Setting, ...] = (
             "it writes it (README, Append): 'on', 'off', or 'auto': on when the broker may use "
             "4 CPUs or more (with fewer, producers and consumers already fill the cores and "
             "the thread only adds switches: ~5 % slower end to end on 2 cores)",
-            choices=("auto", "on", "off")),
+            choices=overlap.MODES),
     Setting("connections_max", limits.connections_max, "count",
             "connections broker.sock and each worker's socket accept at once; more are closed "
             "at once (and logged)", minimum=1, maximum=limits.connections_max),

@@ -16,11 +16,11 @@ batch_bytes_max = 64 * MIB
 batch_records_max = 1 << 22
 # Chunk the recovery scan reads at a time.
 recovery_read_bytes = 16 * MIB
-# An append of this many bytes or more (going whole into one segment) checks its batches' CRCs
-# and record chains on a helper thread while it writes them; of more than the max, it checks
-# them first.  A crash mid-append can so leave up to the max of unchecked bytes at the end of
-# the last segment: recovery checks those as an append would.
-# Why and what it gains: APPEND_OVERLAP in shmbroker/storage/partition_log.py.
+# An append of this many bytes or more (going whole into one segment) checks its batches' CRCs and
+# record chains on a helper thread while it writes them, where the helper is on (broker setting
+# worker_check_thread); of more than the max, it checks them first.  A crash mid-append can so
+# leave up to the max of unchecked bytes at the end of the last segment: recovery checks those as
+# an append would.  Why and what it gains: APPEND_OVERLAP in shmbroker/storage/partition_log.py.
 append_overlap_bytes_min = 256 * 1024
 append_overlap_bytes_max = 16 * MIB
 

@@ -89,6 +89,7 @@ IN_FLIGHT_WAIT_S = 0.005
 LINGER_ZERO_HOLD_S = 0.005
 ATTACH_RETRY_S = 0.1
 CONNECTION_CHECK_S = 0.5
+RING_BYTES_DEFAULT = 8 * limits.MIB  # a producer's ring per partition (Producer ring_bytes)
 KEY_CACHE_ENTRIES_MAX = 65_536  # key -> partition, so murmur2 runs once per distinct key
 
 
@@ -148,7 +149,7 @@ class Producer:
                  acks: int | str = 1, linger_ms: int = 5, batch_size_bytes: int = 65536,
                  max_block_ms: int = 60_000, buffer_memory_bytes: int = 32 * limits.MIB,
                  delivery_timeout_ms: int = 120_000, compression: str | None = None,
-                 ring_bytes: int = 8 * limits.MIB, ring_ack_slots: int = 4096,
+                 ring_bytes: int = RING_BYTES_DEFAULT, ring_ack_slots: int = 4096,
                  transport: str = "auto", request_timeout_ms: int = 30_000,
                  metadata_max_age_ms: int = 300_000, max_in_flight_batches: int = 5) -> None:
         if transport not in ("auto", "shm", "socket"):

@@ -1196,7 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
     parser.add_argument("--spin-us", type=int, default=SPIN_US)
-    parser.add_argument("--check-thread", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--check-thread", choices=overlap.MODES, default="auto")
     parser.add_argument("--connections-max", type=int, default=limits.connections_max)
     parser.add_argument("--frame-read-timeout-ms", type=int, default=FRAME_READ_TIMEOUT_MS)
     parser.add_argument("--log-level", default="INFO")

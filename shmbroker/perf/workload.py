@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shmbroker import limits
+from shmbroker.client.producer import RING_BYTES_DEFAULT
 from shmbroker.format.ring_layout import PAGE_BYTES
 from shmbroker.perf.payloads import PAYLOAD_KINDS, parse_size_spec
 
@@ -105,7 +106,7 @@ class Workload:
     acks: str = "1"
     linger_ms: int = 5
     batch_size_bytes: int = 65536
-    ring_bytes: int = 8 * limits.MIB
+    ring_bytes: int = RING_BYTES_DEFAULT
     api: str = "per-record"
     compression: str = "none"
     payload: str = "random"

@@ -73,6 +73,7 @@ class Overlap:
 
 
 OVERLAP = Overlap()
+MODES = ("auto", "on", "off")  # of configure(): the broker setting worker_check_thread
 # With fewer usable CPUs, "auto" leaves the helper off: the check then runs on the appending
 # thread, and no thread switch is added to cores that other processes keep busy.
 AUTO_CPUS_MIN = 4
@@ -81,7 +82,7 @@ AUTO_CPUS_MIN = 4
 def configure(mode: str) -> bool:
     """Turn the helper "on", "off", or "auto" (on with AUTO_CPUS_MIN usable CPUs or more: the
     broker setting worker_check_thread); return whether it is on."""
-    if mode not in ("auto", "on", "off"):
+    if mode not in MODES:
         raise ValueError(f"check thread mode must be 'auto', 'on' or 'off', got {mode!r}")
     OVERLAP.enabled = mode == "on" or (mode == "auto" and usable_cpus() >= AUTO_CPUS_MIN)
     return OVERLAP.enabled

@@ -98,16 +98,17 @@ LOG_START_CHECKPOINT = "log-start-offset-checkpoint"
 # kernel writes those pages back within 30 s anyway) and bounds the rescan to ~10 s of appends.
 RECOVERY_POINT_CHECKPOINT_INTERVAL_MS = 10_000
 # APPEND_OVERLAP.  An append of limits.append_overlap_bytes_min or more (going whole into one
-# segment) checks its batches' CRCs and record chains on the overlap helper thread (overlap.py)
-# while it writes them: os.write releases the GIL, so the check runs beside the kernel's copy.
-# A 64 KiB batch of 100-byte records takes ~15 us to check and ~25 us to write; checked first,
-# appends of 16 such batches ran at under half a bare os.write's speed (bench/storage.py),
-# overlapped ~35 % faster on this 2-core machine (one ~1 MB batch: ~9 %).  Below the min, the
-# hand-off (a thread wake-up, tens of us on a virtual machine) costs more than it saves.  The
-# bytes reach the file before their check ends: a refused call cuts them off again before it
-# returns, and nothing is acknowledged or served meanwhile (the log end moves after the check).
-# A crash in that window leaves them at the end of the last segment, past the recovery point:
-# the recovery scan walks the record chains there (append_overlap_bytes_max bounds how far back).
+# segment) checks its batches' CRCs and record chains on the overlap helper thread (overlap.py; a
+# worker turns it on or off by the broker setting worker_check_thread) while it writes them:
+# os.write releases the GIL, so the check runs beside the kernel's copy.  A 64 KiB batch of
+# 100-byte records takes ~15 us to check and ~25 us to write; checked first, appends of 16 such
+# batches ran at under half a bare os.write's speed (bench/storage.py), overlapped ~35 % faster on
+# this 2-core machine (one ~1 MB batch: ~9 %).  Below the min, the hand-off (a thread wake-up,
+# tens of us on a virtual machine) costs more than it saves.  The bytes reach the file before
+# their check ends: a refused call cuts them off again before it returns, and nothing is
+# acknowledged or served meanwhile (the log end moves after the check).  A crash in that window
+# leaves them at the end of the last segment, past the recovery point: the recovery scan walks the
+# record chains there (append_overlap_bytes_max bounds how far back).
 
 
 def _wall_clock_ms() -> int:
@@ -426,7 +427,8 @@ class PartitionLog:
 
     def _write(self, view: memoryview, spans: list[BatchSpan], now_ms: int,
                unchecked: list[BatchHeader] | None = None) -> None:
-        """Write ``spans`` of ``view`` segment by segment; undo everything on OSError.
+        """Write ``spans`` of ``view`` segment by segment; undo everything on OSError or a bad
+        batch.
 
         ``unchecked``: the batches' headers, when :meth:`_check_batches` is still to run.  When
         they all go to one segment it runs on the overlap helper while they are written (see

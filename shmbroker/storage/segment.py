@@ -688,9 +688,8 @@ class Segment:
         scanned_from = position
         reason: str | None = None
         walk_from_offset = walk_records_from or 0
-        walk_from_position = file_size - limits.append_overlap_bytes_max
-        if walk_records_from is None or not is_last:
-            walk_from_position = file_size  # none
+        walk_from_position = (file_size - limits.append_overlap_bytes_max  # else: none
+                              if walk_records_from is not None and is_last else file_size)
         needed = min(SCAN_CHUNK_BYTES, file_size - position)
         if len(buffer) < needed:  # grown in place: the caller reuses it for later segments
             buffer.extend(bytes(needed - len(buffer)))

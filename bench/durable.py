@@ -55,7 +55,7 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of integers: {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1 byte: {text!r}")
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1 byte: {text!r}")
     return sizes
 
 
@@ -82,8 +82,13 @@ def main() -> int:
 
     order = (["dd-1M"] + [label("columnar", *config) for config in configs] + ["dd-1k"]
              + [label("per-record", *config) for config in configs])
-    setups = {label(api, *config): (api, *config) for api in ("columnar", "per-record")
-              for config in configs}
+    try:  # every workload checked before the first run (a ring that is not whole pages...)
+        setups = {label(api, size, ring): base.with_overrides(
+            {"api": api, "batch_size_bytes": size, "ring_bytes": ring,
+             "duration_s": args.duration_s})
+            for api in ("columnar", "per-record") for size, ring in configs}
+    except ValueError as error:
+        parser.error(str(error))
     runs: list[dict[str, Any]] = []
     with embedded_broker() as (data_dir, pid):
         scratch = data_dir.parent / "dd.bin"
@@ -94,11 +99,7 @@ def main() -> int:
                         else ("1k", DD_BYTES >> 10)
                     rate = dd_mb_per_s(scratch, block, count)
                 else:
-                    api, size, ring = setups[system]
-                    workload = base.with_overrides({"api": api, "batch_size_bytes": size,
-                                                    "ring_bytes": ring,
-                                                    "duration_s": args.duration_s})
-                    result = runner.run(workload, str(data_dir), broker_pid=pid)
+                    result = runner.run(setups[system], str(data_dir), broker_pid=pid)
                     if result.lost:
                         raise SystemExit(f"{result.lost} acknowledged records lost")
                     rate = result.produce_mb_per_s

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +43,7 @@ HEADER_DTYPE = np.dtype([("intended_ns", "<i8"), ("producer_id", "<i4"), ("reser
                          ("seq", "<i8")])
 HEADER_BYTES = HEADER_DTYPE.itemsize  # 24
 assert HEADER_BYTES == 24
+_HEADER_VOID = np.dtype(f"V{HEADER_BYTES}")  # a header as one opaque item
 
 RECORD_BYTES_MAX = 16 * MIB  # one value; a benchmark of bigger records measures memcpy
 PAYLOAD_BUFFER_BYTES_MAX = 2048 * MIB  # one make_payloads call: build a pool and reuse it
@@ -243,12 +245,35 @@ def _header_rows(u8: U8, positions: I64, writeable: bool) -> list[U8] | None:
             for first, last, stride in runs]
 
 
+def _even_stride(positions: I64) -> int | None:
+    """The common spacing of ``positions`` when there is one and headers that far apart do
+    not overlap (one position: :data:`HEADER_BYTES`); else None."""
+    if len(positions) < 2:
+        return HEADER_BYTES if len(positions) else None
+    gaps = np.diff(positions)
+    stride = int(gaps[0])
+    if stride < HEADER_BYTES or int(positions[-1]) - int(positions[0]) != stride * (
+            len(positions) - 1) or gaps.min() != gaps.max():
+        return None
+    return stride
+
+
+def _strided_headers(u8: U8, first: int, count: int, stride: int) -> npt.NDArray[np.void]:
+    """``count`` headers ``stride`` bytes apart from ``u8[first]`` on, as a view of 24-byte
+    items (writable when ``u8`` is; whole items copy faster than rows of 24 uint8)."""
+    return np.ndarray((count,), dtype=_HEADER_VOID, buffer=u8, offset=first, strides=(stride,))
+
+
 def _check_positions(positions: I64, buffer_bytes: int, what: str) -> None:
-    if len(positions) and (positions.min() < 0
-                           or positions.max() > buffer_bytes - HEADER_BYTES):
+    if len(positions):
+        _check_span(int(positions.min()), int(positions.max()), buffer_bytes, what)
+
+
+def _check_span(low: int, high: int, buffer_bytes: int, what: str) -> None:
+    if low < 0 or high > buffer_bytes - HEADER_BYTES:
         raise ValueError(f"{what} must lie in [0, {buffer_bytes - HEADER_BYTES}] so that a "
                          f"{HEADER_BYTES}-byte header fits in the {buffer_bytes}-byte buffer; "
-                         f"got {int(positions.min())}..{int(positions.max())}")
+                         f"got {low}..{high}")
 
 
 def encode_headers(buffer: bytearray | memoryview | U8, offsets: npt.ArrayLike,
@@ -273,6 +298,18 @@ def encode_headers(buffer: bytearray | memoryview | U8, offsets: npt.ArrayLike,
         raise ValueError(f"producer_id must fit in an int32, got {producer_id}")
     if count == 0:
         return
+    rows = np.empty(count, dtype=HEADER_DTYPE)
+    rows["intended_ns"] = intended
+    rows["producer_id"] = producer_id
+    rows["reserved"] = 0
+    rows["seq"] = sequence
+    stride = _even_stride(offsets)
+    if stride is not None:  # the common case (values of one size): one strided view
+        first = int(offsets[0])
+        _check_span(first, first + (count - 1) * stride, len(out), "offsets")
+        _strided_headers(out, first, count, stride)[:] = rows.view(_HEADER_VOID)
+        return
+    raw = rows.view(np.uint8).reshape(count, HEADER_BYTES)
     _check_positions(offsets, len(out), "offsets")
     gaps = np.diff(offsets)
     if len(gaps) and gaps.min() < HEADER_BYTES:  # unordered, or overlapping
@@ -282,12 +319,6 @@ def encode_headers(buffer: bytearray | memoryview | U8, offsets: npt.ArrayLike,
             at = int(np.argmax(gaps < HEADER_BYTES))
             raise ValueError(f"headers at offsets {int(ordered[at])} and {int(ordered[at + 1])} "
                              f"would overlap: values need at least {HEADER_BYTES} bytes each")
-    rows = np.empty(count, dtype=HEADER_DTYPE)
-    rows["intended_ns"] = intended
-    rows["producer_id"] = producer_id
-    rows["reserved"] = 0
-    rows["seq"] = sequence
-    raw = rows.view(np.uint8).reshape(count, HEADER_BYTES)
     views = _header_rows(out, offsets, writeable=True)
     if views is not None:
         first = 0
@@ -314,19 +345,68 @@ def decode_headers(data: bytes | bytearray | memoryview | U8, value_positions: n
         lengths = np.asarray(value_lengths, dtype=np.int64).reshape(-1)
         if len(lengths) != count:
             raise ValueError(f"{count} value positions but {len(lengths)} value lengths")
-        if count and lengths.min() < HEADER_BYTES:
-            at = int(np.argmax(lengths < HEADER_BYTES))
-            raise ValueError(f"value {at} has {int(lengths[at])} bytes, fewer than the "
-                             f"{HEADER_BYTES}-byte benchmark header: was it written by "
-                             f"shmbroker-bench?")
+        _check_header_room(lengths)
+    return header_columns([_header_items(u8, positions)])
+
+
+def _check_header_room(lengths: I64) -> None:
+    if len(lengths) and lengths.min() < HEADER_BYTES:
+        at = int(np.argmax(lengths < HEADER_BYTES))
+        raise ValueError(f"value {at} has {int(lengths[at])} bytes, fewer than the "
+                         f"{HEADER_BYTES}-byte benchmark header: was it written by "
+                         f"shmbroker-bench?")
+
+
+def _header_items(u8: U8, positions: I64) -> npt.NDArray[np.void]:
+    """A contiguous copy of the headers at ``positions``, as 24-byte items."""
     _check_positions(positions, len(u8), "value positions")
+    stride = _even_stride(positions)
+    if stride is not None:
+        return np.array(_strided_headers(u8, int(positions[0]), len(positions), stride))
     views = _header_rows(u8, positions, writeable=False)
     if views is None:
         raw = u8[positions[:, None] + np.arange(HEADER_BYTES)]
-    elif len(views) == 1:
-        raw = np.ascontiguousarray(views[0])
     else:
         raw = np.concatenate(views)
-    rows = raw.view(HEADER_DTYPE).reshape(count)
+    return raw.view(_HEADER_VOID).reshape(len(positions))
+
+
+def batch_headers(batch: Any, skip: int = 0) -> tuple[list[npt.NDArray[np.void]], int]:
+    """The headers of a columnar consumer's batch (a ``ColumnarBatch``) from record ``skip``
+    on, for :func:`header_columns`, and the bytes of those values.
+
+    A batch whose records have one shape (``batch.uniform``) gives zero-copy views, one per
+    run of one stride: a consumer gathers a whole poll's headers with one copy.  A value too
+    short for the header is a ValueError (the topic holds records shmbroker-bench did not
+    write)."""
+    uniform = batch.uniform
+    count = len(batch.offsets) - skip
+    if count <= 0:
+        return [], 0
+    if uniform is not None:
+        size = uniform.shape.value_length
+        if size < HEADER_BYTES:
+            _check_header_room(np.full(1, size, dtype=np.int64))
+        views = []
+        for start, rows, stride in uniform.value_runs:
+            if skip >= rows:
+                skip -= rows
+                continue
+            views.append(_strided_headers(batch.data, start + skip * stride, rows - skip, stride))
+            skip = 0
+        return views, count * size
+    lengths = np.asarray(batch.value_lengths[skip:], dtype=np.int64)
+    _check_header_room(lengths)
+    positions = np.asarray(batch.value_positions[skip:], dtype=np.int64)
+    return [_header_items(batch.data, positions)], int(lengths.sum())
+
+
+def header_columns(items: list[npt.NDArray[np.void]]) -> tuple[I64, I32, I64]:
+    """``(intended_ns, producer_ids, seqs)`` of the headers in ``items`` (arrays of 24-byte
+    items, views or copies), in order, with one copy."""
+    if not items:
+        items = [np.empty(0, dtype=_HEADER_VOID)]
+    rows = (items[0] if len(items) == 1 and items[0].flags.c_contiguous
+            else np.concatenate(items)).view(HEADER_DTYPE)
     return (rows["intended_ns"].astype(np.int64), rows["producer_id"].astype(np.int32),
             rows["seq"].astype(np.int64))

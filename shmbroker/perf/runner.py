@@ -71,6 +71,7 @@ class RunResult:
     latency: Histogram
     timeline: list[dict[str, float]] = field(default_factory=list)
     broker: dict[str, Any] = field(default_factory=dict)
+    clients: dict[str, float] = field(default_factory=dict)  # the producers' and consumers' CPU%
 
     def to_dict(self) -> dict[str, Any]:
         percentiles = self.latency.percentiles([50, 90, 99, 99.9, 99.99, 100]) \
@@ -84,7 +85,7 @@ class RunResult:
             "produce_mb_per_s": self.produce_mb_per_s, "consume_mb_per_s": self.consume_mb_per_s,
             "latency_us": {f"{p:g}": value / 1000 for p, value in percentiles.items()},
             "latency_histogram": self.latency.to_dict(), "timeline": self.timeline,
-            "broker": self.broker}
+            "broker": self.broker, "clients": self.clients}
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -360,25 +361,24 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
         while True:
             got = 0
             if columnar:
-                # headers decoded per batch (each its own buffer), noted once per poll: paced
-                # runs fetch many small batches, and the histogram and bookkeeping per batch
-                # made the consumer fall behind
-                decoded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+                # a poll's headers gathered with one copy (zero-copy views of each batch's
+                # values) and noted once: paced runs fetch many small batches, and the
+                # histogram and bookkeeping per batch made the consumer fall behind
+                headers: list[np.ndarray] = []
                 for part in consumer.poll_columnar(100):
                     tp = (part.topic, part.partition)
                     floor = next_offsets.get(tp, -1)
                     for batch in part.batches:
-                        keep = batch.offsets >= floor
-                        positions = batch.value_positions[keep]
-                        if not len(positions):
-                            continue
-                        decoded.append(payloads.decode_headers(batch.data, positions))
-                        got += len(positions)
-                        tally.consumed_bytes += int(batch.value_lengths[keep].clip(0).sum())
+                        offsets = batch.offsets
+                        skip = 0 if not len(offsets) or offsets[0] >= floor else int(
+                            np.searchsorted(offsets, floor))
+                        items, value_bytes = payloads.batch_headers(batch, skip)
+                        headers += items
+                        got += max(len(offsets) - skip, 0)
+                        tally.consumed_bytes += value_bytes
                     next_offsets[tp] = int(part.offsets[-1]) + 1
-                if decoded:
-                    intended, producer_ids, numbers = (
-                        np.concatenate(column) for column in zip(*decoded))
+                if headers:
+                    intended, producer_ids, numbers = payloads.header_columns(headers)
                     tally.note(time.monotonic_ns(), intended, producer_ids, numbers,
                                warmup_end_ns.value)
             else:
@@ -552,6 +552,7 @@ def _watch(workload: Workload, start_at: float, counters: Any, processes: list[A
                                                         + workload.consumers), 2)
     end_at = start_at + workload.warmup_s + workload.duration_s
     last_cpu_s = _broker_usage(broker_pid)["broker_cpu_s"] if broker_pid is not None else None
+    clients = ClientCpu(processes)
     timeline = []
     last_sent = last_consumed = 0
     last_t = start_at
@@ -576,6 +577,7 @@ def _watch(workload: Workload, start_at: float, counters: Any, processes: list[A
                 100 * (usage["broker_cpu_s"] - last_cpu_s) / (now - last_t), 1) \
                 if last_cpu_s is not None else 0.0
             last_cpu_s = usage["broker_cpu_s"]
+        point.update(clients.sample(now))
         timeline.append(point)
         if progress is not None:
             progress(point)
@@ -638,10 +640,54 @@ def _broker_usage(broker_pid: int) -> dict[str, float]:
         supervisor = psutil.Process(broker_pid)
         for process in [supervisor, *supervisor.children(recursive=True)]:
             with contextlib.suppress(psutil.Error), process.oneshot():
-                times = process.cpu_times()
-                cpu += times.user + times.system
+                cpu += _cpu_s(process)
                 rss += process.memory_info().rss
     return {"broker_cpu_s": round(cpu, 3), "broker_rss_bytes": rss}
+
+
+def _cpu_s(process: Any) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+class ClientCpu:
+    """CPU% of the run's producer and consumer processes over each second of the timeline
+    (100 = one core, summed over the processes of a kind): with the broker's, where a
+    partition's cores go, and so what bounds scaling on a many-core host."""
+
+    KINDS = ("producers", "consumers")
+
+    def __init__(self, processes: list[Any]) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._processes: dict[str, list[Any]] = {kind: [] for kind in self.KINDS}
+        for process in processes:
+            kind = "producers" if process.name.startswith("bench-producer") else "consumers"
+            with contextlib.suppress(psutil.Error, ValueError):
+                self._processes[kind].append(psutil.Process(process.pid))
+        self._last = self._totals()
+        self._last_t = time.monotonic()
+
+    def _totals(self) -> dict[str, float]:
+        totals = {}
+        for kind, processes in self._processes.items():
+            total = 0.0
+            for process in processes:
+                with contextlib.suppress(self._psutil.Error):
+                    total += _cpu_s(process)
+            totals[kind] = total
+        return totals
+
+    def sample(self, now: float) -> dict[str, float]:
+        """``{"producers_cpu_pct": ..., "consumers_cpu_pct": ...}`` since the last sample.  (A
+        process that exited counts 0 from then on: its last second reads low.)"""
+        totals = self._totals()
+        span = max(now - self._last_t, 1e-9)
+        point = {f"{kind}_cpu_pct": round(100 * max(totals[kind] - self._last[kind], 0.0)
+                                          / span, 1) for kind in self.KINDS}
+        self._last, self._last_t = totals, now
+        return point
 
 
 def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[str, float]],
@@ -687,7 +733,8 @@ def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[
         produce_rate_per_s=produce_rate, consume_rate_per_s=consume_rate,
         produce_mb_per_s=produce_rate * record_bytes / 1e6,
         consume_mb_per_s=consume_rate * consumed_record_bytes / 1e6,
-        latency=histogram, timeline=timeline, broker=_broker_summary(timeline))
+        latency=histogram, timeline=timeline, broker=_broker_summary(timeline),
+        clients=_client_summary(timeline))
 
 
 def _broker_summary(timeline: list[dict[str, Any]]) -> dict[str, Any]:
@@ -698,6 +745,17 @@ def _broker_summary(timeline: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {"broker_cpu_pct_median": float(np.median([p["broker_cpu_pct"] for p in points])),
             "broker_rss_bytes_max": max(p["broker_rss_bytes"] for p in points)}
+
+
+def _client_summary(timeline: list[dict[str, Any]]) -> dict[str, float]:
+    """The producers' and the consumers' CPU% (each kind summed over its processes; median of
+    the run's seconds)."""
+    summary = {}
+    for kind in ClientCpu.KINDS:
+        values = [point[f"{kind}_cpu_pct"] for point in timeline if f"{kind}_cpu_pct" in point]
+        if values:
+            summary[f"{kind}_cpu_pct_median"] = float(np.median(values))
+    return summary
 
 
 def environment() -> dict[str, Any]:

@@ -247,3 +247,61 @@ def test_empty_header_arrays() -> None:
     encode_headers(bytearray(10), [], [], 1, [])
     intended, producers, seqs = decode_headers(b"", [])
     assert len(intended) == len(producers) == len(seqs) == 0
+
+
+# -- headers of the consumer's columnar batches ---------------------------------------------------
+
+@SETTINGS
+@given(sizes=st.lists(st.sampled_from(["equal", "ragged"]), min_size=1, max_size=3),
+       counts=st.lists(st.integers(1, 200), min_size=3, max_size=3),
+       skip_fraction=st.floats(0, 1.2), codec=st.sampled_from(["none", "lz4"]),
+       producer_id=st.integers(-(2**31), 2**31 - 1), data=st.data())
+def test_batch_headers_of_columnar_batches(sizes: list[str], counts: list[int],
+                                           skip_fraction: float, codec: str, producer_id: int,
+                                           data: st.DataObject) -> None:
+    """Batches of one shape (views, one per stride run: counts past 64 change the stride) and
+    ragged ones (a gather), some compressed (their values in a decompressed copy), with the
+    first records skipped: the headers of one poll come out in order, as the reference packs
+    them, with the bytes of the values."""
+    from shmbroker.format.record_batch import decode_columnar, encode_batch_columnar
+    from shmbroker.perf.payloads import batch_headers, header_columns
+
+    items, expected, expected_bytes = [], [], 0
+    for number, kind in enumerate(sizes):
+        count = counts[number]
+        lengths = np.full(count, 40, dtype=np.int64) if kind == "equal" else np.array(
+            data.draw(st.lists(st.integers(HEADER_BYTES, 90), min_size=count, max_size=count)),
+            dtype=np.int64)
+        intended = np.arange(count, dtype=np.int64) * 1_000 + number
+        seqs = np.arange(count, dtype=np.int64) + 10_000 * number
+        buffer, _ = make_payloads("random", lengths, np.random.default_rng(number))
+        encode_headers(buffer, starts_of(lengths), intended, producer_id, seqs)
+        batch = decode_columnar(encode_batch_columnar(bytes(buffer), lengths, codec=codec,
+                                                      base_offset=5))
+        assert (batch.uniform is not None) == (kind == "equal" or len(set(lengths)) == 1)
+        skip = int(count * skip_fraction)
+        found, value_bytes = batch_headers(batch, skip)
+        items += found
+        expected += [(int(intended[i]), int(seqs[i])) for i in range(skip, count)]
+        assert value_bytes == int(lengths[skip:].sum())
+        expected_bytes += value_bytes
+    got_intended, got_producers, got_seqs = header_columns(items)
+    assert list(zip(got_intended.tolist(), got_seqs.tolist())) == expected
+    assert got_producers.tolist() == [producer_id] * len(expected)
+    assert got_intended.dtype == got_seqs.dtype == np.int64 and got_producers.dtype == np.int32
+
+
+@pytest.mark.parametrize("lengths", [[20, 20, 20], [40, 12, 40]])
+def test_batch_headers_refuse_values_without_room_for_the_header(lengths: list[int]) -> None:
+    from shmbroker.format.record_batch import decode_columnar, encode_batch_columnar
+    from shmbroker.perf.payloads import batch_headers
+
+    batch = decode_columnar(encode_batch_columnar(bytes(sum(lengths)), lengths))
+    with pytest.raises(ValueError, match="fewer than the 24-byte benchmark header"):
+        batch_headers(batch)
+
+
+def test_header_columns_of_nothing() -> None:
+    from shmbroker.perf.payloads import header_columns
+
+    assert [len(column) for column in header_columns([])] == [0, 0, 0]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,18 @@ def _broker_pid(data_dir: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def embedded_broker(worker_spin_us: int | None = None) -> Iterator[tuple[Path, int]]:
+def embedded_broker(settings: Mapping[str, Any] | None = None) -> Iterator[tuple[Path, int]]:
     """A broker serving a fresh temp data dir: (data dir, supervisor pid); removed after.
-    ``worker_spin_us``: that broker setting, else its default."""
+    ``settings``: broker settings (``worker_spin_us``, ...; checked values, see
+    :func:`_broker_settings`), the others at their defaults."""
     temp = Path(tempfile.mkdtemp(prefix="shmbroker-bench-"))
     data_dir = temp / "data"
     command = python_module("shmbroker.cli", "serve", "--data-dir", str(data_dir),
                             "--log-level", "WARNING")
-    if worker_spin_us is not None:
-        config = temp / "broker.toml"
-        config.write_text(f"worker_spin_us = {worker_spin_us}\n")
+    if settings:
+        config = temp / "broker.toml"  # TOML's strings and integers read as JSON's
+        config.write_text("".join(f"{name} = {orjson.dumps(value).decode()}\n"
+                                  for name, value in settings.items()))
         command += ["--config", str(config)]
     process = subprocess.Popen(command, env=child_environment())
     try:
@@ -109,6 +111,11 @@ def _summary(result: Any) -> list[str]:
         lines.append(f"broker processes: CPU {result.broker['broker_cpu_pct_median']:,.0f} % "
                      f"(median of the seconds; 100 = one core), RSS up to "
                      f"{result.broker['broker_rss_bytes_max'] / 2**20:,.0f} MiB")
+    if result.clients:
+        lines.append("client processes: CPU " + ", ".join(
+            f"{kind} {result.clients[f'{kind}_cpu_pct_median']:,.0f} %"
+            for kind in ("producers", "consumers") if f"{kind}_cpu_pct_median" in result.clients)
+            + " (medians, summed over each kind's processes)")
     return lines
 
 
@@ -143,6 +150,31 @@ def _plot(result: Any, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
 
+
+
+def _broker_settings(ctx: click.Context, param: click.Parameter,
+                     value: tuple[str, ...]) -> dict[str, Any]:
+    """``NAME=VALUE`` items, checked as the broker checks its config file, into their values."""
+    from shmbroker.config import BrokerConfig
+    from shmbroker.errors import InvalidConfigError
+
+    raw: dict[str, str] = {}
+    for item in value:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise click.BadParameter(f"{item!r}: give NAME=VALUE, e.g. worker_check_thread=off")
+        raw[name.strip()] = text.strip()
+    try:
+        config = BrokerConfig.from_mapping(raw)
+    except InvalidConfigError as error:
+        raise click.BadParameter(str(error)) from None
+    return {name: getattr(config, name) for name in raw}
+
+
+BROKER_SETTING_OPTION = click.option(
+    "--broker-setting", "broker_settings", multiple=True, callback=_broker_settings,
+    metavar="NAME=VALUE", help="A setting of the embedded broker (repeatable), as in its "
+    "config file: e.g. worker_check_thread=off; not with --data-dir.")
 
 @click.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
@@ -184,6 +216,7 @@ def _plot(result: Any, path: Path) -> None:
 @click.option("--worker-spin-us", type=click.IntRange(min=0), default=None,
               help="The embedded broker's worker_spin_us setting (default: the setting's "
               "default); not with --data-dir.")
+@BROKER_SETTING_OPTION
 @click.option("--durable/--no-durable", default=None,
               help="Acknowledge only fsynced records (the topics' flush_messages = 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -198,10 +231,14 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
     (coordinated omission corrected), every acknowledged record checked consumed."""
     if ctx.invoked_subcommand is not None:
         return
+    settings = options.pop("broker_settings")
     worker_spin_us = options.pop("worker_spin_us")
-    if worker_spin_us is not None and data_dir is not None:
-        raise click.UsageError("--worker-spin-us sets the embedded broker's worker_spin_us; "
-                               "a broker already serving --data-dir keeps its own config")
+    if worker_spin_us is not None:
+        settings = {**settings, "worker_spin_us": worker_spin_us}
+    if settings and data_dir is not None:
+        raise click.UsageError("--worker-spin-us and --broker-setting set the embedded "
+                               "broker's config; a broker already serving --data-dir keeps "
+                               "its own config")
     try:
         workload = load_workload(workload_file) if workload_file else Workload()
         workload = workload.with_overrides(options)
@@ -216,7 +253,7 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
 
     try:
         if data_dir is None:
-            with embedded_broker(worker_spin_us) as (target, pid):
+            with embedded_broker(settings) as (target, pid):
                 result = go(target, pid)
         else:
             if not (data_dir / "broker.sock").exists():
@@ -243,6 +280,7 @@ def main(ctx: click.Context, data_dir: Path | None, workload_file: Path | None,
 
 
 SCALE_GOALS = {4: 3.4, 8: 5.0}  # issue 5: speed-up over one partition
+SCALE_CPU_KINDS = ("producers", "broker", "consumers")  # the scale table's CPU columns
 
 
 def _partition_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -268,15 +306,20 @@ def _partition_counts(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--record-size-bytes", "record_size", default="100", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Use the broker already serving this data dir (default: an embedded one).")
+@BROKER_SETTING_OPTION
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write every run and the table here (JSON).")
 def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, api: str,
-          record_size: str, data_dir: Path | None, json_path: Path | None) -> None:
+          record_size: str, data_dir: Path | None, broker_settings: dict[str, Any],
+          json_path: Path | None) -> None:
     """Speed-up with partitions: for each count N, N producers and N consumers, one partition
     each, as fast as they go.  Reports records/s and the ratio to one partition (goal: 4
     partitions >= 3.4x, 8 >= 5x, on a machine with cores to spare: 16 or more)."""
     from shmbroker.perf import runner
 
+    if broker_settings and data_dir is not None:
+        raise click.UsageError("--broker-setting sets the embedded broker's config; a broker "
+                               "already serving --data-dir keeps its own config")
     try:
         workloads = {count: Workload(name=f"scale-{count}", partitions=count, producers=count,
                                      consumers=count, duration_s=duration_s, warmup_s=warmup_s,
@@ -298,14 +341,19 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
                              "sent": result.sent, "acknowledged": result.acknowledged,
                              "consumed": result.consumed,
                              "p99_us": result.latency.percentile(99) / 1000
-                             if result.latency.count else None})
+                             if result.latency.count else None,
+                             **{f"{kind}_cpu_pct": value for kind, value in (
+                                 ("producers", result.clients.get("producers_cpu_pct_median")),
+                                 ("broker", result.broker.get("broker_cpu_pct_median")),
+                                 ("consumers", result.clients.get("consumers_cpu_pct_median")))
+                                if value is not None}})
                 click.echo(f"round {round_index} partitions {count}: produce "
                            f"{result.produce_rate_per_s:,.0f}/s consume "
                            f"{result.consume_rate_per_s:,.0f}/s", err=True)
 
     try:
         if data_dir is None:
-            with embedded_broker() as (target, pid):
+            with embedded_broker(broker_settings) as (target, pid):
                 sweep(target, pid)
         else:
             sweep(data_dir, _broker_pid(data_dir))
@@ -313,16 +361,23 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
         raise click.ClickException(str(error)) from None
     table = _scale_table(runs, counts)
     click.echo(f"\n{os.cpu_count()} CPUs; {api} API, {record_size} B records, "
-               f"{duration_s:g} s per run, medians of {rounds} round(s)")
-    click.echo(f"{'partitions':>10}{'produce/s':>14}{'consume/s':>14}{'speed-up':>10}  goal")
+               f"{duration_s:g} s per run, medians of {rounds} round(s)"
+               + "".join(f"; {name} = {value}" for name, value in broker_settings.items()))
+    click.echo(f"{'partitions':>10}{'produce/s':>14}{'consume/s':>14}{'speed-up':>10}"
+               f"{'CPU % per partition':>24}  goal")
+    click.echo(f"{'':48}{'producer/broker/consumer':>24}")
     for row in table:
         goal = SCALE_GOALS.get(row["partitions"])
         verdict = "" if goal is None else (
             f">= {goal}x: {'met' if row['speed_up'] >= goal else 'NOT met'}")
+        cpu = "/".join("-" if row.get(f"{kind}_cpu_pct") is None else
+                       f"{row[f'{kind}_cpu_pct'] / row['partitions']:.0f}"
+                       for kind in SCALE_CPU_KINDS)
         click.echo(f"{row['partitions']:>10}{row['produce_per_s']:>14,.0f}"
-                   f"{row['consume_per_s']:>14,.0f}{row['speed_up']:>9.2f}x  {verdict}")
+                   f"{row['consume_per_s']:>14,.0f}{row['speed_up']:>9.2f}x{cpu:>24}  {verdict}")
     if json_path is not None:
         json_path.write_bytes(orjson.dumps({"runs": runs, "table": table,
+                                            "broker_settings": broker_settings,
                                             "environment": runner.environment()},
                                            option=orjson.OPT_INDENT_2))
 
@@ -337,8 +392,13 @@ def _scale_table(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str
         mine = [run for run in runs if run["partitions"] == count]
         produce = statistics.median(run["produce_per_s"] for run in mine)
         consume = statistics.median(run["consume_per_s"] for run in mine)
-        rows.append({"partitions": count, "produce_per_s": produce, "consume_per_s": consume,
-                     "rate_per_s": min(produce, consume)})
+        row = {"partitions": count, "produce_per_s": produce, "consume_per_s": consume,
+               "rate_per_s": min(produce, consume)}
+        for kind in SCALE_CPU_KINDS:  # CPU% of all the count's processes of a kind
+            values = [run[f"{kind}_cpu_pct"] for run in mine if f"{kind}_cpu_pct" in run]
+            if values:
+                row[f"{kind}_cpu_pct"] = statistics.median(values)
+        rows.append(row)
     base = rows[0]["rate_per_s"] or 1.0
     for row in rows:
         row["speed_up"] = row["rate_per_s"] / base

@@ -40,6 +40,10 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     assert result["workload"]["name"] == "default" and result["workload"]["partitions"] == 1
     assert result["broker"]["broker_rss_bytes_max"] > 0  # psutil saw the embedded broker
     assert result["broker"]["broker_cpu_pct_median"] > 0
+    # psutil saw the producer and the consumer, which never stop moving records in a run
+    assert result["clients"]["producers_cpu_pct_median"] > 0
+    assert result["clients"]["consumers_cpu_pct_median"] > 0
+    assert "client processes: CPU producers" in run.stdout
 
 
 @pytest.mark.parametrize("options", [
@@ -80,6 +84,11 @@ def test_workload_file_and_overrides(broker: RunningBroker, tmp_path: Path) -> N
     (["--acks", "2"], "--acks"),
     (["--duration-s", "-1"], "--duration-s"),
     (["--ring-bytes", "65537"], "'ring_bytes' must be a multiple of 4096"),
+    (["--broker-setting", "worker_check_thread=sometimes"],
+     "worker_check_thread must be one of auto, on, off, not 'sometimes'"),
+    (["--broker-setting", "no_such_setting=1"], "unknown broker setting 'no_such_setting'"),
+    (["--broker-setting", "worker_spin_us"], "give NAME=VALUE"),
+    (["scale", "--broker-setting", "worker_spin_us=-1"], "worker_spin_us must be >= 0"),
 ])
 def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     run = bench(*args, "--duration-s", "1") if "--duration-s" not in args else bench(*args)
@@ -98,9 +107,28 @@ def test_spinning_consumers_and_workers(tmp_path: Path) -> None:
     assert "consumers spin 300 µs" in run.stdout
 
 
-def test_worker_spin_needs_the_embedded_broker(tmp_path: Path) -> None:
-    run = bench("--data-dir", str(tmp_path), "--worker-spin-us", "10", "--duration-s", "1")
+@pytest.mark.parametrize("args", [["--worker-spin-us", "10"],
+                                  ["--broker-setting", "worker_check_thread=off"],
+                                  ["scale", "--broker-setting", "worker_check_thread=off"]])
+def test_broker_settings_need_the_embedded_broker(tmp_path: Path, args: list[str]) -> None:
+    run = bench(*args, "--data-dir", str(tmp_path), "--duration-s", "1")
     assert run.returncode == 2 and "keeps its own config" in run.stderr, run.stderr
+
+
+def test_the_embedded_broker_runs_with_the_settings_given() -> None:
+    """The config file it writes is the one the broker was started with, and reads back as
+    the settings (a string and an integer)."""
+    import psutil
+
+    from shmbroker.config import BrokerConfig
+    from shmbroker.perf.cli import embedded_broker
+
+    with embedded_broker({"worker_check_thread": "off", "worker_spin_us": 7}) as (data_dir, pid):
+        assert (data_dir / "broker.sock").exists()
+        command = psutil.Process(pid).cmdline()
+        config = BrokerConfig.load(command[command.index("--config") + 1])
+    assert (config.worker_check_thread, config.worker_spin_us) == ("off", 7)
+    assert config.worker_standby_count == BrokerConfig().worker_standby_count  # the rest: defaults
 
 
 def test_no_broker_at_the_data_dir(tmp_path: Path) -> None:
@@ -122,6 +150,9 @@ def test_scale_sweep(broker: RunningBroker, tmp_path: Path) -> None:
     for sweep_run in result["runs"]:
         assert sweep_run["consumed"] >= sweep_run["acknowledged"] > 0, sweep_run
     assert "speed-up" in run.stdout and "CPUs" in run.stdout
+    for row in result["table"]:  # where each partition's cores went
+        assert all(row[f"{kind}_cpu_pct"] > 0 for kind in ("producers", "broker", "consumers"))
+    assert "producer/broker/consumer" in run.stdout
 
 
 def test_scale_refuses_bad_partition_lists() -> None:

@@ -1,5 +1,5 @@
-# Sourced by bench/device_*.sh on a lent device machine: installs the carried wheels (.whl,
-# fetched here with `bash bench/device_scale.sh --fetch-wheels`) and prints the machine.
+# Sourced by bench/device_run.sh on a lent device machine: installs the carried wheels (.whl,
+# fetched here with `bash bench/device_run.sh --fetch-wheels`) and prints the machine.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 5's many-core figures in one call on a lent device machine (the workplace's `device`
+# tool: 16 cores), so that a session drawn for one spends its device minutes once.
+#
+# Here, once per session (the wheels are ignored by git and travel with `carry`; that machine
+# has Python 3.12 with numpy, psutil and click, and fetches nothing):
+#     echo /.whl/ >> .git/info/exclude
+#     bash bench/device_run.sh --fetch-wheels
+# Then one device call, ~6 minutes of running (each step is capped; at most 8 files return):
+#     run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=560)
+# or some of the steps: `bash bench/device_run.sh scale latency`.  Steps:
+#   scale      shmbroker-bench scale 1,2,4,8, columnar, 3 rounds of 6 s (the defaults: the
+#              append check thread on, as `auto` gives it with >= 4 CPUs)
+#   scale-off  the same with worker_check_thread=off: does the helper thread pay on many cores?
+#   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
+#              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning
+#   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
+# Record what it prints in bench/RESULTS.md with the machine description (machine.txt).
+set -euo pipefail
+
+WHEELS=(posix-ipc==1.3.2 orjson==3.13.0 crc32c==2.9.post0 lz4==4.4.5 zstandard==0.25.0)
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    exit 0
+fi
+
+source bench/device_env.sh  # the wheels, PYTHONPATH, $out and machine.txt
+steps=("$@")
+if [[ ${#steps[@]} == 0 ]]; then steps=(scale scale-off latency durable); fi
+log="$out/device.log"
+bench=(python3 -m shmbroker.perf.cli)
+
+for step in "${steps[@]}"; do
+    echo "=== $step $(date -u +%T)" | tee -a "$log"
+    case "$step" in
+    scale)
+        timeout 170 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
+            --json "$out/scale.json" 2>&1 | tee -a "$log" || true ;;
+    scale-off)
+        timeout 170 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
+            --broker-setting worker_check_thread=off --json "$out/scale-off.json" 2>&1 \
+            | tee -a "$log" || true ;;
+    latency)
+        timeout 80 python3 bench/broker.py --modes "" --repeat 3 --latency-records 30000 \
+            --spin-sweep 50/0,5000/5000 --json "$out/sweep.json" 2>&1 | tee -a "$log" || true
+        for spin in 0 5000; do
+            options=()
+            if [[ $spin != 0 ]]; then options=(--worker-spin-us "$spin" --poll-spin-us "$spin"); fi
+            timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 6 \
+                "${options[@]}" 2>&1 | tee -a "$log" || true
+        done ;;
+    durable)
+        timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
+            --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
+    *)
+        echo "unknown step $step (scale, scale-off, latency, durable)" >&2; exit 2 ;;
+    esac
+done
+echo "=== done $(date -u +%T)" | tee -a "$log"

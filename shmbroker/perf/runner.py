@@ -46,6 +46,10 @@ from shmbroker.perf.workload import Workload
 TEMPLATE_RECORDS = 4096  # payloads generated once per producer and reused cyclically
 COLUMNAR_CHUNK_RECORDS = 1024  # records per send_batch call
 COUNTER_UPDATE_S = 0.05
+# A consumer takes what it noted into its histogram at once after this many polls or records:
+# few enough that taking them in (~0.2 ms) does not hold up the next poll for long
+TALLY_PENDING_POLLS_MAX = 256
+TALLY_PENDING_RECORDS_MAX = 16_384
 READY_TIMEOUT_S = 60.0
 START_MARGIN_S = 0.05  # from the last producer ready to the common start
 DRAIN_IDLE_S = 3.0  # consumers stop after this long without a record, once producers are done
@@ -410,6 +414,11 @@ class ConsumerTally:
     def __init__(self, counters: Any, slot: int) -> None:
         self.histogram = Histogram()
         self.seqs: dict[int, list[np.ndarray]] = {}
+        # what note() was given and the histogram and ``seqs`` have not taken yet: a paced run
+        # polls one record at a time, and taking each poll's few records into them (~40 µs of
+        # numpy calls) kept a consumer busy enough at 10k polls/s to add to the latency
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_records = 0
         self.consumed = 0
         self.consumed_bytes = 0
         self.counters = counters
@@ -420,10 +429,30 @@ class ConsumerTally:
 
     def note(self, now_ns: int, intended: np.ndarray, producer_ids: np.ndarray,
              numbers: np.ndarray, warmup_end_ns: int) -> None:
-        """Latencies (after the warm-up) into the histogram; sequence numbers per producer."""
-        measured = intended >= warmup_end_ns
-        if measured.any():
-            self.histogram.record_many(now_ns - intended[measured])
+        """Latencies (after the warm-up) for the histogram; sequence numbers per producer.
+        Taken in by :meth:`flush` (after TALLY_PENDING_POLLS_MAX calls or
+        TALLY_PENDING_RECORDS_MAX records, and before the histogram or the sequence numbers are
+        read)."""
+        if not len(intended):
+            return
+        latencies = now_ns - intended
+        self._pending.append((latencies if intended.min() >= warmup_end_ns else
+                              latencies[intended >= warmup_end_ns], producer_ids, numbers))
+        self._pending_records += len(intended)
+        if (self._pending_records >= TALLY_PENDING_RECORDS_MAX
+                or len(self._pending) >= TALLY_PENDING_POLLS_MAX):
+            self.flush()
+
+    def flush(self) -> None:
+        """Take what :meth:`note` was given into the histogram and ``seqs``."""
+        if not self._pending:
+            return
+        latencies, producer_ids, numbers = (np.concatenate(column)
+                                            for column in zip(*self._pending))
+        self._pending.clear()
+        self._pending_records = 0
+        if len(latencies):
+            self.histogram.record_many(latencies)
         for producer_id in np.unique(producer_ids):
             self.seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])
 
@@ -436,13 +465,16 @@ class ConsumerTally:
         if now >= self._next_update:
             self.counters[self.slot] = self.consumed
             self._next_update = now + COUNTER_UPDATE_S
-            if now >= self._next_p99 and self.histogram.count:
-                self.counters[self.slot + 1] = int(self.histogram.percentile(99) // 1000)
+            if now >= self._next_p99:
+                self.flush()
+                if self.histogram.count:
+                    self.counters[self.slot + 1] = int(self.histogram.percentile(99) // 1000)
                 self._next_p99 = now + 1.0
         return now - self.idle_since
 
     def result(self) -> dict[str, Any]:
         """The final count (also into the shared counters) and what the parent merges."""
+        self.flush()
         self.counters[self.slot] = self.consumed
         bitmaps = {}
         duplicates = 0

@@ -6,12 +6,14 @@
 # has Python 3.12 with numpy, psutil and click, and fetches nothing):
 #     echo /.whl/ >> .git/info/exclude
 #     bash bench/device_run.sh --fetch-wheels
-# Then one device call, ~6 minutes of running (each step is capped; at most 8 files return):
+# Then one device call, ~5 minutes of running (each step is capped; at most 8 files return):
 #     run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=560)
-# or some of the steps: `bash bench/device_run.sh scale latency`.  Steps:
+# or other steps: `bash bench/device_run.sh scale scale-off`.  Steps (default: scale, latency,
+# durable; in session 11 a run took ~14 s at 16 cores, start and drain included):
 #   scale      shmbroker-bench scale 1,2,4,8, columnar, 3 rounds of 6 s (the defaults: the
 #              append check thread on, as `auto` gives it with >= 4 CPUs)
-#   scale-off  the same with worker_check_thread=off: does the helper thread pay on many cores?
+#   scale-off  the same with worker_check_thread=off (session 11: on was as fast with one
+#              partition and ahead with four)
 #   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
 #              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning
 #   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
@@ -29,7 +31,7 @@ fi
 
 source bench/device_env.sh  # the wheels, PYTHONPATH, $out and machine.txt
 steps=("$@")
-if [[ ${#steps[@]} == 0 ]]; then steps=(scale scale-off latency durable); fi
+if [[ ${#steps[@]} == 0 ]]; then steps=(scale latency durable); fi
 log="$out/device.log"
 bench=(python3 -m shmbroker.perf.cli)
 
@@ -37,10 +39,10 @@ for step in "${steps[@]}"; do
     echo "=== $step $(date -u +%T)" | tee -a "$log"
     case "$step" in
     scale)
-        timeout 170 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
+        timeout 260 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
             --json "$out/scale.json" 2>&1 | tee -a "$log" || true ;;
     scale-off)
-        timeout 170 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
+        timeout 260 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
             --broker-setting worker_check_thread=off --json "$out/scale-off.json" 2>&1 \
             | tee -a "$log" || true ;;
     latency)

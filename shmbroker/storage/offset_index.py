@@ -198,6 +198,14 @@ class SparseIndex:
             self.write_pending()
             os.fsync(self._fd)
 
+    def dup_for_flush(self) -> int | None:
+        """Write the pending entries and return a duplicate of the file's fd, for another
+        thread to fsync (the caller closes it); None when the file is not open (sealed)."""
+        if self._fd < 0:
+            return None
+        self.write_pending()
+        return os.dup(self._fd)
+
     def abandon(self) -> None:
         """Close without trimming or syncing (what a crash leaves)."""
         self._close_fd()

@@ -53,6 +53,7 @@ import bisect
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
@@ -115,6 +116,58 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _CheckpointGuard:
+    """Orders the recovery-point checkpoints a flush ticket writes on another thread with the
+    ones the owner writes itself: a truncation (which lowers the recovery point) or a close
+    moves ``generation`` on under ``lock``, and a ticket writes only under the lock and only if
+    the generation is still the one it began in.  So a ticket that was late can never put back
+    a recovery point above a truncation's."""
+
+    __slots__ = ("lock", "generation")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.generation = 0
+
+    def advance(self) -> int:
+        with self.lock:
+            self.generation += 1
+            return self.generation
+
+
+class CheckpointWork:
+    """The recovery-point checkpoint a :class:`FlushTicket` writes after its fsyncs: the
+    active segment's index entries fsynced (duplicated fds), then the checkpoint file naming
+    the ticket's offset.  The outcome stays here for :meth:`PartitionLog.end_flush`."""
+
+    __slots__ = ("index_fds", "file", "guard", "written", "error")
+
+    def __init__(self, index_fds: list[int], file: CheckpointFile,
+                 guard: _CheckpointGuard) -> None:
+        self.index_fds = index_fds
+        self.file = file
+        self.guard = guard
+        self.written = False
+        self.error: Exception | None = None
+
+    def run(self, recovery_point: int, generation: int) -> None:
+        try:
+            for fd in self.index_fds:
+                os.fsync(fd)
+            with self.guard.lock:
+                if self.guard.generation == generation:
+                    self.file.write({"recovery_point_offset": recovery_point,
+                                     "clean_shutdown": 0})
+                    self.written = True
+        except (OSError, StorageError) as error:
+            self.error = error
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        _close_fds(self.index_fds)
+
+
 class FlushTicket(NamedTuple):
     """A flush begun by :meth:`PartitionLog.begin_flush`, to be :meth:`run` on any thread and
     then handed to :meth:`PartitionLog.end_flush` on the owner's."""
@@ -126,24 +179,33 @@ class FlushTicket(NamedTuple):
     directory: str | None  # fsync the directory too (segments made or deleted since)
     generation: int  # the log's truncation count then: a stale ticket advances nothing
     began_ms: int  # the log's clock then: appends after it are not covered
+    # the recovery-point checkpoint to write once the fsyncs are done (recovery point =
+    # ``offset``), when the interval asked for one; None otherwise
+    checkpoint: CheckpointWork | None = None
+    checkpoint_generation: int = 0  # the checkpoint guard's generation then
 
     def run(self) -> OSError | None:
-        """fsync what the ticket holds (any thread: os.fsync releases the GIL); close its fds.
-        Returns the error instead of raising it."""
+        """fsync what the ticket holds (any thread: os.fsync releases the GIL), then write its
+        checkpoint; close its fds.  Returns the fsync's error instead of raising it (the
+        checkpoint's outcome stays in ``checkpoint``)."""
         try:
             for fd in self.fds:
                 os.fsync(fd)
             if self.directory is not None:
                 fsync_directory(self.directory)
         except OSError as error:
-            return error
-        finally:
             self.discard()
+            return error
+        _close_fds(self.fds)
+        if self.checkpoint is not None:
+            self.checkpoint.run(self.offset, self.checkpoint_generation)
         return None
 
     def discard(self) -> None:
         """Close the ticket's fds (a ticket that will not run)."""
         _close_fds(self.fds)
+        if self.checkpoint is not None:
+            self.checkpoint.discard()
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -250,6 +312,11 @@ class PartitionLog:
         self._flushed_position: tuple[int, int] | None = None
         self._checkpointed_recovery_point = -1
         self._last_checkpoint_ms = clock_ms()
+        # background flushes: the interval's checkpoint waits for the next ticket, which
+        # writes it on the flush thread (inline, its four fsyncs stalled the worker's thread
+        # for tens of ms every interval)
+        self._checkpoint_wanted = False
+        self._checkpoint_guard = _CheckpointGuard()
         if not self._try_recovery_checkpoint():
             # It may still say "clean shutdown": a crash from now on must not be trusted as one.
             # (Removing a file needs no space.)  The next open then scans everything.
@@ -636,23 +703,33 @@ class PartitionLog:
         this one goes on appending; None when everything is flushed.  The ticket then goes to
         :meth:`end_flush` (on this thread): only that advances ``flushed_offset``."""
         self._check_writable()
-        if self._flushed_offset == self._log_end_offset and not self._directory_dirty:
+        if (self._flushed_offset == self._log_end_offset and not self._directory_dirty
+                and not self._checkpoint_wanted):
             return None
         fds: list[int] = []
+        checkpoint = None
+        active = self._segments[-1]
         try:
             for segment in self._unflushed_segments():
                 fds.append(os.dup(segment.fd))
-        except OSError:  # out of fds: flush here instead
+            if self._checkpoint_wanted:
+                checkpoint = CheckpointWork(active.dup_index_fds(), self._recovery_checkpoint,
+                                            self._checkpoint_guard)
+        except OSError:  # out of fds: flush (and checkpoint) here instead
             _close_fds(fds)
             self.flush()
+            if self._checkpoint_wanted:
+                self._checkpoint_wanted = False
+                self._try_recovery_checkpoint()
             return None
+        self._checkpoint_wanted = False
         directory = self.directory if self._directory_dirty else None
         if directory is not None:
             self._directory_dirty = False
             self._directory_in_flight = True
-        active = self._segments[-1]
         return FlushTicket(self._log_end_offset, active.base_offset, active.size_bytes, fds,
-                           directory, self._truncations, self._clock_ms())
+                           directory, self._truncations, self._clock_ms(), checkpoint,
+                           self._checkpoint_guard.generation)
 
     def end_flush(self, ticket: FlushTicket, error: OSError | None) -> None:
         """Take the outcome of a ticket from :meth:`begin_flush`: advance ``flushed_offset``
@@ -673,6 +750,13 @@ class PartitionLog:
             # from then: at worst a flush comes early, never late)
             self._unflushed_since_ms = (None if ticket.offset == self._log_end_offset
                                         else ticket.began_ms)
+        work = ticket.checkpoint
+        if work is not None:
+            if work.written:  # (only in the ticket's generation: ticket.offset is flushed)
+                self._checkpointed_recovery_point = ticket.offset
+            elif work.error is not None:  # tried again after the interval
+                logger.warning("partition %s: cannot write the recovery-point checkpoint: %s",
+                               self.name, work.error)
         self._check_invariants()
 
     def _fence(self, reason: str) -> None:
@@ -700,6 +784,8 @@ class PartitionLog:
         :meth:`tick`, and ``append(defer_flush=True)``): ``flush_messages`` records are
         unflushed, or the oldest unflushed append is ``flush_ms`` old, or as old as the
         recovery-point interval (which bounds what a crash rescans)."""
+        if self._checkpoint_wanted:
+            return True
         since = self._unflushed_since_ms
         if since is None or self._flushed_offset == self._log_end_offset:
             return False
@@ -724,10 +810,14 @@ class PartitionLog:
         deleted = self.enforce_retention(now_ms)
         if now_ms - self._last_checkpoint_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS:
             self._last_checkpoint_ms = now_ms
-            if self._flushed_offset < self._log_end_offset and not background_flush:
-                self.flush()  # a failed fsync fences the log, as any flush does
-            if self._flushed_offset != self._checkpointed_recovery_point:
-                self._try_recovery_checkpoint()  # on failure: tried again after the interval
+            if background_flush:  # the owner's next ticket flushes and checkpoints
+                self._checkpoint_wanted = (
+                    self._checkpointed_recovery_point != self._log_end_offset)
+            else:
+                if self._flushed_offset < self._log_end_offset:
+                    self.flush()  # a failed fsync fences the log, as any flush does
+                if self._flushed_offset != self._checkpointed_recovery_point:
+                    self._try_recovery_checkpoint()  # on failure: again after the interval
         return deleted
 
     def _write_recovery_checkpoint(self, *, clean_shutdown: bool) -> None:
@@ -740,8 +830,9 @@ class PartitionLog:
             except OSError as error:
                 raise StorageError(f"partition {self.name}: cannot sync the indexes of "
                                    f"{active.log_path}: {error.strerror or error}") from error
-        self._recovery_checkpoint.write({"recovery_point_offset": self._flushed_offset,
-                                         "clean_shutdown": int(clean_shutdown)})
+        with self._checkpoint_guard.lock:  # one writer of the file (and its .tmp) at a time
+            self._recovery_checkpoint.write({"recovery_point_offset": self._flushed_offset,
+                                             "clean_shutdown": int(clean_shutdown)})
         self._checkpointed_recovery_point = self._flushed_offset
 
     def _try_recovery_checkpoint(self, *, clean_shutdown: bool = False) -> bool:
@@ -845,6 +936,7 @@ class PartitionLog:
         fsync_directory(self.directory)
         self._directory_dirty = False
         self._truncations += 1  # a flush begun before advances nothing
+        self._checkpoint_guard.advance()  # nor writes its checkpoint over ours
         self._flushed_offset = min(self._flushed_offset, self._log_end_offset)
         self._flushed_position = None
         self._segments[-1].flush()
@@ -889,6 +981,7 @@ class PartitionLog:
                 segment.abandon()
                 clean = False
         if clean:
+            self._checkpoint_guard.advance()  # a ticket still running writes no checkpoint
             self._try_recovery_checkpoint(clean_shutdown=True)
         self._closed = True
 

@@ -257,6 +257,21 @@ class Segment:
         self.offset_index.flush()
         self.time_index.flush()
 
+    def dup_index_fds(self) -> list[int]:
+        """:meth:`flush_indexes` for another thread: write the pending entries and return
+        duplicates of the open index files' fds, to fsync there (the caller closes them)."""
+        fds: list[int] = []
+        try:
+            for index in (self.offset_index, self.time_index):
+                fd = index.dup_for_flush()
+                if fd is not None:
+                    fds.append(fd)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def close(self) -> None:
         """Clean close: trim the indexes (no final time-index entry: the segment stays last)."""
         if self.fd < 0:

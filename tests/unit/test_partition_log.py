@@ -378,16 +378,23 @@ def test_background_flush_tick_fsyncs_nothing_and_flush_due_says_when(tmp_path, 
     ticket = log.begin_flush()
     log.end_flush(ticket, ticket.run())
     assert log.flushed_offset == 5 and not log.flush_due()
-    # the interval's checkpoint: no fsync of segments from tick, the flushed offset recorded
+    # the interval's checkpoint: tick fsyncs and writes nothing, it makes a flush due; the
+    # next ticket flushes and then writes the checkpoint, naming the log end it covered
     synced.clear()
     clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
     log.append(sized_batch(4, 1))
+    checkpoint_path = tmp_path / "a" / "p0" / "recovery-point-offset-checkpoint"
+    before = checkpoint_path.read_bytes()
     log.tick(background_flush=True)
-    assert log.flushed_offset == 5 and log.log_end_offset == 9
-    segment_fds = {segment.fd for segment in log.segments}
-    assert not segment_fds & set(synced)
+    assert synced == [] and checkpoint_path.read_bytes() == before
+    assert log.flushed_offset == 5 and log.log_end_offset == 9 and log.flush_due()
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.checkpoint is not None and ticket.offset == 9
+    log.end_flush(ticket, ticket.run())
+    assert log.flushed_offset == 9 and not log.flush_due()
+    assert checkpoint_path.read_bytes() != before
     reopened = _open(tmp_path / "a", SMALL_CONFIG, clock)  # a crash: no close
-    assert reopened.recovery_report.recovery_point_offset == 5
+    assert reopened.recovery_report.recovery_point_offset == 9
     assert reopened.log_end_offset == 9
     reopened.close()
 
@@ -421,6 +428,138 @@ def test_without_flush_ms_the_recovery_interval_makes_a_flush_due(tmp_path):
     log.flush()
     assert not log.flush_due()
     log.close()
+
+
+# -- the recovery-point checkpoint of background flushes -------------------------------------
+
+def _checkpoint_due(tmp_path):
+    """A log whose interval has passed under tick(background_flush=True), with 9 offsets not
+    yet checkpointed: the next ticket carries the checkpoint."""
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    clock = FakeClock()
+    log = _open(tmp_path / "a", SMALL_CONFIG, clock)
+    log.append(sized_batch(5, 1))
+    log.append(sized_batch(4, 1))
+    clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+    log.tick(background_flush=True)
+    assert log.flush_due()
+    return log, clock, tmp_path / "a" / "p0" / "recovery-point-offset-checkpoint"
+
+
+def _read_checkpoint(path):
+    from shmbroker.storage.checkpoint_file import CheckpointFile
+
+    return CheckpointFile(path).read()
+
+
+def test_the_ticket_writes_the_checkpoint_on_the_thread_that_runs_it(tmp_path, monkeypatch):
+    """tick writes nothing on the owner's thread; the ticket's thread fsyncs the segment, then
+    the index files, then writes the checkpoint (recovery point = the ticket's offset)."""
+    import threading
+
+    from shmbroker.storage.checkpoint_file import CheckpointFile
+
+    log, _, path = _checkpoint_due(tmp_path)
+    events = []
+    real_write, real_fsync = CheckpointFile.write, os.fsync
+    monkeypatch.setattr(CheckpointFile, "write", lambda self, entries: events.append(
+        ("write", threading.current_thread().name, dict(entries)))
+        or real_write(self, entries))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        ("fsync", threading.current_thread().name, os.fstat(fd).st_ino)) or real_fsync(fd))
+    ticket = log.begin_flush()
+    assert events == []  # nothing on the owner's thread yet
+    assert ticket is not None and ticket.checkpoint is not None and ticket.offset == 9
+    runner = threading.Thread(target=lambda: events.append(("done", ticket.run())),
+                              name="flusher")
+    runner.start()
+    runner.join()
+    log.end_flush(ticket, events.pop()[1])
+    active = log.segments[-1]
+    inodes = [os.stat(p).st_ino for p in (active.log_path, active.offset_index.path,
+                                          active.time_index.path)]
+    fsynced = [event[2] for event in events if event[0] == "fsync"]
+    assert fsynced[:3] == inodes  # data, then both indexes, then the checkpoint's own
+    writes = [event for event in events if event[0] == "write"]
+    assert writes == [("write", "flusher", {"recovery_point_offset": 9, "clean_shutdown": 0})]
+    assert all(event[1] == "flusher" for event in events)
+    assert _read_checkpoint(path)["recovery_point_offset"] == 9
+    assert not log.flush_due() and log.begin_flush() is None
+    log.abandon()  # a crash: the next open trusts the checkpoint
+    reopened = _open(tmp_path / "a", SMALL_CONFIG)
+    assert reopened.recovery_report.recovery_point_offset == 9
+    reopened.close()
+
+
+def test_a_truncation_wins_over_a_checkpoint_ticket_that_ran_late(tmp_path):
+    """The truncation lowers the recovery point; the ticket begun before it (recovery point 9)
+    runs after it and must not put 9 back over it."""
+    log, _, path = _checkpoint_due(tmp_path)
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.checkpoint is not None
+    assert log.truncate_to(5) == 5
+    assert _read_checkpoint(path)["recovery_point_offset"] <= 5
+    log.end_flush(ticket, ticket.run())
+    assert _read_checkpoint(path)["recovery_point_offset"] <= 5
+    assert not ticket.checkpoint.written and ticket.checkpoint.index_fds == []
+    assert log.flushed_offset <= 5 == log.log_end_offset
+    log.abandon()
+    reopened = _open(tmp_path / "a", SMALL_CONFIG)
+    assert reopened.log_end_offset == 5
+    reopened.close()
+
+
+def test_a_clean_close_is_not_overwritten_by_a_late_ticket(tmp_path):
+    log, _, path = _checkpoint_due(tmp_path)
+    ticket = log.begin_flush()
+    log.close()
+    assert _read_checkpoint(path) == {"recovery_point_offset": 9, "clean_shutdown": 1}
+    assert ticket.run() is None and not ticket.checkpoint.written
+    assert _read_checkpoint(path) == {"recovery_point_offset": 9, "clean_shutdown": 1}
+
+
+def test_a_failed_checkpoint_write_is_logged_not_fenced_and_tried_again(tmp_path, monkeypatch,
+                                                                        caplog):
+    from shmbroker.storage.checkpoint_file import CheckpointFile
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    log, clock, path = _checkpoint_due(tmp_path)
+    before = _read_checkpoint(path)
+    real_write = CheckpointFile.write
+
+    def failing(self, entries):
+        raise StorageError(f"cannot write checkpoint {self.path}: No space left on device")
+
+    monkeypatch.setattr(CheckpointFile, "write", failing)
+    ticket = log.begin_flush()
+    log.end_flush(ticket, ticket.run())
+    assert log.fenced is None and log.flushed_offset == 9  # the data flush stands
+    assert "cannot write the recovery-point checkpoint" in caplog.text
+    assert _read_checkpoint(path) == before and not log.flush_due()
+    monkeypatch.setattr(CheckpointFile, "write", real_write)
+    log.append(sized_batch(1, 1))
+    clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+    log.tick(background_flush=True)  # the next interval asks again
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.checkpoint is not None
+    log.end_flush(ticket, ticket.run())
+    assert _read_checkpoint(path)["recovery_point_offset"] == 10
+    log.close()
+
+
+def test_a_failed_data_fsync_writes_no_checkpoint(tmp_path, monkeypatch):
+    log, _, path = _checkpoint_due(tmp_path)
+    before = _read_checkpoint(path)
+    ticket = log.begin_flush()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    error = ticket.run()
+    assert isinstance(error, OSError) and ticket.checkpoint.index_fds == []
+    with pytest.raises(StorageError, match="fsync failed"):
+        log.end_flush(ticket, error)
+    assert _read_checkpoint(path) == before and log.fenced is not None
+    log.abandon()
 
 
 # -- flushes run off the owner's thread (group commit) ---------------------------------------

@@ -58,6 +58,7 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start:
     session = PEERS[peer_name].producer(address)
     session.prepare(template, lengths)
     interval_ns = int(1e9 / workload.rate_per_sec) if workload.rate_per_sec else 0
+    shm_runner.freeze_startup_objects()  # as shmbroker's producers do
     start_at = shm_runner._wait_for_start(start)
     end_at = start_at + workload.warmup_s + workload.duration_s
     sent = 0
@@ -114,6 +115,7 @@ def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expect
 
     tally = shm_runner.ConsumerTally(counters, 2 * (workload.producers + CONSUMER_INDEX))
     session = PEERS[peer_name].consumer(address)
+    shm_runner.freeze_startup_objects()
     try:
         with ready.get_lock():  # += is a read and a write: two consumers at once
             ready.value += 1  # could lose one, and the parent wait for it forever

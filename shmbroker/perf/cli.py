@@ -104,6 +104,10 @@ def _summary(result: Any) -> list[str]:
         ps = result.latency.percentiles([50, 90, 99, 99.9, 99.99, 100])
         lines.append("latency (intended send -> consumed, us): " + "  ".join(
             f"{'max' if p == 100 else f'p{p:g}'} {value / 1000:,.0f}" for p, value in ps.items()))
+    if result.latency_max_per_s:
+        worst = max(result.latency_max_per_s, key=lambda second: second["max_us"])
+        lines.append(f"slowest second: {worst['t_s']:,.1f}-{worst['t_s'] + 1:,.1f} s after the "
+                     f"start, max {worst['max_us']:,.0f} us (each second's max: --json)")
     lines.append(f"records: sent {result.sent:,}, acknowledged {result.acknowledged:,}, "
                  f"consumed {result.consumed:,}, duplicates {result.duplicates:,}, "
                  f"send errors {result.send_errors:,}, lost {result.lost:,}")

@@ -77,6 +77,9 @@ class RunResult:
     timeline: list[dict[str, float]] = field(default_factory=list)
     broker: dict[str, Any] = field(default_factory=dict)
     clients: dict[str, float] = field(default_factory=dict)  # the producers' and consumers' CPU%
+    start_monotonic_s: float = 0.0  # the producers' start, CLOCK_MONOTONIC (for other logs)
+    # the worst latency of each second of the run (after the warm-up): where a stall happened
+    latency_max_per_s: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         percentiles = self.latency.percentiles([50, 90, 99, 99.9, 99.99, 100]) \
@@ -90,7 +93,9 @@ class RunResult:
             "produce_mb_per_s": self.produce_mb_per_s, "consume_mb_per_s": self.consume_mb_per_s,
             "latency_us": {f"{p:g}": value / 1000 for p, value in percentiles.items()},
             "latency_histogram": self.latency.to_dict(), "timeline": self.timeline,
-            "broker": self.broker, "clients": self.clients}
+            "broker": self.broker, "clients": self.clients,
+            "start_monotonic_s": self.start_monotonic_s,
+            "latency_max_per_s": self.latency_max_per_s}
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -430,7 +435,13 @@ class ConsumerTally:
         # polls one record at a time, and taking each poll's few records into them (~40 µs of
         # numpy calls) kept a consumer busy enough at 10k polls/s to add to the latency
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_polls: list[int] = []  # each noted poll's time (ns) ...
+        self._pending_measured: list[int] = []  # ... and how many of its latencies count
         self._pending_records = 0
+        # the worst latency (ns) of the records consumed in each second after the warm-up (0 =
+        # the first): when in a run a stall happened
+        self.second_max: dict[int, int] = {}
+        self._warmup_end_ns = 0
         self.consumed = 0
         self.consumed_bytes = 0
         self.counters = counters
@@ -447,9 +458,13 @@ class ConsumerTally:
         read)."""
         if not len(intended):
             return
+        self._warmup_end_ns = warmup_end_ns
         latencies = now_ns - intended
-        self._pending.append((latencies if intended.min() >= warmup_end_ns else
-                              latencies[intended >= warmup_end_ns], producer_ids, numbers))
+        if intended.min() < warmup_end_ns:
+            latencies = latencies[intended >= warmup_end_ns]
+        self._pending.append((latencies, producer_ids, numbers))
+        self._pending_polls.append(now_ns)
+        self._pending_measured.append(len(latencies))
         self._pending_records += len(intended)
         if (self._pending_records >= TALLY_PENDING_RECORDS_MAX
                 or len(self._pending) >= TALLY_PENDING_POLLS_MAX):
@@ -461,10 +476,22 @@ class ConsumerTally:
             return
         latencies, producer_ids, numbers = (np.concatenate(column)
                                             for column in zip(*self._pending))
-        self._pending.clear()
-        self._pending_records = 0
         if len(latencies):
             self.histogram.record_many(latencies)
+            # per poll's second: the polls' times repeated per measured latency, then the
+            # maximum of each run of one second (the polls come in time order; a poll with a
+            # measured latency came after the warm-up's end)
+            seconds = np.repeat((np.array(self._pending_polls, dtype=np.int64)
+                                 - self._warmup_end_ns) // 1_000_000_000,
+                                self._pending_measured)
+            starts = np.flatnonzero(np.diff(seconds, prepend=-1))
+            for second, worst in zip(seconds[starts].tolist(),
+                                     np.maximum.reduceat(latencies, starts).tolist()):
+                self.second_max[second] = max(worst, self.second_max.get(second, worst))
+        self._pending.clear()
+        self._pending_polls.clear()
+        self._pending_measured.clear()
+        self._pending_records = 0
         for producer_id in np.unique(producer_ids):
             self.seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])
 
@@ -496,7 +523,7 @@ class ConsumerTally:
             bitmaps[producer_id] = np.packbits(counts > 0).tobytes()
         return {"consumed": self.consumed, "consumed_bytes": self.consumed_bytes,
                 "duplicates": duplicates, "histogram": self.histogram.to_dict(),
-                "seen": bitmaps}
+                "seen": bitmaps, "second_max": self.second_max}
 
 
 # -- the parent ----------------------------------------------------------------------------------
@@ -555,7 +582,7 @@ def run(workload: Workload, data_dir: str,
         with contextlib.suppress(Exception), Admin(data_dir) as admin:
             for topic in topics:
                 admin.delete_topic(topic)
-    return _verdict(workload, collected, timeline, broker_pid)
+    return _verdict(workload, collected, timeline, broker_pid, start_at)
 
 
 def _group_state(data_dir: str, group: str) -> str:
@@ -707,7 +734,7 @@ class ClientCpu:
         self._psutil = psutil
         self._processes: dict[str, list[Any]] = {kind: [] for kind in self.KINDS}
         for process in processes:
-            kind = "producers" if process.name.startswith("bench-producer") else "consumers"
+            kind = "producers" if "producer" in process.name else "consumers"
             with contextlib.suppress(psutil.Error, ValueError):
                 self._processes[kind].append(psutil.Process(process.pid))
         self._last = self._totals()
@@ -735,7 +762,7 @@ class ClientCpu:
 
 
 def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[str, float]],
-             broker_pid: int | None) -> RunResult:
+             broker_pid: int | None, start_at: float) -> RunResult:
     if collected["errors"]:
         raise RuntimeError("the run failed: " + "; ".join(collected["errors"]))
     histogram = Histogram()
@@ -778,7 +805,20 @@ def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[
         produce_mb_per_s=produce_rate * record_bytes / 1e6,
         consume_mb_per_s=consume_rate * consumed_record_bytes / 1e6,
         latency=histogram, timeline=timeline, broker=_broker_summary(timeline),
-        clients=_client_summary(timeline))
+        clients=_client_summary(timeline), start_monotonic_s=start_at,
+        latency_max_per_s=_latency_max_per_s(collected["consumer"].values(),
+                                             workload.warmup_s))
+
+
+def _latency_max_per_s(consumers: Any, warmup_s: float) -> list[dict[str, float]]:
+    """The worst latency of each second after the warm-up, over every consumer; ``t_s``: when
+    the second began, in seconds since the producers' start."""
+    worst: dict[int, int] = {}
+    for result in consumers:
+        for second, value in result["second_max"].items():
+            worst[int(second)] = max(value, worst.get(int(second), value))
+    return [{"t_s": round(warmup_s + second, 3), "max_us": value / 1000}
+            for second, value in sorted(worst.items())]
 
 
 def _broker_summary(timeline: list[dict[str, Any]]) -> dict[str, Any]:

@@ -44,6 +44,15 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     assert result["clients"]["producers_cpu_pct_median"] > 0
     assert result["clients"]["consumers_cpu_pct_median"] > 0
     assert "client processes: CPU producers" in run.stdout
+    # each measured second's worst latency (from the warm-up's end on), the worst the max
+    seconds = result["latency_max_per_s"]
+    assert seconds and result["start_monotonic_s"] > 0
+    warmup_s = result["workload"]["warmup_s"]
+    indexes = [second["t_s"] - warmup_s for second in seconds]
+    assert indexes == sorted(set(indexes)) and all(i >= 0 and i == int(i) for i in indexes)
+    assert max(second["max_us"] for second in seconds) == pytest.approx(
+        result["latency_histogram"]["max"] / 1000, rel=0.01)
+    assert "slowest second:" in run.stdout
 
 
 @pytest.mark.parametrize("options", [

@@ -182,5 +182,5 @@ def run(peer: Peer, workload: Workload,
                     if process.is_alive():
                         process.kill()
                         process.join()
-    return shm_runner._verdict(workload, collected, timeline, server_pid)
+    return shm_runner._verdict(workload, collected, timeline, server_pid, start_at)
 

@@ -201,6 +201,11 @@ BROKER_SETTINGS: tuple[Setting, ...] = (
             "4 CPUs or more (with fewer, producers and consumers already fill the cores and "
             "the thread only adds switches: ~5 % slower end to end on 2 cores)",
             choices=overlap.MODES),
+    Setting("worker_stall_warn_ms", 50, "ms",
+            "a worker logs a warning (at most one a second) when one turn of its loop keeps "
+            "it busy this long, with the time of each phase: produce and fetch of its "
+            "partition wait meanwhile, as Redpanda's reactor stall warnings say; 0 = never",
+            minimum=0),
     Setting("connections_max", limits.connections_max, "count",
             "connections broker.sock and each worker's socket accept at once; more are closed "
             "at once (and logged)", minimum=1, maximum=limits.connections_max),
@@ -226,6 +231,7 @@ class BrokerConfig:
     worker_standby_count: int = _BROKER_BY_NAME["worker_standby_count"].default
     worker_spin_us: int = _BROKER_BY_NAME["worker_spin_us"].default
     worker_check_thread: str = _BROKER_BY_NAME["worker_check_thread"].default
+    worker_stall_warn_ms: int = _BROKER_BY_NAME["worker_stall_warn_ms"].default
     connections_max: int = _BROKER_BY_NAME["connections_max"].default
     frame_read_timeout_ms: int = _BROKER_BY_NAME["frame_read_timeout_ms"].default
     topic_defaults: LogConfig = dataclasses.field(default_factory=LogConfig)

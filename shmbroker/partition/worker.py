@@ -81,6 +81,7 @@ from shmbroker.format.ring_layout import (
 )
 from shmbroker.partition.flusher import Flusher
 from shmbroker.partition.paths import PartitionPaths
+from shmbroker.partition.stalls import StallWatch
 from shmbroker.protocol import messages
 from shmbroker.protocol.frames import Frame, frame_head
 from shmbroker.protocol.messages import RING_RESULT_NUMBERS, ApiKey, error_frame, field
@@ -108,6 +109,7 @@ EXIT_BOOT_FAILED = 3
 
 TICK_MS = 100
 SPIN_US = 50  # default of the broker setting worker_spin_us
+STALL_WARN_MS = 50  # default of the broker setting worker_stall_warn_ms
 SLEEP_MS_MAX = 50
 # What the selector holds besides connections: listener, doorbell, signal pipe, flusher pipe.
 SERVICE_REGISTRATIONS = 4
@@ -180,10 +182,12 @@ class PartitionWorker:
 
     def __init__(self, paths: PartitionPaths, *, socket_mode: int = 0o660,
                  spin_us: int = SPIN_US, connections_max: int = limits.connections_max,
-                 frame_read_timeout_ms: int = FRAME_READ_TIMEOUT_MS) -> None:
+                 frame_read_timeout_ms: int = FRAME_READ_TIMEOUT_MS,
+                 stall_warn_ms: int = STALL_WARN_MS) -> None:
         self.paths = paths
         self.socket_mode = socket_mode
         self.spin_s = spin_us / 1e6
+        self.stalls = StallWatch(paths.topic + "/" + str(paths.partition), stall_warn_ms, logger)
         self.connections_max = connections_max
         self.frame_read_timeout_s = frame_read_timeout_ms / 1000
         self._next_slow_frame_check = 0.0
@@ -932,6 +936,7 @@ class PartitionWorker:
         log = self.log
         assert log is not None and self.doorbell is not None
         busy = True
+        began = time.monotonic()
         while True:
             if self._stop_requested:
                 break
@@ -941,8 +946,9 @@ class PartitionWorker:
             taken = self._drain_rings()
             if self._awaiting or self._flusher is not None and self._flusher.in_flight:
                 self._pump_flushes()
-            now = time.monotonic()
+            waiting = now = time.monotonic()
             events = self._wait(busy or bool(taken), now)
+            woke = time.monotonic()
             for key, mask in events:
                 data = key.data
                 if isinstance(data, ServerConnection):
@@ -964,7 +970,7 @@ class PartitionWorker:
                 elif data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         self._signal_r.recv(4096)
-            now = time.monotonic()
+            handled = now = time.monotonic()
             self._serve_parked(now)
             busy = bool(taken)
             if now >= self._next_tick:
@@ -974,6 +980,9 @@ class PartitionWorker:
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload_config()
+            ended = time.monotonic()
+            self.stalls.turn(began, waiting, woke, handled, ended)
+            began = ended
 
     def _tick(self, now: float) -> None:
         log = self.log
@@ -1197,6 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o660)
     parser.add_argument("--spin-us", type=int, default=SPIN_US)
     parser.add_argument("--check-thread", choices=overlap.MODES, default="auto")
+    parser.add_argument("--stall-warn-ms", type=int, default=STALL_WARN_MS)
     parser.add_argument("--connections-max", type=int, default=limits.connections_max)
     parser.add_argument("--frame-read-timeout-ms", type=int, default=FRAME_READ_TIMEOUT_MS)
     parser.add_argument("--log-level", default="INFO")
@@ -1210,6 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
     overlap.configure(args.check_thread)
     paths = PartitionPaths(args.data_dir.resolve(), args.topic, args.topic_id, args.partition)
     worker = PartitionWorker(paths, socket_mode=args.socket_mode, spin_us=args.spin_us,
+                             stall_warn_ms=args.stall_warn_ms,
                              connections_max=args.connections_max,
                              frame_read_timeout_ms=args.frame_read_timeout_ms)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())

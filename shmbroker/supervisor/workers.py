@@ -70,6 +70,7 @@ class WorkerHandle:
                      "--socket-mode", format(self.config.socket_mode, "o"),
                      "--spin-us", str(self.config.worker_spin_us),
                      "--check-thread", self.config.worker_check_thread,
+                     "--stall-warn-ms", str(self.config.worker_stall_warn_ms),
                      "--connections-max", str(self.config.connections_max),
                      "--frame-read-timeout-ms", str(self.config.frame_read_timeout_ms),
                      "--log-level", self.log_level]

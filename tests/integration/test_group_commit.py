@@ -7,7 +7,9 @@ SIGKILL workers under durable load."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,34 @@ def test_the_recovery_checkpoint_does_not_stall_the_worker(tmp_path: Path) -> No
             finally:
                 gate.unlink()
         assert [r.value for r in read_partitions(broker.data_dir, "plain", [0])[0]] == values
+
+
+def test_a_long_turn_of_the_worker_loop_is_logged(tmp_path: Path) -> None:
+    """A segment roll still fsyncs the sealed segment's indexes on the worker's thread: held
+    at the gate for 0.2 s (the stall this test makes), the turn is logged as a stall, with the
+    time in its rings phase, and the records are stored all the same."""
+    broker, gate = _gated_broker(tmp_path)
+    Path(str(gate) + ".only").write_text(".index\n")
+    waiting = Path(str(gate) + ".waiting")
+    values = [bytes([65 + index]) * 1000 for index in range(10)]
+    with broker.start(), broker.admin() as admin:
+        admin.create_topic("rolling", config={"segment_bytes": 4096})
+        with Producer(broker.data_dir, acks=1, linger_ms=0) as producer:
+            gate.touch()
+            try:
+                futures = [producer.send("rolling", value, partition=0) for value in values]
+                wait_for(lambda: waiting.exists() and ".index" in waiting.read_text(),
+                         message="the roll's fsync of an index, held at the gate")
+                time.sleep(0.2)  # the stall
+            finally:
+                gate.unlink()
+            assert [future.result(10).offset for future in futures] == list(range(10))
+        wait_for(lambda: "kept it busy" in broker.log(), message="the stall warning")
+        assert [r.value for r in read_partitions(broker.data_dir, "rolling", [0])[0]] == values
+    warning = next(line for line in broker.log().splitlines() if "kept it busy" in line)
+    assert "WARNING" in warning and "rolling/0" in warning, warning
+    rings_ms = float(re.search(r"rings and flushes ([\d.]+) ms", warning)[1])
+    assert rings_ms >= 150, warning
 
 
 def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(

@@ -1,0 +1,56 @@
+"""Stall warnings for the worker's loop, as Redpanda's reactor logs "Reactor stalled for N ms".
+
+A worker is one thread serving one partition: every produce, fetch and acknowledgement of the
+partition waits while a loop turn runs.  A turn that keeps the thread busy for tens of ms (a
+blocking fsync, a long append, a garbage collection, the process descheduled) shows up as a
+latency tail that nothing else explains.  :class:`StallWatch` is given the times of each turn's
+phases and logs a warning, at most once per LOG_INTERVAL_S, for a turn whose busy time (the
+turn less its wait in the selector) reached the broker setting ``worker_stall_warn_ms``, with
+the time of each phase and how many more such turns it did not log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+LOG_INTERVAL_S = 1.0  # at most one warning a second; the others are counted in the next one
+
+
+class StallWatch:
+    """Counts and logs long loop turns of one worker.  ``threshold_ms`` 0 turns it off."""
+
+    def __init__(self, name: str, threshold_ms: int, logger: logging.Logger) -> None:
+        self.name = name
+        self.threshold_s = threshold_ms / 1000
+        self.logger = logger
+        self.stalls = 0  # turns at or past the threshold, logged or not
+        self.worst_s = 0.0
+        self._unlogged = 0
+        self._next_log = 0.0
+
+    def turn(self, began: float, waiting: float, woke: float, handled: float,
+             ended: float) -> None:
+        """One loop turn, in monotonic seconds: it ``began``; it drained the rings and pumped
+        the flushes until ``waiting`` in the selector, which returned at ``woke``; it handled
+        the ready connections until ``handled``; parked fetches and timers until ``ended``."""
+        threshold = self.threshold_s
+        if not threshold:
+            return
+        busy = (waiting - began) + (ended - woke)
+        if busy < threshold:
+            return
+        self.stalls += 1
+        self.worst_s = max(self.worst_s, busy)
+        if ended < self._next_log:
+            self._unlogged += 1
+            return
+        phases = {"rings and flushes": waiting - began, "requests": handled - woke,
+                  "parked fetches and timers": ended - handled}
+        self.logger.warning(
+            "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "
+            "the partition waited meanwhile%s", self.name, busy * 1000,
+            ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()),
+            f" ({self._unlogged} more such turn(s) since the last warning)" if self._unlogged
+            else "")
+        self._unlogged = 0
+        self._next_log = ended + LOG_INTERVAL_S

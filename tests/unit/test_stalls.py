@@ -1,0 +1,49 @@
+"""The worker's stall warnings: which turns count, what a warning says, how often it comes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from shmbroker.partition.stalls import LOG_INTERVAL_S, StallWatch
+
+
+@pytest.fixture
+def watch(caplog: pytest.LogCaptureFixture) -> StallWatch:
+    caplog.set_level(logging.WARNING)
+    return StallWatch("metrics/3", 50, logging.getLogger("test-stalls"))
+
+
+def test_the_wait_in_the_selector_is_not_busy_time(watch, caplog) -> None:
+    watch.turn(0.0, 0.010, 5.0, 5.020, 5.039)  # 49 ms busy around a 5-s sleep
+    assert watch.stalls == 0 and caplog.records == []
+
+
+def test_a_long_turn_is_logged_with_its_phases(watch, caplog) -> None:
+    watch.turn(10.0, 10.002, 10.003, 10.004, 10.064)  # 2 + 1 + 60 ms
+    assert watch.stalls == 1 and watch.worst_s == pytest.approx(0.063)
+    [record] = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and message.startswith("metrics/3: ")
+    assert "kept it busy 63.0 ms" in message
+    assert ("rings and flushes 2.0 ms, requests 1.0 ms, parked fetches and timers 60.0 ms"
+            in message)
+    assert "produce and fetch of the partition waited" in message
+
+
+def test_at_most_one_warning_a_second_and_the_next_counts_the_rest(watch, caplog) -> None:
+    for start in (0.0, 0.2, 0.4, 0.6):
+        watch.turn(start, start + 0.1, start + 0.1, start + 0.1, start + 0.1)
+    assert watch.stalls == 4 and len(caplog.records) == 1
+    later = 0.1 + LOG_INTERVAL_S
+    watch.turn(later, later + 0.07, later + 0.07, later + 0.07, later + 0.07)
+    assert len(caplog.records) == 2
+    assert "(3 more such turn(s) since the last warning)" in caplog.records[1].getMessage()
+    assert "more such" not in caplog.records[0].getMessage()
+
+
+def test_threshold_zero_turns_it_off(caplog) -> None:
+    watch = StallWatch("t/0", 0, logging.getLogger("test-stalls"))
+    watch.turn(0.0, 10.0, 10.0, 10.0, 20.0)
+    assert watch.stalls == 0 and caplog.records == []

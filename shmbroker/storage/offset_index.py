@@ -193,6 +193,17 @@ class SparseIndex:
             os.fsync(self._fd)
         self._close_fd()
 
+    def seal_deferred(self) -> int | None:
+        """:meth:`seal` without its fsync: trim the file and close it, returning a duplicate of
+        its fd for another thread to fsync (the caller closes it); None when not open."""
+        if self._fd < 0:
+            return None
+        self.write_pending()
+        os.ftruncate(self._fd, self.entries_count * self.ENTRY_SIZE)
+        duplicate = os.dup(self._fd)
+        self._close_fd()
+        return duplicate
+
     def flush(self) -> None:
         if self._fd >= 0:
             self.write_pending()

@@ -50,6 +50,7 @@ Disk errors (see ``tests/unit/test_storage_enospc.py`` and ``tests/fault/test_di
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
@@ -136,17 +137,20 @@ class _CheckpointGuard:
 
 
 class CheckpointWork:
-    """The recovery-point checkpoint a :class:`FlushTicket` writes after its fsyncs: the
-    active segment's index entries fsynced (duplicated fds), then the checkpoint file naming
-    the ticket's offset.  The outcome stays here for :meth:`PartitionLog.end_flush`."""
+    """What a :class:`FlushTicket` does after its data fsyncs: fsync index files (duplicated
+    fds: the indexes of segments sealed since the last ticket, and the active segment's when a
+    checkpoint is asked for), then, with ``write_checkpoint``, write the recovery-point
+    checkpoint naming the ticket's offset.  The outcome stays here for
+    :meth:`PartitionLog.end_flush`."""
 
-    __slots__ = ("index_fds", "file", "guard", "written", "error")
+    __slots__ = ("index_fds", "file", "guard", "write_checkpoint", "written", "error")
 
-    def __init__(self, index_fds: list[int], file: CheckpointFile,
-                 guard: _CheckpointGuard) -> None:
+    def __init__(self, index_fds: list[int], file: CheckpointFile, guard: _CheckpointGuard,
+                 write_checkpoint: bool) -> None:
         self.index_fds = index_fds
         self.file = file
         self.guard = guard
+        self.write_checkpoint = write_checkpoint
         self.written = False
         self.error: Exception | None = None
 
@@ -154,6 +158,8 @@ class CheckpointWork:
         try:
             for fd in self.index_fds:
                 os.fsync(fd)
+            if not self.write_checkpoint:
+                return
             with self.guard.lock:
                 if self.guard.generation == generation:
                     self.file.write({"recovery_point_offset": recovery_point,
@@ -317,6 +323,11 @@ class PartitionLog:
         # for tens of ms every interval)
         self._checkpoint_wanted = False
         self._checkpoint_guard = _CheckpointGuard()
+        # An owner that runs flush tickets (begin_flush) gets segment rolls that do not fsync
+        # the sealed segment's index files on its thread: their fds wait here for the next
+        # ticket, which fsyncs them (before any checkpoint could trust them).
+        self._tickets_used = False
+        self._sealed_index_fds: list[int] = []
         if not self._try_recovery_checkpoint():
             # It may still say "clean shutdown": a crash from now on must not be trusted as one.
             # (Removing a file needs no space.)  The next open then scans everything.
@@ -587,9 +598,19 @@ class PartitionLog:
 
     def _seal(self, segment: Segment) -> None:
         try:
-            segment.seal()
+            self._sealed_index_fds += segment.seal(defer_fsync=self._tickets_used)
         except OSError:  # indexes are derived data: recovery rebuilds them
             logger.exception("cannot seal the indexes of %s", segment.log_path)
+
+    def _sync_sealed_indexes(self) -> None:
+        """fsync (here) and close the index files of segments sealed for a ticket that has
+        not come yet: a checkpoint written on this thread may trust them."""
+        fds, self._sealed_index_fds = self._sealed_index_fds, []
+        try:
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            _close_fds(fds)
 
     # -- reads --------------------------------------------------------------------------------
     def _segment_for(self, offset: int) -> Segment:
@@ -703,8 +724,9 @@ class PartitionLog:
         this one goes on appending; None when everything is flushed.  The ticket then goes to
         :meth:`end_flush` (on this thread): only that advances ``flushed_offset``."""
         self._check_writable()
+        self._tickets_used = True
         if (self._flushed_offset == self._log_end_offset and not self._directory_dirty
-                and not self._checkpoint_wanted):
+                and not self._checkpoint_wanted and not self._sealed_index_fds):
             return None
         fds: list[int] = []
         checkpoint = None
@@ -712,16 +734,22 @@ class PartitionLog:
         try:
             for segment in self._unflushed_segments():
                 fds.append(os.dup(segment.fd))
-            if self._checkpoint_wanted:
-                checkpoint = CheckpointWork(active.dup_index_fds(), self._recovery_checkpoint,
-                                            self._checkpoint_guard)
+            if self._checkpoint_wanted or self._sealed_index_fds:
+                index_fds = active.dup_index_fds() if self._checkpoint_wanted else []
+                checkpoint = CheckpointWork(self._sealed_index_fds + index_fds,
+                                            self._recovery_checkpoint, self._checkpoint_guard,
+                                            self._checkpoint_wanted)
         except OSError:  # out of fds: flush (and checkpoint) here instead
             _close_fds(fds)
             self.flush()
             if self._checkpoint_wanted:
                 self._checkpoint_wanted = False
                 self._try_recovery_checkpoint()
+            else:
+                with contextlib.suppress(OSError):  # derived data: recovery rebuilds them
+                    self._sync_sealed_indexes()
             return None
+        self._sealed_index_fds = []  # the ticket's now
         self._checkpoint_wanted = False
         directory = self.directory if self._directory_dirty else None
         if directory is not None:
@@ -754,9 +782,9 @@ class PartitionLog:
         if work is not None:
             if work.written:  # (only in the ticket's generation: ticket.offset is flushed)
                 self._checkpointed_recovery_point = ticket.offset
-            elif work.error is not None:  # tried again after the interval
-                logger.warning("partition %s: cannot write the recovery-point checkpoint: %s",
-                               self.name, work.error)
+            elif work.error is not None:  # the checkpoint: tried again after the interval
+                logger.warning("partition %s: cannot make the index files and the "
+                               "recovery-point checkpoint durable: %s", self.name, work.error)
         self._check_invariants()
 
     def _fence(self, reason: str) -> None:
@@ -784,7 +812,7 @@ class PartitionLog:
         :meth:`tick`, and ``append(defer_flush=True)``): ``flush_messages`` records are
         unflushed, or the oldest unflushed append is ``flush_ms`` old, or as old as the
         recovery-point interval (which bounds what a crash rescans)."""
-        if self._checkpoint_wanted:
+        if self._checkpoint_wanted or self._sealed_index_fds:
             return True
         since = self._unflushed_since_ms
         if since is None or self._flushed_offset == self._log_end_offset:
@@ -805,7 +833,9 @@ class PartitionLog:
         """
         self._check_writable()
         now_ms = self._clock_ms() if now_ms is None else now_ms
-        if not background_flush:
+        if background_flush:
+            self._tickets_used = True  # rolls leave their index fsyncs to the tickets
+        else:
             self.maybe_flush(now_ms)
         deleted = self.enforce_retention(now_ms)
         if now_ms - self._last_checkpoint_ms >= RECOVERY_POINT_CHECKPOINT_INTERVAL_MS:
@@ -822,11 +852,14 @@ class PartitionLog:
 
     def _write_recovery_checkpoint(self, *, clean_shutdown: bool) -> None:
         # Recovery trusts the active segment's index entries below the recovery point (it
-        # scans on from the last of them): they must be on disk before the checkpoint says so.
+        # scans on from the last of them), and the sealed segments' indexes: they must be on
+        # disk before the checkpoint says so (those sealed for a ticket too).
         active = self._segments[-1]
-        if active.is_active:
+        if active.is_active or self._sealed_index_fds:
             try:
-                active.flush_indexes()
+                self._sync_sealed_indexes()
+                if active.is_active:
+                    active.flush_indexes()
             except OSError as error:
                 raise StorageError(f"partition {self.name}: cannot sync the indexes of "
                                    f"{active.log_path}: {error.strerror or error}") from error
@@ -983,6 +1016,7 @@ class PartitionLog:
         if clean:
             self._checkpoint_guard.advance()  # a ticket still running writes no checkpoint
             self._try_recovery_checkpoint(clean_shutdown=True)
+        _close_fds(self._sealed_index_fds)  # (synced by that checkpoint, unless it failed)
         self._closed = True
 
     def abandon(self) -> None:
@@ -990,6 +1024,7 @@ class PartitionLog:
         (tests; a worker that must exit at once).  The next open runs recovery."""
         for segment in self._segments:
             segment.abandon()
+        _close_fds(self._sealed_index_fds)
         self._closed = True
 
     def __enter__(self) -> PartitionLog:

@@ -230,10 +230,12 @@ class Segment:
     def file_size_bytes(self) -> int:
         return os.fstat(self.fd).st_size
 
-    def seal(self) -> None:
-        """Stop appending: record the largest timestamp, trim and close the index files."""
+    def seal(self, *, defer_fsync: bool = False) -> list[int]:
+        """Stop appending: record the largest timestamp, trim and close the index files.
+        With ``defer_fsync`` they are not fsynced here: duplicates of their fds are returned
+        for another thread to fsync (the caller closes them); else [] once they are durable."""
         if not self.is_active:
-            return
+            return []
         last = self.time_index.last_entry()
         if self.max_timestamp_ms != NO_TIMESTAMP and (
             last is None or self.max_timestamp_ms > last[0]
@@ -241,8 +243,21 @@ class Segment:
             self.time_index.append(
                 self.max_timestamp_ms, self.offset_of_max_timestamp - self.base_offset
             )
-        self.offset_index.seal()
-        self.time_index.seal()
+        if not defer_fsync:
+            self.offset_index.seal()
+            self.time_index.seal()
+            return []
+        fds: list[int] = []
+        try:
+            for index in (self.offset_index, self.time_index):
+                fd = index.seal_deferred()
+                if fd is not None:
+                    fds.append(fd)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     def activate(self) -> None:
         """Make a sealed segment appendable again (after truncate_to made it the last)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from broker_helpers import RunningBroker, wait_for
 from integration.produce_helpers import BackgroundProducer, check_acked, read_partitions
 
 from shmbroker import Consumer, Producer, TopicPartition
+from shmbroker.client import producer as producer_module
 from shmbroker.errors import BrokerStorageError
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -203,32 +205,43 @@ def test_the_recovery_checkpoint_does_not_stall_the_worker(tmp_path: Path) -> No
         assert [r.value for r in read_partitions(broker.data_dir, "plain", [0])[0]] == values
 
 
-def test_a_long_turn_of_the_worker_loop_is_logged(tmp_path: Path) -> None:
-    """A segment roll still fsyncs the sealed segment's indexes on the worker's thread: held
-    at the gate for 0.2 s (the stall this test makes), the turn is logged as a stall, with the
-    time in its rings phase, and the records are stored all the same."""
+def test_a_long_turn_of_the_worker_loop_is_logged(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Produce over the worker's socket (the fallback when shared memory is refused) to a
+    flush_messages = 1 topic fsyncs on the worker's thread before it answers: held at the gate
+    for 0.2 s (the stall this test makes), the turn is logged as a stall, with the time in its
+    requests phase, and the record is stored all the same."""
     broker, gate = _gated_broker(tmp_path)
-    Path(str(gate) + ".only").write_text(".index\n")
+    Path(str(gate) + ".only").write_text(".log\n")
     waiting = Path(str(gate) + ".waiting")
-    values = [bytes([65 + index]) * 1000 for index in range(10)]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", "/dev/shm/ring")
+
+    monkeypatch.setattr(producer_module.RingWriter, "create", refuse)
     with broker.start(), broker.admin() as admin:
-        admin.create_topic("rolling", config={"segment_bytes": 4096})
+        admin.create_topic("durable", config={"flush_messages": 1})
         with Producer(broker.data_dir, acks=1, linger_ms=0) as producer:
             gate.touch()
+            offsets: list[int] = []  # over the socket, send waits for the answer: a thread
+            sender = threading.Thread(target=lambda: offsets.append(
+                producer.send("durable", b"held", partition=0).result(30).offset))
+            sender.start()
             try:
-                futures = [producer.send("rolling", value, partition=0) for value in values]
-                wait_for(lambda: waiting.exists() and ".index" in waiting.read_text(),
-                         message="the roll's fsync of an index, held at the gate")
+                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                         message="the fsync of the segment, held at the gate")
                 time.sleep(0.2)  # the stall
             finally:
                 gate.unlink()
-            assert [future.result(10).offset for future in futures] == list(range(10))
+                sender.join(30)
+            assert offsets == [0]
+            assert all(state.use_socket for state in producer._partitions.values())
         wait_for(lambda: "kept it busy" in broker.log(), message="the stall warning")
-        assert [r.value for r in read_partitions(broker.data_dir, "rolling", [0])[0]] == values
+        assert [r.value for r in read_partitions(broker.data_dir, "durable", [0])[0]] == [b"held"]
     warning = next(line for line in broker.log().splitlines() if "kept it busy" in line)
-    assert "WARNING" in warning and "rolling/0" in warning, warning
-    rings_ms = float(re.search(r"rings and flushes ([\d.]+) ms", warning)[1])
-    assert rings_ms >= 150, warning
+    assert "WARNING" in warning and "durable/0" in warning, warning
+    requests_ms = float(re.search(r"requests ([\d.]+) ms", warning)[1])
+    assert requests_ms >= 150, warning
 
 
 def test_a_failed_fsync_fails_the_waiting_batches_and_a_new_worker_serves(

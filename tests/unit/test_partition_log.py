@@ -535,7 +535,7 @@ def test_a_failed_checkpoint_write_is_logged_not_fenced_and_tried_again(tmp_path
     ticket = log.begin_flush()
     log.end_flush(ticket, ticket.run())
     assert log.fenced is None and log.flushed_offset == 9  # the data flush stands
-    assert "cannot write the recovery-point checkpoint" in caplog.text
+    assert "cannot make the index files and the recovery-point checkpoint durable" in caplog.text
     assert _read_checkpoint(path) == before and not log.flush_due()
     monkeypatch.setattr(CheckpointFile, "write", real_write)
     log.append(sized_batch(1, 1))
@@ -560,6 +560,84 @@ def test_a_failed_data_fsync_writes_no_checkpoint(tmp_path, monkeypatch):
         log.end_flush(ticket, error)
     assert _read_checkpoint(path) == before and log.fenced is not None
     log.abandon()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _roll_once(log):
+    """Append 200-byte batches until the log rolls; the segment it sealed."""
+    count = len(log.segments)
+    while len(log.segments) == count:
+        log.append(sized_batch(5, 200), defer_flush=True)
+    return log.segments[-2]
+
+
+@pytest.mark.parametrize("declared_by", ["begin_flush", "tick"])
+def test_a_roll_leaves_the_sealed_indexes_fsync_to_the_next_ticket(tmp_path, monkeypatch,
+                                                                   declared_by):
+    """An owner that runs tickets (it began one, or ticks with background_flush): the roll
+    trims and closes the sealed segment's indexes but fsyncs nothing on its thread; a flush is
+    due at once, and its ticket fsyncs both index files."""
+    log = _durable(tmp_path)
+    log.append(sized_batch(1, 10), defer_flush=True)
+    if declared_by == "begin_flush":
+        ticket = log.begin_flush()
+        log.end_flush(ticket, ticket.run())
+    else:
+        log.tick(background_flush=True)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino)
+                        or real_fsync(fd))
+    sealed = _roll_once(log)
+    assert synced == [] and not sealed.is_active and log.flush_due()
+    ticket = log.begin_flush()
+    assert ticket is not None and ticket.checkpoint is not None
+    assert not ticket.checkpoint.write_checkpoint  # no interval yet: indexes only
+    log.end_flush(ticket, ticket.run())
+    index_inodes = {os.stat(path).st_ino for path in (sealed.offset_index.path,
+                                                      sealed.time_index.path)}
+    assert index_inodes <= set(synced)
+    assert ticket.checkpoint.index_fds == [] and not log.flush_due()
+    log.close()
+
+
+def test_without_tickets_a_roll_fsyncs_the_sealed_indexes_itself(tmp_path, monkeypatch):
+    log = _durable(tmp_path)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino)
+                        or real_fsync(fd))
+    sealed = _roll_once(log)
+    assert {os.stat(path).st_ino for path in (sealed.offset_index.path,
+                                              sealed.time_index.path)} <= set(synced)
+    log.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "truncate", "abandon"])
+def test_index_fds_waiting_for_a_ticket_are_synced_or_closed_without_one(tmp_path, ending):
+    """A checkpoint written on the owner's thread (close, truncate_to) fsyncs the sealed
+    indexes first; abandon closes their fds.  No fd is left open either way."""
+    before = _open_fds()
+    log = _durable(tmp_path)
+    log.tick(background_flush=True)
+    _roll_once(log)
+    assert log._sealed_index_fds  # waiting for a ticket
+    if ending == "truncate":
+        log.truncate_to(1)
+        assert log._sealed_index_fds == []
+        log.close()
+    elif ending == "close":
+        log.close()
+    else:
+        log.abandon()
+    assert log._sealed_index_fds == [] and _open_fds() == before
+    if ending != "abandon":  # and the indexes it trusts were synced: it reopens clean
+        reopened = PartitionLog(tmp_path / "p0", log.config, clock_ms=FakeClock())
+        assert reopened.recovery_report.clean_shutdown
+        reopened.close()
 
 
 # -- flushes run off the owner's thread (group commit) ---------------------------------------

@@ -24,8 +24,8 @@ from __future__ import annotations
 import collections
 import os
 import struct
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -247,17 +247,7 @@ class Segment:
             self.offset_index.seal()
             self.time_index.seal()
             return []
-        fds: list[int] = []
-        try:
-            for index in (self.offset_index, self.time_index):
-                fd = index.seal_deferred()
-                if fd is not None:
-                    fds.append(fd)
-        except OSError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
+        return self._index_fds(lambda index: index.seal_deferred())
 
     def activate(self) -> None:
         """Make a sealed segment appendable again (after truncate_to made it the last)."""
@@ -275,10 +265,15 @@ class Segment:
     def dup_index_fds(self) -> list[int]:
         """:meth:`flush_indexes` for another thread: write the pending entries and return
         duplicates of the open index files' fds, to fsync there (the caller closes them)."""
+        return self._index_fds(lambda index: index.dup_for_flush())
+
+    def _index_fds(self, take: Callable[[Any], int | None]) -> list[int]:
+        """``take(index)`` for both indexes: the fds it gave (None: that file is not open); on
+        an OSError the fds taken so far are closed."""
         fds: list[int] = []
         try:
             for index in (self.offset_index, self.time_index):
-                fd = index.dup_for_flush()
+                fd = take(index)
                 if fd is not None:
                     fds.append(fd)
         except OSError:

@@ -177,7 +177,7 @@ def test_the_recovery_checkpoint_does_not_stall_the_worker(tmp_path: Path) -> No
     """Every RECOVERY_POINT_CHECKPOINT_INTERVAL_MS (10 s) the active segment's indexes are
     fsynced and the recovery-point checkpoint written, on the flush thread: while those
     fsyncs hang at the gate, the worker goes on acknowledging and serving (inline, they
-    stalled it: tens of ms a time on the device machine, the latency tail)."""
+    stalled it: ~60 ms each interval with fsyncs of 15 ms, bench/RESULTS.md)."""
     broker, gate = _gated_broker(tmp_path)
     Path(str(gate) + ".only").write_text("index\ncheckpoint\n")
     waiting = Path(str(gate) + ".waiting")

@@ -60,7 +60,7 @@ from typing import Any
 import orjson
 
 from shmbroker import limits
-from shmbroker.config import LogConfig
+from shmbroker.config import BrokerConfig, LogConfig
 from shmbroker.errors import (
     BrokerError,
     CorruptLogError,
@@ -108,8 +108,8 @@ EXIT_USAGE = 2
 EXIT_BOOT_FAILED = 3
 
 TICK_MS = 100
-SPIN_US = 50  # default of the broker setting worker_spin_us
-STALL_WARN_MS = 50  # default of the broker setting worker_stall_warn_ms
+SPIN_US = BrokerConfig.worker_spin_us  # the broker settings' defaults (config.py)
+STALL_WARN_MS = BrokerConfig.worker_stall_warn_ms
 SLEEP_MS_MAX = 50
 # What the selector holds besides connections: listener, doorbell, signal pipe, flusher pipe.
 SERVICE_REGISTRATIONS = 4

@@ -15,7 +15,8 @@
 #   scale-off  the same with worker_check_thread=off (session 11: on was as fast with one
 #              partition and ahead with four)
 #   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
-#              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning
+#              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning (the
+#              broker's stall warnings, if any, are in device.log)
 #   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
 # Record what it prints in bench/RESULTS.md with the machine description (machine.txt).
 set -euo pipefail
@@ -51,8 +52,9 @@ for step in "${steps[@]}"; do
         for spin in 0 5000; do
             options=()
             if [[ $spin != 0 ]]; then options=(--worker-spin-us "$spin" --poll-spin-us "$spin"); fi
+            # (each second's worst latency is in the JSON: latency_max_per_s)
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 6 \
-                "${options[@]}" 2>&1 | tee -a "$log" || true
+                "${options[@]}" --json "$out/latency-spin$spin.json" 2>&1 | tee -a "$log" || true
         done ;;
     durable)
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \

@@ -346,11 +346,7 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
                              "consumed": result.consumed,
                              "p99_us": result.latency.percentile(99) / 1000
                              if result.latency.count else None,
-                             **{f"{kind}_cpu_pct": value for kind, value in (
-                                 ("producers", result.clients.get("producers_cpu_pct_median")),
-                                 ("broker", result.broker.get("broker_cpu_pct_median")),
-                                 ("consumers", result.clients.get("consumers_cpu_pct_median")))
-                                if value is not None}})
+                             **_cpu_medians(result)})
                 click.echo(f"round {round_index} partitions {count}: produce "
                            f"{result.produce_rate_per_s:,.0f}/s consume "
                            f"{result.consume_rate_per_s:,.0f}/s", err=True)
@@ -384,6 +380,14 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
                                             "broker_settings": broker_settings,
                                             "environment": runner.environment()},
                                            option=orjson.OPT_INDENT_2))
+
+
+def _cpu_medians(result: Any) -> dict[str, float]:
+    """``{"producers_cpu_pct": ..., "broker_cpu_pct": ..., "consumers_cpu_pct": ...}`` of a
+    run (the medians of its seconds), those that were measured."""
+    medians = {**result.clients, **result.broker}
+    return {f"{kind}_cpu_pct": medians[f"{kind}_cpu_pct_median"] for kind in SCALE_CPU_KINDS
+            if f"{kind}_cpu_pct_median" in medians}
 
 
 def _scale_table(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:

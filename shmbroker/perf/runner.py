@@ -724,7 +724,8 @@ def _cpu_s(process: Any) -> float:
 class ClientCpu:
     """CPU% of the run's producer and consumer processes over each second of the timeline
     (100 = one core, summed over the processes of a kind): with the broker's, where a
-    partition's cores go, and so what bounds scaling on a many-core host."""
+    partition's cores go, and so what bounds scaling on a many-core host.  A process is a
+    producer when its name says so (both runners name their children "...producer...")."""
 
     KINDS = ("producers", "consumers")
 

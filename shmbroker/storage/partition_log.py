@@ -130,10 +130,9 @@ class _CheckpointGuard:
         self.lock = threading.Lock()
         self.generation = 0
 
-    def advance(self) -> int:
+    def advance(self) -> None:
         with self.lock:
             self.generation += 1
-            return self.generation
 
 
 class CheckpointWork:
@@ -143,25 +142,27 @@ class CheckpointWork:
     checkpoint naming the ticket's offset.  The outcome stays here for
     :meth:`PartitionLog.end_flush`."""
 
-    __slots__ = ("index_fds", "file", "guard", "write_checkpoint", "written", "error")
+    __slots__ = ("index_fds", "file", "guard", "generation", "write_checkpoint", "written",
+                 "error")
 
     def __init__(self, index_fds: list[int], file: CheckpointFile, guard: _CheckpointGuard,
                  write_checkpoint: bool) -> None:
         self.index_fds = index_fds
         self.file = file
         self.guard = guard
+        self.generation = guard.generation  # the guard's then: a later one writes nothing
         self.write_checkpoint = write_checkpoint
         self.written = False
         self.error: Exception | None = None
 
-    def run(self, recovery_point: int, generation: int) -> None:
+    def run(self, recovery_point: int) -> None:
         try:
             for fd in self.index_fds:
                 os.fsync(fd)
             if not self.write_checkpoint:
                 return
             with self.guard.lock:
-                if self.guard.generation == generation:
+                if self.guard.generation == self.generation:
                     self.file.write({"recovery_point_offset": recovery_point,
                                      "clean_shutdown": 0})
                     self.written = True
@@ -185,10 +186,9 @@ class FlushTicket(NamedTuple):
     directory: str | None  # fsync the directory too (segments made or deleted since)
     generation: int  # the log's truncation count then: a stale ticket advances nothing
     began_ms: int  # the log's clock then: appends after it are not covered
-    # the recovery-point checkpoint to write once the fsyncs are done (recovery point =
-    # ``offset``), when the interval asked for one; None otherwise
+    # index files to fsync once the data is, then the recovery-point checkpoint to write
+    # (recovery point = ``offset``) when the interval asked for one; None: neither
     checkpoint: CheckpointWork | None = None
-    checkpoint_generation: int = 0  # the checkpoint guard's generation then
 
     def run(self) -> OSError | None:
         """fsync what the ticket holds (any thread: os.fsync releases the GIL), then write its
@@ -204,7 +204,7 @@ class FlushTicket(NamedTuple):
             return error
         _close_fds(self.fds)
         if self.checkpoint is not None:
-            self.checkpoint.run(self.offset, self.checkpoint_generation)
+            self.checkpoint.run(self.offset)
         return None
 
     def discard(self) -> None:
@@ -756,8 +756,7 @@ class PartitionLog:
             self._directory_dirty = False
             self._directory_in_flight = True
         return FlushTicket(self._log_end_offset, active.base_offset, active.size_bytes, fds,
-                           directory, self._truncations, self._clock_ms(), checkpoint,
-                           self._checkpoint_guard.generation)
+                           directory, self._truncations, self._clock_ms(), checkpoint)
 
     def end_flush(self, ticket: FlushTicket, error: OSError | None) -> None:
         """Take the outcome of a ticket from :meth:`begin_flush`: advance ``flushed_offset``

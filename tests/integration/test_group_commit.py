@@ -82,6 +82,20 @@ def _gated_broker(tmp_path: Path) -> tuple[RunningBroker, Path]:
     return broker, gate
 
 
+def _send_each_acked(producer: Producer, topic: str, values: list[bytes], first: int = 0) -> None:
+    """Send ``values`` to partition 0 one at a time, each acknowledged (within 10 s) at the
+    next offset from ``first``."""
+    for offset, value in enumerate(values, first):
+        assert producer.send(topic, value, partition=0).result(10).offset == offset
+
+
+def _check_served(consumer: Consumer, values: list[bytes], message: str) -> None:
+    """The assigned consumer reads ``values`` at offsets 0, 1, ..."""
+    seen: list = []
+    wait_for(lambda: seen.extend(consumer.poll(50)) or len(seen) >= len(values), message=message)
+    assert [(r.offset, r.value) for r in seen] == list(enumerate(values))
+
+
 def _positions(broker: RunningBroker, topic: str) -> tuple[int, int]:
     with broker.admin() as admin:
         entry = admin.describe_topic(topic)["partitions"][0]
@@ -157,17 +171,12 @@ def test_flushes_that_acks_do_not_wait_for_run_on_the_flush_thread(
             consumer.assign([tp])
             gate.touch()
             try:
-                for index, value in enumerate(values):
-                    if index == before_fsync:
-                        wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
-                                 message="the fsync of the segment, held at the gate")
-                    # acknowledged (and then served) while the fsync hangs
-                    assert producer.send("flushed", value,
-                                         partition=0).result(10).offset == index
-                seen: list = []
-                wait_for(lambda: seen.extend(consumer.poll(50)) or len(seen) == 20,
-                         message="every record served while the fsync hangs")
-                assert [(r.offset, r.value) for r in seen] == list(enumerate(values))
+                _send_each_acked(producer, "flushed", values[:before_fsync])
+                wait_for(lambda: waiting.exists() and ".log" in waiting.read_text(),
+                         message="the fsync of the segment, held at the gate")
+                # acknowledged (and then served) while the fsync hangs
+                _send_each_acked(producer, "flushed", values[before_fsync:], before_fsync)
+                _check_served(consumer, values, "every record served while the fsync hangs")
             finally:
                 gate.unlink()
         assert [r.value for r in read_partitions(broker.data_dir, "flushed", [0])[0]] == values
@@ -188,18 +197,14 @@ def test_the_recovery_checkpoint_does_not_stall_the_worker(tmp_path: Path) -> No
         with Producer(broker.data_dir, acks=1, linger_ms=0) as producer, \
                 Consumer(broker.data_dir, auto_offset_reset="earliest") as consumer:
             consumer.assign([tp])
-            assert producer.send("plain", values[0], partition=0).result(10).offset == 0
+            _send_each_acked(producer, "plain", values[:1])
             gate.touch()
             try:
                 wait_for(lambda: waiting.exists() and "index" in waiting.read_text(), 30.0,
                          message="the interval's fsync of an index file, held at the gate")
-                for index, value in enumerate(values[1:], 1):
-                    assert producer.send("plain", value,
-                                         partition=0).result(10).offset == index
-                seen: list = []
-                wait_for(lambda: seen.extend(consumer.poll(50)) or len(seen) == 21,
-                         message="every record served while the checkpoint's fsync hangs")
-                assert [(r.offset, r.value) for r in seen] == list(enumerate(values))
+                _send_each_acked(producer, "plain", values[1:], 1)
+                _check_served(consumer, values,
+                              "every record served while the checkpoint's fsync hangs")
             finally:
                 gate.unlink()
         assert [r.value for r in read_partitions(broker.data_dir, "plain", [0])[0]] == values

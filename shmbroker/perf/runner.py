@@ -434,9 +434,8 @@ class ConsumerTally:
         # what note() was given and the histogram and ``seqs`` have not taken yet: a paced run
         # polls one record at a time, and taking each poll's few records into them (~40 µs of
         # numpy calls) kept a consumer busy enough at 10k polls/s to add to the latency
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending_polls: list[int] = []  # each noted poll's time (ns) ...
-        self._pending_measured: list[int] = []  # ... and how many of its latencies count
+        # (measured latencies, producer ids, sequence numbers, the poll's time in ns) per poll
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         self._pending_records = 0
         # the worst latency (ns) of the records consumed in each second after the warm-up (0 =
         # the first): when in a run a stall happened
@@ -462,9 +461,7 @@ class ConsumerTally:
         latencies = now_ns - intended
         if intended.min() < warmup_end_ns:
             latencies = latencies[intended >= warmup_end_ns]
-        self._pending.append((latencies, producer_ids, numbers))
-        self._pending_polls.append(now_ns)
-        self._pending_measured.append(len(latencies))
+        self._pending.append((latencies, producer_ids, numbers, now_ns))
         self._pending_records += len(intended)
         if (self._pending_records >= TALLY_PENDING_RECORDS_MAX
                 or len(self._pending) >= TALLY_PENDING_POLLS_MAX):
@@ -474,23 +471,21 @@ class ConsumerTally:
         """Take what :meth:`note` was given into the histogram and ``seqs``."""
         if not self._pending:
             return
-        latencies, producer_ids, numbers = (np.concatenate(column)
-                                            for column in zip(*self._pending))
+        latency_parts, id_parts, number_parts, polls = zip(*self._pending)
+        latencies, producer_ids, numbers = (np.concatenate(parts) for parts in (
+            latency_parts, id_parts, number_parts))
         if len(latencies):
             self.histogram.record_many(latencies)
             # per poll's second: the polls' times repeated per measured latency, then the
             # maximum of each run of one second (the polls come in time order; a poll with a
             # measured latency came after the warm-up's end)
-            seconds = np.repeat((np.array(self._pending_polls, dtype=np.int64)
-                                 - self._warmup_end_ns) // 1_000_000_000,
-                                self._pending_measured)
+            seconds = np.repeat((np.array(polls, dtype=np.int64) - self._warmup_end_ns)
+                                // 1_000_000_000, [len(part) for part in latency_parts])
             starts = np.flatnonzero(np.diff(seconds, prepend=-1))
             for second, worst in zip(seconds[starts].tolist(),
                                      np.maximum.reduceat(latencies, starts).tolist()):
                 self.second_max[second] = max(worst, self.second_max.get(second, worst))
         self._pending.clear()
-        self._pending_polls.clear()
-        self._pending_measured.clear()
         self._pending_records = 0
         for producer_id in np.unique(producer_ids):
             self.seqs.setdefault(int(producer_id), []).append(numbers[producer_ids == producer_id])

@@ -108,6 +108,7 @@ def _summary(result: Any) -> list[str]:
         worst = max(result.latency_max_per_s, key=lambda second: second["max_us"])
         lines.append(f"slowest second: {worst['t_s']:,.1f}-{worst['t_s'] + 1:,.1f} s after the "
                      f"start, max {worst['max_us']:,.0f} us (each second's max: --json)")
+    lines += _pause_lines(result.client_pauses, result.workload.warmup_s)
     lines.append(f"records: sent {result.sent:,}, acknowledged {result.acknowledged:,}, "
                  f"consumed {result.consumed:,}, duplicates {result.duplicates:,}, "
                  f"send errors {result.send_errors:,}, lost {result.lost:,}")
@@ -120,6 +121,27 @@ def _summary(result: Any) -> list[str]:
             f"{kind} {result.clients[f'{kind}_cpu_pct_median']:,.0f} %"
             for kind in ("producers", "consumers") if f"{kind}_cpu_pct_median" in result.clients)
             + " (medians, summed over each kind's processes)")
+    return lines
+
+
+def _pause_lines(pauses: dict[str, Any], warmup_s: float) -> list[str]:
+    """Where the clients paused after the warm-up (PauseWatch): the longest garbage
+    collection, and how late a paced producer sent at worst; to put a slow second on a
+    process."""
+    if not pauses:
+        return []
+    lines = []
+    longest = [pause for pause in pauses["long_collections"] if pause["t_s"] >= warmup_s][:1]
+    collections = sum(sum(counts) for counts in pauses["collections"].values())
+    lines.append(f"client pauses: {collections:,} garbage collections" + (
+        f", the longest {longest[0]['ms']:,.1f} ms ({longest[0]['process']}, generation "
+        f"{longest[0]['generation']}, {longest[0]['t_s']:,.1f} s after the start)"
+        if longest else ", none of 1 ms or more after the warm-up"))
+    late = [second for second in pauses["late_send_max_per_s"] if second["t_s"] >= warmup_s]
+    if late:
+        worst = max(late, key=lambda second: second["ms"])
+        lines.append(f"paced sends: up to {worst['ms']:,.1f} ms late "
+                     f"({worst['t_s']:,.0f}-{worst['t_s'] + 1:,.0f} s after the start)")
     return lines
 
 

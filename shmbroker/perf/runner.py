@@ -51,6 +51,9 @@ COUNTER_UPDATE_S = 0.05
 # few enough that taking them in (~0.2 ms) does not hold up the next poll for long
 TALLY_PENDING_POLLS_MAX = 256
 TALLY_PENDING_RECORDS_MAX = 16_384
+# A client's pause worth noting: a garbage collection, or a paced send this late
+PAUSE_NOTE_NS = 1_000_000
+PAUSES_KEPT_MAX = 1000  # garbage collections noted per process, at most
 READY_TIMEOUT_S = 60.0
 START_MARGIN_S = 0.05  # from the last producer ready to the common start
 DRAIN_IDLE_S = 3.0  # consumers stop after this long without a record, once producers are done
@@ -80,6 +83,8 @@ class RunResult:
     start_monotonic_s: float = 0.0  # the producers' start, CLOCK_MONOTONIC (for other logs)
     # the worst latency of each second of the run (after the warm-up): where a stall happened
     latency_max_per_s: list[dict[str, float]] = field(default_factory=list)
+    # the clients' garbage collections and late paced sends (PauseWatch; t_s as above)
+    client_pauses: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         percentiles = self.latency.percentiles([50, 90, 99, 99.9, 99.99, 100]) \
@@ -95,7 +100,7 @@ class RunResult:
             "latency_histogram": self.latency.to_dict(), "timeline": self.timeline,
             "broker": self.broker, "clients": self.clients,
             "start_monotonic_s": self.start_monotonic_s,
-            "latency_max_per_s": self.latency_max_per_s}
+            "latency_max_per_s": self.latency_max_per_s, "client_pauses": self.client_pauses}
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -157,6 +162,7 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
             partitions += [(topic, partition) for partition in range(partition_counts[topic])]
         partitions = producer_share(partitions, index, workload.producers)
         freeze_startup_objects()
+        pauses = PauseWatch()
         start_at = _wait_for_start(start)
         end_at = start_at + workload.warmup_s + workload.duration_s
         while time.monotonic() < start_at:
@@ -177,6 +183,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                     continue
                 first, seqs, intended = due
                 take = len(seqs)
+                if interval_ns:
+                    pauses.sent(int(intended[0]), start_ns)
                 values = bytearray(template_view[starts[first]:starts[first] + int(
                     lengths[first:first + take].sum())])  # one copy (a slice would be two)
                 payloads.encode_headers(values, starts[first:first + take] - starts[first],
@@ -218,6 +226,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                 else:
                     topic, partition = partitions[sent % len(partitions)]
                     future = send(topic, value, partition=partition)
+                if interval_ns:
+                    pauses.sent(intended, start_ns)
                 batch = future.batch
                 slot = open_slots.get(batch)
                 if slot is None:
@@ -255,7 +265,49 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
     if acks == 0:
         acked[:] = False  # acks=0: nothing is acknowledged, nothing can be called lost
     return {"sent": sent, "sent_bytes": sent_bytes, "errors": errors,
-            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum()),
+            "pauses": pauses.close()}
+
+
+class PauseWatch:
+    """When a benchmark client stopped running its loop, so that a latency spike can be put
+    on a process: its garbage collections (through ``gc.callbacks``: how many per generation,
+    and each one of PAUSE_NOTE_NS or longer with its start) and, for a paced producer, the
+    latest send of each second against its intended time.  Read beside the consumers' worst
+    latency per second and the broker's stall warnings (README, "Read the stall warnings")."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.long_collections: list[tuple[int, int, int]] = []  # (start ns, took ns, gen)
+        self.late_max: dict[int, int] = {}  # second of the run -> the latest send (ns late)
+        self._started_ns = 0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic_ns()
+        if phase == "start":
+            self._started_ns = now
+            return
+        generation = info["generation"]
+        self.collections[generation] += 1
+        took = now - self._started_ns
+        if took >= PAUSE_NOTE_NS and len(self.long_collections) < PAUSES_KEPT_MAX:
+            self.long_collections.append((self._started_ns, took, generation))
+
+    def sent(self, intended_ns: int, start_ns: int) -> None:
+        """A paced send just returned; it was meant to go at ``intended_ns``."""
+        late = time.monotonic_ns() - intended_ns
+        if late >= PAUSE_NOTE_NS:
+            second = (intended_ns - start_ns) // 1_000_000_000
+            if late > self.late_max.get(second, 0):
+                self.late_max[second] = late
+
+    def close(self) -> dict[str, Any]:
+        """Stop watching; what the parent merges (:func:`_client_pauses`)."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+        return {"collections": self.collections, "long_collections": self.long_collections,
+                "late_max": self.late_max}
 
 
 def freeze_startup_objects() -> None:
@@ -375,6 +427,7 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
             if mine:
                 consumer.seek_to_beginning()
         freeze_startup_objects()
+        pauses = PauseWatch()
         with ready.get_lock():  # += is a read and a write: two consumers at once
             ready.value += 1  # could lose one, and the parent wait for it forever
         next_offsets: dict[Any, int] = {}
@@ -419,7 +472,7 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
                                for other in range(workload.consumers))
                 if idle > DRAIN_IDLE_S or idle > DONE_IDLE_S and together >= expected.value:
                     break
-    return tally.result()
+    return {**tally.result(), "pauses": pauses.close()}
 
 
 class ConsumerTally:
@@ -803,7 +856,36 @@ def _verdict(workload: Workload, collected: dict[str, Any], timeline: list[dict[
         latency=histogram, timeline=timeline, broker=_broker_summary(timeline),
         clients=_client_summary(timeline), start_monotonic_s=start_at,
         latency_max_per_s=_latency_max_per_s(collected["consumer"].values(),
-                                             workload.warmup_s))
+                                             workload.warmup_s),
+        client_pauses=_client_pauses(collected, start_at))
+
+
+def _client_pauses(collected: dict[str, Any], start_at: float) -> dict[str, Any]:
+    """The children's PauseWatch results merged: collections per process and generation, the
+    garbage collections of PAUSE_NOTE_NS or longer (longest first, ``t_s`` since the
+    producers' start), and the producers' latest send of each second."""
+    counts: dict[str, list[int]] = {}
+    long_collections = []
+    late: dict[int, int] = {}
+    for kind in ("producer", "consumer"):
+        for index, result in sorted(collected[kind].items()):
+            pauses = result.get("pauses")
+            if pauses is None:
+                continue
+            process = f"{kind} {index}"
+            counts[process] = pauses["collections"]
+            long_collections += [
+                {"process": process, "generation": generation,
+                 "t_s": round(started_ns / 1e9 - start_at, 3), "ms": round(took_ns / 1e6, 3)}
+                for started_ns, took_ns, generation in pauses["long_collections"]]
+            for second, late_ns in pauses["late_max"].items():
+                late[int(second)] = max(late_ns, late.get(int(second), late_ns))
+    if not counts:
+        return {}
+    long_collections.sort(key=lambda pause: -pause["ms"])
+    return {"collections": counts, "long_collections": long_collections,
+            "late_send_max_per_s": [{"t_s": float(second), "ms": round(late_ns / 1e6, 3)}
+                                    for second, late_ns in sorted(late.items())]}
 
 
 def _latency_max_per_s(consumers: Any, warmup_s: float) -> list[dict[str, float]]:

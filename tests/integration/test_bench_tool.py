@@ -53,6 +53,12 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     assert max(second["max_us"] for second in seconds) == pytest.approx(
         result["latency_histogram"]["max"] / 1000, rel=0.01)
     assert "slowest second:" in run.stdout
+    # each client's garbage collections, by generation, from its start gate on
+    pauses = result["client_pauses"]
+    assert set(pauses["collections"]) == {"producer 0", "consumer 0"}
+    assert all(len(counts) == 3 and min(counts) >= 0 for counts in pauses["collections"].values())
+    assert isinstance(pauses["long_collections"], list)
+    assert "client pauses:" in run.stdout
 
 
 @pytest.mark.parametrize("options", [

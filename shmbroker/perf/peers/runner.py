@@ -59,6 +59,7 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start:
     session.prepare(template, lengths)
     interval_ns = int(1e9 / workload.rate_per_sec) if workload.rate_per_sec else 0
     shm_runner.freeze_startup_objects()  # as shmbroker's producers do
+    pauses = shm_runner.PauseWatch()
     start_at = shm_runner._wait_for_start(start)
     end_at = start_at + workload.warmup_s + workload.duration_s
     sent = 0
@@ -79,6 +80,8 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start:
             first, seqs, intended = due
             count = len(seqs)
             session.send(Chunk(first, count, seqs, intended))
+            if interval_ns:
+                pauses.sent(int(intended[0]), start_ns)
             sent += count
             sent_bytes += int(lengths[first:first + count].sum())
             if now >= next_update:
@@ -92,7 +95,8 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start:
     for first_seq, count in session.acked_ranges:
         acked[first_seq:first_seq + count] = True
     return {"sent": sent, "sent_bytes": sent_bytes, "errors": int(sent - acked.sum()),
-            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum())}
+            "acked": np.packbits(acked).tobytes(), "acked_count": int(acked.sum()),
+            "pauses": pauses.close()}
 
 
 def _consumer_main(peer_name: str, address: dict[str, Any], workload_dict: dict[str, Any],
@@ -116,6 +120,7 @@ def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expect
     tally = shm_runner.ConsumerTally(counters, 2 * (workload.producers + CONSUMER_INDEX))
     session = PEERS[peer_name].consumer(address)
     shm_runner.freeze_startup_objects()
+    pauses = shm_runner.PauseWatch()
     try:
         with ready.get_lock():  # += is a read and a write: two consumers at once
             ready.value += 1  # could lose one, and the parent wait for it forever
@@ -135,7 +140,7 @@ def _consume(peer_name: str, address: dict[str, Any], workload: Workload, expect
                     break
     finally:
         session.close()
-    return tally.result()
+    return {**tally.result(), "pauses": pauses.close()}
 
 
 def run(peer: Peer, workload: Workload,

@@ -2,6 +2,11 @@
 # fetched here with `bash bench/device_run.sh --fetch-wheels`) and prints the machine.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
+if [[ -d .peers ]]; then  # the peers' servers and clients (device_run.sh --fetch-peers)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .peers/whl/*.whl
+    export PATH="$PWD/.peers/bin:$PATH" LD_LIBRARY_PATH="$PWD/.peers/lib"
+fi
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 out="${OUT:-.}"
 {
@@ -9,4 +14,8 @@ out="${OUT:-.}"
     grep -m1 'model name' /proc/cpuinfo || true
     python3 -c 'import numpy, psutil; print("numpy", numpy.__version__, "psutil",
                 psutil.__version__)'
+    if [[ -d .peers ]]; then
+        redis-server --version || true
+        nats-server --version || true
+    fi
 } | tee "$out/machine.txt"

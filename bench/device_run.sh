@@ -17,16 +17,40 @@
 #   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
 #              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning (the
 #              broker's stall warnings, if any, are in device.log)
+#   tail       latency-10k.toml alone, 3 runs of 8 s: the slowest second of each beside the
+#              clients' pauses (garbage collections, late sends) and the broker's stall
+#              warnings, to put the p99 tail on a process
 #   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
+#   compare    shmbroker-bench compare, all five systems, 3 rounds of 5 s: needs the peers'
+#              servers and clients carried too (that machine has no apt); here, once:
+#                  echo /.peers/ >> .git/info/exclude
+#                  bash bench/device_run.sh --fetch-peers
+#              (redis-server and nats-server as apt installed them here, with the libraries
+#              redis-server loads beyond glibc's, and the redis, hiredis and nats-py wheels),
+#              then run(..., carry=[".whl", ".peers"])
 # Record what it prints in bench/RESULTS.md with the machine description (machine.txt).
 set -euo pipefail
 
 WHEELS=(posix-ipc==1.3.2 orjson==3.13.0 crc32c==2.9.post0 lz4==4.4.5 zstandard==0.25.0)
+PEER_WHEELS=(redis hiredis nats-py)
+# what redis-server (Debian 12's) loads beyond libc, libm, libstdc++ and libgcc_s
+REDIS_LIBS=(libatomic.so.1 liblzf.so.1 libjemalloc.so.2 libsystemd.so.0 libssl.so.3 libcrypto.so.3
+            libcap.so.2 libgcrypt.so.20 liblzma.so.5 libzstd.so.1 liblz4.so.1 libgpg-error.so.0)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    exit 0
+fi
+if [[ "${1:-}" == "--fetch-peers" ]]; then
+    mkdir -p .peers/bin .peers/lib .peers/whl
+    cp -L "$(command -v redis-server)" .peers/bin/redis-server
+    cp -L "$(command -v nats-server || echo /usr/sbin/nats-server)" .peers/bin/nats-server
+    for lib in "${REDIS_LIBS[@]}"; do cp -L "/lib/x86_64-linux-gnu/$lib" .peers/lib/; done
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .peers/whl "${PEER_WHEELS[@]}"
     exit 0
 fi
 
@@ -56,11 +80,19 @@ for step in "${steps[@]}"; do
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 6 \
                 "${options[@]}" --json "$out/latency-spin$spin.json" 2>&1 | tee -a "$log" || true
         done ;;
+    tail)
+        for run in 1 2 3; do
+            timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 8 \
+                --json "$out/tail-$run.json" 2>&1 | tee -a "$log" || true
+        done ;;
+    compare)
+        timeout 240 "${bench[@]}" compare --rounds 3 --duration-s 5 \
+            --json "$out/compare.json" 2>&1 | tee -a "$log" || true ;;
     durable)
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
             --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
     *)
-        echo "unknown step $step (scale, scale-off, latency, durable)" >&2; exit 2 ;;
+        echo "unknown step $step (scale, scale-off, latency, tail, durable, compare)" >&2; exit 2 ;;
     esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$log"

@@ -121,6 +121,10 @@ def _summary(result: Any) -> list[str]:
             f"{kind} {result.clients[f'{kind}_cpu_pct_median']:,.0f} %"
             for kind in ("producers", "consumers") if f"{kind}_cpu_pct_median" in result.clients)
             + " (medians, summed over each kind's processes)")
+        if result.clients.get("host_steal_cpu_pct_max"):
+            lines.append(f"host steal time: up to {result.clients['host_steal_cpu_pct_max']:,.0f}"
+                         " % in a second (100 = one core that the virtual machine's host ran "
+                         "something else on)")
     return lines
 
 
@@ -141,7 +145,10 @@ def _pause_lines(pauses: dict[str, Any], warmup_s: float) -> list[str]:
     if late:
         worst = max(late, key=lambda second: second["ms"])
         lines.append(f"paced sends: up to {worst['ms']:,.1f} ms late "
-                     f"({worst['t_s']:,.0f}-{worst['t_s'] + 1:,.0f} s after the start)")
+                     f"({worst['t_s']:,.0f}-{worst['t_s'] + 1:,.0f} s after the start; in the "
+                     f"{worst['gap_ms']:,.1f} ms since its last send on time the sending thread "
+                     f"ran {worst['cpu_ms']:,.1f} ms, waited {worst['waits']:,} times and was "
+                     f"preempted {worst['preempted']:,} times)")
     return lines
 
 

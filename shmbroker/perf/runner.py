@@ -30,6 +30,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import resource
 import struct
 import time
 import uuid
@@ -183,8 +184,6 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                     continue
                 first, seqs, intended = due
                 take = len(seqs)
-                if interval_ns:
-                    pauses.sent(int(intended[0]), start_ns)
                 values = bytearray(template_view[starts[first]:starts[first] + int(
                     lengths[first:first + take].sum())])  # one copy (a slice would be two)
                 payloads.encode_headers(values, starts[first:first + take] - starts[first],
@@ -199,6 +198,8 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
                 target += 1
                 future = producer.send_batch(topic, (values, lengths[first:first + take]),
                                              partition=partition, keys=chunk_keys)
+                if interval_ns:  # a chunk goes when its last record is due
+                    pauses.sent(int(intended[-1]), start_ns)
                 outcomes.append((future, sent, take))
                 sent += take
                 sent_bytes += len(values)
@@ -273,14 +274,21 @@ class PauseWatch:
     """When a benchmark client stopped running its loop, so that a latency spike can be put
     on a process: its garbage collections (through ``gc.callbacks``: how many per generation,
     and each one of PAUSE_NOTE_NS or longer with its start) and, for a paced producer, the
-    latest send of each second against its intended time.  Read beside the consumers' worst
-    latency per second and the broker's stall warnings (README, "Read the stall warnings")."""
+    latest send of each second against its intended time, with what the sending thread did
+    since its last send on time: the CPU it ran, and its voluntary (a lock, the GIL) and
+    involuntary (preempted by the kernel) context switches (``thread_time_ns`` and
+    ``getrusage(RUSAGE_THREAD)``: ~1.2 µs a send).  Read beside the consumers' worst latency
+    per second and the broker's stall warnings (README, "Read the stall warnings")."""
 
     def __init__(self) -> None:
         self.collections = [0, 0, 0]
         self.long_collections: list[tuple[int, int, int]] = []  # (start ns, took ns, gen)
-        self.late_max: dict[int, int] = {}  # second of the run -> the latest send (ns late)
+        # second of the run -> the latest send: (ns late, ns since the last send on time,
+        # the thread's CPU ns meanwhile, voluntary and involuntary context switches meanwhile)
+        self.late_max: dict[int, tuple[int, int, int, int, int]] = {}
         self._started_ns = 0
+        # the last send on time returned: (monotonic ns, thread CPU ns, rusage)
+        self._last: tuple[int, int, Any] | None = None
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
@@ -296,11 +304,19 @@ class PauseWatch:
 
     def sent(self, intended_ns: int, start_ns: int) -> None:
         """A paced send just returned; it was meant to go at ``intended_ns``."""
-        late = time.monotonic_ns() - intended_ns
-        if late >= PAUSE_NOTE_NS:
+        now = time.monotonic_ns()
+        cpu = time.thread_time_ns()  # (getrusage's CPU times lag by milliseconds)
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        late = now - intended_ns
+        if late >= PAUSE_NOTE_NS and self._last is not None:
             second = (intended_ns - start_ns) // 1_000_000_000
-            if late > self.late_max.get(second, 0):
-                self.late_max[second] = late
+            if late > self.late_max.get(second, (0,))[0]:
+                last_ns, last_cpu, last = self._last
+                self.late_max[second] = (late, now - last_ns, cpu - last_cpu,
+                                         usage.ru_nvcsw - last.ru_nvcsw,
+                                         usage.ru_nivcsw - last.ru_nivcsw)
+        else:
+            self._last = (now, cpu, usage)
 
     def close(self) -> dict[str, Any]:
         """Stop watching; what the parent merges (:func:`_client_pauses`)."""
@@ -797,15 +813,18 @@ class ClientCpu:
                 with contextlib.suppress(self._psutil.Error):
                     total += _cpu_s(process)
             totals[kind] = total
+        totals["host_steal"] = float(getattr(self._psutil.cpu_times(), "steal", 0.0))
         return totals
 
     def sample(self, now: float) -> dict[str, float]:
-        """``{"producers_cpu_pct": ..., "consumers_cpu_pct": ...}`` since the last sample.  (A
-        process that exited counts 0 from then on: its last second reads low.)"""
+        """``{"producers_cpu_pct": ..., "consumers_cpu_pct": ..., "host_steal_cpu_pct": ...}``
+        since the last sample.  (A process that exited counts 0 from then on: its last second
+        reads low.)  The host's steal time: a virtual machine's CPUs that its host ran
+        something else on, which stalls whatever ran on them."""
         totals = self._totals()
         span = max(now - self._last_t, 1e-9)
         point = {f"{kind}_cpu_pct": round(100 * max(totals[kind] - self._last[kind], 0.0)
-                                          / span, 1) for kind in self.KINDS}
+                                          / span, 1) for kind in (*self.KINDS, "host_steal")}
         self._last, self._last_t = totals, now
         return point
 
@@ -866,7 +885,7 @@ def _client_pauses(collected: dict[str, Any], start_at: float) -> dict[str, Any]
     producers' start), and the producers' latest send of each second."""
     counts: dict[str, list[int]] = {}
     long_collections = []
-    late: dict[int, int] = {}
+    late: dict[int, tuple[int, int, int, int, int]] = {}
     for kind in ("producer", "consumer"):
         for index, result in sorted(collected[kind].items()):
             pauses = result.get("pauses")
@@ -878,14 +897,18 @@ def _client_pauses(collected: dict[str, Any], start_at: float) -> dict[str, Any]
                 {"process": process, "generation": generation,
                  "t_s": round(started_ns / 1e9 - start_at, 3), "ms": round(took_ns / 1e6, 3)}
                 for started_ns, took_ns, generation in pauses["long_collections"]]
-            for second, late_ns in pauses["late_max"].items():
-                late[int(second)] = max(late_ns, late.get(int(second), late_ns))
+            for second, worst in pauses["late_max"].items():
+                if int(second) not in late or worst[0] > late[int(second)][0]:
+                    late[int(second)] = worst
     if not counts:
         return {}
     long_collections.sort(key=lambda pause: -pause["ms"])
     return {"collections": counts, "long_collections": long_collections,
-            "late_send_max_per_s": [{"t_s": float(second), "ms": round(late_ns / 1e6, 3)}
-                                    for second, late_ns in sorted(late.items())]}
+            "late_send_max_per_s": [
+                {"t_s": float(second), "ms": round(late_ns / 1e6, 3),
+                 "gap_ms": round(gap_ns / 1e6, 3), "cpu_ms": round(cpu_ns / 1e6, 3),
+                 "waits": waits, "preempted": preempted}
+                for second, (late_ns, gap_ns, cpu_ns, waits, preempted) in sorted(late.items())]}
 
 
 def _latency_max_per_s(consumers: Any, warmup_s: float) -> list[dict[str, float]]:
@@ -911,12 +934,15 @@ def _broker_summary(timeline: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _client_summary(timeline: list[dict[str, Any]]) -> dict[str, float]:
     """The producers' and the consumers' CPU% (each kind summed over its processes; median of
-    the run's seconds)."""
+    the run's seconds), and the host's steal time in its worst second."""
     summary = {}
     for kind in ClientCpu.KINDS:
         values = [point[f"{kind}_cpu_pct"] for point in timeline if f"{kind}_cpu_pct" in point]
         if values:
             summary[f"{kind}_cpu_pct_median"] = float(np.median(values))
+    steal = [point["host_steal_cpu_pct"] for point in timeline if "host_steal_cpu_pct" in point]
+    if steal:
+        summary["host_steal_cpu_pct_max"] = max(steal)
     return summary
 
 

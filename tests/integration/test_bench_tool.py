@@ -44,6 +44,8 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     assert result["clients"]["producers_cpu_pct_median"] > 0
     assert result["clients"]["consumers_cpu_pct_median"] > 0
     assert "client processes: CPU producers" in run.stdout
+    assert all(point["host_steal_cpu_pct"] >= 0 for point in result["timeline"])
+    assert result["clients"]["host_steal_cpu_pct_max"] >= 0
     # each measured second's worst latency (from the warm-up's end on), the worst the max
     seconds = result["latency_max_per_s"]
     assert seconds and result["start_monotonic_s"] > 0

@@ -81,7 +81,7 @@ def _produce(peer_name: str, address: dict[str, Any], workload: Workload, start:
             count = len(seqs)
             session.send(Chunk(first, count, seqs, intended))
             if interval_ns:
-                pauses.sent(int(intended[0]), start_ns)
+                pauses.sent(int(intended[-1]), start_ns)  # due with its last record
             sent += count
             sent_bytes += int(lengths[first:first + count].sum())
             if now >= next_update:

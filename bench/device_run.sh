@@ -20,6 +20,10 @@
 #   tail       latency-10k.toml alone, 3 runs of 8 s: the slowest second of each beside the
 #              clients' pauses (garbage collections, late sends) and the broker's stall
 #              warnings, to put the p99 tail on a process
+#   disk       bench/write_stalls.py: the longest small append of each second on the temp
+#              dir's filesystem (and on /dev/shm), with and without an fsync a second; the
+#              mounts and the kernel's writeback settings
+#   tail-shm   as tail, two runs, with the embedded broker's data dir on /dev/shm (tmpfs)
 #   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
 #   compare    shmbroker-bench compare, all five systems, 3 rounds of 5 s: needs the peers'
 #              servers and clients carried too (that machine has no apt); here, once:
@@ -85,6 +89,23 @@ for step in "${steps[@]}"; do
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 8 \
                 --json "$out/tail-$run.json" 2>&1 | tee -a "$log" || true
         done ;;
+    disk)
+        {
+            findmnt -T "${TMPDIR:-/tmp}" || true
+            findmnt -T /dev/shm || true
+            grep -H . /proc/sys/vm/dirty_* || true
+        } 2>&1 | tee -a "$log"
+        for where in "${TMPDIR:-/tmp}" /dev/shm; do
+            for every in 0 1; do
+                timeout 30 python3 bench/write_stalls.py --dir "$where" --seconds 12 \
+                    --fsync-every-s "$every" 2>&1 | tee -a "$log" || true
+            done
+        done ;;
+    tail-shm)
+        for run in 1 2; do
+            TMPDIR=/dev/shm timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml \
+                --duration-s 8 --json "$out/tail-shm-$run.json" 2>&1 | tee -a "$log" || true
+        done ;;
     compare)
         timeout 240 "${bench[@]}" compare --rounds 3 --duration-s 5 \
             --json "$out/compare.json" 2>&1 | tee -a "$log" || true ;;
@@ -92,7 +113,7 @@ for step in "${steps[@]}"; do
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
             --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
     *)
-        echo "unknown step $step (scale, scale-off, latency, tail, durable, compare)" >&2; exit 2 ;;
+        echo "unknown step $step (scale, scale-off, latency, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
     esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$log"

@@ -6,7 +6,10 @@ blocking fsync, a long append, a garbage collection, the process descheduled) sh
 latency tail that nothing else explains.  :class:`StallWatch` is given the times of each turn's
 phases and logs a warning, at most once per LOG_INTERVAL_S, for a turn whose busy time (the
 turn less its wait in the selector) reached the broker setting ``worker_stall_warn_ms``, with
-the time of each phase and how many more such turns it did not log.
+the time of each phase and how many more such turns it did not log.  Of the first phase it
+also says how long the appends of the regions drained took (the checks and the writes of the
+log's files: a write that waits on the disk shows there), from what the worker adds to
+:attr:`StallWatch.appending_s` during the turn.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class StallWatch:
         self.worst_s = 0.0
         self._unlogged = 0
         self._next_log = 0.0
+        self.appending_s = 0.0  # this turn's time in appends, added to by the worker
 
     def turn(self, began: float, waiting: float, woke: float, handled: float,
              ended: float) -> None:
@@ -34,6 +38,7 @@ class StallWatch:
         the flushes until ``waiting`` in the selector, which returned at ``woke``; it handled
         the ready connections until ``handled``; parked fetches and timers until ``ended``."""
         threshold = self.threshold_s
+        appending, self.appending_s = self.appending_s, 0.0
         if not threshold:
             return
         busy = (waiting - began) + (ended - woke)
@@ -44,7 +49,8 @@ class StallWatch:
         if ended < self._next_log:
             self._unlogged += 1
             return
-        phases = {"rings and flushes": waiting - began, "requests": handled - woke,
+        phases = {"rings and flushes": waiting - began,
+                  "of which appends": appending, "requests": handled - woke,
                   "parked fetches and timers": ended - handled}
         self.logger.warning(
             "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "

@@ -365,7 +365,9 @@ class PartitionWorker:
                 if region is None:
                     break
                 size = len(region.view)
+                appending = time.monotonic()
                 self._append_region(ring, region)
+                self.stalls.appending_s += time.monotonic() - appending
                 taken += size
                 budget -= size
             if budget <= 0:

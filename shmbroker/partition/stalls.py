@@ -9,12 +9,16 @@ turn less its wait in the selector) reached the broker setting ``worker_stall_wa
 the time of each phase and how many more such turns it did not log.  Of the first phase it
 also says how long the appends of the regions drained took (the checks and the writes of the
 log's files: a write that waits on the disk shows there), from what the worker adds to
-:attr:`StallWatch.appending_s` during the turn.
+:attr:`StallWatch.appending_s` during the turn, and how long the garbage collector ran in it
+(:meth:`StallWatch.watch_collections`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
+from typing import Any
 
 LOG_INTERVAL_S = 1.0  # at most one warning a second; the others are counted in the next one
 
@@ -31,6 +35,23 @@ class StallWatch:
         self._unlogged = 0
         self._next_log = 0.0
         self.appending_s = 0.0  # this turn's time in appends, added to by the worker
+        self.collecting_s = 0.0  # this turn's garbage collections (watch_collections)
+        self._collection_began = 0.0
+
+    def watch_collections(self) -> None:
+        """Count the garbage collector's time into the turns (until :meth:`close`)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._collection_began = time.monotonic()
+        else:
+            self.collecting_s += time.monotonic() - self._collection_began
 
     def turn(self, began: float, waiting: float, woke: float, handled: float,
              ended: float) -> None:
@@ -39,6 +60,7 @@ class StallWatch:
         the ready connections until ``handled``; parked fetches and timers until ``ended``."""
         threshold = self.threshold_s
         appending, self.appending_s = self.appending_s, 0.0
+        collecting, self.collecting_s = self.collecting_s, 0.0
         if not threshold:
             return
         busy = (waiting - began) + (ended - woke)
@@ -51,7 +73,8 @@ class StallWatch:
             return
         phases = {"rings and flushes": waiting - began,
                   "of which appends": appending, "requests": handled - woke,
-                  "parked fetches and timers": ended - handled}
+                  "parked fetches and timers": ended - handled,
+                  "garbage collection in all": collecting}
         self.logger.warning(
             "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "
             "the partition waited meanwhile%s", self.name, busy * 1000,

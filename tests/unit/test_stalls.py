@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import pytest
@@ -29,7 +30,7 @@ def test_a_long_turn_is_logged_with_its_phases(watch, caplog) -> None:
     assert record.levelno == logging.WARNING and message.startswith("metrics/3: ")
     assert "kept it busy 63.0 ms" in message
     assert ("rings and flushes 2.0 ms, of which appends 1.5 ms, requests 1.0 ms, parked "
-            "fetches and timers 60.0 ms" in message)
+            "fetches and timers 60.0 ms, garbage collection in all 0.0 ms" in message)
     assert watch.appending_s == 0.0  # each turn starts from nothing
     assert "produce and fetch of the partition waited" in message
 
@@ -51,6 +52,24 @@ def test_appends_count_for_their_own_turn_only(watch, caplog) -> None:
     watch.turn(1.0, 1.002, 1.002, 1.002, 1.080)  # ...are not the next long turn's
     [record] = caplog.records
     assert "of which appends 0.0 ms" in record.getMessage()
+
+
+def test_garbage_collections_count_into_the_turn_they_ran_in(watch, caplog) -> None:
+    watch.watch_collections()
+    try:
+        watch.turn(0.0, 0.001, 0.001, 0.001, 0.001)
+        gc.collect()
+        gc.collect()
+        took = watch.collecting_s
+        assert took > 0
+        watch.turn(1.0, 1.001, 1.001, 1.001, 1.070)
+    finally:
+        watch.close()
+    [record] = caplog.records
+    assert f"garbage collection in all {took * 1000:.1f} ms" in record.getMessage()
+    assert watch.collecting_s == 0.0
+    gc.collect()  # closed: no longer counted
+    assert watch.collecting_s == 0.0 and watch._on_gc not in gc.callbacks
 
 
 def test_threshold_zero_turns_it_off(caplog) -> None:

@@ -14,6 +14,9 @@ out="${OUT:-.}"
     grep -m1 'model name' /proc/cpuinfo || true
     python3 -c 'import numpy, psutil; print("numpy", numpy.__version__, "psutil",
                 psutil.__version__)'
+    # transparent huge pages (a fault or a collapse of one can stall the thread that meets it)
+    grep -H . /sys/kernel/mm/transparent_hugepage/enabled \
+        /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null || true
     if [[ -d .peers ]]; then
         redis-server --version || true
         nats-server --version || true

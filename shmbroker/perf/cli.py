@@ -147,8 +147,9 @@ def _pause_lines(pauses: dict[str, Any], warmup_s: float) -> list[str]:
         lines.append(f"paced sends: up to {worst['ms']:,.1f} ms late "
                      f"({worst['t_s']:,.0f}-{worst['t_s'] + 1:,.0f} s after the start; in the "
                      f"{worst['gap_ms']:,.1f} ms since its last send on time the sending thread "
-                     f"ran {worst['cpu_ms']:,.1f} ms, waited {worst['waits']:,} times and was "
-                     f"preempted {worst['preempted']:,} times)")
+                     f"ran {worst['cpu_ms']:,.1f} ms, waited {worst['waits']:,} times, was "
+                     f"preempted {worst['preempted']:,} times and took "
+                     f"{worst['page_faults']:,} page faults)")
     return lines
 
 

@@ -275,8 +275,9 @@ class PauseWatch:
     on a process: its garbage collections (through ``gc.callbacks``: how many per generation,
     and each one of PAUSE_NOTE_NS or longer with its start) and, for a paced producer, the
     latest send of each second against its intended time, with what the sending thread did
-    since its last send on time: the CPU it ran, and its voluntary (a lock, the GIL) and
-    involuntary (preempted by the kernel) context switches (``thread_time_ns`` and
+    since its last send on time: the CPU it ran (a page fault's time in the kernel counts), its
+    voluntary (a lock, the GIL) and involuntary (preempted by the kernel) context switches and
+    its page faults (``thread_time_ns`` and
     ``getrusage(RUSAGE_THREAD)``: ~1.2 µs a send).  Read beside the consumers' worst latency
     per second and the broker's stall warnings (README, "Read the stall warnings")."""
 
@@ -284,8 +285,9 @@ class PauseWatch:
         self.collections = [0, 0, 0]
         self.long_collections: list[tuple[int, int, int]] = []  # (start ns, took ns, gen)
         # second of the run -> the latest send: (ns late, ns since the last send on time,
-        # the thread's CPU ns meanwhile, voluntary and involuntary context switches meanwhile)
-        self.late_max: dict[int, tuple[int, int, int, int, int]] = {}
+        # the thread's CPU ns meanwhile, voluntary and involuntary context switches and page
+        # faults meanwhile)
+        self.late_max: dict[int, tuple[int, int, int, int, int, int]] = {}
         self._started_ns = 0
         # the last send on time returned: (monotonic ns, thread CPU ns, rusage)
         self._last: tuple[int, int, Any] | None = None
@@ -314,7 +316,8 @@ class PauseWatch:
                 last_ns, last_cpu, last = self._last
                 self.late_max[second] = (late, now - last_ns, cpu - last_cpu,
                                          usage.ru_nvcsw - last.ru_nvcsw,
-                                         usage.ru_nivcsw - last.ru_nivcsw)
+                                         usage.ru_nivcsw - last.ru_nivcsw,
+                                         usage.ru_minflt - last.ru_minflt)
         else:
             self._last = (now, cpu, usage)
 
@@ -885,7 +888,7 @@ def _client_pauses(collected: dict[str, Any], start_at: float) -> dict[str, Any]
     producers' start), and the producers' latest send of each second."""
     counts: dict[str, list[int]] = {}
     long_collections = []
-    late: dict[int, tuple[int, int, int, int, int]] = {}
+    late: dict[int, tuple[int, int, int, int, int, int]] = {}
     for kind in ("producer", "consumer"):
         for index, result in sorted(collected[kind].items()):
             pauses = result.get("pauses")
@@ -907,8 +910,9 @@ def _client_pauses(collected: dict[str, Any], start_at: float) -> dict[str, Any]
             "late_send_max_per_s": [
                 {"t_s": float(second), "ms": round(late_ns / 1e6, 3),
                  "gap_ms": round(gap_ns / 1e6, 3), "cpu_ms": round(cpu_ns / 1e6, 3),
-                 "waits": waits, "preempted": preempted}
-                for second, (late_ns, gap_ns, cpu_ns, waits, preempted) in sorted(late.items())]}
+                 "waits": waits, "preempted": preempted, "page_faults": faults}
+                for second, (late_ns, gap_ns, cpu_ns, waits, preempted, faults)
+                in sorted(late.items())]}
 
 
 def _latency_max_per_s(consumers: Any, warmup_s: float) -> list[dict[str, float]]:

@@ -4,6 +4,7 @@ merged by the parent into what puts a slow second on a process."""
 from __future__ import annotations
 
 import gc
+import mmap
 import time
 
 import pytest
@@ -43,7 +44,7 @@ def test_short_collections_are_counted_not_listed(monkeypatch: pytest.MonkeyPatc
 
 def test_the_latest_send_of_each_second() -> None:
     """What a paced producer notes: the latest send of each second, with the sending thread's
-    CPU time and context switches since its previous send."""
+    CPU time, context switches and page faults since its last send on time."""
     watch = runner.PauseWatch()
     watch.close()
     now = time.monotonic_ns()
@@ -51,6 +52,8 @@ def test_the_latest_send_of_each_second() -> None:
     watch.sent(now - 5_000_000, start)  # the first send: nothing to compare with yet
     assert watch.late_max == {}
     watch.sent(time.monotonic_ns(), start)  # on time: not noted
+    with mmap.mmap(-1, 8 << 20) as fresh:  # pages the thread faults in, writing to each
+        fresh[::4096] = b"x" * (len(fresh) // 4096)
     ran_until = time.thread_time_ns() + 3_000_000
     while time.thread_time_ns() < ran_until:  # the thread runs 3 ms...
         pass
@@ -60,11 +63,12 @@ def test_the_latest_send_of_each_second() -> None:
     time.sleep(0.003)  # waits ~3 ms (a voluntary switch)...
     watch.sent(time.monotonic_ns() - 1_200_000_000, start)  # ...and sends 1.2 s late: second 4
     assert set(watch.late_max) == {4, 5}
-    late, gap, cpu, waits, preempted = watch.late_max[5]
+    late, gap, cpu, waits, preempted, faults = watch.late_max[5]
     assert 3_500_000 <= late < 100_000_000 and gap >= 3_000_000
     assert cpu >= 3_000_000 and waits >= 0 and preempted >= 0
+    assert faults >= 1  # (2048 with 4-KiB pages; a few where huge pages back it)
     # since the last send on time: the sleep, not the spin before it
-    late, gap, cpu, waits, preempted = watch.late_max[4]
+    late, gap, cpu, waits, preempted, faults = watch.late_max[4]
     assert late >= 1_200_000_000 and 3_000_000 <= gap < 1_000_000_000 and waits >= 1
     assert cpu < gap / 2
 
@@ -76,10 +80,10 @@ def test_the_parent_merges_the_children() -> None:
         "producer": {
             0: {"pauses": {"collections": [5, 1, 0],
                            "long_collections": [(int(102.5 * ns), 2_000_000, 1)],
-                           "late_max": {2: (4_000_000, 4_100_000, 100_000, 1, 0),
-                                        3: (1_000_000, 1_100_000, 1_100_000, 0, 0)}}},
+                           "late_max": {2: (4_000_000, 4_100_000, 100_000, 1, 0, 0),
+                                        3: (1_000_000, 1_100_000, 1_100_000, 0, 0, 0)}}},
             1: {"pauses": {"collections": [4, 0, 0], "long_collections": [],
-                           "late_max": {3: (9_000_000, 9_050_000, 50_000, 0, 1)}}}},
+                           "late_max": {3: (9_000_000, 9_050_000, 50_000, 0, 1, 12)}}}},
         "consumer": {
             0: {"pauses": {"collections": [7, 2, 1],
                            "long_collections": [(int(101.25 * ns), 31_000_000, 2)],
@@ -91,15 +95,17 @@ def test_the_parent_merges_the_children() -> None:
         {"process": "consumer 0", "generation": 2, "t_s": 1.25, "ms": 31.0},
         {"process": "producer 0", "generation": 1, "t_s": 2.5, "ms": 2.0}]
     assert merged["late_send_max_per_s"] == [
-        {"t_s": 2.0, "ms": 4.0, "gap_ms": 4.1, "cpu_ms": 0.1, "waits": 1, "preempted": 0},
-        {"t_s": 3.0, "ms": 9.0, "gap_ms": 9.05, "cpu_ms": 0.05, "waits": 0, "preempted": 1}]
+        {"t_s": 2.0, "ms": 4.0, "gap_ms": 4.1, "cpu_ms": 0.1, "waits": 1, "preempted": 0,
+         "page_faults": 0},
+        {"t_s": 3.0, "ms": 9.0, "gap_ms": 9.05, "cpu_ms": 0.05, "waits": 0, "preempted": 1,
+         "page_faults": 12}]
     lines = cli._pause_lines(merged, warmup_s=2.0)  # the consumer's pause was in the warm-up
     assert lines == [
         "client pauses: 20 garbage collections, the longest 2.0 ms (producer 0, generation 1, "
         "2.5 s after the start)",
         "paced sends: up to 9.0 ms late (3-4 s after the start; in the 9.1 ms since its last "
-        "send on time the sending thread ran 0.1 ms, waited 0 times and was preempted 1 "
-        "times)"]
+        "send on time the sending thread ran 0.1 ms, waited 0 times, was preempted 1 times "
+        "and took 12 page faults)"]
     assert cli._pause_lines(merged, warmup_s=5.0) == [
         "client pauses: 20 garbage collections, none of 1 ms or more after the warm-up"]
 

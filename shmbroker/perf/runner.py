@@ -29,6 +29,7 @@ import collections
 import contextlib
 import gc
 import multiprocessing
+import operator
 import os
 import queue
 import resource
@@ -462,6 +463,7 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
             ready.value += 1  # could lose one, and the parent wait for it forever
         next_offsets: dict[Any, int] = {}
         columnar = workload.api == "columnar"
+        record_value = operator.attrgetter("value")
         while True:
             got = 0
             if columnar:
@@ -489,13 +491,17 @@ def _consume(data_dir: str, topics: list[str], workload: Workload, index: int,
                 records = consumer.poll(100)
                 if records:
                     now_ns = time.monotonic_ns()
-                    unpack = _HEADER.unpack_from
-                    heads = [unpack(record.value) for record in records]
-                    array = np.array(heads, dtype=np.int64)
-                    tally.note(now_ns, array[:, 0], array[:, 1], array[:, 3],
+                    # each value's 24-byte header cut and joined, then read as one array: ~0.15
+                    # µs a record, against ~0.6 for a struct unpack of each into a list of
+                    # tuples made an array
+                    values = list(map(record_value, records))
+                    rows = np.frombuffer(b"".join([value[:payloads.HEADER_BYTES]
+                                                   for value in values]),
+                                         dtype=payloads.HEADER_DTYPE)
+                    tally.note(now_ns, rows["intended_ns"], rows["producer_id"], rows["seq"],
                                warmup_end_ns.value)
                     got = len(records)
-                    tally.consumed_bytes += sum(len(record.value) for record in records)
+                    tally.consumed_bytes += sum(map(len, values))
             idle = tally.polled(got)
             if expected.value >= 0:
                 together = sum(counters[2 * (workload.producers + other)]

@@ -107,6 +107,10 @@ def _shifted(bits: U64, shift: int) -> U64:
     return bits >> np.uint64(-shift)
 
 
+CONSTANT_BYTES_MAX = 2  # see Word.constant_bytes
+_BYTE = [bytes([value]) for value in range(256)]
+
+
 class Shape(NamedTuple):
     """What every record of the section shares (a tuple: cheap to hash for the layout cache)."""
 
@@ -124,7 +128,7 @@ class Word:
     payload bits likewise by ``timestamp_shift``."""
 
     __slots__ = ("offset", "mask", "template", "offset_delta_shift", "offset_size",
-                 "timestamp_shift", "_band_start", "_expected")
+                 "timestamp_shift", "_band_start", "_expected", "constant_bytes", "mask_u64")
 
     def __init__(self, offset: int, mask: int, template: int, offset_delta_shift: int | None,
                  offset_size: int, timestamp_shift: int | None) -> None:
@@ -136,6 +140,17 @@ class Word:
         self.timestamp_shift = timestamp_shift
         self._band_start = next(start for start, _, size in _BANDS if size == offset_size)
         self._expected: U64 | None = None
+        self.mask_u64 = np.uint64(mask)
+        # A window of at most CONSTANT_BYTES_MAX whole framing bytes, the same in every record
+        # (a header count, say): decode compares each as one strided column of bytes (a C-level
+        # copy and a bytes compare, ~1 us for 600 records) instead of a masked word compare
+        # (~5 us).  (row offset, expected byte) pairs, or None.
+        masked = [index for index in range(WORD_BYTES) if (mask >> (8 * index)) & 0xFF]
+        self.constant_bytes = (
+            tuple((offset + index, (template >> (8 * index)) & 0xFF) for index in masked)
+            if offset_delta_shift is None and timestamp_shift is None
+            and len(masked) <= CONSTANT_BYTES_MAX
+            and all((mask >> (8 * index)) & 0xFF == 0xFF for index in masked) else None)
 
     def expected(self, first: int, last: int) -> U64 | int:
         """The window's template bits for records [first, last) of one offset band: one int
@@ -361,15 +376,24 @@ def _timestamp_fits(raw: memoryview, position: int, end: int, row: Row) -> bool:
 
 def _matching_rows(data: U8, position: int, end: int, rows: int, index: int, row: Row) -> int:
     """How many of (at most) ``rows`` records from ``position`` (record ``index`` of the
-    section) match ``row``'s template: one masked compare per word."""
+    section) match ``row``'s template: one masked compare per word (a column compare of bytes
+    for a word of constant bytes: Word.constant_bytes)."""
     rows = min(rows, (end - position) // row.size)
     if rows < 1:
         return 0
     ok = None
+    stop = position + rows * row.size
     for word in row.words:
+        constant = word.constant_bytes
+        if constant is not None and all(
+                data[position + column : stop : row.size].tobytes() == _BYTE[value] * rows
+                for column, value in constant):
+            continue
         view = np.ndarray((rows,), "<u8", data, position + word.offset, (row.size,))
-        matches = (view & np.uint64(word.mask)) == word.expected(index, index + rows)
+        matches = (view & word.mask_u64) == word.expected(index, index + rows)
         ok = matches if ok is None else ok & matches
+    if ok is None:
+        return rows
     return rows if ok.all() else int(np.argmin(ok))  # type: ignore[union-attr,arg-type]
 
 

@@ -139,3 +139,40 @@ def test_damaged_section_is_left_to_the_general_path_or_decoded_alike(
         return
     assert general is not None
     assert_same_records(decoded, general)
+
+
+@settings(SETTINGS, max_examples=100)
+@given(st.integers(0, 605), st.integers(1, 255), st.sampled_from([-1, 0, 7]))
+def test_a_wrong_constant_byte_anywhere_in_a_run_is_caught(
+        record: int, byte: int, key_length: int) -> None:
+    """A record's header count is checked as a column of bytes (Word.constant_bytes): a
+    nonzero one in any record of a 606-record run (either offset band) ends the fast path's
+    run there, and the section goes to the general path."""
+    count = 606
+    arguments: dict[str, object] = {
+        "values": bytes(range(100)) * count,
+        "value_lengths": np.full(count, 100, dtype=np.int64),
+        "timestamp_deltas": np.arange(count, dtype=np.int64) // 20}
+    if key_length >= 0:
+        arguments["keys"] = b"k" * (key_length * count)
+        arguments["key_lengths"] = np.full(count, key_length, dtype=np.int64)
+    buffer = bytearray(columnar.encode_records(**arguments,  # type: ignore[arg-type]
+                                               head_room=HEAD_ROOM))
+    clean = np.frombuffer(bytes(buffer), dtype=np.uint8)
+    assert uniform_records.decode(clean, HEAD_ROOM, len(buffer), count) is not None
+    position = HEAD_ROOM
+    for _ in range(record + 1):  # to the end of the record: a length varint, then its body
+        body, position = decode_varint(buffer, position, len(buffer))
+        position += body
+    assert buffer[position - 1] == 0  # its header count
+    buffer[position - 1] = byte
+    damaged = np.frombuffer(bytes(buffer), dtype=np.uint8)
+    assert uniform_records.decode(damaged, HEAD_ROOM, len(buffer), count) is None
+    general = general_or_none(damaged, len(buffer), count)
+    try:
+        decoded = columnar.decode_records(damaged, HEAD_ROOM, len(buffer), count)
+    except CorruptRecordError:
+        assert general is None
+        return
+    assert general is not None
+    assert_same_records(decoded, general)

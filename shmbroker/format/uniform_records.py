@@ -402,7 +402,6 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
     raw = memoryview(data)
     shape = None
     timestamp_parts: list[I64] = []
-    key_parts: list[I64] = []
     value_parts: list[I64] = []
     value_runs: list[tuple[int, int, int]] = []
     position = start
@@ -435,8 +434,7 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
                                     position + row.value_column + rows * row.size, row.size)
         value_parts.append(value_positions)
         value_runs.append((position + row.value_column, rows, row.size))
-        key_gap = row.value_column - row.key_column
-        key_parts.append(value_positions - key_gap if shape.key_length >= 0 else value_positions)
+        key_gap = row.value_column - row.key_column  # the same in every run (one shape)
         position += rows * row.size
         index += rows
         runs += 1
@@ -444,8 +442,7 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
             return None
     if position != end or shape is None:
         return None
-    if runs == 1:
-        return Decoded(shape, timestamp_parts[0], key_parts[0], value_parts[0], value_runs,
-                       key_gap)
-    return Decoded(shape, np.concatenate(timestamp_parts), np.concatenate(key_parts),
-                   np.concatenate(value_parts), value_runs, key_gap)
+    values = value_parts[0] if runs == 1 else np.concatenate(value_parts)
+    return Decoded(shape, timestamp_parts[0] if runs == 1 else np.concatenate(timestamp_parts),
+                   values - key_gap if shape.key_length >= 0 else values, values, value_runs,
+                   key_gap)

@@ -128,17 +128,25 @@ def test_damaged_section_is_left_to_the_general_path_or_decoded_alike(
     if declared < 1:
         return
     array = np.frombuffer(bytes(buffer), dtype=np.uint8)
-    general = general_or_none(array, len(buffer), declared)
     fast = uniform_records.decode(array, HEAD_ROOM, len(buffer), declared)
+    general = decoded_as_the_general_path(array, declared)
     if fast is not None:
         assert general is not None, "the fast path accepted what the general path rejects"
+
+
+def decoded_as_the_general_path(array: np.ndarray, count: int) -> columnar.RecordColumns | None:
+    """Check that ``decode_records`` (fast path or not) decodes ``array`` (a section from
+    HEAD_ROOM to its end) as the general path does, or rejects it as the general path does;
+    the general path's records, None if it rejects them."""
+    general = general_or_none(array, len(array), count)
     try:
-        decoded = columnar.decode_records(array, HEAD_ROOM, len(buffer), declared)
+        decoded = columnar.decode_records(array, HEAD_ROOM, len(array), count)
     except CorruptRecordError:
         assert general is None
-        return
+        return None
     assert general is not None
     assert_same_records(decoded, general)
+    return general
 
 
 @settings(SETTINGS, max_examples=100)
@@ -168,11 +176,4 @@ def test_a_wrong_constant_byte_anywhere_in_a_run_is_caught(
     buffer[position - 1] = byte
     damaged = np.frombuffer(bytes(buffer), dtype=np.uint8)
     assert uniform_records.decode(damaged, HEAD_ROOM, len(buffer), count) is None
-    general = general_or_none(damaged, len(buffer), count)
-    try:
-        decoded = columnar.decode_records(damaged, HEAD_ROOM, len(buffer), count)
-    except CorruptRecordError:
-        assert general is None
-        return
-    assert general is not None
-    assert_same_records(decoded, general)
+    decoded_as_the_general_path(damaged, count)

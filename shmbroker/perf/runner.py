@@ -289,9 +289,9 @@ class PauseWatch:
     latest send of each second against its intended time, with what the sending thread did
     since its last send on time: the CPU it ran (a page fault's time in the kernel counts), its
     voluntary (a lock, the GIL) and involuntary (preempted by the kernel) context switches and
-    its page faults (``thread_time_ns`` and
-    ``getrusage(RUSAGE_THREAD)``: ~1.2 µs a send).  Read beside the consumers' worst latency
-    per second and the broker's stall warnings (README, "Read the stall warnings")."""
+    its page faults (``thread_time_ns`` and ``getrusage(RUSAGE_THREAD)``: ~1.2 µs a send).
+    Read beside the consumers' worst latency per second and the broker's stall warnings
+    (README, "Read the stall warnings")."""
 
     def __init__(self) -> None:
         self.collections = [0, 0, 0]

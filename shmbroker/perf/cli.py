@@ -108,6 +108,8 @@ def _summary(result: Any) -> list[str]:
         worst = max(result.latency_max_per_s, key=lambda second: second["max_us"])
         lines.append(f"slowest second: {worst['t_s']:,.1f}-{worst['t_s'] + 1:,.1f} s after the "
                      f"start, max {worst['max_us']:,.0f} us (each second's max: --json)")
+        if result.client_pauses:
+            lines.append("  in it: " + _pauses_within(result.client_pauses, worst["t_s"]))
     lines += _pause_lines(result.client_pauses, result.workload.warmup_s)
     lines.append(f"records: sent {result.sent:,}, acknowledged {result.acknowledged:,}, "
                  f"consumed {result.consumed:,}, duplicates {result.duplicates:,}, "
@@ -126,6 +128,22 @@ def _summary(result: Any) -> list[str]:
                          " % in a second (100 = one core that the virtual machine's host ran "
                          "something else on)")
     return lines
+
+
+def _pauses_within(pauses: dict[str, Any], t_s: float) -> str:
+    """What the clients' pauses say of the second from ``t_s``: how late the paced sends went
+    (the producers' seconds overlapping it) and its longest garbage collection.  Neither says
+    the latency came from the broker or the consumers' side."""
+    late = [second["ms"] for second in pauses["late_send_max_per_s"]
+            if abs(second["t_s"] - t_s) < 1]
+    collections = [pause for pause in pauses["long_collections"]
+                   if t_s <= pause["t_s"] < t_s + 1]
+    return "; ".join([
+        f"paced sends up to {max(late):,.1f} ms late" if late
+        else "no paced send 1 ms late or more",
+        f"the longest garbage collection {collections[0]['ms']:,.1f} ms "
+        f"({collections[0]['process']})" if collections
+        else "no garbage collection of 1 ms or more"])
 
 
 def _pause_lines(pauses: dict[str, Any], warmup_s: float) -> list[str]:

@@ -106,6 +106,15 @@ def test_the_parent_merges_the_children() -> None:
         "paced sends: up to 9.0 ms late (3-4 s after the start; in the 9.1 ms since its last "
         "send on time the sending thread ran 0.1 ms, waited 0 times, was preempted 1 times "
         "and took 12 page faults)"]
+    # what a slow second's latency may come from: the producers' late sends overlapping it
+    # (their seconds count from the start: 2.0-3.0 and 3.0-4.0 meet 2.5-3.5) and its longest
+    # garbage collection (the list is longest first)
+    assert cli._pauses_within(merged, 2.5) == (
+        "paced sends up to 9.0 ms late; the longest garbage collection 2.0 ms (producer 0)")
+    assert cli._pauses_within(merged, 1.2) == (
+        "paced sends up to 4.0 ms late; the longest garbage collection 31.0 ms (consumer 0)")
+    assert cli._pauses_within(merged, 7.0) == (
+        "no paced send 1 ms late or more; no garbage collection of 1 ms or more")
     assert cli._pause_lines(merged, warmup_s=5.0) == [
         "client pauses: 20 garbage collections, none of 1 ms or more after the warm-up"]
 

@@ -239,14 +239,11 @@ def _encode_uniform(values: object, value_lengths: I64, keys: object | None,
             raise ValueError(f"keys: lengths add up to {count * max(key_length, 0)} bytes, "
                              f"buffer holds {len(key_data)}")
     timestamp_z, timestamp_sizes = uniform_records.timestamp_sizes(timestamp_deltas)
-    runs = uniform_records.runs_for(timestamp_sizes, count)
-    if len(runs) * uniform_records.RUN_RECORDS_MIN > count and len(runs) > 4:
-        return None
     shape = uniform_records.Shape(key_length, value_length)
-    layouts = uniform_records.layouts_for(shape, runs)
-    if layouts is None:
+    plan = uniform_records.plan(shape, timestamp_sizes, count)
+    if plan is None:
         return None
-    size = sum((last - first) * row.size for (first, last, _, _), row in zip(runs, layouts))
+    runs, layouts, size = plan
     encoded = bytearray(head_room + size)
     out = np.frombuffer(encoded, dtype=np.uint8)[head_room:]
     uniform_records.encode(out, shape, runs, layouts, value_data, key_data, timestamp_z)

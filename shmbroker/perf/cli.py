@@ -260,6 +260,8 @@ BROKER_SETTING_OPTION = click.option(
               help="The producers' ring per partition (default 8 MiB; a multiple of 4096): "
               "the bytes in flight unacknowledged, which under --durable must cover an fsync.")
 @click.option("--api", type=click.Choice(["per-record", "columnar"]), default=None)
+@click.option("--chunk-records", type=click.IntRange(min=1), default=None,
+              help="Records per send_batch call with --api columnar (default 1024).")
 @click.option("--compression", type=click.Choice(["none", "gzip", "lz4", "zstd"]), default=None)
 @click.option("--payload", type=click.Choice(["random", "telemetry"]), default=None)
 @click.option("--poll-spin-us", type=click.IntRange(min=0, max=limits.poll_spin_us_max),
@@ -356,14 +358,18 @@ def _partition_counts(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.option("--api", type=click.Choice(["per-record", "columnar"]), default="columnar",
               show_default=True)
 @click.option("--record-size-bytes", "record_size", default="100", show_default=True)
+@click.option("--batch-size-bytes", type=click.IntRange(min=1),
+              default=Workload.batch_size_bytes, show_default=True)
+@click.option("--chunk-records", type=click.IntRange(min=1), default=Workload.chunk_records,
+              show_default=True, help="Records per send_batch call (columnar).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Use the broker already serving this data dir (default: an embedded one).")
 @BROKER_SETTING_OPTION
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write every run and the table here (JSON).")
 def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, api: str,
-          record_size: str, data_dir: Path | None, broker_settings: dict[str, Any],
-          json_path: Path | None) -> None:
+          record_size: str, batch_size_bytes: int, chunk_records: int, data_dir: Path | None,
+          broker_settings: dict[str, Any], json_path: Path | None) -> None:
     """Speed-up with partitions: for each count N, N producers and N consumers, one partition
     each, as fast as they go.  Reports records/s and the ratio to one partition (goal: 4
     partitions >= 3.4x, 8 >= 5x, on a machine with cores to spare: 16 or more)."""
@@ -375,7 +381,9 @@ def scale(counts: list[int], rounds: int, duration_s: float, warmup_s: float, ap
     try:
         workloads = {count: Workload(name=f"scale-{count}", partitions=count, producers=count,
                                      consumers=count, duration_s=duration_s, warmup_s=warmup_s,
-                                     api=api, record_size=record_size) for count in counts}
+                                     api=api, record_size=record_size,
+                                     batch_size_bytes=batch_size_bytes,
+                                     chunk_records=chunk_records) for count in counts}
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     runs: list[dict[str, Any]] = []

@@ -48,7 +48,6 @@ from shmbroker.perf.histogram import Histogram
 from shmbroker.perf.workload import Workload
 
 TEMPLATE_RECORDS = 4096  # payloads generated once per producer and reused cyclically
-COLUMNAR_CHUNK_RECORDS = 1024  # records per send_batch call
 COUNTER_UPDATE_S = 0.05
 # A consumer takes what it noted into its histogram at once after this many polls or records:
 # few enough that taking them in (~0.2 ms) does not hold up the next poll for long
@@ -125,7 +124,10 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
 
     rng = np.random.default_rng(index)
     spec = payloads.parse_size_spec(workload.record_size)
-    lengths = payloads.sizes(spec, TEMPLATE_RECORDS, rng)
+    # (a columnar chunk never wraps the template: it holds one chunk at least)
+    template_records = (max(TEMPLATE_RECORDS, workload.chunk_records)
+                        if workload.api == "columnar" else TEMPLATE_RECORDS)
+    lengths = payloads.sizes(spec, template_records, rng)
     buffer, lengths = payloads.make_payloads(workload.payload, lengths, rng)
     template = bytearray(buffer)
     template_view = memoryview(template)
@@ -174,14 +176,14 @@ def _produce(data_dir: str, topics: list[str], workload: Workload, index: int, s
         next_update = time.monotonic() + COUNTER_UPDATE_S
         topic_count = len(topics)
         if workload.api == "columnar":
-            chunk = COLUMNAR_CHUNK_RECORDS if not interval_ns else max(1, min(
-                COLUMNAR_CHUNK_RECORDS, int(rate / 1000) or 1))
+            chunk = workload.chunk_records if not interval_ns else max(1, min(
+                workload.chunk_records, int(rate / 1000) or 1))
             target = 0
             while True:
                 now = time.monotonic()
                 if now >= end_at:
                     break
-                due = next_chunk(sent, start_ns, interval_ns, chunk)
+                due = next_chunk(sent, start_ns, interval_ns, chunk, template_records)
                 if due is None:
                     continue
                 first, seqs, intended = due
@@ -393,12 +395,13 @@ def _wait_for_start(start: StartGate) -> float:
     return float(start.start_at.value)
 
 
-def next_chunk(sent: int, start_ns: int, interval_ns: int,
-               chunk: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+def next_chunk(sent: int, start_ns: int, interval_ns: int, chunk: int,
+               template_records: int = TEMPLATE_RECORDS,
+               ) -> tuple[int, np.ndarray, np.ndarray] | None:
     """The next chunk a chunked producer sends: ``(first, seqs, intended_ns)``, ``first`` the
-    template index of record ``sent`` (a chunk never wraps the template).  Paced
-    (``interval_ns``): what the schedule says is due, at most ``chunk``, or None after a short
-    sleep while nothing is; else ``chunk`` records, intended now."""
+    index of record ``sent`` in a template of ``template_records`` (a chunk never wraps the
+    template).  Paced (``interval_ns``): what the schedule says is due, at most ``chunk``, or
+    None after a short sleep while nothing is; else ``chunk`` records, intended now."""
     if interval_ns:
         due = (time.monotonic_ns() - start_ns) // interval_ns + 1
         if due <= sent:
@@ -407,8 +410,8 @@ def next_chunk(sent: int, start_ns: int, interval_ns: int,
         count = min(chunk, due - sent)
     else:
         count = chunk
-    first = sent % TEMPLATE_RECORDS
-    seqs = np.arange(sent, sent + min(count, TEMPLATE_RECORDS - first), dtype=np.int64)
+    first = sent % template_records
+    seqs = np.arange(sent, sent + min(count, template_records - first), dtype=np.int64)
     intended = (start_ns + seqs * interval_ns) if interval_ns else np.full(
         len(seqs), time.monotonic_ns(), dtype=np.int64)
     return first, seqs, intended

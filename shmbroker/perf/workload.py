@@ -32,6 +32,7 @@ LINGER_MS_MAX = 60_000
 BATCH_SIZE_BYTES_MIN = 1024
 BATCH_SIZE_BYTES_MAX = limits.batch_bytes_max  # 64 MiB
 RATE_PER_SEC_MAX = 1_000_000_000
+CHUNK_RECORDS_MAX = 1 << 20  # records a columnar producer hands to one send_batch call
 NAME_CHARS_MAX = 100
 ACKS = ("0", "1", "all")
 APIS = ("per-record", "columnar")
@@ -86,6 +87,9 @@ class Workload:
     producer settings (``ring_bytes``: the shared-memory ring per partition, a multiple of 4096:
     what may be in flight unacknowledged, Kafka's ``buffer.memory`` per partition); ``api``
     picks ``send``/``poll`` ("per-record") or ``send_batch``/``poll_columnar`` ("columnar");
+    ``chunk_records`` is how many records a columnar producer hands to one ``send_batch`` (it
+    cuts them into batches of ``batch_size_bytes``: with 1 MiB batches, give it ~10,000 100-byte
+    records, as OMB's kafka-big-batches workload pairs batch.size=1048576 with a long linger);
     ``payload`` is "random" (incompressible) or "telemetry" (JSON readings).
     ``poll_spin_us`` is the consumers' setting of that name: how long a poll busy-polls its
     fetch sockets before it sleeps (0, the default, never spins; for latency runs on a host
@@ -112,6 +116,7 @@ class Workload:
     payload: str = "random"
     durable: bool = False
     poll_spin_us: int = 0
+    chunk_records: int = 1024
 
     def __post_init__(self) -> None:
         self.validate()
@@ -174,6 +179,8 @@ class Workload:
                              f"{PAGE_BYTES}, got {self.ring_bytes}")
         fix("poll_spin_us", _integer("poll_spin_us", self.poll_spin_us, 0,
                                      limits.poll_spin_us_max))
+        fix("chunk_records", _integer("chunk_records", self.chunk_records, 1,
+                                      CHUNK_RECORDS_MAX))
         _choice("api", self.api, APIS)
         _choice("compression", self.compression, COMPRESSIONS)
         _choice("payload", self.payload, PAYLOAD_KINDS)

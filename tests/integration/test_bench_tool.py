@@ -71,7 +71,10 @@ def test_default_run_against_an_embedded_broker(tmp_path: Path) -> None:
     ["--rate-per-sec", "2000", "--linger-ms", "0", "--acks", "all", "--warmup-s", "0.5",
      "--durable", "--record-size-bytes", "1024"],
     ["--api", "columnar", "--compression", "zstd", "--rate-per-sec", "20000"],
-], ids=["columnar-2x2", "group-telemetry", "paced-acks-all", "columnar-zstd-paced"])
+    # big batches: chunks longer than the default payload template, cut into 1 MiB batches
+    ["--api", "columnar", "--batch-size-bytes", "1048576", "--chunk-records", "10000"],
+], ids=["columnar-2x2", "group-telemetry", "paced-acks-all", "columnar-zstd-paced",
+        "big-batches"])
 def test_workloads_against_a_running_broker(broker: RunningBroker, tmp_path: Path,
                                             options: list[str]) -> None:
     out = tmp_path / "result.json"

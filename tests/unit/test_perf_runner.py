@@ -18,6 +18,14 @@ def test_unpaced_chunks_are_full_and_never_wrap_the_template():
     assert first == TEMPLATE_RECORDS - 10 and len(seqs) == 10  # up to the template's end
 
 
+def test_chunks_bigger_than_the_default_template_come_from_a_bigger_one():
+    template = 10_000  # a producer with chunk_records = 10,000 makes a template that long
+    first, seqs, _ = next_chunk(3 * template, 0, 0, template, template)
+    assert first == 0 and seqs.tolist() == list(range(3 * template, 4 * template))
+    first, seqs, _ = next_chunk(template + 9_000, 0, 0, template, template)
+    assert first == 9_000 and len(seqs) == 1_000  # still never wraps
+
+
 def test_paced_chunks_send_what_is_due_at_its_intended_times():
     interval_ns = 1_000_000  # 1,000 records/s
     start_ns = time.monotonic_ns() - 50 * interval_ns  # 50 records (and a bit) are due

@@ -23,6 +23,7 @@ def test_defaults() -> None:
         "duration_s": 10.0, "warmup_s": 0.0, "acks": "1", "linger_ms": 5,
         "batch_size_bytes": 65536, "ring_bytes": 8 * 1024 * 1024, "api": "per-record",
         "compression": "none", "payload": "random", "durable": False, "poll_spin_us": 0,
+        "chunk_records": 1024,
     }
     orjson.dumps(workload.to_dict())  # JSON-serialisable for result files
 
@@ -134,7 +135,7 @@ def test_load_reports_invalid_values_and_invalid_toml(tmp_path: Path) -> None:
 
 def test_the_shipped_workloads_are_there() -> None:
     assert {path.stem for path in WORKLOADS} >= {"default", "telemetry-4p", "latency-10k",
-                                                 "durable-1k"}
+                                                 "durable-1k", "big-batches"}
 
 
 @pytest.mark.parametrize("path", WORKLOADS, ids=[path.stem for path in WORKLOADS])
@@ -158,3 +159,13 @@ def test_shipped_workloads_say_what_the_issue_asked() -> None:
     durable = by_name["durable-1k"]
     assert (durable.record_size, durable.acks, durable.partitions, durable.durable) == (
         "1024", "all", 1, True)
+    big = by_name["big-batches"]
+    assert (big.api, big.batch_size_bytes, big.chunk_records, big.record_size) == (
+        "columnar", 1 << 20, 10_000, "100")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "many", True, (1 << 20) + 1])
+def test_chunk_records_is_checked(value: object) -> None:
+    with pytest.raises(ValueError, match="chunk_records"):
+        Workload(chunk_records=value)  # type: ignore[arg-type]
+    assert Workload().chunk_records == 1024 and Workload(chunk_records=10_000).chunk_records

@@ -14,6 +14,9 @@
 #              append check thread on, as `auto` gives it with >= 4 CPUs)
 #   scale-off  the same with worker_check_thread=off (session 11: on was as fast with one
 #              partition and ahead with four)
+#   scale-big  the same with 1 MiB batches of 10,000-record send_batch calls
+#              (bench/workloads/big-batches.toml's settings; session 12: 1.7x one partition's
+#              rate on the 2-core machine, half the CPU a record), 2 rounds
 #   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
 #              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning (the
 #              broker's stall warnings, if any, are in device.log)
@@ -74,6 +77,10 @@ for step in "${steps[@]}"; do
         timeout 260 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 3 --duration-s 6 \
             --broker-setting worker_check_thread=off --json "$out/scale-off.json" 2>&1 \
             | tee -a "$log" || true ;;
+    scale-big)
+        timeout 200 "${bench[@]}" scale --partitions 1,2,4,8 --rounds 2 --duration-s 6 \
+            --batch-size-bytes 1048576 --chunk-records 10000 --json "$out/scale-big.json" 2>&1 \
+            | tee -a "$log" || true ;;
     latency)
         timeout 80 python3 bench/broker.py --modes "" --repeat 3 --latency-records 30000 \
             --spin-sweep 50/0,5000/5000 --json "$out/sweep.json" 2>&1 | tee -a "$log" || true
@@ -113,7 +120,7 @@ for step in "${steps[@]}"; do
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
             --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
     *)
-        echo "unknown step $step (scale, scale-off, latency, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
+        echo "unknown step $step (scale, scale-off, scale-big, latency, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
     esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$log"

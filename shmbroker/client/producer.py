@@ -108,6 +108,7 @@ def _now_ms() -> int:
 
 
 _time_ns = time.time_ns
+_new_future = object.__new__
 
 
 class _Partition:
@@ -259,7 +260,11 @@ class Producer:
             if state.open_bytes >= state.batch_limit or (
                     not self.linger_s and not self._acks_awaited(state)):
                 self._seal(state)
-            return RecordFuture(batch, index)  # type: ignore[arg-type]
+            # RecordFuture(batch, index) without its __init__ call: ~0.1 µs of ~1.5 a send
+            future = _new_future(RecordFuture)
+            future._batch = batch
+            future._index = index
+            return future
         finally:
             lock.release()
 

@@ -180,16 +180,23 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _parse_configs(ctx: click.Context, param: click.Parameter,
-                   values: tuple[str, ...]) -> dict[str, str]:
-    configs: dict[str, str] = {}
-    for item in values:
+def key_values(ctx: click.Context, param: click.Parameter, items: tuple[str, ...],
+               example: str) -> dict[str, str]:
+    """A repeatable ``KEY=VALUE`` option's items as a dict (spaces around either side dropped);
+    a usage error, in the option's metavar and with ``example``, for an item without a key."""
+    pairs: dict[str, str] = {}
+    for item in items:
         key, found, value = item.partition("=")
         if not found or not key.strip():
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. retention_ms=3600000)",
-                                     ctx=ctx, param=param)
-        configs[key.strip()] = value.strip()
-    return configs
+            raise click.BadParameter(f"{item!r}: give {param.metavar or 'KEY=VALUE'}, e.g. "
+                                     f"{example}", ctx=ctx, param=param)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _parse_configs(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> dict[str, str]:
+    return key_values(ctx, param, values, "retention_ms=3600000")
 
 
 def _separator(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:

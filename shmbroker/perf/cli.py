@@ -203,19 +203,14 @@ def _plot(result: Any, path: Path) -> None:
     figure.savefig(path)
 
 
-
 def _broker_settings(ctx: click.Context, param: click.Parameter,
                      value: tuple[str, ...]) -> dict[str, Any]:
     """``NAME=VALUE`` items, checked as the broker checks its config file, into their values."""
+    from shmbroker.cli import key_values
     from shmbroker.config import BrokerConfig
     from shmbroker.errors import InvalidConfigError
 
-    raw: dict[str, str] = {}
-    for item in value:
-        name, equals, text = item.partition("=")
-        if not equals or not name.strip():
-            raise click.BadParameter(f"{item!r}: give NAME=VALUE, e.g. worker_check_thread=off")
-        raw[name.strip()] = text.strip()
+    raw = key_values(ctx, param, value, "worker_check_thread=off")
     try:
         config = BrokerConfig.from_mapping(raw)
     except InvalidConfigError as error:
@@ -227,6 +222,7 @@ BROKER_SETTING_OPTION = click.option(
     "--broker-setting", "broker_settings", multiple=True, callback=_broker_settings,
     metavar="NAME=VALUE", help="A setting of the embedded broker (repeatable), as in its "
     "config file: e.g. worker_check_thread=off; not with --data-dir.")
+
 
 @click.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})

@@ -269,6 +269,7 @@ def layouts_for(shape: Shape, runs: list[tuple[int, int, int, int]]) -> list[Row
 
 # (runs, their layouts, bytes): tuples, shared by every batch that gets one plan
 Plan = tuple[tuple[tuple[int, int, int, int], ...], tuple[Row, ...], int]
+PLANS_KEPT_SIZES_MAX = 4  # timestamp size changes in a batch's plan worth keeping
 
 
 def plan(shape: Shape, sizes: list[tuple[int, int]], count: int) -> Plan | None:
@@ -279,9 +280,6 @@ def plan(shape: Shape, sizes: list[tuple[int, int]], count: int) -> Plan | None:
     if len(sizes) <= PLANS_KEPT_SIZES_MAX:
         return _kept_plan(shape, tuple(sizes), count)
     return _make_plan(shape, sizes, count)
-
-
-PLANS_KEPT_SIZES_MAX = 4  # timestamp size changes in a batch's plan worth keeping
 
 
 @functools.lru_cache(maxsize=256)

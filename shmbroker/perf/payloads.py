@@ -371,6 +371,18 @@ def _header_items(u8: U8, positions: I64) -> npt.NDArray[np.void]:
     return raw.view(_HEADER_VOID).reshape(len(positions))
 
 
+def value_headers(values: list[bytes]) -> tuple[I64, I32, I64, int]:
+    """``(intended_ns, producer_ids, seqs, value bytes)`` of a per-record consumer's values:
+    each value's header cut and joined, then read as one array (~0.15 µs a record, against
+    ~0.6 for a struct unpack of each into a list of tuples made an array).  A value too short
+    for the header is a ValueError, as in :func:`decode_headers`."""
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    _check_header_room(lengths)
+    rows = np.frombuffer(b"".join([value[:HEADER_BYTES] for value in values]),
+                         dtype=HEADER_DTYPE)
+    return rows["intended_ns"], rows["producer_id"], rows["seq"], int(lengths.sum())
+
+
 def batch_headers(batch: Any, skip: int = 0) -> tuple[list[npt.NDArray[np.void]], int]:
     """The headers of a columnar consumer's batch (a ``ColumnarBatch``) from record ``skip``
     on, for :func:`header_columns`, and the bytes of those values.

@@ -243,6 +243,20 @@ def test_header_errors(call, error: type[Exception], message: str) -> None:
         call()
 
 
+def test_value_headers_of_per_record_values() -> None:
+    """What a per-record consumer reads: each value's header, and the values' bytes; a value
+    too short for a header (two 12-byte ones would make 24 bytes) is refused, not misread."""
+    from shmbroker.perf.payloads import value_headers
+
+    values = [REFERENCE_HEADER.pack(100 + i, 7, 0, i) + bytes(i * 3) for i in range(5)]
+    intended, producers, seqs, value_bytes = value_headers(values)
+    assert intended.tolist() == [100, 101, 102, 103, 104] and seqs.tolist() == [0, 1, 2, 3, 4]
+    assert producers.tolist() == [7] * 5 and value_bytes == sum(map(len, values))
+    with pytest.raises(ValueError, match="value 1 has 12 bytes, fewer than the 24-byte"):
+        value_headers([values[0], bytes(12), bytes(12)])
+    assert [len(column) for column in value_headers([])[:3]] == [0, 0, 0]
+
+
 def test_empty_header_arrays() -> None:
     encode_headers(bytearray(10), [], [], 1, [])
     intended, producers, seqs = decode_headers(b"", [])

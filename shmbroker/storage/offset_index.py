@@ -14,13 +14,26 @@ the log and rebuilds them when they disagree.
 While its segment is active an index file is preallocated (ftruncate) to ``segment_index_bytes``
 and the bytes past the entries are zero; a sealed or cleanly closed index is trimmed to its
 entries.  Entries live in memory as numpy arrays (binary search is ``np.searchsorted``); the file
-is written with ``os.pwrite`` per appended entry, never through mmap.
+is written with ``os.pwrite``, never through mmap.
 
-A full disk: preallocation is sparse (``ftruncate``), so writing an entry may need a new block and
-fail with ENOSPC.  The caller (``Segment.append``) then drops the entries in memory with
+Entries reach the file lazily.  The in-memory entries answer every lookup of the running
+process; the file matters only to the next open, so an append writes its new entries only when
+one of them needs file space that no write has reached yet (the first entry in a new file-system
+block); the others wait for that write or for :meth:`SparseIndex.write_pending` from an index
+sync, a seal or a close.  At most a block of entries (512 offset entries, 341 time entries)
+waits, and an append of one 64 KiB batch saves its two index pwrites.  Nothing is lost by
+waiting: the recovery-point checkpoint writes and fsyncs the entries before it names an offset
+(recovery trusts the entries below it), and crash recovery rescans what lies past it and
+rewrites the index files to match (see ``Segment.recover``).
+
+A full disk: preallocation is sparse (``ftruncate``), so writing an entry into a new block may
+fail with ENOSPC -- and that write is never deferred, so the append that caused it fails, not a
+later flush.  The caller (``Segment.append``) then drops the entries in memory with
 :meth:`SparseIndex.truncate_entries`, which also zeroes whatever part of them reached the file
 (best effort: bytes past the entries are derived junk at worst, which a clean close trims and
-crash recovery compares and rewrites).
+crash recovery compares and rewrites).  Rewriting bytes of a block already written needs no new
+space on the file systems we run on (ext4, xfs, tmpfs); on a copy-on-write one (btrfs) a
+deferred write could still meet ENOSPC, in a flush, which then fails as any flush does.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from typing import ClassVar
 import numpy as np
 
 _INITIAL_CAPACITY = 64
+_BLOCK_BYTES_DEFAULT = 4096  # when fstat cannot say (st_blksize: the file system's block)
 
 
 class SparseIndex:
@@ -40,8 +54,9 @@ class SparseIndex:
     Invariants:
     - ``0 <= entries_count <= max_entries``; keys of entries ``[0, entries_count)`` strictly grow;
       values never decrease.
-    - The file's first ``entries_count`` entries equal the in-memory ones (after any successful
-      write); while ``is_active`` the file is ``max_entries * ENTRY_SIZE`` bytes long.
+    - The file's first ``entries_count`` entries equal the in-memory ones after
+      :meth:`write_pending`; while ``is_active`` the file is ``max_entries * ENTRY_SIZE`` bytes
+      long.
     - ``_file_count <= entries_count``; entries at or past ``_file_high`` were never written to
       the file since it was last zeroed there (``_file_count <= _file_high``).
     """
@@ -60,6 +75,10 @@ class SparseIndex:
         self.entries_count = 0
         self._file_count = 0  # entries [0, _file_count) are known to be in the file
         self._file_high = 0  # entries [_file_high, max_entries) of the file are zero (or absent)
+        # entries [0, _backed_count) lie in file blocks that a write has reached: writing them
+        # needs no new space (see write_if_unbacked)
+        self._backed_count = 0
+        self._block_bytes = _BLOCK_BYTES_DEFAULT
         self._fd = -1
         self._last_entry = (0, 0)
         self._last_entry_count = -1  # _last_entry is valid while entries_count equals this
@@ -149,6 +168,7 @@ class SparseIndex:
         self._close_fd()
         if active:
             self._fd = fd
+            self._learn_blocks(fd, self.entries_count)
         else:
             os.fsync(fd)
             os.close(fd)
@@ -166,6 +186,7 @@ class SparseIndex:
         self._fd = fd
         self._file_count = self.entries_count
         self._file_high = self.entries_count  # the bytes past the entries are zero
+        self._learn_blocks(fd, self.entries_count)  # (the entries were written: read back)
 
     def activate_empty(self) -> None:
         """Open the file for appends as a preallocated file of zeros, the in-memory entries
@@ -182,6 +203,7 @@ class SparseIndex:
         self._fd = fd
         self._file_count = 0
         self._file_high = 0
+        self._learn_blocks(fd, 0)
 
     def seal(self, *, fsync: bool = True) -> None:
         """Trim the file to its entries, make it durable and close it."""
@@ -249,10 +271,34 @@ class SparseIndex:
         """Write the entries appended since the last write, in one pwrite (when active)."""
         if self._fd >= 0 and self._file_count < self.entries_count:
             start = self._file_count
-            self._file_high = max(self._file_high, self.entries_count)  # before: it may tear
-            _pwrite_all(self._fd, self._encode(start, self.entries_count),
-                        start * self.ENTRY_SIZE)
-            self._file_count = self.entries_count
+            count = self.entries_count
+            self._file_high = max(self._file_high, count)  # before: it may tear
+            _pwrite_all(self._fd, self._encode(start, count), start * self.ENTRY_SIZE)
+            self._file_count = count
+            if count > self._backed_count:
+                self._backed_count = self._entries_in_blocks(count)
+
+    def write_if_unbacked(self) -> None:
+        """:meth:`write_pending` now if a pending entry needs file space that no write has
+        reached yet (that write may fail with ENOSPC, and the append that caused it must see
+        so); else the entries wait (see the module docstring)."""
+        if self.entries_count > self._backed_count and self._fd >= 0:
+            self.write_pending()
+
+    def _learn_blocks(self, fd: int, written_count: int) -> None:
+        """Note the file system's block size, and that entries ``[0, written_count)`` are
+        written, for :meth:`write_if_unbacked`."""
+        try:
+            self._block_bytes = max(os.fstat(fd).st_blksize, self.ENTRY_SIZE)
+        except OSError:
+            self._block_bytes = _BLOCK_BYTES_DEFAULT
+        self._backed_count = self._entries_in_blocks(written_count) if written_count else 0
+
+    def _entries_in_blocks(self, written_count: int) -> int:
+        """The whole entries that fit in the blocks that ``written_count`` entries touch."""
+        block = self._block_bytes
+        end = -(-written_count * self.ENTRY_SIZE // block) * block
+        return min(end // self.ENTRY_SIZE, self.max_entries)
 
     def truncate_entries(self, count: int) -> None:
         """Drop entries ``[count, entries_count)``, in memory first; then zero what of them

@@ -338,9 +338,9 @@ class Segment:
             for span in batches:
                 self._index_batch(start + span.position, span)
             failing = self.offset_index.path
-            self.offset_index.write_pending()
+            self.offset_index.write_if_unbacked()  # the rest wait (offset_index.py says why)
             failing = self.time_index.path
-            self.time_index.write_pending()
+            self.time_index.write_if_unbacked()
         except OSError as error:
             error.filename = error.filename or failing
             self.restore(state)

@@ -265,24 +265,51 @@ def test_roll_that_cannot_create_its_segment_leaves_no_half_made_one(tmp_path, d
 
 
 def test_index_write_failure_undoes_the_log_write_too(tmp_path, disk):
+    """The entries that need file space no write has reached (here the index's first block)
+    are written in the append itself, so a full disk fails that append, not a later flush."""
     directory = tmp_path / "p"
     log = _open(directory)
-    acked = [(log.append(_batch(n)).first_offset, _batch(n)) for n in range(3)]
+    acked = [(log.append(_batch(0)).first_offset, _batch(0))]
+    assert log.active_segment.offset_index.entries_count == 0  # no entry for position 0
     before = _files(directory)
-    entries = log.active_segment.offset_index.entries_count
     disk.fail_write(2, errno.ENOSPC)  # 1: the .log, 2: the .index
     with pytest.raises(StorageFullError, match=r"\.index\) \[ENOSPC\]"):
-        log.append(_batch(3) + _batch(4) + _batch(5))  # more than index_interval_bytes: indexed
+        log.append(_batch(1) + _batch(2) + _batch(3))  # more than index_interval_bytes: indexed
     assert _files(directory) == before
-    assert log.active_segment.offset_index.entries_count == entries
+    assert log.active_segment.offset_index.entries_count == 0
     disk.room()
-    for number in (6, 7):
+    for number in (4, 5, 6):
         acked.append((log.append(_batch(number)).first_offset, _batch(number)))
     log.close()
     log = _open(directory)
     assert all(not segment.scanned for segment in log.recovery_report.segments)
     _check_holds(log, acked)
     log.close()
+
+
+def test_index_entries_in_a_written_block_wait_for_the_checkpoint(tmp_path, disk):
+    """Once an index block was written, entries in it wait (no pwrite an append); syncing the
+    indexes (what the recovery-point checkpoint does first) writes them, and a crash before
+    that loses nothing (recovery rescans past the checkpoint)."""
+    directory = tmp_path / "p"
+    log = _open(directory)
+    acked = [(log.append(_batch(n)).first_offset, _batch(n)) for n in range(4)]
+    index = log.active_segment.offset_index
+    assert index.entries_count > 0
+    index_path = Path(index.path)
+    on_disk = index_path.read_bytes()
+    writes = disk.writes
+    result = log.append(_batch(4) + _batch(5))
+    acked += zip(result.base_offsets, (_batch(4), _batch(5)))
+    assert disk.writes == writes + 1  # the .log only
+    assert index_path.read_bytes() == on_disk
+    log.active_segment.flush_indexes()
+    written = index_path.read_bytes()[: index.entries_count * index.ENTRY_SIZE]
+    assert written == b"".join(index.ENTRY_STRUCT.pack(int(key), int(value))
+                               for key, value in zip(index.keys, index.values))
+    acked.append((log.append(_batch(6)).first_offset, _batch(6)))
+    assert index_path.read_bytes() == written + bytes(len(on_disk) - len(written))
+    _check_after_crash(log, directory, acked)
 
 
 def test_a_cut_that_fails_blocks_appends_until_one_works(tmp_path, disk):

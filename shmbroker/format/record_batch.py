@@ -197,28 +197,30 @@ def read_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> Ba
 
 
 def check_header(header: BatchHeader, position: int | None = None) -> None:
-    if header.magic != MAGIC:
-        raise CorruptRecordError(f"unsupported magic {header.magic}; only magic 2 is stored",
-                                 position)
-    if header.batch_length < HEADER_SIZE - LOG_OVERHEAD:
+    # fields as locals: every append checks a header (~0.35 -> ~0.2 us)
+    (_, batch_length, _, magic, _, attributes, last_offset_delta, _, _, _, _, _,
+     records_count) = header
+    if magic != MAGIC:
+        raise CorruptRecordError(f"unsupported magic {magic}; only magic 2 is stored", position)
+    if batch_length < HEADER_SIZE - LOG_OVERHEAD:
         raise CorruptRecordError(
-            f"batch_length {header.batch_length} is shorter than a batch header", position
+            f"batch_length {batch_length} is shorter than a batch header", position
         )
-    if header.records_count < 0:
-        raise CorruptRecordError(f"negative records count {header.records_count}", position)
-    if header.last_offset_delta < header.records_count - 1 or header.last_offset_delta < 0:
+    if records_count < 0:
+        raise CorruptRecordError(f"negative records count {records_count}", position)
+    if last_offset_delta < records_count - 1 or last_offset_delta < 0:
         raise CorruptRecordError(
-            f"last_offset_delta {header.last_offset_delta} cannot hold "
-            f"{header.records_count} records",
+            f"last_offset_delta {last_offset_delta} cannot hold {records_count} records",
             position,
         )
-    if header.codec not in CODEC_NAMES:
-        raise CorruptRecordError(f"unknown compression codec {header.codec}", position)
-    if header.codec == CODEC_NONE:
-        records_bytes = header.batch_length + LOG_OVERHEAD - HEADER_SIZE
-        if header.records_count * RECORD_SIZE_MIN > records_bytes:
+    codec = attributes & COMPRESSION_MASK
+    if codec not in CODEC_NAMES:
+        raise CorruptRecordError(f"unknown compression codec {codec}", position)
+    if codec == CODEC_NONE:
+        records_bytes = batch_length + LOG_OVERHEAD - HEADER_SIZE
+        if records_count * RECORD_SIZE_MIN > records_bytes:
             raise CorruptRecordError(
-                f"{header.records_count} records cannot fit in {records_bytes} bytes", position
+                f"{records_count} records cannot fit in {records_bytes} bytes", position
             )
 
 

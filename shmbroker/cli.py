@@ -36,24 +36,27 @@ def main() -> None:
               help="Exit 1 if any corruption is found, naming the first bad position.")
 def dump_log(paths: tuple[Path, ...], print_data: bool, verify: bool) -> None:
     """Print the batches of segment files (.log) or of every segment in a partition directory,
-    like kafka-dump-log.sh."""
-    from shmbroker.dump_log import DumpResult, dump_segment, segment_paths
+    or the entries of index files (.index, .timeindex), like kafka-dump-log.sh."""
+    from shmbroker.dump_log import DumpResult, dump_file, segment_paths
 
     results: list[tuple[Path, DumpResult]] = []
     for path in paths:
         for segment in segment_paths(path):
             result = DumpResult()
             try:
-                dump_segment(segment, click.echo, print_data=print_data, result=result)
+                dumped = dump_file(segment, click.echo, print_data=print_data, result=result)
             except BrokenPipeError:
                 sys.exit(1)
             except OSError as error:
                 click.echo(f"error: cannot read {segment}: {error.strerror}", err=True)
                 sys.exit(1)
-            results.append((segment, result))
+            if dumped:
+                results.append((segment, result))
     bad = [(segment, result) for segment, result in results if result.errors]
     total_batches = sum(result.batches for _, result in results)
-    click.echo(f"Checked {len(results)} segment(s), {total_batches} batch(es): "
+    entries = sum(result.index_entries for _, result in results)
+    click.echo(f"Checked {len(results)} file(s), {total_batches} batch(es)"
+               f"{f', {entries} index entries' if entries else ''}: "
                f"{'corruption found' if bad else 'all valid'}", err=True)
     if verify and bad:
         segment, result = bad[0]

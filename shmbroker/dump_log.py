@@ -5,6 +5,15 @@ sizes, timestamps, codec, CRC validity, and with ``print_data`` every record.  V
 reports the first corrupt position; a batch with a bad CRC but a sane length is reported and
 skipped so that the rest of the file is still shown.
 
+An offset index (``.index``) or time index (``.timeindex``) given by name is printed entry by
+entry with absolute offsets, as kafka-dump-log prints them, and each entry is checked against the
+``.log`` beside it: an offset entry must name the position of the batch that starts at its
+offset, a time entry a batch (by its base offset, see ``Segment._index_batch``) whose largest
+timestamp it holds; keys must grow.  A preallocated index's zero tail (an active segment's, or
+one a crash left) is not printed.  Other files (checkpoints) are skipped with a line saying so,
+as Kafka's tool does.  Indexes are derived data: a bad one loses nothing (the broker rebuilds it
+when it opens the partition), but it is reported like a bad batch.
+
 Offsets are checked as the broker reads them: a segment's first batch starts at the base offset in
 its file name, each next batch where the previous one ended (base offsets are not covered by the
 CRC, so a damaged one shows only this way), and the last one ends where the next segment of the
@@ -20,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from shmbroker.errors import CorruptRecordError
 from shmbroker.format.record_batch import (
     HEADER_SIZE,
@@ -27,12 +38,18 @@ from shmbroker.format.record_batch import (
     decode_batch,
     read_header,
 )
+from shmbroker.storage.offset_index import OffsetIndex, SparseIndex
+from shmbroker.storage.time_index import TimeIndex
+
+LOG_SUFFIX = ".log"
+INDEX_KINDS: dict[str, type[SparseIndex]] = {".index": OffsetIndex, ".timeindex": TimeIndex}
 
 
 @dataclass
 class DumpResult:
     batches: int = 0
     records: int = 0
+    index_entries: int = 0
     bytes_valid: int = 0
     first_error_position: int | None = None
     first_error: str | None = None
@@ -46,9 +63,25 @@ class DumpResult:
 
 
 def segment_paths(path: Path) -> list[Path]:
+    """The files to dump for ``path``: a directory's segments, or the file itself."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix == ".log")
+        return sorted(p for p in path.iterdir() if p.suffix == LOG_SUFFIX)
     return [path]
+
+
+def dump_file(path: Path, emit: Callable[[str], None], *, print_data: bool,
+              result: DumpResult) -> bool:
+    """Dump a segment or an index by its name; False (and a line saying so) for any other
+    file."""
+    kind = INDEX_KINDS.get(path.suffix)
+    if kind is not None:
+        dump_index(path, kind, emit, result=result)
+    elif path.suffix == LOG_SUFFIX:
+        dump_segment(path, emit, print_data=print_data, result=result)
+    else:
+        emit(f"Ignoring unknown file {path} (not a .log, .index or .timeindex file)")
+        return False
+    return True
 
 
 def _mapped(path: Path) -> Iterator[memoryview]:
@@ -65,7 +98,7 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 view.release()
 
 
-_SEGMENT_NAME = re.compile(r"(\d{20})\.log")
+_SEGMENT_NAME = re.compile(r"(\d{20})\.(?:log|index|timeindex)")
 
 
 def _base_offset(path: Path) -> int | None:
@@ -164,6 +197,100 @@ def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
                 result.note_error(position, f"records: {error}")
         position += size
     return expected_offset
+
+
+def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None], *,
+               result: DumpResult) -> None:
+    """Print the entries of an offset or time index, checking each against the segment beside
+    it (see the module docstring)."""
+    emit(f"Dumping {path}")
+    base = _base_offset(path)
+    data = path.read_bytes()
+    whole = len(data) // kind.ENTRY_SIZE
+    entries = np.frombuffer(data, dtype=kind.FILE_DTYPE, count=whole)
+    keys = entries[kind.KEY_NAME].astype(np.int64)
+    values = entries[kind.VALUE_NAME].astype(np.int64)
+    used = np.flatnonzero(keys | values)  # a preallocated zero tail is unused
+    count = int(used[-1]) + 1 if len(used) else 0
+    batches = _batches_beside(path)
+    largest_by_offset = (None if batches is None
+                         else {base: largest for base, largest in batches.values()})
+    if base is None:
+        emit(f"(no base offset in the name {path.name}: offsets are shown relative)")
+    elif batches is None:
+        emit(f"(no segment {path.with_suffix(LOG_SUFFIX).name} beside it: the entries are not "
+             "checked against the log)")
+    relative_base = base or 0
+    previous: tuple[int, int] | None = None
+    for number, (key, value) in enumerate(zip(keys[:count].tolist(), values[:count].tolist())):
+        if kind is OffsetIndex:
+            offset, position = relative_base + key, value
+            emit(f"offset: {offset} position: {position}")
+            problem = _offset_entry_problem(offset, position, previous, batches)
+            previous = offset, position
+        else:
+            timestamp, offset = key, relative_base + value
+            emit(f"timestamp: {timestamp} offset: {offset}")
+            problem = _time_entry_problem(timestamp, offset, previous, largest_by_offset)
+            previous = timestamp, offset
+        if problem is not None:
+            emit(f"CORRUPT position: {number * kind.ENTRY_SIZE} {problem}")
+            result.note_error(number * kind.ENTRY_SIZE, problem)
+        result.index_entries += 1
+    if len(data) % kind.ENTRY_SIZE:
+        message = (f"{len(data) % kind.ENTRY_SIZE} bytes after the last whole "
+                   f"{kind.ENTRY_SIZE}-byte entry")
+        emit(f"CORRUPT position: {whole * kind.ENTRY_SIZE} {message}")
+        result.note_error(whole * kind.ENTRY_SIZE, message)
+
+
+def _batches_beside(path: Path) -> dict[int, tuple[int, int]] | None:
+    """The batches of the segment beside an index: {position: (base offset, largest
+    timestamp)}, as far as their headers are sane; None without a segment file."""
+    log_path = path.with_suffix(LOG_SUFFIX)
+    if not log_path.is_file():
+        return None
+    batches = {}
+    for data in _mapped(log_path):
+        position = 0
+        while len(data) - position >= HEADER_SIZE:
+            try:
+                header = read_header(data, position)
+            except CorruptRecordError:
+                break
+            if position + header.size > len(data):
+                break
+            batches[position] = (header.base_offset, header.max_timestamp)
+            position += header.size
+    return batches
+
+
+def _offset_entry_problem(offset: int, position: int, previous: tuple[int, int] | None,
+                          batches: dict[int, tuple[int, int]] | None) -> str | None:
+    if previous is not None and not (offset > previous[0] and position > previous[1]):
+        return "offsets and positions must grow from entry to entry"
+    if batches is None:
+        return None
+    batch = batches.get(position)
+    if batch is None:
+        return f"no batch of the log starts at position {position}"
+    if batch[0] != offset:
+        return f"the batch at position {position} starts at offset {batch[0]}, not {offset}"
+    return None
+
+
+def _time_entry_problem(timestamp: int, offset: int, previous: tuple[int, int] | None,
+                        largest_by_offset: dict[int, int] | None) -> str | None:
+    if previous is not None and not (timestamp > previous[0] and offset >= previous[1]):
+        return "timestamps must grow and offsets must not fall from entry to entry"
+    if largest_by_offset is None:
+        return None
+    largest = largest_by_offset.get(offset)
+    if largest is None:
+        return f"no batch of the log starts at offset {offset}"
+    if largest != timestamp:
+        return f"the batch at offset {offset} has largest timestamp {largest}, not {timestamp}"
+    return None
 
 
 def _show(value: bytes | None) -> str:

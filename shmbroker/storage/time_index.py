@@ -4,8 +4,8 @@ File layout (Kafka's), big-endian, 12-byte entries, no header::
 
     position  size  field
     0         8     timestamp        int64   ms; the largest timestamp of the segment so far
-    8         4     relative_offset  uint32  offset of the record holding that timestamp
-                                             - segment base offset
+    8         4     relative_offset  uint32  base offset of the batch holding that
+                                             timestamp - segment base offset
 
 An entry is added at most once per ``index_interval_bytes`` of log and only when the segment's
 largest timestamp grew since the last entry; when the segment is sealed a last entry records its

@@ -65,3 +65,87 @@ def test_dump_log_missing_file_is_usage_error(tmp_path: Path) -> None:
     result = _run(str(tmp_path / "nope.log"))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+# -- index files ----------------------------------------------------------------------------------
+
+def _partition(tmp_path: Path, *, close: bool = True) -> tuple[Path, list[tuple[int, int, int]]]:
+    """A real partition log with an index entry every batch: its directory and each batch's
+    (position, base offset, largest timestamp)."""
+    from shmbroker.config import LogConfig
+    from shmbroker.format.record_batch import read_header
+    from shmbroker.storage.partition_log import PartitionLog
+
+    directory = tmp_path / "p"
+    log = PartitionLog(directory, LogConfig(index_interval_bytes=1, retention_ms=-1))
+    for index in range(6):
+        log.append(encode_batch([b"v%d" % index * 20, b"w"],
+                                timestamps=[1_700_000_000_000 + 10 * index, 1_700_000_000_003]))
+    if close:
+        log.close()
+    else:
+        log.active_segment.flush_indexes()
+        log.abandon()  # a crash: the indexes keep their preallocated zero tail
+    data = (directory / "00000000000000000000.log").read_bytes()
+    batches = []
+    position = 0
+    while position < len(data):
+        header = read_header(data, position)
+        batches.append((position, header.base_offset, header.max_timestamp))
+        position += header.size
+    return directory, batches
+
+
+def test_dump_log_prints_and_checks_index_files(tmp_path: Path) -> None:
+    for close in (True, False):
+        directory, batches = _partition(tmp_path / str(close), close=close)
+        index = directory / "00000000000000000000.index"
+        time_index = directory / "00000000000000000000.timeindex"
+        result = _run("--verify", str(index), str(time_index))
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        offsets = lines[1 : lines.index(f"Dumping {time_index}")]
+        # an entry for each batch after the first (none at position 0), as the log has them
+        assert offsets == [f"offset: {base} position: {position}"
+                           for position, base, _ in batches[1:]]
+        times = lines[lines.index(f"Dumping {time_index}") + 1 :]
+        assert times and all(line.startswith("timestamp: ") for line in times)
+        for line in times:
+            _, timestamp, _, offset = line.split()
+            assert (int(offset), int(timestamp)) in [(base, largest)
+                                                     for _, base, largest in batches]
+        assert "index entries: all valid" in result.stderr
+
+
+def test_dump_log_verify_finds_a_wrong_index_entry(tmp_path: Path) -> None:
+    directory, batches = _partition(tmp_path)
+    index = directory / "00000000000000000000.index"
+    data = bytearray(index.read_bytes())
+    data[8 + 7] ^= 0x01  # the second entry's position, off by one
+    index.write_bytes(bytes(data))
+    result = _run("--verify", str(index))
+    assert result.returncode == 1
+    assert "first corruption at position 8: no batch of the log starts at position" in (
+        result.stderr)
+
+    time_index = directory / "00000000000000000000.timeindex"
+    data = bytearray(time_index.read_bytes())
+    data[7] ^= 0x01  # the first entry's timestamp
+    time_index.write_bytes(bytes(data) + b"\x00\x01")  # and a torn entry at the end
+    result = _run("--verify", str(time_index))
+    assert result.returncode == 1
+    assert "first corruption at position 0: the batch at offset" in result.stderr
+    assert f"CORRUPT position: {len(data)} 2 bytes after the last whole 12-byte entry" in (
+        result.stdout)
+
+
+def test_dump_log_skips_other_files(tmp_path: Path) -> None:
+    directory, _ = _partition(tmp_path)
+    others = sorted(path for path in directory.iterdir()
+                    if path.suffix not in (".log", ".index", ".timeindex"))
+    assert others  # the recovery-point checkpoint
+    result = _run("--verify", *map(str, sorted(directory.iterdir())))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in others:
+        assert f"Ignoring unknown file {path} " in result.stdout
+    assert "Checked 3 file(s), 6 batch(es)" in result.stderr

@@ -41,6 +41,8 @@ def dump_log(paths: tuple[Path, ...], print_data: bool, verify: bool) -> None:
 
     results: list[tuple[Path, DumpResult]] = []
     for path in paths:
+        if path.is_dir() and not segment_paths(path):
+            click.echo(f"{path}: no segment files (*.log) in this directory", err=True)
         for segment in segment_paths(path):
             result = DumpResult()
             try:

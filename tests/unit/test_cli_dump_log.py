@@ -149,3 +149,7 @@ def test_dump_log_skips_other_files(tmp_path: Path) -> None:
     for path in others:
         assert f"Ignoring unknown file {path} " in result.stdout
     assert "Checked 3 file(s), 6 batch(es)" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = _run(str(tmp_path / "empty"))
+    assert result.returncode == 0
+    assert f"{tmp_path / 'empty'}: no segment files (*.log) in this directory" in result.stderr

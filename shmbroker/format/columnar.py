@@ -80,6 +80,8 @@ def stride_runs(positions: I64, runs_max: int | None = None) -> list[tuple[int, 
 
 def _as_u8(buffer: object) -> U8:
     if isinstance(buffer, np.ndarray):
+        if buffer.dtype == np.uint8 and buffer.ndim == 1:
+            return buffer
         return buffer.view(np.uint8).reshape(-1)
     return np.frombuffer(buffer, dtype=np.uint8)  # type: ignore[call-overload,no-any-return]
 

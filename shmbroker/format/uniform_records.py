@@ -129,7 +129,8 @@ class Word:
     payload bits likewise by ``timestamp_shift``."""
 
     __slots__ = ("offset", "mask", "template", "offset_delta_shift", "offset_size",
-                 "timestamp_shift", "_band_start", "_expected", "constant_bytes", "mask_u64")
+                 "timestamp_shift", "_band_start", "_expected", "_expected_bytes",
+                 "constant_bytes", "mask_u64")
 
     def __init__(self, offset: int, mask: int, template: int, offset_delta_shift: int | None,
                  offset_size: int, timestamp_shift: int | None) -> None:
@@ -141,6 +142,7 @@ class Word:
         self.timestamp_shift = timestamp_shift
         self._band_start = next(start for start, _, size in _BANDS if size == offset_size)
         self._expected: U64 | None = None
+        self._expected_bytes = b""  # _expected as little-endian bytes
         self.mask_u64 = np.uint64(mask)
         # A window of at most CONSTANT_BYTES_MAX whole framing bytes, the same in every record
         # (a header count, say): decode compares each as one strided column of bytes (a C-level
@@ -169,7 +171,19 @@ class Word:
             cached |= np.uint64(self.template)
             cached.flags.writeable = False
             self._expected = cached
+            self._expected_bytes = cached.astype("<u8", copy=False).tobytes()
         return cached[first - band_start : last - band_start]
+
+    def expected_bytes(self, first: int, last: int) -> bytes:
+        """:meth:`expected` as the bytes of little-endian words (what a strided copy of the
+        masked windows gives when they all match)."""
+        if self.offset_delta_shift is None:
+            return self.template.to_bytes(WORD_BYTES, "little") * (last - first)
+        band_start = self._band_start
+        if len(self._expected_bytes) < (last - band_start) * WORD_BYTES:
+            self.expected(first, last)  # grows the cache
+        return self._expected_bytes[(first - band_start) * WORD_BYTES
+                                    : (last - band_start) * WORD_BYTES]
 
 
 @dataclass(frozen=True)
@@ -348,7 +362,10 @@ def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[
         if raw[field] != 0:  # attributes
             return None
         field += 1
-        _, after = decode_varint(raw, field, end, 10)
+        if raw[field] < 0x80:  # the usual timestamp delta: under 64 ms
+            after = field + 1
+        else:
+            _, after = decode_varint(raw, field, end, 10)
         timestamp_size = after - field
         lengths = []
         for _ in range(3):  # offset delta, key length, value length
@@ -409,21 +426,28 @@ def _timestamp_fits(raw: memoryview, position: int, end: int, row: Row) -> bool:
 
 def _matching_rows(data: U8, position: int, end: int, rows: int, index: int, row: Row) -> int:
     """How many of (at most) ``rows`` records from ``position`` (record ``index`` of the
-    section) match ``row``'s template: one masked compare per word (a column compare of bytes
-    for a word of constant bytes: Word.constant_bytes)."""
+    section) match ``row``'s template: per word, its masked windows copied out as bytes and
+    compared with the expected ones (a column compare of bytes for a word of constant bytes:
+    Word.constant_bytes); only a word that does not match pays for finding where."""
     rows = min(rows, (end - position) // row.size)
     if rows < 1:
         return 0
     ok = None
-    stop = position + rows * row.size
+    size = row.size
+    stop = position + rows * size
     for word in row.words:
         constant = word.constant_bytes
-        if constant is not None and all(
-                data[position + column : stop : row.size].tobytes() == _BYTE[value] * rows
-                for column, value in constant):
+        if constant is not None:
+            for column, value in constant:
+                if data[position + column : stop : size].tobytes() != _BYTE[value] * rows:
+                    break
+            else:
+                continue
+        view = np.ndarray((rows,), "<u8", data, position + word.offset, (size,))
+        masked = view & word.mask_u64
+        if masked.tobytes() == word.expected_bytes(index, index + rows):
             continue
-        view = np.ndarray((rows,), "<u8", data, position + word.offset, (row.size,))
-        matches = (view & word.mask_u64) == word.expected(index, index + rows)
+        matches = masked == word.expected(index, index + rows)
         ok = matches if ok is None else ok & matches
     if ok is None:
         return rows

@@ -211,7 +211,8 @@ def _constant_length(lengths: I64, what: str) -> int | None:
     first = int(lengths[0])
     if first < -1:
         raise ValueError(f"{what}: lengths must be >= -1 (-1 = null)")
-    return first if (lengths == first).all() else None
+    # all equal to the first: compared as bytes (~0.8 us for 600 lengths, ~1.9 with ==, .all())
+    return first if lengths.tobytes() == lengths[:1].tobytes() * len(lengths) else None
 
 
 def _encode_uniform(values: object, value_lengths: I64, keys: object | None,

@@ -248,9 +248,12 @@ def timestamp_sizes(deltas: I64 | None) -> tuple[U64 | None, list[tuple[int, int
     if deltas is None or len(deltas) == 0:
         return None, [(0, 1)]
     if int(deltas[0]) >= 0 and (len(deltas) == 1 or (deltas[1:] >= deltas[:-1]).all()):
-        if int(deltas[-1]) == 0:
+        last = int(deltas[-1])
+        if last == 0:
             return None, [(0, 1)]
         z = (deltas << 1).view(np.uint64)  # zig-zag of non-negative values
+        if last < 64:  # every delta in [0, 63]: one byte each (the usual: a batch of < 64 ms)
+            return z, [(0, 1)]
         # where each size starts; the last (10 bytes) runs to the end: zig-zags >= 2**63
         firsts = [0, *np.searchsorted(z, SIZE_THRESHOLDS).tolist(), len(z)]
         return z, [(first, size) for size, (first, after) in enumerate(
@@ -325,9 +328,12 @@ def encode(out: U8, shape: Shape, runs: Sequence[tuple[int, int, int, int]],
         for word in row.words:  # framing first: a window may cover payload bytes
             bits = word.expected(first, last)
             if word.timestamp_shift is not None and timestamp_z is not None:
-                bits = bits | _timestamp_bits(timestamp_z[first:last], timestamp_size,
-                                              word.timestamp_shift)
-            elif isinstance(bits, int) and bits == 0:
+                np.bitwise_or(_timestamp_bits(timestamp_z[first:last], timestamp_size,
+                                              word.timestamp_shift), bits,
+                              out=np.ndarray((rows,), "<u8", out, position + word.offset,
+                                             (row.size,)))
+                continue
+            if isinstance(bits, int) and bits == 0:
                 continue  # zero-filled already
             np.ndarray((rows,), "<u8", out, position + word.offset, (row.size,))[...] = bits
         block = out[position : position + rows * row.size].reshape(rows, row.size)

@@ -33,7 +33,9 @@ later flush.  The caller (``Segment.append``) then drops the entries in memory w
 (best effort: bytes past the entries are derived junk at worst, which a clean close trims and
 crash recovery compares and rewrites).  Rewriting bytes of a block already written needs no new
 space on the file systems we run on (ext4, xfs, tmpfs); on a copy-on-write one (btrfs) a
-deferred write could still meet ENOSPC, in a flush, which then fails as any flush does.
+deferred write could still meet ENOSPC later, in a checkpoint's index sync, a seal or a close:
+those log it and go on, and the next open checks the index against the log and rebuilds it, as
+for any index a crash left behind.
 """
 
 from __future__ import annotations

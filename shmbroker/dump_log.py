@@ -212,11 +212,12 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
     values = entries[kind.VALUE_NAME].astype(np.int64)
     used = np.flatnonzero(keys | values)  # a preallocated zero tail is unused
     count = int(used[-1]) + 1 if len(used) else 0
-    batches = _batches_beside(path)
+    batches = _batches_beside(path) if base is not None else None  # (offsets unknown)
     largest_by_offset = (None if batches is None
                          else {base: largest for base, largest in batches.values()})
     if base is None:
-        emit(f"(no base offset in the name {path.name}: offsets are shown relative)")
+        emit(f"(no base offset in the name {path.name}: offsets are shown relative, and not "
+             "checked against a log)")
     elif batches is None:
         emit(f"(no segment {path.with_suffix(LOG_SUFFIX).name} beside it: the entries are not "
              "checked against the log)")

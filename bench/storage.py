@@ -205,7 +205,7 @@ def append_rates(base: Path, batch_64k: bytearray, region_1m: bytearray, total: 
                  runs: int) -> None:
     """Each log row against raw os.write of the same bytes in the same write sizes: a call of
     16 batches is one 1 MiB os.write in the log, and on some file systems (ext4 here) the cost
-    of a write is far from proportional to its size (1 MiB writes ran ~1.8x the speed of 64 KiB
+    of a write is far from proportional to its size (1 MiB writes ran 1.5-1.8x the speed of 64 KiB
     ones), so comparing it with 64 KiB writes would credit the log with the kernel's gain."""
     raw, raw_1m, one, sixteen, one_crc, sixteen_crc = [], [], [], [], [], []
     for _ in range(runs):

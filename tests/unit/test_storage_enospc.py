@@ -266,7 +266,7 @@ def test_roll_that_cannot_create_its_segment_leaves_no_half_made_one(tmp_path, d
 
 def test_index_write_failure_undoes_the_log_write_too(tmp_path, disk):
     """The entries that need file space no write has reached (here the index's first block)
-    are written in the append itself, so a full disk fails that append, not a later flush."""
+    are written in the append itself, so a full disk fails that append, not a later sync."""
     directory = tmp_path / "p"
     log = _open(directory)
     acked = [(log.append(_batch(0)).first_offset, _batch(0))]

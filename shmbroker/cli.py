@@ -41,9 +41,10 @@ def dump_log(paths: tuple[Path, ...], print_data: bool, verify: bool) -> None:
 
     results: list[tuple[Path, DumpResult]] = []
     for path in paths:
-        if path.is_dir() and not segment_paths(path):
+        files = segment_paths(path)
+        if not files:  # (a directory: a file is its own list)
             click.echo(f"{path}: no segment files (*.log) in this directory", err=True)
-        for segment in segment_paths(path):
+        for segment in files:
             result = DumpResult()
             try:
                 dumped = dump_file(segment, click.echo, print_data=print_data, result=result)

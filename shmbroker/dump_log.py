@@ -213,8 +213,12 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
     used = np.flatnonzero(keys | values)  # a preallocated zero tail is unused
     count = int(used[-1]) + 1 if len(used) else 0
     batches = _batches_beside(path) if base is not None else None  # (offsets unknown)
-    largest_by_offset = (None if batches is None
-                         else {base: largest for base, largest in batches.values()})
+    # what an entry names in the log: the base offset of the batch at a position (offset
+    # index), or the largest timestamp of the batch at a base offset (time index)
+    in_log: dict[int, int] | None = None
+    if batches is not None:
+        in_log = ({position: first for position, first, _ in batches} if kind is OffsetIndex
+                  else {first: largest for _, first, largest in batches})
     if base is None:
         emit(f"(no base offset in the name {path.name}: offsets are shown relative, and not "
              "checked against a log)")
@@ -227,13 +231,20 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
         if kind is OffsetIndex:
             offset, position = relative_base + key, value
             emit(f"offset: {offset} position: {position}")
-            problem = _offset_entry_problem(offset, position, previous, batches)
+            grows = previous is None or (offset > previous[0] and position > previous[1])
+            problem = None if grows else "offsets and positions must grow from entry to entry"
             previous = offset, position
+            claim = ("position", position, "starts at offset", offset)
         else:
             timestamp, offset = key, relative_base + value
             emit(f"timestamp: {timestamp} offset: {offset}")
-            problem = _time_entry_problem(timestamp, offset, previous, largest_by_offset)
+            grows = previous is None or (timestamp > previous[0] and offset >= previous[1])
+            problem = (None if grows else
+                       "timestamps must grow and offsets must not fall from entry to entry")
             previous = timestamp, offset
+            claim = ("offset", offset, "has largest timestamp", timestamp)
+        if problem is None and in_log is not None:
+            problem = _log_disagrees(in_log, *claim)
         if problem is not None:
             emit(f"CORRUPT position: {number * kind.ENTRY_SIZE} {problem}")
             result.note_error(number * kind.ENTRY_SIZE, problem)
@@ -245,13 +256,13 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
         result.note_error(whole * kind.ENTRY_SIZE, message)
 
 
-def _batches_beside(path: Path) -> dict[int, tuple[int, int]] | None:
-    """The batches of the segment beside an index: {position: (base offset, largest
-    timestamp)}, as far as their headers are sane; None without a segment file."""
+def _batches_beside(path: Path) -> list[tuple[int, int, int]] | None:
+    """The batches of the segment beside an index: (position, base offset, largest timestamp)
+    of each, as far as their headers are sane; None without a segment file."""
     log_path = path.with_suffix(LOG_SUFFIX)
     if not log_path.is_file():
         return None
-    batches = {}
+    batches = []
     for data in _mapped(log_path):
         position = 0
         while len(data) - position >= HEADER_SIZE:
@@ -261,36 +272,20 @@ def _batches_beside(path: Path) -> dict[int, tuple[int, int]] | None:
                 break
             if position + header.size > len(data):
                 break
-            batches[position] = (header.base_offset, header.max_timestamp)
+            batches.append((position, header.base_offset, header.max_timestamp))
             position += header.size
     return batches
 
 
-def _offset_entry_problem(offset: int, position: int, previous: tuple[int, int] | None,
-                          batches: dict[int, tuple[int, int]] | None) -> str | None:
-    if previous is not None and not (offset > previous[0] and position > previous[1]):
-        return "offsets and positions must grow from entry to entry"
-    if batches is None:
-        return None
-    batch = batches.get(position)
-    if batch is None:
-        return f"no batch of the log starts at position {position}"
-    if batch[0] != offset:
-        return f"the batch at position {position} starts at offset {batch[0]}, not {offset}"
-    return None
-
-
-def _time_entry_problem(timestamp: int, offset: int, previous: tuple[int, int] | None,
-                        largest_by_offset: dict[int, int] | None) -> str | None:
-    if previous is not None and not (timestamp > previous[0] and offset >= previous[1]):
-        return "timestamps must grow and offsets must not fall from entry to entry"
-    if largest_by_offset is None:
-        return None
-    largest = largest_by_offset.get(offset)
-    if largest is None:
-        return f"no batch of the log starts at offset {offset}"
-    if largest != timestamp:
-        return f"the batch at offset {offset} has largest timestamp {largest}, not {timestamp}"
+def _log_disagrees(in_log: dict[int, int], where: str, at: int, what: str,
+                   expected: int) -> str | None:
+    """Why the log does not bear an index entry out: it names the batch at ``where`` ``at``,
+    of which ``what`` should be ``expected``."""
+    found = in_log.get(at)
+    if found is None:
+        return f"no batch of the log starts at {where} {at}"
+    if found != expected:
+        return f"the batch at {where} {at} {what} {found}, not {expected}"
     return None
 
 

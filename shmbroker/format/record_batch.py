@@ -197,7 +197,7 @@ def read_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> Ba
 
 
 def check_header(header: BatchHeader, position: int | None = None) -> None:
-    # fields as locals: every append checks a header (~0.35 -> ~0.2 us)
+    # fields as locals: every append checks a header (~0.35 -> ~0.25 us)
     (_, batch_length, _, magic, _, attributes, last_offset_delta, _, _, _, _, _,
      records_count) = header
     if magic != MAGIC:

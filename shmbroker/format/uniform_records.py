@@ -457,7 +457,7 @@ def _matching_rows(data: U8, position: int, end: int, rows: int, index: int, row
         ok = matches if ok is None else ok & matches
     if ok is None:
         return rows
-    return rows if ok.all() else int(np.argmin(ok))  # type: ignore[union-attr,arg-type]
+    return int(np.argmin(ok))  # a word's bytes differed: some row is False
 
 
 def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shmbroker.format.record_batch import encode_batch
+from shmbroker.config import LogConfig
+from shmbroker.format.record_batch import encode_batch, read_header
+from shmbroker.storage.partition_log import PartitionLog
 
 
 def _segment(tmp_path: Path, batches: int = 4) -> tuple[Path, list[int]]:
@@ -72,10 +74,6 @@ def test_dump_log_missing_file_is_usage_error(tmp_path: Path) -> None:
 def _partition(tmp_path: Path, *, close: bool = True) -> tuple[Path, list[tuple[int, int, int]]]:
     """A real partition log with an index entry every batch: its directory and each batch's
     (position, base offset, largest timestamp)."""
-    from shmbroker.config import LogConfig
-    from shmbroker.format.record_batch import read_header
-    from shmbroker.storage.partition_log import PartitionLog
-
     directory = tmp_path / "p"
     log = PartitionLog(directory, LogConfig(index_interval_bytes=1, retention_ms=-1))
     for index in range(6):

@@ -80,9 +80,10 @@ def stride_runs(positions: I64, runs_max: int | None = None) -> list[tuple[int, 
 
 def _as_u8(buffer: object) -> U8:
     if isinstance(buffer, np.ndarray):
-        if buffer.dtype == np.uint8 and buffer.ndim == 1:
+        if buffer.dtype == np.uint8 and buffer.ndim == 1 and buffer.strides[0] == 1:
             return buffer
-        return buffer.view(np.uint8).reshape(-1)
+        # contiguous bytes: encode views runs of them as one opaque item per record
+        return np.ascontiguousarray(buffer).view(np.uint8).reshape(-1)
     return np.frombuffer(buffer, dtype=np.uint8)  # type: ignore[call-overload,no-any-return]
 
 
@@ -122,6 +123,7 @@ def encode_records(
     keys: object | None = None,
     key_lengths: object | None = None,
     timestamp_deltas: I64 | None = None,
+    timestamp_bounds: tuple[int, int] | None = None,
     headers: object | None = None,
     header_lengths: object | None = None,
     head_room: int = 0,
@@ -130,7 +132,8 @@ def encode_records(
 
     ``values``: one buffer holding the values back to back; ``value_lengths``: one length per
     record (-1 = null value).  ``keys``/``key_lengths`` likewise (omitted = every key null).
-    ``timestamp_deltas``: int64 per record, relative to the batch's base timestamp (omitted = 0).
+    ``timestamp_deltas``: int64 per record, relative to the batch's base timestamp (omitted = 0);
+    ``timestamp_bounds``: their (min, max), when the caller has computed them already.
     ``headers``/``header_lengths``: each record's *encoded* headers section (count varint
     included); omitted = no headers.  Offset deltas are 0..n-1.  Returns a bytearray of
     ``head_room`` zero bytes (room for the batch header) followed by the records.
@@ -141,7 +144,7 @@ def encode_records(
         raise ValueError(f"{len(timestamp_deltas)} timestamps for {count} records")
     if count and headers is None:
         encoded = _encode_uniform(values, value_lengths_array, keys, key_lengths,
-                                  timestamp_deltas, head_room)
+                                  timestamp_deltas, timestamp_bounds, head_room)
         if encoded is not None:
             return encoded
     value = _Payload.of(values, value_lengths_array, count, "values")
@@ -217,7 +220,8 @@ def _constant_length(lengths: I64, what: str) -> int | None:
 
 def _encode_uniform(values: object, value_lengths: I64, keys: object | None,
                     key_lengths: object | None, timestamp_deltas: I64 | None,
-                    head_room: int) -> bytearray | None:
+                    timestamp_bounds: tuple[int, int] | None, head_room: int,
+                    ) -> bytearray | None:
     """Encode through :mod:`uniform_records` when every record has one shape, else None."""
     count = len(value_lengths)
     value_length = _constant_length(value_lengths, "values")
@@ -241,7 +245,8 @@ def _encode_uniform(values: object, value_lengths: I64, keys: object | None,
         if count * max(key_length, 0) > len(key_data):
             raise ValueError(f"keys: lengths add up to {count * max(key_length, 0)} bytes, "
                              f"buffer holds {len(key_data)}")
-    timestamp_z, timestamp_sizes = uniform_records.timestamp_sizes(timestamp_deltas)
+    timestamp_z, timestamp_sizes = uniform_records.timestamp_sizes(timestamp_deltas,
+                                                                    timestamp_bounds)
     shape = uniform_records.Shape(key_length, value_length)
     plan = uniform_records.plan(shape, timestamp_sizes, count)
     if plan is None:

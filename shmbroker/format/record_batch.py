@@ -456,19 +456,23 @@ def encode_batch_columnar(
         raise ValueError(f"{count} records exceed batch_records_max {limits.batch_records_max}")
     if timestamps is None or isinstance(timestamps, int | np.integer):
         base_timestamp = max_timestamp = time_ms() if timestamps is None else int(timestamps)
-        timestamp_deltas = None
+        timestamp_deltas = timestamp_bounds = None
     else:
         timestamp_array = np.asarray(timestamps, dtype=np.int64).reshape(-1)
         if len(timestamp_array) != count:
             raise ValueError(f"{len(timestamp_array)} timestamps for {count} records")
         base_timestamp = int(timestamp_array[0])
         max_timestamp = int(timestamp_array.max())
-        timestamp_deltas = timestamp_array - base_timestamp
+        timestamp_deltas = timestamp_array - base_timestamp  # wraps where int64 does not hold one
+        timestamp_bounds = (int(timestamp_array.min()) - base_timestamp,
+                            max_timestamp - base_timestamp)
+        if timestamp_bounds[0] < INT64_MIN or timestamp_bounds[1] > INT64_MAX:
+            timestamp_bounds = None  # the wrapped deltas' own bounds are found from them
     codec_bits = codec_number(codec)
     records = columnar.encode_records(
         values, value_lengths, keys=keys, key_lengths=key_lengths,
-        timestamp_deltas=timestamp_deltas, headers=headers, header_lengths=header_lengths,
-        head_room=HEADER_SIZE)
+        timestamp_deltas=timestamp_deltas, timestamp_bounds=timestamp_bounds, headers=headers,
+        header_lengths=header_lengths, head_room=HEADER_SIZE)
     if codec_bits != CODEC_NONE:
         records = bytearray(HEADER_SIZE) + compress(codec_bits, memoryview(records)[HEADER_SIZE:])
     return finish_batch(

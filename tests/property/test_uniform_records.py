@@ -31,14 +31,16 @@ def sections(draw: st.DrawFn) -> tuple[dict[str, object], int, bool]:
     key_length = draw(st.sampled_from([-1, -1, 0, 1, 5, 17]))
     value_length = draw(st.sampled_from([-1, 0, 1, 3, 7, 8, 60, 100, 130]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    style = draw(st.sampled_from(["none", "zero", "steps", "growing", "random", "negative",
-                                  "huge"]))
+    style = draw(st.sampled_from(["none", "zero", "steps", "shuffled", "growing", "random",
+                                  "negative", "huge"]))
     if style == "none":
         deltas = None
     elif style == "zero":
         deltas = np.zeros(count, dtype=np.int64)
     elif style == "steps":  # ~20 records per millisecond, as telemetry arrives
         deltas = np.arange(count, dtype=np.int64) // draw(st.integers(1, 50))
+    elif style == "shuffled":  # in no order (records stamped out of order), one-byte varints
+        deltas = rng.integers(0, draw(st.sampled_from([64, 66])), count)  # or a few two-byte
     elif style == "growing":  # crosses the one-, two- and three-byte boundaries in a batch
         deltas = np.cumsum(rng.integers(0, draw(st.sampled_from([2, 40, 3000])), count))
         deltas -= deltas[0]
@@ -49,15 +51,22 @@ def sections(draw: st.DrawFn) -> tuple[dict[str, object], int, bool]:
         deltas[0] = 0
     else:
         deltas = -np.arange(count, dtype=np.int64)
+    values = rng.bytes(count * max(value_length, 0))
     arguments: dict[str, object] = {
-        "values": rng.bytes(count * max(value_length, 0)),
+        # a strided array of the same bytes, or the bytes: encode must read either alike
+        "values": (np.repeat(np.frombuffer(values, np.uint8), 2)[::2]
+                   if draw(st.booleans()) else values),
         "value_lengths": np.full(count, value_length, dtype=np.int64),
         "timestamp_deltas": deltas,
     }
     if key_length != -1 or draw(st.booleans()):
         arguments["keys"] = rng.bytes(count * max(key_length, 0))
         arguments["key_lengths"] = np.full(count, key_length, dtype=np.int64)
-    return arguments, count, style not in ("random", "huge")
+    if deltas is not None and draw(st.booleans()):  # as encode_batch_columnar passes them
+        arguments["timestamp_bounds"] = (int(deltas.min()), int(deltas.max()))
+    fast_path = style not in ("random", "huge") and not (
+        style == "shuffled" and int(deltas.max()) >= 64)  # type: ignore[union-attr]
+    return arguments, count, fast_path
 
 
 def encode_general(arguments: dict[str, object], count: int) -> bytearray:

@@ -490,12 +490,35 @@ def _matching_rows(data: U8, position: int, end: int, rows: int, index: int, row
     return int(np.argmin(ok))  # a word's bytes differed: some row is False
 
 
+POSITIONS_KEPT_RECORDS_MAX = 16384  # sections up to this many records keep their positions
+
+
+@functools.lru_cache(maxsize=64)
+def _value_positions(run_shapes: tuple[tuple[int, int, int], ...]) -> I64:
+    """Where each value starts, from the section's start, for records in these runs: the same
+    for every batch of a producer's usual shape and count (one addition a batch instead of an
+    arange a run and a concatenation)."""
+    positions = _make_value_positions(run_shapes)
+    positions.flags.writeable = False
+    return positions
+
+
+def _make_value_positions(run_shapes: Sequence[tuple[int, int, int]]) -> I64:
+    parts = []
+    position = 0
+    for rows, size, value_column in run_shapes:
+        parts.append(np.arange(position + value_column, position + value_column + rows * size,
+                               size))
+        position += rows * size
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
     """Decode a section of ``count`` same-shape records, or return None if it is not one."""
     raw = memoryview(data)
     shape = None
     timestamp_parts: list[I64] = []
-    value_parts: list[I64] = []
+    run_shapes: list[tuple[int, int, int]] = []  # (records, row size, value column)
     value_runs: list[tuple[int, int, int]] = []
     position = start
     index = 0
@@ -523,9 +546,7 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
         if rows == 0:
             return None
         timestamp_parts.append(_timestamp_deltas(data, position, rows, row))
-        value_positions = np.arange(position + row.value_column,
-                                    position + row.value_column + rows * row.size, row.size)
-        value_parts.append(value_positions)
+        run_shapes.append((rows, row.size, row.value_column))
         value_runs.append((position + row.value_column, rows, row.size))
         key_gap = row.value_column - row.key_column  # the same in every run (one shape)
         position += rows * row.size
@@ -535,7 +556,8 @@ def decode(data: U8, start: int, end: int, count: int) -> Decoded | None:
             return None
     if position != end or shape is None:
         return None
-    values = value_parts[0] if runs == 1 else np.concatenate(value_parts)
+    values = (_value_positions(tuple(run_shapes)) if count <= POSITIONS_KEPT_RECORDS_MAX
+              else _make_value_positions(run_shapes)) + start
     return Decoded(shape, timestamp_parts[0] if runs == 1 else np.concatenate(timestamp_parts),
                    values - key_gap if shape.key_length >= 0 else values, values, value_runs,
                    key_gap)

@@ -6,6 +6,7 @@ offset."""
 from __future__ import annotations
 
 import collections
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from integration.produce_helpers import (
 )
 
 from shmbroker import Consumer, Producer, TopicPartition
+from shmbroker.client import producer as producer_module
 from shmbroker.client.partitioner import partition_for_key
 from shmbroker.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
@@ -341,3 +343,19 @@ def test_transports_give_the_same_log(broker: RunningBroker, transport: str) -> 
         assert record.key == b"k%d" % (i % 5)
         assert record.headers == (("i", b"%d" % i),)
         assert record.timestamp_ms == BASE_TIMESTAMP_MS + i
+
+
+def test_a_lingering_batch_wakes_the_sleeping_io_thread(broker: RunningBroker,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The producer's I/O thread seals batches whose linger_ms ran out.  Asleep with nothing to
+    do (here for up to a minute), it is woken by the batch that send opens: each lone record is
+    acknowledged long before that sleep would end.  (Asleep until before the batch is due, it
+    is not woken: it seals the batch when it wakes.)"""
+    monkeypatch.setattr(producer_module, "IO_WAIT_S_MAX", 60.0)
+    with broker.admin() as admin:
+        admin.create_topic("linger", partitions=1)
+    with Producer(broker.data_dir, linger_ms=5) as producer:
+        for i in range(3):
+            wait_for(lambda: producer._io_idle and producer._io_wake_at - time.monotonic() > 30,
+                     message="the I/O thread in its long sleep")
+            assert producer.send("linger", b"v%d" % i).result(10).offset == i

@@ -918,10 +918,16 @@ class PartitionWorker:
     def _wait(self, busy: bool, now: float) -> list[tuple[selectors.SelectorKey, int]]:
         if busy:
             return self.selector.select(0)
+        # Spin for the rings and the sockets both: a fetch (or any request) arriving mid-spin
+        # is served now, not when the spin ends (a consumer's next fetch often comes then).
         spin_until = now + self.spin_s
+        select = self.selector.select
         while time.monotonic() < spin_until:
             if self._rings_pending():
-                return self.selector.select(0)
+                return select(0)
+            events = select(0)
+            if events:
+                return events
         control = self.control
         assert control is not None
         timeout = min(SLEEP_MS_MAX / 1000, max(0.0, self._next_tick - now))

@@ -20,6 +20,9 @@
 #   latency    bench/broker.py's latency scenario (10k records/s), worker/consumer not spinning
 #              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning (the
 #              broker's stall warnings, if any, are in device.log)
+#   trace      bench/latency_trace.py, 3 rounds plain and 3 with worker and consumer spinning
+#              5 ms: each record's latency cut into stages (send, to the worker, append, to the
+#              fetch answer, to the consumer) and the consumer's fetch cycle (~20 s each)
 #   tail       latency-10k.toml alone, 3 runs of 8 s: the slowest second of each beside the
 #              clients' pauses (garbage collections, late sends) and the broker's stall
 #              warnings, to put the p99 tail on a process
@@ -91,6 +94,12 @@ for step in "${steps[@]}"; do
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 6 \
                 "${options[@]}" --json "$out/latency-spin$spin.json" 2>&1 | tee -a "$log" || true
         done ;;
+    trace)
+        # where a record's latency goes, stage by stage (the worker's step trace)
+        timeout 60 python3 bench/latency_trace.py --rounds 3 --json "$out/trace.json" 2>&1 \
+            | tee -a "$log" || true
+        timeout 60 python3 bench/latency_trace.py --rounds 3 --worker-spin-us 5000 \
+            --poll-spin-us 5000 --json "$out/trace-spin.json" 2>&1 | tee -a "$log" || true ;;
     tail)
         for run in 1 2 3; do
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 8 \
@@ -120,7 +129,7 @@ for step in "${steps[@]}"; do
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
             --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
     *)
-        echo "unknown step $step (scale, scale-off, scale-big, latency, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
+        echo "unknown step $step (scale, scale-off, scale-big, latency, trace, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
     esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$log"

@@ -193,8 +193,9 @@ BROKER_SETTINGS: tuple[Setting, ...] = (
             "under load); each costs ~40 MB of memory",
             minimum=0, maximum=64),
     Setting("worker_spin_us", 50, "µs",
-            "how long an idle worker re-reads its rings before it sleeps (then producers must "
-            "ring its doorbell); more spin, fewer wake-ups, more CPU", minimum=0),
+            "how long an idle worker re-reads its rings and polls its sockets before it "
+            "sleeps (then producers must ring its doorbell); more spin, fewer wake-ups, more "
+            "CPU", minimum=0),
     Setting("worker_check_thread", "auto", "",
             "whether a worker checks each append of 256 KiB or more on a second thread while "
             "it writes it (README, Append): 'on', 'off', or 'auto': on when the broker may use "

@@ -80,6 +80,7 @@ from shmbroker.format.ring_layout import (
     RING_BROKEN_RELEASED,
     broken_reason,
 )
+from shmbroker.partition import trace
 from shmbroker.partition.flusher import Flusher
 from shmbroker.partition.paths import PartitionPaths
 from shmbroker.partition.stalls import StallWatch
@@ -189,6 +190,8 @@ class PartitionWorker:
         self.socket_mode = socket_mode
         self.spin_s = spin_us / 1e6
         self.stalls = StallWatch(paths.topic + "/" + str(paths.partition), stall_warn_ms, logger)
+        # step timestamps for bench/latency_trace.py (None unless SHMBROKER_TRACE_DIR is set)
+        self.trace = trace.StepTrace.from_environment(f"{paths.topic}/{paths.partition}")
         self.connections_max = connections_max
         self.frame_read_timeout_s = frame_read_timeout_ms / 1000
         self._next_slow_frame_check = 0.0
@@ -379,6 +382,8 @@ class PartitionWorker:
         log = self.log
         assert log is not None
         reader = ring.reader
+        if self.trace is not None:
+            self.trace.note(trace.APPEND_BEGIN, log.log_end_offset)
         copy = bytearray(region.view)  # private copy: see the module docstring
         view = memoryview(copy)
         positions = region.positions
@@ -408,6 +413,8 @@ class PartitionWorker:
                 logger.debug("%s: %s", self.name, error)
                 results += [_storage_result(error)] * (len(positions) - len(results))
         reader.record_results(region, results)
+        if self.trace is not None:  # (acknowledged now, or with group commit after an fsync)
+            self.trace.note(trace.APPEND_END, log.log_end_offset)
         if group_commit:  # published once an fsync covers it (_pump_flushes)
             self._awaiting.append((ring, region, log.log_end_offset))
             ring.awaiting += 1
@@ -807,6 +814,8 @@ class PartitionWorker:
         max_wait_ms = field(body, "max_wait_ms", int, default=0, minimum=0,
                             maximum=limits.fetch_wait_ms_max)
         min_bytes = field(body, "min_bytes", int, default=1, minimum=0)
+        if self.trace is not None:
+            self.trace.note(trace.FETCH_READ, offset)
         if not log.log_start_offset <= offset <= log.log_end_offset:
             raise OffsetOutOfRangeError(offset, log.log_start_offset, log.log_end_offset)
         if max_wait_ms and not self._stop_requested and (
@@ -816,6 +825,8 @@ class PartitionWorker:
             # parked fetches are bounded by connections_max
             self.parked.append(ParkedFetch(connection, correlation_id, offset, max_bytes,
                                            min_bytes, time.monotonic() + max_wait_ms / 1000))
+            if self.trace is not None:
+                self.trace.note(trace.FETCH_PARKED, offset)
             return
         self._answer_fetch(connection, correlation_id, offset, max_bytes)
 
@@ -846,6 +857,8 @@ class PartitionWorker:
                 "segment_base_offset": found.segment_base_offset,
                 "next_offset": found.next_offset}
         head = frame_head(ApiKey.FETCH, correlation_id, body, found.size_bytes)
+        if self.trace is not None:  # (before: the consumer may have it before the call returns)
+            self.trace.note(trace.FETCH_ANSWERED, offset, found.next_offset)
         connection.send_file(head, found.fd, found.position, found.size_bytes)
         self._update_interest(connection)
 
@@ -958,6 +971,8 @@ class PartitionWorker:
             waiting = now = time.monotonic()
             events = self._wait(busy or bool(taken), now)
             woke = time.monotonic()
+            if self.trace is not None and events:
+                self.trace.note(trace.WOKE, len(events))
             for key, mask in events:
                 data = key.data
                 if isinstance(data, ServerConnection):
@@ -1112,6 +1127,12 @@ class PartitionWorker:
             control.state = 3
             control.worker_sleeping = 0
             control.close()
+        if self.trace is not None:
+            try:
+                self.trace.save()
+            except OSError as error:
+                logger.error("%s: cannot write the step trace %s: %s", self.name,
+                             self.trace.path, error)
 
     def _flush_outputs(self, deadline: float) -> None:
         while time.monotonic() < deadline:

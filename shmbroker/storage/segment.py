@@ -22,6 +22,7 @@ fails, the segment refuses appends until a later cut succeeds (``cut_pending``).
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -46,7 +47,10 @@ from shmbroker.format.record_batch import (
     validate_batch,
 )
 from shmbroker.storage.offset_index import OffsetIndex
+from shmbroker.storage.reserve import UNSUPPORTED_ERRNOS, reserve
 from shmbroker.storage.time_index import TimeIndex
+
+logger = logging.getLogger("shmbroker.storage")
 
 LOG_SUFFIX = ".log"
 INDEX_SUFFIX = ".index"
@@ -170,6 +174,11 @@ class Segment:
             config.segment_index_bytes,
         )
         self.index_interval_bytes = config.index_interval_bytes
+        # disk space reserved ahead of the appends (storage/reserve.py), up to _reserved_end;
+        # 0 once this file's file system said it cannot
+        self._reserve_step_bytes = config.segment_preallocate_bytes
+        self._segment_bytes = config.segment_bytes
+        self._reserved_end = 0
         self.fd = fd
         self.size_bytes = 0
         self.next_offset = base_offset
@@ -236,6 +245,7 @@ class Segment:
         for another thread to fsync (the caller closes them); else [] once they are durable."""
         if not self.is_active:
             return []
+        self._release_reserve()
         last = self.time_index.last_entry()
         if self.max_timestamp_ms != NO_TIMESTAMP and (
             last is None or self.max_timestamp_ms > last[0]
@@ -286,6 +296,7 @@ class Segment:
         """Clean close: trim the indexes (no final time-index entry: the segment stays last)."""
         if self.fd < 0:
             return
+        self._release_reserve()
         self.offset_index.seal()
         self.time_index.seal()
         os.fsync(self.fd)
@@ -329,6 +340,8 @@ class Segment:
         if state is None:
             state = self.snapshot()
         start = self.size_bytes
+        if start + len(data) > self._reserved_end and self._reserve_step_bytes:
+            self._reserve(start, start + len(data))
         failing = self.log_path
         try:
             view = data
@@ -369,7 +382,33 @@ class Segment:
         self._bytes_since_index_entry += span.size_bytes
         self.next_offset = span.next_offset
 
+    def _reserve(self, start: int, end: int) -> None:
+        """Reserve ``[start, end)`` and a step more, up to segment_bytes (where the segment
+        rolls).  Best effort: a full disk or a file system that cannot only costs the speed-up
+        (the write itself then fails if space is really out)."""
+        target = max(end, min(end + self._reserve_step_bytes, self._segment_bytes))
+        try:
+            reserve(self.fd, start, target - start)
+        except OSError as error:
+            if error.errno in UNSUPPORTED_ERRNOS:
+                self._reserve_step_bytes = 0  # not on this file system: stop asking
+            else:  # ENOSPC, say: ask again a step later
+                logger.debug("%s: cannot reserve space ahead: %s", self.log_path, error)
+        self._reserved_end = target
+
+    def _release_reserve(self) -> None:
+        """Give back the reserved space past the data (truncating a file to its own size
+        frees the blocks past it); best effort."""
+        if self._reserved_end > self.size_bytes and self.fd >= 0 and self.cut_pending is None:
+            try:
+                os.ftruncate(self.fd, self.size_bytes)
+            except OSError as error:
+                logger.warning("%s: cannot release the space reserved past its %d bytes: %s",
+                               self.log_path, self.size_bytes, error)
+        self._reserved_end = 0
+
     def _cut_file(self, size_bytes: int) -> None:
+        self._reserved_end = 0  # a truncation frees what was reserved past it
         os.ftruncate(self.fd, size_bytes)
         os.lseek(self.fd, size_bytes, os.SEEK_SET)
 

@@ -198,3 +198,76 @@ def test_find_batch_of_the_last_batches_agrees_with_the_walk(tmp_path, monkeypat
     _fill(segment, 1, base_offset=segment.next_offset)
     check_all()
     segment.close()
+
+
+# -- space reserved ahead of appends (segment_preallocate_bytes) ---------------------------------
+
+RESERVE_CONFIG = LogConfig(segment_bytes=64 * 1024 * 1024, segment_preallocate_bytes=1 << 20,
+                           index_interval_bytes=300, segment_index_bytes=4096)
+
+
+def _allocated_bytes(path):
+    return os.stat(path).st_blocks * 512
+
+
+def _reserving_file_system(directory):
+    probe = os.path.join(directory, "probe")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        segment_module.reserve(fd, 0, 1 << 20)
+        return _allocated_bytes(probe) >= 1 << 20
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def test_appends_reserve_space_ahead_and_sealing_gives_it_back(tmp_path):
+    if not _reserving_file_system(str(tmp_path)):
+        pytest.skip("this file system cannot reserve space (fallocate KEEP_SIZE)")
+    segment = Segment.create(str(tmp_path), 100, RESERVE_CONFIG)
+    stored = _fill(segment, 10)
+    size = sum(len(batch) for _, batch in stored)
+    assert os.path.getsize(segment.log_path) == segment.size_bytes == size  # size: the data's
+    assert _allocated_bytes(segment.log_path) >= size + (1 << 20)  # and a step past it
+    segment.seal()
+    assert _allocated_bytes(segment.log_path) < size + (1 << 20)  # given back
+    segment.close()
+    with open(segment.log_path, "rb") as file:
+        assert file.read() == b"".join(batch for _, batch in stored)
+
+
+def test_a_crash_with_space_reserved_loses_nothing_and_reopens_clean(tmp_path):
+    segment = Segment.create(str(tmp_path), 100, RESERVE_CONFIG)
+    stored = _fill(segment, 12)
+    segment.abandon()  # reserved blocks past the data stay allocated, the size is the data's
+    reopened = Segment.open_existing(str(tmp_path), 100, RESERVE_CONFIG)
+    scan = reopened.recover(bytearray(), is_last=True)
+    assert scan.truncated_bytes == 0 and scan.first_bad_position is None
+    assert reopened.next_offset == read_header(stored[-1][1]).next_offset
+    more = _fill(reopened, 3, base_offset=reopened.next_offset)  # appends go on after it
+    assert reopened.size_bytes == sum(len(batch) for _, batch in stored + more)
+    reopened.close()
+    assert os.path.getsize(reopened.log_path) == reopened.size_bytes
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EOPNOTSUPP])
+def test_a_reservation_that_fails_costs_only_the_speedup(tmp_path, monkeypatch, code):
+    calls = []
+
+    def failing(fd, offset, length):
+        calls.append(length)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(segment_module, "reserve", failing)
+    config = LogConfig(segment_bytes=64 * 1024 * 1024, segment_preallocate_bytes=2048,
+                       index_interval_bytes=300, segment_index_bytes=4096)
+    segment = Segment.create(str(tmp_path), 100, config)
+    stored = _fill(segment, 40)  # ~4 KiB of batches: two steps of 2 KiB
+    assert segment.size_bytes == sum(len(batch) for _, batch in stored)
+    with open(segment.log_path, "rb") as file:
+        assert file.read() == b"".join(batch for _, batch in stored)
+    # a full disk: asked again a step later; a file system that cannot: asked once
+    assert len(calls) >= 2 if code == errno.ENOSPC else len(calls) == 1
+    segment.close()

@@ -84,6 +84,16 @@ def produce_columnar(data_dir: str, count: int, start: Any) -> None:
         producer.flush()
 
 
+def wait_until(due_ns: int, spin_ns: int = SPIN_NS) -> None:
+    """Sleep most of the wait for ``due_ns`` (CLOCK_MONOTONIC; frees the CPU and the GIL for
+    the producer's I/O thread), spin the last ``spin_ns`` (a sleep overshoots)."""
+    ahead = due_ns - time.monotonic_ns()
+    if ahead > spin_ns:
+        time.sleep((ahead - spin_ns) / 1e9)
+    while time.monotonic_ns() < due_ns:
+        pass
+
+
 def produce_paced(data_dir: str, count: int, start: Any, rate_per_s: int) -> None:
     from shmbroker import Producer
 
@@ -94,13 +104,7 @@ def produce_paced(data_dir: str, count: int, start: Any, rate_per_s: int) -> Non
         interval_ns = 1_000_000_000 // rate_per_s
         for index in range(count):
             intended = began + index * interval_ns
-            # sleep most of the gap (frees the CPU and the GIL for the producer's I/O thread),
-            # spin the last stretch
-            ahead = intended - time.monotonic_ns()
-            if ahead > SPIN_NS:
-                time.sleep((ahead - SPIN_NS) / 1e9)
-            while time.monotonic_ns() < intended:
-                pass
+            wait_until(intended)
             # the intended send time, not the actual one (no coordinated omission)
             producer.send(TOPIC, struct.pack("<q", intended) + pad, partition=0)
         producer.flush()

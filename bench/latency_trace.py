@@ -47,11 +47,16 @@ import orjson
 from shmbroker.partition import trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from broker import TOPIC, running_broker  # noqa: E402  (bench/broker.py, beside this file)
+from broker import (  # noqa: E402  (bench/broker.py, beside this file)
+    SPIN_NS,
+    TOPIC,
+    running_broker,
+    wait_until,
+)
 
 RECORD_BYTES = 100
 INDEX = struct.Struct("<q")  # each value starts with its record's index
-SPIN_US = 150  # the producer sleeps a wait longer than this, then spins (sleep overshoots)
+SPIN_US = SPIN_NS // 1000  # the producer's default spin before a record is due (bench/broker.py)
 WARMUP_FRACTION = 0.1  # the first records (connections warming up) are not counted
 STAGES = ("pacing", "send call", "to the worker", "append", "to the answer", "to the consumer",
           "total")
@@ -70,14 +75,9 @@ def produce(data_dir: str, count: int, rate_per_s: int, spin_us: int, start: Any
         start.wait()
         began = time.monotonic_ns()
         interval_ns = 1_000_000_000 // rate_per_s
-        spin_ns = spin_us * 1000
         for index in range(count):
             due = began + index * interval_ns
-            ahead = due - time.monotonic_ns()
-            if ahead > spin_ns:
-                time.sleep((ahead - spin_ns) / 1e9)
-            while time.monotonic_ns() < due:
-                pass
+            wait_until(due, spin_us * 1000)
             intended[index] = due
             called[index] = time.monotonic_ns()
             producer.send(TOPIC, INDEX.pack(index) + pad, partition=0)

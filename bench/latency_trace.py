@@ -21,7 +21,7 @@ cut into stages:
 and the consumer's fetch cycle as the worker sees it: how long a fetch takes to be answered
 (at once, or parked until records come) and the turnaround from an answer to the next fetch.
 Percentiles are of the measured records (the warm-up excluded); each round has a fresh broker.
-This is a diagnostic: tracing costs the worker ~0.2 µs a step, and the figures hold for one
+This is a diagnostic: tracing costs the worker ~0.3 µs a step, and the figures hold for one
 machine and one load.
 
     python bench/latency_trace.py                       # 20,000 records at 10k/s, 1 round

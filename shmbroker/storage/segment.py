@@ -240,7 +240,8 @@ class Segment:
         return os.fstat(self.fd).st_size
 
     def seal(self, *, defer_fsync: bool = False) -> list[int]:
-        """Stop appending: record the largest timestamp, trim and close the index files.
+        """Stop appending: give back the space reserved past the data, record the largest
+        timestamp, trim and close the index files.
         With ``defer_fsync`` they are not fsynced here: duplicates of their fds are returned
         for another thread to fsync (the caller closes them); else [] once they are durable."""
         if not self.is_active:
@@ -293,7 +294,8 @@ class Segment:
         return fds
 
     def close(self) -> None:
-        """Clean close: trim the indexes (no final time-index entry: the segment stays last)."""
+        """Clean close: give back the reserved space, trim the indexes (no final time-index
+        entry: the segment stays last)."""
         if self.fd < 0:
             return
         self._release_reserve()

@@ -53,11 +53,11 @@ LOG_SETTINGS: tuple[Setting, ...] = (
     Setting("segment_index_bytes", 10 * MIB, "bytes",
             "preallocated size of each .index / .timeindex file; a full index rolls the segment",
             minimum=64),
-    Setting("segment_preallocate_bytes", 16 * MIB, "bytes",
+    Setting("segment_preallocate_bytes", 4 * MIB, "bytes",
             "reserve the active segment's disk space ahead of its appends, this much at a "
             "time (fallocate, the file's size unchanged; what is left is released when the "
-            "segment is sealed or closed): writes into reserved space cost the kernel less "
-            "(ext4 here: 1.4x the speed of writes that extend the file); 0 = off",
+            "segment is sealed or closed; not on tmpfs): writes into reserved space cost the "
+            "kernel less (ext4 here: 1.35x the speed of writes that extend the file); 0 = off",
             minimum=0),
     Setting("max_batch_bytes", 1 * MIB + 12, "bytes",
             "largest batch accepted, header included (Kafka's max.message.bytes)", minimum=61),

@@ -47,7 +47,7 @@ from shmbroker.format.record_batch import (
     validate_batch,
 )
 from shmbroker.storage.offset_index import OffsetIndex
-from shmbroker.storage.reserve import UNSUPPORTED_ERRNOS, reserve
+from shmbroker.storage.reserve import UNSUPPORTED_ERRNOS, in_memory, reserve
 from shmbroker.storage.time_index import TimeIndex
 
 logger = logging.getLogger("shmbroker.storage")
@@ -388,6 +388,9 @@ class Segment:
         """Reserve ``[start, end)`` and a step more, up to segment_bytes (where the segment
         rolls).  Best effort: a full disk or a file system that cannot only costs the speed-up
         (the write itself then fails if space is really out)."""
+        if not self._reserved_end and in_memory(self.fd):  # (asked once a segment)
+            self._reserve_step_bytes = 0  # tmpfs: nothing to allocate ahead, only memory
+            return
         target = max(end, min(end + self._reserve_step_bytes, self._segment_bytes))
         try:
             reserve(self.fd, start, target - start)

@@ -271,3 +271,47 @@ def test_a_reservation_that_fails_costs_only_the_speedup(tmp_path, monkeypatch, 
     # a full disk: asked again a step later; a file system that cannot: asked once
     assert len(calls) >= 2 if code == errno.ENOSPC else len(calls) == 1
     segment.close()
+
+
+def test_no_reservation_on_a_file_system_in_memory(tmp_path, monkeypatch):
+    """tmpfs has no blocks to allocate ahead: a reservation would only take memory early."""
+    calls = []
+    monkeypatch.setattr(segment_module, "reserve", lambda *arguments: calls.append(arguments))
+    monkeypatch.setattr(segment_module, "in_memory", lambda fd: True)
+    segment = Segment.create(str(tmp_path), 100, RESERVE_CONFIG)
+    stored = _fill(segment, 20)
+    assert calls == []
+    assert segment.size_bytes == sum(len(batch) for _, batch in stored)
+    segment.close()
+
+
+def test_tmpfs_is_known_to_be_in_memory(tmp_path):
+    if not os.path.isdir("/dev/shm") or os.statvfs("/dev/shm").f_blocks == 0:
+        pytest.skip("no /dev/shm here")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as in_memory:
+        fd = os.open(in_memory, os.O_RDONLY)
+        try:
+            assert segment_module.in_memory(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:  # (the test's own temp dir may be a tmpfs too: then both say so)
+        assert segment_module.in_memory(fd) == (_file_system_type(tmp_path) in ("tmpfs", "ramfs"))
+    finally:
+        os.close(fd)
+
+
+def _file_system_type(path):
+    """The type /proc/mounts gives for the mount holding ``path`` (the longest matching prefix)."""
+    best, found = "", "?"
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1]
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, found = point, fields[2]
+    return found

@@ -60,6 +60,8 @@ SPIN_US = SPIN_NS // 1000  # the producer's default spin before a record is due 
 WARMUP_FRACTION = 0.1  # the first records (connections warming up) are not counted
 STAGES = ("pacing", "send call", "to the worker", "append", "to the answer", "to the consumer",
           "total")
+PARKED_ANSWER = "  of which by a parked fetch"  # "to the answer", split by how the record left
+LATER_ANSWER = "  of which by a later fetch"
 PERCENTILES = (50, 90, 99)
 
 
@@ -122,13 +124,29 @@ def _pairs(steps: dict[str, np.ndarray], begin_kind: int, end_kind: int,
             steps["first"][ends])
 
 
+def _answers_parked(steps: dict[str, np.ndarray]) -> np.ndarray:
+    """For each FETCH_ANSWERED step in order, whether its fetch had been parked."""
+    parked_flags: list[bool] = []
+    parked = False
+    for kind in steps["kinds"].tolist():
+        if kind == trace.FETCH_READ:
+            parked = False
+        elif kind == trace.FETCH_PARKED:
+            parked = True
+        elif kind == trace.FETCH_ANSWERED:
+            parked_flags.append(parked)
+            parked = False
+    return np.array(parked_flags, dtype=bool)
+
+
 def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
            steps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each stage's duration (µs) for every record traced all the way (the module docstring
     names the stages).  ``producer``: per record index ``intended``, ``called``, ``returned``;
     ``consumer``: per record received ``offsets``, ``indexes``, ``received``; ``steps``: the
     worker's trace (:func:`trace.load`).  Offsets are the records' indexes (one producer, a
-    fresh partition)."""
+    fresh partition).  "to the answer" is also given split by how the record left: by a fetch
+    that was parked (waiting for records) and by one that came after them."""
     offsets = consumer["offsets"]
     if not np.array_equal(offsets, consumer["indexes"]):
         raise ValueError("a record's offset is not its index: the partition was not fresh")
@@ -137,6 +155,7 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
     answered = steps["kinds"] == trace.FETCH_ANSWERED
     answer_ns = steps["times_ns"][answered]
     answer_first, answer_after = steps["first"][answered], steps["second"][answered]
+    answer_parked = _answers_parked(steps)
     answer = np.searchsorted(answer_after, offsets, side="right")
     traced = (region < len(after)) & (answer < len(answer_after))
     region, answer = np.minimum(region, len(after) - 1), np.minimum(answer, len(answer_after) - 1)
@@ -153,7 +172,11 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
         "to the consumer": received - answer_ns[answer],
         "total": received - intended,
     }
-    return {name: values / 1000 for name, values in times.items()}
+    parked = answer_parked[answer]
+    times[PARKED_ANSWER] = times["to the answer"][parked]
+    times[LATER_ANSWER] = times["to the answer"][~parked]
+    order = (*STAGES[:5], PARKED_ANSWER, LATER_ANSWER, *STAGES[5:])
+    return {name: times[name] / 1000 for name in order}
 
 
 def fetch_cycle(steps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

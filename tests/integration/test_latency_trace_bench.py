@@ -39,5 +39,5 @@ def test_every_stage_of_the_measured_records(tmp_path: Path) -> None:
         assert counts[name] == 360, done.stdout
     assert counts["answer -> next fetch"] > 0, done.stdout
     result = orjson.loads((tmp_path / "out.json").read_bytes())
-    assert set(result["rounds"][0]["stages"]) == set(STAGES)
+    assert set(STAGES) <= set(result["rounds"][0]["stages"])  # (and "to the answer" split)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]  # temp dir gone

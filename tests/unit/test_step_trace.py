@@ -77,8 +77,25 @@ def test_each_record_is_cut_into_stages() -> None:
     expected = {"pacing": [1, 1, 1, 1], "send call": [5, 5, 5, 5],
                 "to the worker": [9, 7, 9, 7], "append": [10, 10, 20, 20],
                 "to the answer": [5, 5, 10, 10], "to the consumer": [15, 15, 20, 20],
-                "total": [40, 38, 60, 58]}
+                "total": [40, 38, 60, 58], bench.PARKED_ANSWER: [5, 5, 10, 10],
+                bench.LATER_ANSWER: []}
     assert {name: values.tolist() for name, values in found.items()} == expected
+
+
+def test_to_the_answer_is_split_by_how_the_record_left() -> None:
+    """The second fetch arrives after the second region is appended: answered at once."""
+    bench = _bench_module()
+    rows = [row for row in zip(*(WORKER[name].tolist() for name in
+                                 ("times_ns", "kinds", "first", "second")))
+            if row[0] not in (100_000, 101_000, 340_000)]  # the second fetch, parked
+    rows += [(335_000, trace.FETCH_READ, 2, 0), (336_000, trace.FETCH_ANSWERED, 2, 4)]
+    consumer = {"offsets": np.arange(4), "indexes": np.arange(4),
+                "received": np.array([40_000, 40_000, 360_000, 360_000])}
+    found = bench.stages(PRODUCER, consumer, _steps(sorted(rows)))
+    assert found[bench.PARKED_ANSWER].tolist() == [5, 5]
+    assert found[bench.LATER_ANSWER].tolist() == [6, 6]
+    assert found["to the answer"].tolist() == [5, 5, 6, 6]
+    assert list(found)[4:7] == ["to the answer", bench.PARKED_ANSWER, bench.LATER_ANSWER]
 
 
 def test_offsets_that_are_not_the_indexes_are_refused() -> None:

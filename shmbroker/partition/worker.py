@@ -421,6 +421,11 @@ class PartitionWorker:
             return
         # positions first: whoever sees the ack must see a high watermark that covers it
         self._after_append()
+        # then the parked fetches, as Kafka completes its delayed fetches right after an
+        # append: the records go out before the producer's doorbell is rung (that wake-up can
+        # take this core for ~100 us where cores are few) and before the rest of the drain
+        if self.parked:
+            self._serve_parked(time.monotonic())
         self._publish_region(reader, region)
         if self.config.flush_messages:  # flush_messages > 1: fsync every N, not before acks
             self._start_due_flush()

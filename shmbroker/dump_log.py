@@ -22,6 +22,7 @@ same directory begins (a segment that lost whole batches at its end).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -205,11 +206,10 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
     it (see the module docstring)."""
     emit(f"Dumping {path}")
     base = _base_offset(path)
-    data = path.read_bytes()
-    whole = len(data) // kind.ENTRY_SIZE
-    entries = np.frombuffer(data, dtype=kind.FILE_DTYPE, count=whole)
-    keys = entries[kind.KEY_NAME].astype(np.int64)
-    values = entries[kind.VALUE_NAME].astype(np.int64)
+    stored = kind(str(path), 0).read_file()  # as the broker reads it (a hole's zeros skipped)
+    if stored is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    keys, values, file_size = stored
     used = np.flatnonzero(keys | values)  # a preallocated zero tail is unused
     count = int(used[-1]) + 1 if len(used) else 0
     batches = _batches_beside(path) if base is not None else None  # (offsets unknown)
@@ -249,11 +249,11 @@ def dump_index(path: Path, kind: type[SparseIndex], emit: Callable[[str], None],
             emit(f"CORRUPT position: {number * kind.ENTRY_SIZE} {problem}")
             result.note_error(number * kind.ENTRY_SIZE, problem)
         result.index_entries += 1
-    if len(data) % kind.ENTRY_SIZE:
-        message = (f"{len(data) % kind.ENTRY_SIZE} bytes after the last whole "
-                   f"{kind.ENTRY_SIZE}-byte entry")
-        emit(f"CORRUPT position: {whole * kind.ENTRY_SIZE} {message}")
-        result.note_error(whole * kind.ENTRY_SIZE, message)
+    torn = file_size % kind.ENTRY_SIZE
+    if torn:
+        message = f"{torn} bytes after the last whole {kind.ENTRY_SIZE}-byte entry"
+        emit(f"CORRUPT position: {file_size - torn} {message}")
+        result.note_error(file_size - torn, message)
 
 
 def _batches_beside(path: Path) -> list[tuple[int, int, int]] | None:

@@ -124,19 +124,21 @@ def _pairs(steps: dict[str, np.ndarray], begin_kind: int, end_kind: int,
             steps["first"][ends])
 
 
-def _answers_parked(steps: dict[str, np.ndarray]) -> np.ndarray:
-    """For each FETCH_ANSWERED step in order, whether its fetch had been parked."""
-    parked_flags: list[bool] = []
+def _answered_fetches(steps: dict[str, np.ndarray]) -> list[tuple[int | None, int, bool]]:
+    """Each answered fetch in order: (when it was read, None if not traced; when it was
+    answered; whether it was parked in between)."""
+    fetches: list[tuple[int | None, int, bool]] = []
+    read_at = None
     parked = False
-    for kind in steps["kinds"].tolist():
+    for kind, at in zip(steps["kinds"].tolist(), steps["times_ns"].tolist()):
         if kind == trace.FETCH_READ:
-            parked = False
+            read_at, parked = at, False
         elif kind == trace.FETCH_PARKED:
             parked = True
         elif kind == trace.FETCH_ANSWERED:
-            parked_flags.append(parked)
-            parked = False
-    return np.array(parked_flags, dtype=bool)
+            fetches.append((read_at, at, parked))
+            read_at, parked = None, False
+    return fetches
 
 
 def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
@@ -155,7 +157,7 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
     answered = steps["kinds"] == trace.FETCH_ANSWERED
     answer_ns = steps["times_ns"][answered]
     answer_first, answer_after = steps["first"][answered], steps["second"][answered]
-    answer_parked = _answers_parked(steps)
+    answer_parked = np.array([parked for _, _, parked in _answered_fetches(steps)], dtype=bool)
     answer = np.searchsorted(answer_after, offsets, side="right")
     traced = (region < len(after)) & (answer < len(answer_after))
     region, answer = np.minimum(region, len(after) - 1), np.minimum(answer, len(answer_after) - 1)
@@ -182,22 +184,13 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
 def fetch_cycle(steps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The consumer's fetches as the worker saw them (µs): read -> answered, for those answered
     at once and those parked first, and answered -> the next fetch read (the turnaround)."""
-    kinds, times = steps["kinds"], steps["times_ns"]
-    at_once: list[int] = []
-    parked_first: list[int] = []
-    turnaround: list[int] = []
-    read_at = answered_at = None
-    parked = False
-    for kind, at in zip(kinds.tolist(), times.tolist()):
-        if kind == trace.FETCH_READ:
-            if answered_at is not None:
-                turnaround.append(at - answered_at)
-            read_at, parked = at, False
-        elif kind == trace.FETCH_PARKED:
-            parked = True
-        elif kind == trace.FETCH_ANSWERED and read_at is not None:
-            (parked_first if parked else at_once).append(at - read_at)
-            answered_at, read_at = at, None
+    fetches = _answered_fetches(steps)
+    at_once = [answered - read for read, answered, parked in fetches
+               if read is not None and not parked]
+    parked_first = [answered - read for read, answered, parked in fetches
+                    if read is not None and parked]
+    turnaround = [read - answered for (_, answered, _), (read, _, _) in zip(fetches, fetches[1:])
+                  if read is not None]
     return {name: np.array(values, dtype=np.int64) / 1000 for name, values in (
         ("answered at once", at_once), ("parked, then answered", parked_first),
         ("answer -> next fetch", turnaround))}

@@ -396,8 +396,8 @@ def _walk_records(data: U8 | memoryview, start: int, end: int, count: int,
     :func:`_equal_run`; where the guess fails, later guesses take blocks of SPECULATION_ROWS
     growing 4x while they hold, and need twice the run before them (SPECULATION_REPEATS_MAX
     bounds what a crafted batch costs).  A batch of records of one shape walks two records and
-    makes two guesses whatever its count (~10 us per 64 KiB of 100-byte records; its CRC-32C
-    ~5 us).  A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal
+    makes two guesses whatever its count (~6 us per 64 KiB of 100-byte records; its CRC-32C
+    ~3 us).  A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal
     length bytes mean equal strides.
     """
     raw = memoryview(data)[start:end]

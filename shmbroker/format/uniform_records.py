@@ -141,6 +141,8 @@ class Word:
         self.offset_size = offset_size
         self.timestamp_shift = timestamp_shift
         self._band_start = next(start for start, _, size in _BANDS if size == offset_size)
+        # offset-delta windows: the band's expected words (expected); constant windows: the
+        # template repeated, for encode's strided copies (written)
         self._expected: U64 | None = None
         self._expected_bytes = b""  # _expected as little-endian bytes
         self.mask_u64 = np.uint64(mask)

@@ -175,7 +175,7 @@ class Segment:
         )
         self.index_interval_bytes = config.index_interval_bytes
         # disk space reserved ahead of the appends (storage/reserve.py), up to _reserved_end;
-        # 0 once this file's file system said it cannot
+        # the step is 0 where the file system cannot reserve or need not (tmpfs)
         self._reserve_step_bytes = config.segment_preallocate_bytes
         self._segment_bytes = config.segment_bytes
         self._reserved_end = 0
@@ -386,8 +386,9 @@ class Segment:
 
     def _reserve(self, start: int, end: int) -> None:
         """Reserve ``[start, end)`` and a step more, up to segment_bytes (where the segment
-        rolls).  Best effort: a full disk or a file system that cannot only costs the speed-up
-        (the write itself then fails if space is really out)."""
+        rolls); on a file system in memory, nothing, ever (asked once).  Best effort: a full
+        disk or a file system that cannot only costs the speed-up (the write itself then fails
+        if space is really out)."""
         if not self._reserved_end and in_memory(self.fd):  # (asked once a segment)
             self._reserve_step_bytes = 0  # tmpfs: nothing to allocate ahead, only memory
             return

@@ -1,5 +1,6 @@
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -288,8 +289,6 @@ def test_no_reservation_on_a_file_system_in_memory(tmp_path, monkeypatch):
 def test_tmpfs_is_known_to_be_in_memory(tmp_path):
     if not os.path.isdir("/dev/shm") or os.statvfs("/dev/shm").f_blocks == 0:
         pytest.skip("no /dev/shm here")
-    import tempfile
-
     with tempfile.TemporaryDirectory(dir="/dev/shm") as in_memory:
         fd = os.open(in_memory, os.O_RDONLY)
         try:

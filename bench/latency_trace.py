@@ -13,9 +13,11 @@ cut into stages:
                   (the ring, the doorbell, the worker's wake-up or spin)
   append          the region appended and acknowledged (its records in the log)
   to the answer   appended -> the worker starts sending a fetch answer holding the record
-                  (at once for a parked fetch; else when the consumer's next fetch arrives)
-  to the consumer the answer's send begun -> the consumer's poll returns the record (its
-                  wake-up, reading the answer, decoding)
+                  (at once for a parked fetch; else when the consumer's next fetch arrives);
+                  none for a record the consumer read from the segment file itself
+  to the consumer the answer's send begun (or, read directly, the append's end) -> the
+                  consumer's poll returns the record (its wake-up, reading the answer or the
+                  file, decoding)
   total           intended send time -> consumed
 
 and the consumer's fetch cycle as the worker sees it: how long a fetch takes to be answered
@@ -62,6 +64,7 @@ STAGES = ("pacing", "send call", "to the worker", "append", "to the answer", "to
           "total")
 PARKED_ANSWER = "  of which by a parked fetch"  # "to the answer", split by how the record left
 LATER_ANSWER = "  of which by a later fetch"
+READ_DIRECTLY = "  of which read directly"  # "to the consumer" of records no answer held
 PERCENTILES = (50, 90, 99)
 
 
@@ -148,7 +151,9 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
     ``consumer``: per record received ``offsets``, ``indexes``, ``received``; ``steps``: the
     worker's trace (:func:`trace.load`).  Offsets are the records' indexes (one producer, a
     fresh partition).  "to the answer" is also given split by how the record left: by a fetch
-    that was parked (waiting for records) and by one that came after them."""
+    that was parked (waiting for records) and by one that came after them; a record that no
+    answer held was read from the segment file by the consumer (consumer.py, "Direct reads"):
+    its "to the consumer" runs from the append's end, and is also given on its own."""
     offsets = consumer["offsets"]
     if not np.array_equal(offsets, consumer["indexes"]):
         raise ValueError("a record's offset is not its index: the partition was not fresh")
@@ -159,25 +164,34 @@ def stages(producer: dict[str, np.ndarray], consumer: dict[str, np.ndarray],
     answer_first, answer_after = steps["first"][answered], steps["second"][answered]
     answer_parked = np.array([parked for _, _, parked in _answered_fetches(steps)], dtype=bool)
     answer = np.searchsorted(answer_after, offsets, side="right")
-    traced = (region < len(after)) & (answer < len(answer_after))
-    region, answer = np.minimum(region, len(after) - 1), np.minimum(answer, len(answer_after) - 1)
-    traced &= (before[region] <= offsets) & (answer_first[answer] <= offsets)
+    traced = region < len(after)
+    region = np.minimum(region, len(after) - 1)
+    traced &= before[region] <= offsets
+    by_answer = answer < len(answer_after)
+    if len(answer_after):
+        answer = np.minimum(answer, len(answer_after) - 1)
+        by_answer &= answer_first[answer] <= offsets
     offsets, region, answer = offsets[traced], region[traced], answer[traced]
+    by_answer = by_answer[traced]
     received = consumer["received"][traced]
     intended, called = producer["intended"][offsets], producer["called"][offsets]
+    answered_ns = answer_ns[answer[by_answer]]
+    left_ns = end_ns[region].copy()  # when the record left the worker's hands
+    left_ns[by_answer] = answered_ns
     times = {
         "pacing": called - intended,
         "send call": producer["returned"][offsets] - called,
         "to the worker": begin_ns[region] - called,
         "append": end_ns[region] - begin_ns[region],
-        "to the answer": answer_ns[answer] - end_ns[region],
-        "to the consumer": received - answer_ns[answer],
+        "to the answer": answered_ns - end_ns[region][by_answer],
+        "to the consumer": received - left_ns,
         "total": received - intended,
     }
-    parked = answer_parked[answer]
+    parked = answer_parked[answer[by_answer]]
     times[PARKED_ANSWER] = times["to the answer"][parked]
     times[LATER_ANSWER] = times["to the answer"][~parked]
-    order = (*STAGES[:5], PARKED_ANSWER, LATER_ANSWER, *STAGES[5:])
+    times[READ_DIRECTLY] = times["to the consumer"][~by_answer]
+    order = (*STAGES[:5], PARKED_ANSWER, LATER_ANSWER, STAGES[5], READ_DIRECTLY, *STAGES[6:])
     return {name: times[name] / 1000 for name in order}
 
 

@@ -12,6 +12,18 @@ range while we decode this one.  A response is whole RecordBatches straight from
 (the worker uses sendfile); records below the position are skipped (a fetch starts at the batch
 holding the position).
 
+Direct reads.  A consumer on the broker's host reads on by itself: once a fetch response has
+said where its batches lie (segment, byte position), later polls read the active segment file
+with one ``os.pread`` up to the readable end its worker publishes in the partition's control
+block after each append (the high watermark's byte position: batch boundaries, committed
+records only), without a round trip to the worker.  Only when nothing new is there does a
+fetch go to the worker (and wait there, parked, as before); with ``poll_spin_us`` the poll first
+busy-waits on the readable end, so a spinning consumer takes a record as soon as it is
+appended.  What it cannot read this way goes through the worker as before: a segment rolled, a
+worker restarted, a position moved by seek, damaged batches (the worker's answer reports them),
+files it may not open.  Why: a fetch round trip costs the worker a wake-up and ~20 µs of
+its time per answer, and the consumer a wake-up; the page cache is shared anyway.
+
 Partitions come from :meth:`Consumer.assign` (explicit) or :meth:`Consumer.subscribe` (a consumer
 group: the supervisor's coordinator assigns them, see ``membership.py``).  As a group member the
 consumer reconciles inside ``poll``, on the application's thread: it commits (with auto-commit)
@@ -35,7 +47,7 @@ from typing import Any, Protocol
 
 from shmbroker import limits
 from shmbroker.client.committer import AsyncCommitter, CommitCallback
-from shmbroker.client.connection import Connection, read_frame
+from shmbroker.client.connection import Connection, read_frame, receive_buffer
 from shmbroker.client.membership import Membership
 from shmbroker.client.metadata import BROKER_SOCKET, Metadata, PartitionInfo
 from shmbroker.client.types import (
@@ -101,6 +113,8 @@ class _Fetcher:
         self.high_watermark = -1
         self.committed_checked = False  # its committed offset was looked up already
         self.error: CorruptLogError | None = None  # damage met at ``position``: next poll raises
+        self.direct: _Direct | None = None  # where it reads the segment file itself
+        self.direct_refused = False  # the segment files cannot be opened here (permissions)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -108,6 +122,30 @@ class _Fetcher:
                 self.sock.close()
             self.sock = None
         self.in_flight_offset = None
+        self.close_direct()
+
+    def close_direct(self) -> None:
+        if self.direct is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.direct.fd)
+            self.direct = None
+
+
+class _Direct:
+    """A segment file a fetcher reads itself: byte ``position`` of the segment of
+    ``segment_base_offset`` holds ``offset`` (a batch boundary), as a fetch response said; the
+    control block of worker ``generation`` says how far it may read."""
+
+    __slots__ = ("fd", "block", "generation", "segment_base_offset", "position", "offset")
+
+    def __init__(self, fd: int, block: ControlBlock, generation: int, segment_base_offset: int,
+                 position: int, offset: int) -> None:
+        self.fd = fd
+        self.block = block
+        self.generation = generation
+        self.segment_base_offset = segment_base_offset
+        self.position = position
+        self.offset = offset
 
 
 class Consumer:
@@ -122,7 +160,8 @@ class Consumer:
                  enable_auto_commit: bool = True, auto_commit_interval_ms: int = 5000,
                  session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000,
                  group_instance_id: str | None = None, assignor: str = "range",
-                 poll_spin_us: int = 0, client_id: str = "shmbroker-consumer") -> None:
+                 poll_spin_us: int = 0, direct_reads: bool = True,
+                 client_id: str = "shmbroker-consumer") -> None:
         if auto_offset_reset not in ("earliest", "latest", "none"):
             raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not "
                              f"{auto_offset_reset!r}")
@@ -149,6 +188,10 @@ class Consumer:
         # core to spare for the consumer, the record that arrives meanwhile skips a wake-up
         # (tens of µs on a virtual machine: README, "Latency").  0 = never spin (Kafka's way).
         self.poll_spin_s = poll_spin_us / 1e6
+        # Read the active segment file ourselves while the worker's control block says how far
+        # (module docstring, "Direct reads"); with fetch_min_bytes above 1 every fetch goes to
+        # the worker, which waits for the bytes.
+        self.direct_reads = direct_reads and fetch_min_bytes <= 1
         self.request_timeout_s = request_timeout_ms / 1000
         self._metadata = Metadata(self.data_dir, self.request_timeout_s)
         self._metadata.refresh()
@@ -414,6 +457,7 @@ class Consumer:
                               "first")
         deadline = time.monotonic() + max(0, timeout_ms) / 1000
         ready: list[tuple[_Fetcher, Any, int]] = []
+        spin_until: float | None = None
         while True:
             self._reconcile()  # nothing polled but not returned yet: positions are exact
             for fetcher in self._fetchers.values():
@@ -430,11 +474,30 @@ class Consumer:
                     # until the application seeks past it (``error.next_offset``).
                     error, fetcher.error = fetcher.error, None
                     raise error
+            idle: list[_Fetcher] = []  # read directly, nothing new: fetch (or spin first)
+            for fetcher in self._fetchers.values():
+                if fetcher.paused or fetcher.in_flight_offset is not None:
+                    continue
+                if fetcher.direct is not None:
+                    found = self._read_direct(fetcher)
+                    if found:
+                        ready += found
+                        continue
+                    if found is not None:
+                        idle.append(fetcher)
+                        continue
+                idle.append(fetcher)
+            if ready:
+                break
+            if spin_until is None:  # (once a poll: the spin budget is the poll's)
+                spin_until = min(deadline, time.monotonic() + self.poll_spin_s)
+            if self.poll_spin_s and any(fetcher.direct is not None for fetcher in idle):
+                if self._spin_direct(idle, spin_until):
+                    continue  # records came (a readable end moved) or a socket has an event
             now = time.monotonic()
             wait_ms = int(max(0.0, deadline - now) * 1000)
-            for fetcher in self._fetchers.values():
-                if not fetcher.paused and fetcher.in_flight_offset is None:
-                    self._send_fetch(fetcher, min(wait_ms, self.fetch_max_wait_ms), now)
+            for fetcher in idle:
+                self._send_fetch(fetcher, min(wait_ms, self.fetch_max_wait_ms), now)
             timeout = max(0.0, deadline - time.monotonic())
             retry = [f.retry_at for f in self._fetchers.values() if f.sock is None]
             if retry:
@@ -446,7 +509,7 @@ class Consumer:
                 # member with no partition (or all paused) has none: it would leave and join
                 # again every interval, rebalancing the group each time.
                 timeout = min(timeout, self._membership.max_poll_interval_s / 2)
-            events = self._select(timeout) if self._selector.get_map() else (
+            events = self._select(timeout, spin_until) if self._selector.get_map() else (
                 time.sleep(timeout) or [])
             for key, _ in events:
                 if key.data is _WAKE:
@@ -458,11 +521,14 @@ class Consumer:
                 break
         return ready
 
-    def _select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
-        """The selector's events within ``timeout`` s: spinning (``poll_spin_us``) first."""
+    def _select(self, timeout: float,
+                spin_until: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """The selector's events within ``timeout`` s: spinning (``poll_spin_us``, until
+        ``spin_until`` when the poll spun already) first."""
         if self.poll_spin_s and timeout > 0:
             began = time.monotonic()
-            spin_until = began + min(timeout, self.poll_spin_s)
+            spin_until = min(began + timeout, began + self.poll_spin_s if spin_until is None
+                             else spin_until)
             select = self._selector.select
             while True:
                 events = select(0)
@@ -529,24 +595,131 @@ class Consumer:
                 position=damaged["position"], segment_base_offset=damaged["segment_base_offset"],
                 topic=fetcher.tp.topic, partition=fetcher.tp.partition)
             return []
-        batches, fetcher.error = self._decode(fetcher, raw, min_offset, body)
+        batches, fetcher.error, _ = self._decode(fetcher, raw, min_offset, body)
         if batches:
             fetcher.position = max(min_offset, batches[-1].header.next_offset)
+        if self.direct_reads and fetcher.error is None:
+            self._follow_directly(fetcher, body, len(raw))
+        if batches:
             if fetcher.paused:  # paused while this fetch was in flight: keep it for resume
                 fetcher.buffered += [(batch, min_offset) for batch in batches]
                 return []
-            if fetcher.error is None:
+            if fetcher.error is None and fetcher.direct is None:
                 self._send_fetch(fetcher, self.fetch_max_wait_ms, time.monotonic())  # prefetch
         return [(fetcher, batch, min_offset) for batch in batches]
 
+    # -- direct reads --------------------------------------------------------------------------
+    def _follow_directly(self, fetcher: _Fetcher, body: dict[str, Any], size: int) -> None:
+        """After a fetch response: read on from where it ended in the segment file ourselves
+        (the response says which segment and where; a response at the log end, with no
+        batches, says where the log ends), unless the file cannot be opened here."""
+        segment, position, offset = (body.get("segment_base_offset"), body.get("position"),
+                                     body.get("next_offset"))
+        if not (type(segment) is int and type(position) is int and type(offset) is int) or (
+                offset != fetcher.position or not size and offset != body.get("log_end_offset")):
+            fetcher.close_direct()  # (an empty answer inside the log says no position)
+            return
+        direct = fetcher.direct
+        if direct is not None and direct.segment_base_offset == segment:
+            direct.position, direct.offset = position + size, offset
+            return
+        fetcher.close_direct()
+        block = self._control_block(fetcher)
+        if block is None or fetcher.info.log_dir is None or fetcher.direct_refused:
+            return
+        path = fetcher.info.log_dir / f"{segment:020d}.log"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError as error:
+            fetcher.direct_refused = True
+            logger.info("%s/%d: reading through the worker only: %s", fetcher.tp.topic,
+                        fetcher.tp.partition, error)
+            return
+        except OSError:  # deleted since (retention): the next response names another
+            return
+        fetcher.direct = _Direct(fd, block, block.generation, segment, position + size, offset)
+
+    def _read_direct(self, fetcher: _Fetcher) -> list[tuple[_Fetcher, Any, int]] | None:
+        """The batches from ``fetcher``'s position to the readable end its worker published
+        (at most fetch_max_bytes, at least one batch), read from the segment file; [] when
+        there are none yet; None when this read must go through the worker instead (the
+        segment rolled, the worker restarted, the position moved, damage: it then reports)."""
+        direct = fetcher.direct
+        assert direct is not None
+        block = direct.block
+        if (fetcher.position != direct.offset or block is not self._control_blocks.get(fetcher.tp)
+                or block.state != control_block.RUNNING or block.generation != direct.generation):
+            fetcher.close_direct()
+            return None
+        readable = block.readable()
+        if readable is None:
+            return None
+        segment, end, _ = readable
+        if segment != direct.segment_base_offset:  # rolled: the rest through the worker
+            fetcher.close_direct()
+            return None
+        position = direct.position
+        if end <= position:
+            return []
+        if block.log_start_offset > direct.offset:  # deleted meanwhile: the worker says so
+            fetcher.close_direct()
+            return None
+        size = min(end - position, self.fetch_max_bytes)
+        try:
+            raw = receive_buffer(size)  # (as a fetch response's: never zero-filled first)
+            short = os.preadv(direct.fd, [raw], position) < size
+            if not short and size < end - position:  # whole batches, at least one (as a fetch)
+                whole = _whole_batches_bytes(raw)
+                if whole:
+                    raw = raw[:whole]
+                else:  # one batch larger than fetch_max_bytes
+                    size = record_batch.batch_size_at(raw)
+                    if not record_batch.HEADER_SIZE <= size <= end - position:
+                        raise CorruptRecordError(f"a batch of {size} bytes", position)
+                    raw = receive_buffer(size)
+                    short = os.preadv(direct.fd, [raw], position) < size
+        except (OSError, CorruptRecordError):
+            fetcher.close_direct()  # damage (the worker reports it), or the file is gone
+            return None
+        if short:
+            fetcher.close_direct()  # shorter than the worker said: let it tell
+            return None
+        min_offset = direct.offset
+        batches, error, next_offset = self._decode(fetcher, raw, min_offset, {})
+        if error is not None:  # damage: fetched through the worker, which reports it
+            fetcher.close_direct()
+            return None
+        direct.position += len(raw)
+        direct.offset = fetcher.position = next_offset
+        fetcher.high_watermark = block.high_watermark
+        return [(fetcher, batch, min_offset) for batch in batches]
+
+    def _spin_direct(self, idle: list[_Fetcher], until: float) -> bool:
+        """Busy-wait (poll_spin_us) on the readable ends of the ``idle`` fetchers that read
+        directly, and on the sockets: True as soon as an end moves past a position or a socket
+        has an event, False at ``until``."""
+        watched = [(fetcher.direct.block, fetcher.direct.segment_base_offset,
+                    fetcher.direct.position) for fetcher in idle if fetcher.direct is not None]
+        select = self._selector.select
+        while True:
+            for block, segment, position in watched:
+                readable = block.readable()
+                if readable is None or readable[0] != segment or readable[1] > position:
+                    return True
+            if select(0):
+                return True
+            if time.monotonic() >= until:
+                return False
+
     def _decode(self, fetcher: _Fetcher, raw: memoryview, min_offset: int,
-                body: dict[str, Any]) -> tuple[list[Any], CorruptLogError | None]:
+                body: dict[str, Any]) -> tuple[list[Any], CorruptLogError | None, int]:
         """The batches of a fetch response holding records at or after ``min_offset``, and the
         damage met, if any: a batch that is not whole, fails its CRC-32C (with check_crcs, as
         Kafka's consumer does) or does not continue the offsets (the worker sends whole,
         contiguous batches, the first holding ``min_offset``; base offsets are not covered by
         the CRC).  The batches before the damage are returned; poll raises the error next.
-        One CRC call per batch and no per-record work: the hot path stays vectorised."""
+        One CRC call per batch and no per-record work: the hot path stays vectorised.  Third:
+        the offset after the last batch taken (``min_offset`` when none)."""
         batches = []
         verify = self.check_crcs
         position = 0
@@ -571,12 +744,12 @@ class Consumer:
                                                  f"computed {actual:#010x}")
             except CorruptRecordError as error:
                 offset = min_offset if expected is None else expected
-                return batches, self._damage(fetcher, raw, position, offset, body, error)
+                return batches, self._damage(fetcher, raw, position, offset, body, error), offset
             if not header.is_control:
                 batches.append(_Fetched(raw, position, header))
             expected = header.next_offset
             position += header.size
-        return batches, None
+        return batches, None, min_offset if expected is None else expected
 
     def _damage(self, fetcher: _Fetcher, raw: memoryview, position: int, offset: int,
                 body: dict[str, Any], error: CorruptRecordError) -> CorruptLogError:
@@ -880,6 +1053,12 @@ class Consumer:
     def _shared_positions(self, fetcher: _Fetcher) -> tuple[int, int, int] | None:
         """(log_start, log_end, high_watermark) from the worker's control block, or None when
         it is unavailable or its worker is not running (then ask the worker)."""
+        block = self._control_block(fetcher)
+        return block.positions() if block is not None else None
+
+    def _control_block(self, fetcher: _Fetcher) -> ControlBlock | None:
+        """The partition's control block, mapped once, or None when it is unavailable or its
+        worker is not running."""
         block = self._control_blocks.get(fetcher.tp)
         if block is None:
             try:
@@ -888,10 +1067,12 @@ class Consumer:
                 return None
             self._control_blocks[fetcher.tp] = block
         if block.state != control_block.RUNNING:
-            block.close()  # a restarted broker makes a new block: map it again next time
+            # a restarted broker makes a new block: map it again next time (direct reads
+            # through this one stop: _read_direct compares blocks)
+            block.close()
             del self._control_blocks[fetcher.tp]
             return None
-        return block.positions()
+        return block
 
     def _list_offset(self, fetcher: _Fetcher, timestamp_ms: int) -> OffsetAndTimestamp:
         """The offset for ``timestamp_ms`` (-2 earliest, -1 latest): earliest and latest come from
@@ -962,6 +1143,18 @@ class Consumer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _whole_batches_bytes(data: memoryview) -> int:
+    """How many bytes at the start of ``data`` are whole batches (by their length fields)."""
+    whole = 0
+    end = len(data)
+    while whole + record_batch.LOG_OVERHEAD <= end:
+        size = record_batch.batch_size_at(data, whole)
+        if size < record_batch.HEADER_SIZE or whole + size > end:  # (damage: _decode says)
+            break
+        whole += size
+    return whole
 
 
 class _Fetched:

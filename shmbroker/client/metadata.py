@@ -25,6 +25,7 @@ class PartitionInfo(NamedTuple):
     doorbell: str
     shm_prefix: str
     max_batch_bytes: int
+    log_dir: Path | None = None  # the partition's segment files (consumers read them directly)
 
 
 class Metadata:
@@ -45,7 +46,8 @@ class Metadata:
             found[topic["name"]] = [
                 PartitionInfo(topic["name"], topic["topic_id"], entry["partition"],
                               Path(entry["socket"]), entry["control_block"], entry["doorbell"],
-                              entry["shm_prefix"], topic.get("max_batch_bytes", 1 << 20))
+                              entry["shm_prefix"], topic.get("max_batch_bytes", 1 << 20),
+                              Path(entry["log_dir"]) if "log_dir" in entry else None)
                 for entry in topic["partitions"]]
         with self._lock:
             if topics is None:

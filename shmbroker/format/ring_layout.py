@@ -63,6 +63,11 @@ Partition control block, version 1 (one per partition, written by its worker onl
     64        8     log_start_offset
     72        8     log_end_offset
     80        8     high_watermark
+    88        8     readable_sequence   even: the three below agree; odd: being written
+    96        8     readable_segment    base offset of a segment (the active one when written)
+    104       8     readable_position   byte position in it where batches a consumer may
+                                        read end (a batch boundary) ...
+    112       8     readable_offset     ... and the offset there (<= high_watermark)
     -- cache line 2 (128) --
     128       8     worker_sleeping     1 = worker blocks in select; producers ring its doorbell
     (rest of the 4096 bytes zero)
@@ -186,6 +191,12 @@ CONTROL_STORAGE_FULL_POSITION = 48  # added in place of zero padding: version 1 
 CONTROL_LOG_START_OFFSET_POSITION = 64
 CONTROL_LOG_END_OFFSET_POSITION = 72
 CONTROL_HIGH_WATERMARK_POSITION = 80
+# where consumers that read segment files themselves may read to (in place of zero padding, as
+# storage_full: version 1 still; a block whose readable_sequence is 0 has published none)
+CONTROL_READABLE_SEQUENCE_POSITION = 88
+CONTROL_READABLE_SEGMENT_POSITION = 96
+CONTROL_READABLE_POSITION_POSITION = 104
+CONTROL_READABLE_OFFSET_POSITION = 112
 CONTROL_WORKER_SLEEPING_POSITION = 128
 
 CONTROL_STATE_STARTING = 0

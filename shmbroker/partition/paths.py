@@ -71,4 +71,4 @@ def describe(paths: PartitionPaths) -> dict[str, object]:
     """What a client needs to reach this partition (sent in METADATA responses)."""
     return {"partition": paths.partition, "socket": os.fspath(paths.socket_path),
             "control_block": paths.control_block_name, "doorbell": paths.doorbell_name,
-            "shm_prefix": paths.shm_prefix}
+            "shm_prefix": paths.shm_prefix, "log_dir": os.fspath(paths.log_dir)}

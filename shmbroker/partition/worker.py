@@ -204,6 +204,7 @@ class PartitionWorker:
         self._next_ring_scan_ms = 0
         self._next_header_check_ms = 0
         self._control_generation = 0
+        self._readable_offset = -1  # the offset of the readable end last published
         self.parked: list[ParkedFetch] = []
         self.selector = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
@@ -641,8 +642,18 @@ class PartitionWorker:
         assert log is not None and control is not None
         control.log_start_offset = log.log_start_offset
         control.log_end_offset = log.log_end_offset
-        control.high_watermark = self._high_watermark()
+        high_watermark = control.high_watermark = self._high_watermark()
         control.storage_full = log.append_failure is not None  # shown by `shmbroker status`
+        # Where consumers reading the segment files themselves may read to (consumer.py,
+        # "direct reads"): the high watermark's byte position, when it is known without a
+        # search (at the log end, or with group commit at the flushed offset in the active
+        # segment); otherwise the end published before stays (older, never wrong: the log
+        # keeps what it committed), and they fetch the rest through the socket.
+        if high_watermark != self._readable_offset:
+            found = log.position_in_active(high_watermark)
+            if found is not None:
+                control.set_readable(found[0], found[1], high_watermark)
+                self._readable_offset = high_watermark
 
     def _high_watermark(self) -> int:
         """What consumers may read up to: the log end (no mirrors yet: everything appended is
@@ -1065,6 +1076,7 @@ class PartitionWorker:
         control.generation = self._control_generation
         control.updated_ms = time.time_ns() // 1_000_000
         self.control = control
+        self._readable_offset = -1  # a new block: publish it there too
         self._publish_positions()
         control.state = 2 if self._stop_requested else 1
 

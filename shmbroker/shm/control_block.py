@@ -5,13 +5,16 @@ Layout (constants in :mod:`shmbroker.format.ring_layout`; native u64 words)::
     0    magic b"SHMBCTL1"    8    version 1          16   worker_pid       24   state
     32   generation           40   updated_ms
     64   log_start_offset     72   log_end_offset     80   high_watermark
+    88   readable_sequence    96   readable_segment   104  readable_position  112 readable_offset
     128  worker_sleeping (1 = the worker blocks in select; producers ring its doorbell)
 
 Invariants: only the partition's current worker writes (one writer per word, each store one
 aligned 8-byte move: see :mod:`shmbroker.shm.ring` on memory order); ``log_start_offset <=
 high_watermark <= log_end_offset`` as a reader sees it, because :meth:`ControlBlock.set_positions`
 stores log_end, then high_watermark, then log_start, and :meth:`ControlBlock.positions` loads
-them in the opposite order (positions only grow while a worker runs).  The object outlives
+them in the opposite order (positions only grow while a worker runs).  The readable end
+(:meth:`ControlBlock.set_readable`) is three words under a sequence lock: where a consumer that
+reads segment files itself may read to.  The object outlives
 workers: a restarted worker reopens it, keeps its contents and bumps ``generation`` itself.
 
 Damage from outside: the worker checks its block every tick.  A header overwritten
@@ -39,6 +42,10 @@ from shmbroker.format.ring_layout import (
     CONTROL_LOG_START_OFFSET_POSITION,
     CONTROL_MAGIC,
     CONTROL_MAGIC_POSITION,
+    CONTROL_READABLE_OFFSET_POSITION,
+    CONTROL_READABLE_POSITION_POSITION,
+    CONTROL_READABLE_SEGMENT_POSITION,
+    CONTROL_READABLE_SEQUENCE_POSITION,
     CONTROL_STATE_NAMES,
     CONTROL_STATE_POSITION,
     CONTROL_STATE_RUNNING,
@@ -66,6 +73,13 @@ _VERSION_WORD = CONTROL_VERSION_POSITION // WORD_BYTES
 _LOG_START_WORD = CONTROL_LOG_START_OFFSET_POSITION // WORD_BYTES
 _LOG_END_WORD = CONTROL_LOG_END_OFFSET_POSITION // WORD_BYTES
 _HIGH_WATERMARK_WORD = CONTROL_HIGH_WATERMARK_POSITION // WORD_BYTES
+_READABLE_SEQUENCE_WORD = CONTROL_READABLE_SEQUENCE_POSITION // WORD_BYTES
+_READABLE_SEGMENT_WORD = CONTROL_READABLE_SEGMENT_POSITION // WORD_BYTES
+_READABLE_POSITION_WORD = CONTROL_READABLE_POSITION_POSITION // WORD_BYTES
+_READABLE_OFFSET_WORD = CONTROL_READABLE_OFFSET_POSITION // WORD_BYTES
+# A reader that meets the readable end being written this many times in a row gives up (the
+# writer is preempted, or died in between): it then fetches through the worker's socket.
+READABLE_READ_TRIES = 16
 
 
 def _word(position: int, doc: str) -> Any:
@@ -198,6 +212,36 @@ class ControlBlock:
         words[_LOG_END_WORD] = log_end_offset
         words[_HIGH_WATERMARK_WORD] = high_watermark
         words[_LOG_START_WORD] = log_start_offset
+
+    def set_readable(self, segment_base_offset: int, position: int, offset: int) -> None:
+        """Publish where a consumer reading the segment files itself may read up to: in the
+        segment of ``segment_base_offset``, to byte ``position`` (a batch boundary), which is
+        ``offset`` (<= high_watermark).  A sequence lock (one writer, the worker): the
+        sequence is odd while the three words change, so a reader never takes a mix of two
+        publications.  Written from an odd sequence too (a worker killed in between)."""
+        self._check_writable()
+        words = self._words
+        sequence = (words[_READABLE_SEQUENCE_WORD] + 1) | 1
+        words[_READABLE_SEQUENCE_WORD] = sequence
+        words[_READABLE_SEGMENT_WORD] = segment_base_offset
+        words[_READABLE_POSITION_WORD] = position
+        words[_READABLE_OFFSET_WORD] = offset
+        words[_READABLE_SEQUENCE_WORD] = sequence + 1
+
+    def readable(self) -> tuple[int, int, int] | None:
+        """``(segment_base_offset, position, offset)`` as :meth:`set_readable` last published
+        it, or None: none published yet, or it kept changing under READABLE_READ_TRIES reads."""
+        words = self._words
+        for _ in range(READABLE_READ_TRIES):
+            sequence = words[_READABLE_SEQUENCE_WORD]
+            if sequence & 1:
+                continue
+            segment = words[_READABLE_SEGMENT_WORD]
+            position = words[_READABLE_POSITION_WORD]
+            offset = words[_READABLE_OFFSET_WORD]
+            if words[_READABLE_SEQUENCE_WORD] == sequence:
+                return (segment, position, offset) if sequence else None
+        return None
 
     def touch(self) -> None:
         """Set ``updated_ms`` to now."""

@@ -650,6 +650,17 @@ class PartitionLog:
         self._flushed_position = (segment.base_offset, span.position)
         return span.position
 
+    def position_in_active(self, offset: int) -> tuple[int, int] | None:
+        """``(active segment's base offset, byte position of offset in it)`` when ``offset``
+        is log_end_offset or flushed_offset and in the active segment (positions known
+        without a search); None otherwise."""
+        active = self._segments[-1]
+        if offset == self._log_end_offset:
+            return active.base_offset, active.size_bytes
+        if offset == self._flushed_offset and active.base_offset <= offset:
+            return active.base_offset, self._flushed_position_in(active)
+        return None
+
     def read_bytes(self, offset: int, max_bytes: int) -> bytes:
         """As :meth:`read`, but the bytes themselves (os.pread)."""
         found = self.read(offset, max_bytes)

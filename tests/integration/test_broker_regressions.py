@@ -338,18 +338,22 @@ def test_poll_columnar_returns_records_held_back_by_poll_max_records(
 
 
 # -- 6. pause while a fetch is in flight ---------------------------------------------------------
+@pytest.mark.parametrize("direct_reads", [False, True], ids=["through-worker", "direct"])
 def test_partition_paused_during_an_in_flight_fetch_returns_nothing_until_resumed(
-        broker: RunningBroker) -> None:
+        broker: RunningBroker, direct_reads: bool) -> None:
     with broker.admin() as admin:
         admin.create_topic("paused", partitions=1)
     tp = TopicPartition("paused", 0)
     with Producer(broker.data_dir, linger_ms=0) as producer, \
             Consumer(broker.data_dir, auto_offset_reset="earliest",
-                     fetch_max_wait_ms=30_000) as consumer:
+                     fetch_max_wait_ms=30_000, direct_reads=direct_reads) as consumer:
         producer.send("paused", b"a", partition=0).result(WAIT_S)
         consumer.assign([tp])
         assert [(r.offset, r.value) for r in consumer.poll(5000)] == [(0, b"a")]
         fetcher = consumer._fetchers[tp]  # white box: the prefetch parked at the worker
+        if direct_reads:  # no prefetch: the poll that finds nothing in the file sends it
+            assert fetcher.in_flight_offset is None and fetcher.direct is not None
+            assert consumer.poll(10) == []
         assert fetcher.in_flight_offset == 1
         consumer.pause(tp)
         producer.send("paused", b"b", partition=0).result(WAIT_S)  # answers the prefetch

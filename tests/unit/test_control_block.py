@@ -136,3 +136,32 @@ def test_ringing_nobody_is_harmless(tmp_path: Path) -> None:
     ring(b"\0" + name.encode())
     with pytest.raises(ValueError, match="at most 107"):
         Doorbell.bind("x" * 200)
+
+
+def test_the_readable_end_is_read_whole_or_not_at_all(name: str) -> None:
+    block = ControlBlock.create_or_open(name)
+    reader = ControlBlock.open(name, readonly=True)
+    try:
+        assert reader.readable() is None  # none published yet
+        block.set_readable(0, 4096, 37)
+        assert reader.readable() == (0, 4096, 37)
+        block.set_readable(37, 0, 37)  # a roll: the next segment, empty
+        assert reader.readable() == (37, 0, 37)
+        # A writer stopped between its stores (killed, or preempted for good) leaves the
+        # sequence odd: a reader gives up after READABLE_READ_TRIES and says None (it then
+        # fetches through the worker) instead of taking a mix of two publications.
+        words = block._words
+        sequence_word = ring_layout.CONTROL_READABLE_SEQUENCE_POSITION // ring_layout.WORD_BYTES
+        segment_word = ring_layout.CONTROL_READABLE_SEGMENT_POSITION // ring_layout.WORD_BYTES
+        words[sequence_word] += 1
+        words[segment_word] = 99
+        assert words[sequence_word] & 1
+        assert reader.readable() is None
+        block.set_readable(99, 512, 120)  # the next writer starts from the odd sequence
+        assert not words[sequence_word] & 1
+        assert reader.readable() == (99, 512, 120)
+        with pytest.raises(PermissionError):
+            reader.set_readable(0, 0, 0)
+    finally:
+        reader.close()
+        block.close()

@@ -78,8 +78,25 @@ def test_each_record_is_cut_into_stages() -> None:
                 "to the worker": [9, 7, 9, 7], "append": [10, 10, 20, 20],
                 "to the answer": [5, 5, 10, 10], "to the consumer": [15, 15, 20, 20],
                 "total": [40, 38, 60, 58], bench.PARKED_ANSWER: [5, 5, 10, 10],
-                bench.LATER_ANSWER: []}
+                bench.LATER_ANSWER: [], bench.READ_DIRECTLY: []}
     assert {name: values.tolist() for name, values in found.items()} == expected
+
+
+def test_records_no_answer_held_were_read_directly() -> None:
+    """The consumer read the second region from the segment file itself (no second answer):
+    its records have no "to the answer", and "to the consumer" runs from the append's end."""
+    bench = _bench_module()
+    rows = [row for row in zip(*(WORKER[name].tolist() for name in
+                                 ("times_ns", "kinds", "first", "second")))
+            if row[0] not in (100_000, 101_000, 340_000)]  # no second fetch
+    consumer = {"offsets": np.arange(4), "indexes": np.arange(4),
+                "received": np.array([40_000, 40_000, 345_000, 345_000])}
+    found = bench.stages(PRODUCER, consumer, _steps(sorted(rows)))
+    assert found["to the answer"].tolist() == [5, 5]
+    assert found["to the consumer"].tolist() == [15, 15, 15, 15]
+    assert found[bench.READ_DIRECTLY].tolist() == [15, 15]
+    assert found["total"].tolist() == [40, 38, 45, 43]
+    assert list(found)[6:9] == [bench.LATER_ANSWER, "to the consumer", bench.READ_DIRECTLY]
 
 
 def test_to_the_answer_is_split_by_how_the_record_left() -> None:

@@ -1,0 +1,210 @@
+"""Consumers read the active segment file themselves (consumer.py, "Direct reads"), up to the
+readable end the worker publishes in the control block, and go through the worker whenever
+that is not safe: a roll, a seek, a worker restart, damage.  Every record is checked by offset
+and value, and reading directly returns exactly what reading through the worker returns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker_helpers import RunningBroker, wait_for
+
+from shmbroker import Consumer, Producer, TopicPartition
+from shmbroker.errors import CorruptLogError
+from shmbroker.format import record_batch
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "direct"
+TP = TopicPartition(TOPIC, 0)
+SEGMENT_BYTES = 64 * 1024
+POLL_DEADLINE_S = 30
+
+
+def value(offset: int) -> bytes:
+    return b"record-%07d-" % offset + bytes([offset % 251]) * (offset % 40)
+
+
+def produce(data_dir: Path, first: int, count: int, linger_ms: int = 2,
+            topic: str = TOPIC) -> None:
+    with Producer(data_dir, linger_ms=linger_ms, batch_size_bytes=8192) as producer:
+        futures = [producer.send(topic, value(offset), partition=0)
+                   for offset in range(first, first + count)]
+        producer.flush(30)
+    assert [future.result(0).offset for future in futures] == list(range(first, first + count))
+
+
+def produce_one_by_one(data_dir: Path, first: int, count: int) -> None:
+    """One batch a record: each sent once the one before is acknowledged."""
+    with Producer(data_dir, linger_ms=0) as producer:
+        for offset in range(first, first + count):
+            assert producer.send(TOPIC, value(offset), partition=0).result(10).offset == offset
+
+
+def count_direct_reads(consumer: Consumer) -> dict[str, int]:
+    """Counts the polls' reads that took batches from the segment file (wraps the method)."""
+    counts = {"direct": 0}
+    read_direct = consumer._read_direct
+
+    def counted(fetcher: Any) -> Any:
+        found = read_direct(fetcher)
+        if found:
+            counts["direct"] += 1
+        return found
+
+    consumer._read_direct = counted  # type: ignore[method-assign]
+    return counts
+
+
+def poll_until(consumer: Consumer, count: int) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    while len(got) < count and time.monotonic() < deadline:
+        got += [(record.offset, record.value) for record in consumer.poll(timeout_ms=200)]
+    return got
+
+
+def expected(first: int, count: int) -> list[tuple[int, bytes]]:
+    return [(offset, value(offset)) for offset in range(first, first + count)]
+
+
+@pytest.fixture
+def topic(broker: RunningBroker) -> RunningBroker:
+    with broker.admin() as admin:
+        admin.create_topic(TOPIC, partitions=1, config={"segment_bytes": SEGMENT_BYTES})
+    broker.wait_ready()
+    return broker
+
+
+@pytest.mark.parametrize(("segment_bytes", "fetch_max_bytes"), [
+    (SEGMENT_BYTES, 3000),  # a few segments, rolled all along; many reads each
+    (8 << 20, 64 * 1024),  # one segment
+], ids=["rolls", "one-segment"])
+def test_a_catch_up_reads_the_files_and_gets_what_the_worker_sends(
+        broker: RunningBroker, segment_bytes: int, fetch_max_bytes: int) -> None:
+    with broker.admin() as admin:
+        admin.create_topic("catch-up", partitions=1, config={"segment_bytes": segment_bytes})
+    broker.wait_ready()
+    tp = TopicPartition("catch-up", 0)
+    produce(broker.data_dir, 0, 6000, topic="catch-up")
+    results = {}
+    for direct_reads in (True, False):
+        with Consumer(broker.data_dir, fetch_max_bytes=fetch_max_bytes,
+                      direct_reads=direct_reads) as consumer:
+            counts = count_direct_reads(consumer)
+            consumer.assign([tp])
+            consumer.seek(tp, 0)
+            results[direct_reads] = poll_until(consumer, 6000)
+            assert consumer.position(tp) == 6000
+            assert (counts["direct"] > 0) == direct_reads, counts
+    assert results[True] == results[False] == expected(0, 6000)
+
+
+def test_batches_larger_than_fetch_max_bytes_are_read_whole(topic: RunningBroker) -> None:
+    produce(topic.data_dir, 0, 1)
+    with Consumer(topic.data_dir, fetch_max_bytes=512) as consumer:
+        counts = count_direct_reads(consumer)
+        consumer.assign([TP])
+        consumer.seek(TP, 0)
+        assert poll_until(consumer, 1) == expected(0, 1)
+        produce(topic.data_dir, 1, 400, linger_ms=50)  # batches of ~8 KiB, 16x fetch_max_bytes
+        assert poll_until(consumer, 400) == expected(1, 400)
+        assert counts["direct"] > 0
+
+
+def test_records_produced_while_polling_with_and_without_spinning(topic: RunningBroker) -> None:
+    for poll_spin_us in (0, 2000):
+        with Consumer(topic.data_dir, poll_spin_us=poll_spin_us,
+                      fetch_max_wait_ms=100) as consumer, \
+                Producer(topic.data_dir, linger_ms=0) as producer:
+            counts = count_direct_reads(consumer)
+            consumer.assign([TP])
+            consumer.seek_to_end(TP)
+            first = consumer.position(TP)
+            for offset in range(first, first + 300):
+                assert producer.send(TOPIC, value(offset), partition=0).result(10).offset == offset
+                if (offset - first) % 3 == 0:  # now and then two records wait for a poll
+                    continue
+                count = 2 if (offset - first) % 3 == 1 else 1
+                assert poll_until(consumer, count) == expected(offset - count + 1, count)
+            started = time.monotonic()
+            assert consumer.poll(timeout_ms=100) == []  # nothing more: the timeout holds
+            assert time.monotonic() - started < 5
+            assert counts["direct"] > 0, "no record was read from the file"
+
+
+def test_a_seek_and_a_worker_killed_while_reading_directly(broker: RunningBroker) -> None:
+    with broker.admin() as admin:  # one segment: what the consumer holds stays readable
+        admin.create_topic("seek", partitions=1, config={"segment_bytes": 8 << 20})
+    broker.wait_ready()
+    tp = TopicPartition("seek", 0)
+    produce(broker.data_dir, 0, 2000, topic="seek")
+    with Consumer(broker.data_dir, fetch_max_bytes=4096) as consumer:
+        counts = count_direct_reads(consumer)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        got = poll_until(consumer, 1500)
+        assert got == expected(0, len(got)) and consumer._fetchers[tp].direct is not None
+        for offset in (100, 1700, 1700):  # back, forward, and to where it is
+            consumer.seek(tp, offset)
+            assert poll_until(consumer, 2000 - offset) == expected(offset, 2000 - offset)
+        old = broker.worker_pids()[("seek", 0)]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: broker.worker_pids().get(("seek", 0)) not in (None, old), 30,
+                 message="the worker's restart")
+        produce(broker.data_dir, 2000, 1000, topic="seek")
+        assert poll_until(consumer, 1000) == expected(2000, 1000)
+        assert counts["direct"] > 0
+
+
+def test_damage_met_reading_directly_is_reported_as_the_worker_reports_it(
+        topic: RunningBroker) -> None:
+    """A byte flipped on disk inside the active segment, past where a direct reader is: the
+    records before it come, then CorruptLogError with the worker's evidence, as for consumers
+    that read through the worker only or start afresh."""
+    produce_one_by_one(topic.data_dir, 0, 50)
+    errors = {}
+    with Consumer(topic.data_dir) as consumer:
+        consumer.assign([TP])
+        consumer.seek(TP, 0)
+        assert poll_until(consumer, 50) == expected(0, 50)
+        fetcher = consumer._fetchers[TP]
+        assert fetcher.direct is not None, "the consumer does not read the file itself"
+        produce_one_by_one(topic.data_dir, 50, 50)
+        base = fetcher.direct.segment_base_offset
+        segment = Path(fetcher.info.log_dir) / f"{base:020d}.log"
+        data = segment.read_bytes()
+        position = fetcher.direct.position  # the batch of offset 50, then on to 60's
+        while (header := record_batch.read_header(data, position)).base_offset != 60:
+            position += header.size
+        flip = position + header.size - 3  # a byte of its value: the CRC no longer holds
+        with open(segment, "r+b") as file:
+            file.seek(flip)
+            file.write(bytes([data[flip] ^ 0xFF]))
+        got, *error = poll_until_error(consumer)
+        errors["established"] = (expected(0, 50) + got, *error)
+    for direct_reads in (True, False):
+        with Consumer(topic.data_dir, direct_reads=direct_reads) as reader:
+            reader.assign([TP])
+            reader.seek(TP, 0)
+            errors[direct_reads] = poll_until_error(reader)
+    assert errors[True] == errors[False] == errors["established"]
+    assert errors[True][0] == expected(0, 60)
+    assert errors[True][1:] == (60, 61, position, base)
+
+
+def poll_until_error(consumer: Consumer) -> tuple[Any, ...]:
+    got: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    while time.monotonic() < deadline:
+        try:
+            got += [(record.offset, record.value) for record in consumer.poll(timeout_ms=200)]
+        except CorruptLogError as error:
+            return (got, error.offset, error.next_offset, error.position,
+                    error.segment_base_offset)
+    raise AssertionError(f"no CorruptLogError; got {got[-3:]}")

@@ -21,8 +21,9 @@
 #              and spinning 5 ms, 3 rounds; then latency-10k.toml plain and spinning (the
 #              broker's stall warnings, if any, are in device.log)
 #   trace      bench/latency_trace.py, 3 rounds plain and 3 with worker and consumer spinning
-#              5 ms: each record's latency cut into stages (send, to the worker, append, to the
-#              fetch answer, to the consumer) and the consumer's fetch cycle (~20 s each)
+#              5 ms (and those again with direct reads off): each record's latency cut into
+#              stages (send, to the worker, append, to the fetch answer, to the consumer) and
+#              the consumer's fetch cycle (~20 s each)
 #   tail       latency-10k.toml alone, 3 runs of 8 s: the slowest second of each beside the
 #              clients' pauses (garbage collections, late sends) and the broker's stall
 #              warnings, to put the p99 tail on a process
@@ -99,7 +100,11 @@ for step in "${steps[@]}"; do
         timeout 60 python3 bench/latency_trace.py --rounds 3 --json "$out/trace.json" 2>&1 \
             | tee -a "$log" || true
         timeout 60 python3 bench/latency_trace.py --rounds 3 --worker-spin-us 5000 \
-            --poll-spin-us 5000 --json "$out/trace-spin.json" 2>&1 | tee -a "$log" || true ;;
+            --poll-spin-us 5000 --json "$out/trace-spin.json" 2>&1 | tee -a "$log" || true
+        # the same, the consumer fetching everything through the worker (no direct reads)
+        timeout 60 python3 bench/latency_trace.py --rounds 3 --worker-spin-us 5000 \
+            --poll-spin-us 5000 --no-direct-reads --json "$out/trace-spin-fetch.json" 2>&1 \
+            | tee -a "$log" || true ;;
     tail)
         for run in 1 2 3; do
             timeout 40 "${bench[@]}" --workload bench/workloads/latency-10k.toml --duration-s 8 \

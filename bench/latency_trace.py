@@ -91,14 +91,16 @@ def produce(data_dir: str, count: int, rate_per_s: int, spin_us: int, start: Any
     np.savez(out, intended=intended, called=called, returned=returned)
 
 
-def consume(data_dir: str, count: int, poll_spin_us: int, start: Any, out: str) -> None:
+def consume(data_dir: str, count: int, poll_spin_us: int, direct_reads: bool, start: Any,
+            out: str) -> None:
     from shmbroker import Consumer, TopicPartition
 
     partition = TopicPartition(TOPIC, 0)
     offsets: list[int] = []
     indexes: list[int] = []
     received: list[int] = []
-    with Consumer(data_dir, fetch_max_wait_ms=100, poll_spin_us=poll_spin_us) as consumer:
+    with Consumer(data_dir, fetch_max_wait_ms=100, poll_spin_us=poll_spin_us,
+                  direct_reads=direct_reads) as consumer:
         consumer.assign([partition])
         consumer.seek(partition, 0)
         start.wait()
@@ -235,7 +237,7 @@ def run_round(temp: str, round_index: int, args: argparse.Namespace) -> dict[str
         with running_broker(temp, f"data-{round_index}",
                             f"worker_spin_us = {args.worker_spin_us}\n") as data_dir:
             consumer = context.Process(target=consume, args=(
-                data_dir, args.records, args.poll_spin_us, start, consumed))
+                data_dir, args.records, args.poll_spin_us, args.direct_reads, start, consumed))
             producer = context.Process(target=produce, args=(
                 data_dir, args.records, args.rate_per_sec, args.producer_spin_us, start, produced))
             consumer.start()
@@ -277,6 +279,8 @@ def main() -> None:
                         help="the broker's worker_spin_us (default: its default, 50)")
     parser.add_argument("--poll-spin-us", type=int, default=0,
                         help="the consumer's poll_spin_us (default 0)")
+    parser.add_argument("--no-direct-reads", dest="direct_reads", action="store_false",
+                        help="the consumer fetches everything through the worker")
     parser.add_argument("--producer-spin-us", type=int, default=SPIN_US,
                         help="the producer sleeps until this long before a record is due, then "
                              f"spins (default {SPIN_US}: at 10k/s it never sleeps, which on a "
@@ -287,6 +291,7 @@ def main() -> None:
         parser.error("--records >= 10, --rate-per-sec >= 1 and --rounds >= 1")
     print(f"{args.records} records of {RECORD_BYTES} B at {args.rate_per_sec}/s, linger 0, "
           f"worker_spin_us {args.worker_spin_us}, poll_spin_us {args.poll_spin_us}, "
+          f"direct reads {'on' if args.direct_reads else 'off'}, "
           f"producer spin {args.producer_spin_us} us; "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}", flush=True)
     rounds = []

@@ -15,7 +15,7 @@ import pytest
 from broker_helpers import RunningBroker, wait_for
 
 from shmbroker import Consumer, Producer, TopicPartition
-from shmbroker.errors import CorruptLogError
+from shmbroker.errors import CorruptLogError, OffsetOutOfRangeError
 from shmbroker.format import record_batch
 
 pytestmark = pytest.mark.integration
@@ -208,3 +208,62 @@ def poll_until_error(consumer: Consumer) -> tuple[Any, ...]:
             return (got, error.offset, error.next_offset, error.position,
                     error.segment_base_offset)
     raise AssertionError(f"no CorruptLogError; got {got[-3:]}")
+
+
+@pytest.mark.parametrize("reset", ["earliest", "none"])
+def test_retention_deleting_what_a_direct_reader_holds(topic: RunningBroker, reset: str) -> None:
+    """The consumer reads directly in a segment that then rolls and is deleted by retention:
+    its next poll goes to the worker, which says the offset is gone, as for any consumer:
+    auto_offset_reset="earliest" starts again at log start; "none" raises."""
+    produce(topic.data_dir, 0, 100)
+    with Consumer(topic.data_dir, auto_offset_reset=reset) as consumer:
+        consumer.assign([TP])
+        consumer.seek(TP, 0)
+        assert poll_until(consumer, 100) == expected(0, 100)
+        assert consumer._fetchers[TP].direct is not None
+        with topic.admin() as admin:
+            admin.alter_configs(TOPIC, {"retention_bytes": 2 * SEGMENT_BYTES})
+        produce(topic.data_dir, 100, 8000)  # ~10 segments: the first ones go
+
+        def log_start() -> int:
+            return consumer.beginning_offsets([TP])[TP]
+
+        start = wait_for(log_start, 20, message="retention to delete the first segments")
+        if reset == "none":
+            with pytest.raises(OffsetOutOfRangeError):
+                deadline = time.monotonic() + POLL_DEADLINE_S
+                while time.monotonic() < deadline:
+                    consumer.poll(timeout_ms=200)
+            return
+        got = poll_until(consumer, 8100 - start)
+        assert got[0][0] <= log_start() and got[-1][0] == 8099
+        first = got[0][0]
+        assert got == expected(first, 8100 - first)
+
+
+def test_files_it_may_not_open_are_read_through_the_worker(
+        topic: RunningBroker, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A consumer of another user (the data dir's mode lets it reach the sockets, not the
+    files): the first open is refused, it says so once and fetches everything as before."""
+    from shmbroker.client import consumer as consumer_module
+
+    opened = []
+    real_open = os.open
+
+    def refuse(path: Any, flags: int, *args: Any) -> int:
+        if not str(path).endswith(".log"):  # (os is everyone's module: only segments)
+            return real_open(path, flags, *args)
+        opened.append(path)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(consumer_module.os, "open", refuse)
+    produce(topic.data_dir, 0, 3000)
+    with caplog.at_level("INFO", logger="shmbroker.consumer"), \
+            Consumer(topic.data_dir, fetch_max_bytes=3000) as consumer:
+        counts = count_direct_reads(consumer)
+        consumer.assign([TP])
+        consumer.seek(TP, 0)
+        assert poll_until(consumer, 3000) == expected(0, 3000)
+        assert counts["direct"] == 0 and len(opened) == 1
+    assert sum("reading through the worker only" in r.getMessage() for r in caplog.records) == 1

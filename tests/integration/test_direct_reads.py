@@ -267,3 +267,22 @@ def test_files_it_may_not_open_are_read_through_the_worker(
         assert poll_until(consumer, 3000) == expected(0, 3000)
         assert counts["direct"] == 0 and len(opened) == 1
     assert sum("reading through the worker only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_with_group_commit_the_readable_end_is_the_flushed_offset(broker: RunningBroker) -> None:
+    """flush_messages = 1: records are visible once fsynced (the high watermark is the flushed
+    offset), and a direct reader reads no further than that either."""
+    with broker.admin() as admin:
+        admin.create_topic("durable", partitions=1, config={"flush_messages": 1})
+    broker.wait_ready()
+    tp = TopicPartition("durable", 0)
+    with Consumer(broker.data_dir) as consumer:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        for first in (0, 500, 1000):
+            produce(broker.data_dir, first, 500, topic="durable")
+            assert poll_until(consumer, 500) == expected(first, 500)
+            block = consumer._fetchers[tp].direct.block  # type: ignore[union-attr]
+            readable = block.readable()
+            assert readable is not None
+            assert readable[2] == block.high_watermark == first + 500, readable

@@ -738,3 +738,30 @@ def test_a_ticket_begun_before_a_truncation_advances_nothing(tmp_path):
     log.append(sized_batch(3, 10), defer_flush=True)  # offsets 3..5 again, other bytes
     log.end_flush(ticket, ticket.run())
     assert log.flushed_offset == 3
+
+
+def test_position_in_active_for_the_log_end_and_the_flushed_offset(tmp_path):
+    """What the worker publishes as the readable end (direct reads): a byte position known
+    without a search, and the batch boundary there; None elsewhere."""
+    log = _durable(tmp_path)
+    log.append(sized_batch(3, 10))  # flushed inline (flush_messages = 1)
+    end_of_first = log.active_segment.size_bytes
+    assert log.position_in_active(3) == (0, end_of_first)
+    log.append(sized_batch(2, 10), defer_flush=True)
+    assert (log.flushed_offset, log.log_end_offset) == (3, 5)
+    assert log.position_in_active(5) == (0, log.active_segment.size_bytes)
+    assert log.position_in_active(3) == (0, end_of_first)  # the flushed offset, in the middle
+    assert log.position_in_active(4) is None  # inside a batch: not a boundary it knows
+    assert log.position_in_active(0) is None
+    stored = log.read_bytes(3, 10**6)
+    assert read_header(stored).base_offset == 3  # the batch that starts there
+    while len(log.segments) < 2:
+        log.append(sized_batch(2, 200), defer_flush=True)
+    active = log.active_segment
+    assert log.flushed_offset < active.base_offset
+    assert log.position_in_active(log.flushed_offset) is None  # flushed point in a sealed one
+    assert log.position_in_active(log.log_end_offset) == (active.base_offset, active.size_bytes)
+    ticket = log.begin_flush()
+    log.end_flush(ticket, ticket.run())
+    assert log.position_in_active(log.flushed_offset) == (active.base_offset, active.size_bytes)
+    log.close()

@@ -6,15 +6,15 @@
 ...     for record in consumer.poll(timeout_ms=1000):
 ...         print(record.offset, record.value)
 
-Each assigned partition keeps one fetch in flight on its worker's socket: as soon as a response
-arrives the next fetch is sent, before the records are decoded, so the worker reads the next
-range while we decode this one.  A response is whole RecordBatches straight from the segment file
-(the worker uses sendfile); records below the position are skipped (a fetch starts at the batch
-holding the position).
+Without direct reads (below), each assigned partition keeps one fetch in flight on its worker's
+socket: as soon as a response arrives the next fetch is sent, before the records are decoded,
+so the worker reads the next range while we decode this one.  A response is whole RecordBatches
+straight from the segment file (the worker uses sendfile); records below the position are
+skipped (a fetch starts at the batch holding the position).
 
 Direct reads.  A consumer on the broker's host reads on by itself: once a fetch response has
 said where its batches lie (segment, byte position), later polls read the active segment file
-with one ``os.pread`` up to the readable end its worker publishes in the partition's control
+with one ``os.preadv`` up to the readable end its worker publishes in the partition's control
 block after each append (the high watermark's byte position: batch boundaries, committed
 records only), without a round trip to the worker.  Only when nothing new is there does a
 fetch go to the worker (and wait there, parked, as before); with ``poll_spin_us`` the poll first
@@ -493,7 +493,7 @@ class Consumer:
                 spin_until = min(deadline, time.monotonic() + self.poll_spin_s)
             if self.poll_spin_s and any(fetcher.direct is not None for fetcher in idle):
                 if self._spin_direct(idle, spin_until):
-                    continue  # records came (a readable end moved) or a socket has an event
+                    continue  # records came (a readable end moved): read them
             now = time.monotonic()
             wait_ms = int(max(0.0, deadline - now) * 1000)
             for fetcher in idle:
@@ -696,19 +696,18 @@ class Consumer:
 
     def _spin_direct(self, idle: list[_Fetcher], until: float) -> bool:
         """Busy-wait (poll_spin_us) on the readable ends of the ``idle`` fetchers that read
-        directly, and on the sockets: True as soon as an end moves past a position or a socket
-        has an event, False at ``until``."""
+        directly, and on the sockets: True as soon as an end moves past a position (or to
+        another segment); False when a socket has an event (the caller's select takes it; a
+        readable end being written counts as unmoved) or at ``until``."""
         watched = [(fetcher.direct.block, fetcher.direct.segment_base_offset,
                     fetcher.direct.position) for fetcher in idle if fetcher.direct is not None]
         select = self._selector.select
         while True:
             for block, segment, position in watched:
                 readable = block.readable()
-                if readable is None or readable[0] != segment or readable[1] > position:
+                if readable is not None and (readable[0] != segment or readable[1] > position):
                     return True
-            if select(0):
-                return True
-            if time.monotonic() >= until:
+            if select(0) or time.monotonic() >= until:
                 return False
 
     def _decode(self, fetcher: _Fetcher, raw: memoryview, min_offset: int,

@@ -286,3 +286,39 @@ def test_with_group_commit_the_readable_end_is_the_flushed_offset(broker: Runnin
             readable = block.readable()
             assert readable is not None
             assert readable[2] == block.high_watermark == first + 500, readable
+
+
+def test_a_spinning_poll_takes_another_partitions_answer(broker: RunningBroker) -> None:
+    """Partition 0 read directly, nothing new there (the poll spins on its readable end, no
+    fetch of its own in flight), partition 1 waiting on a parked fetch whose answer is there:
+    that poll takes the answer (it once went round its spin for ever, the event pending)."""
+    with broker.admin() as admin:
+        admin.create_topic("two", partitions=2)
+    broker.wait_ready()
+    tps = [TopicPartition("two", 0), TopicPartition("two", 1)]
+
+    def stuck(*_: Any) -> None:
+        raise TimeoutError("poll did not return")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    try:
+        with Producer(broker.data_dir, linger_ms=0) as producer, \
+                Consumer(broker.data_dir, poll_spin_us=200_000,
+                         fetch_max_wait_ms=5000) as consumer:
+            consumer.assign(tps)
+            for tp in tps:
+                consumer.seek(tp, 0)
+            for index in range(3):
+                producer.send("two", b"zero-%d" % index, partition=0).result(10)
+                assert [(r.partition, r.offset) for r in consumer.poll(5000)] == [(0, index)]
+            fetchers = [consumer._fetchers[tp] for tp in tps]
+            assert fetchers[0].direct is not None and fetchers[0].in_flight_offset is None
+            assert fetchers[1].in_flight_offset == 0  # parked at partition 1's worker
+            producer.send("two", b"one", partition=1).result(10)
+            signal.alarm(10)
+            got = [(r.partition, r.offset, r.value) for r in consumer.poll(3000)]
+            signal.alarm(0)
+            assert got == [(1, 0, b"one")]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

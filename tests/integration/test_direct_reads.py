@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -118,20 +119,39 @@ def test_batches_larger_than_fetch_max_bytes_are_read_whole(topic: RunningBroker
 
 
 def test_records_produced_while_polling_with_and_without_spinning(topic: RunningBroker) -> None:
+    """Records already there when the poll comes (read from the file), two at once, and records
+    produced while the poll waits (its parked fetch answered; with spinning, the readable end
+    seen moving): after each, the consumer reads on from the end of what it has (white box)."""
     for poll_spin_us in (0, 2000):
         with Consumer(topic.data_dir, poll_spin_us=poll_spin_us,
-                      fetch_max_wait_ms=100) as consumer, \
+                      fetch_max_wait_ms=1000) as consumer, \
                 Producer(topic.data_dir, linger_ms=0) as producer:
             counts = count_direct_reads(consumer)
             consumer.assign([TP])
             consumer.seek_to_end(TP)
             first = consumer.position(TP)
-            for offset in range(first, first + 300):
-                assert producer.send(TOPIC, value(offset), partition=0).result(10).offset == offset
-                if (offset - first) % 3 == 0:  # now and then two records wait for a poll
-                    continue
-                count = 2 if (offset - first) % 3 == 1 else 1
-                assert poll_until(consumer, count) == expected(offset - count + 1, count)
+            fetcher = consumer._fetchers[TP]
+            for offset in range(first, first + 240):
+                step = (offset - first) % 4
+                if step == 3:  # produced 5 ms into the poll, which waits for it
+                    later = threading.Timer(0.005, producer.send, (TOPIC, value(offset)),
+                                            {"partition": 0})
+                    later.start()
+                    assert poll_until(consumer, 1) == expected(offset, 1)
+                    later.join()
+                else:
+                    assert producer.send(TOPIC, value(offset), partition=0).result(
+                        10).offset == offset
+                    if step == 0:  # two records wait for the next poll
+                        continue
+                    count = 2 if step == 1 else 1
+                    assert poll_until(consumer, count) == expected(offset - count + 1, count)
+                direct = fetcher.direct
+                if direct is not None:  # it reads on from the end of what it has read
+                    log_dir = Path(fetcher.info.log_dir)  # type: ignore[arg-type]
+                    segment = log_dir / f"{direct.segment_base_offset:020d}.log"
+                    assert (direct.offset, direct.position) == (
+                        offset + 1, segment.stat().st_size)
             started = time.monotonic()
             assert consumer.poll(timeout_ms=100) == []  # nothing more: the timeout holds
             assert time.monotonic() - started < 5
@@ -322,3 +342,56 @@ def test_a_spinning_poll_takes_another_partitions_answer(broker: RunningBroker) 
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_random_produce_poll_and_seek_direct_and_through_the_worker_agree(
+        topic: RunningBroker) -> None:
+    """A seeded random run of produces (batches of all sizes, rolls on the way), polls of
+    random sizes and seeks, with one consumer reading directly and one through the worker:
+    after every step both have returned exactly the stored records from their last seek."""
+    import random
+
+    rng = random.Random(1515)
+    produced = 0
+    consumers = {True: Consumer(topic.data_dir, fetch_max_bytes=2000,
+                                direct_reads=True),
+                 False: Consumer(topic.data_dir, direct_reads=False)}
+    counts = count_direct_reads(consumers[True])
+    returned: dict[bool, list[tuple[int, bytes]]] = {True: [], False: []}
+    start = 0
+    try:
+        with Producer(topic.data_dir, linger_ms=1, batch_size_bytes=4096) as producer:
+            for consumer in consumers.values():
+                consumer.assign([TP])
+                consumer.seek(TP, 0)
+            for _ in range(120):
+                action = rng.random()
+                if action < 0.4:
+                    count = rng.choice([1, 2, 7, 50, 300])
+                    futures = [producer.send(TOPIC, value(offset), partition=0)
+                               for offset in range(produced, produced + count)]
+                    producer.flush(30)
+                    assert [f.result(0).offset for f in futures] == list(
+                        range(produced, produced + count))
+                    produced += count
+                elif action < 0.9:
+                    limit = rng.choice([1, 10, 500, None])
+                    for direct, consumer in consumers.items():
+                        returned[direct] += [(r.offset, r.value) for r in
+                                             consumer.poll(timeout_ms=rng.choice([0, 20]),
+                                                           max_records=limit)]
+                else:
+                    start = rng.randrange(0, produced + 1)
+                    for direct, consumer in consumers.items():
+                        consumer.seek(TP, start)
+                        returned[direct] = []
+                for direct in consumers:
+                    got = returned[direct]
+                    assert got == expected(start, len(got)), (direct, got[:3], start)
+            for direct, consumer in consumers.items():  # and all of it in the end
+                returned[direct] += poll_until(consumer, produced - start - len(returned[direct]))
+        assert returned[True] == returned[False] == expected(start, produced - start)
+        assert counts["direct"] > 10, counts
+    finally:
+        for consumer in consumers.values():
+            consumer.close()

@@ -48,9 +48,10 @@ def produce_one_by_one(data_dir: Path, first: int, count: int) -> None:
 
 
 def count_direct_reads(consumer: Consumer) -> dict[str, int]:
-    """Counts the polls' reads that took batches from the segment file (wraps the method)."""
-    counts = {"direct": 0}
-    read_direct = consumer._read_direct
+    """Counts the polls' reads that took batches from the segment file, and the fetch answers
+    received from the worker (wraps the methods)."""
+    counts = {"direct": 0, "answers": 0}
+    read_direct, receive = consumer._read_direct, consumer._receive
 
     def counted(fetcher: Any) -> Any:
         found = read_direct(fetcher)
@@ -58,7 +59,12 @@ def count_direct_reads(consumer: Consumer) -> dict[str, int]:
             counts["direct"] += 1
         return found
 
+    def received(fetcher: Any) -> Any:
+        counts["answers"] += 1
+        return receive(fetcher)
+
     consumer._read_direct = counted  # type: ignore[method-assign]
+    consumer._receive = received  # type: ignore[method-assign]
     return counts
 
 
@@ -103,6 +109,8 @@ def test_a_catch_up_reads_the_files_and_gets_what_the_worker_sends(
             results[direct_reads] = poll_until(consumer, 6000)
             assert consumer.position(tp) == 6000
             assert (counts["direct"] > 0) == direct_reads, counts
+            if direct_reads:  # the first answer, then sealed segments and the active one
+                assert counts["answers"] == 1, counts
     assert results[True] == results[False] == expected(0, 6000)
 
 

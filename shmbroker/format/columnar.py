@@ -341,6 +341,60 @@ def _equal_run(data: U8 | memoryview, first: int, rows: int, stride: int,
     return int(np.argmin(rows_ok))
 
 
+def _one_shape(data: U8 | memoryview, raw: memoryview, start: int, size: int,
+               count: int) -> bool:
+    """Whether ``raw`` (``data[start:start + size]``) is ``count`` records of one shape, as a
+    producer of equal-sized values writes them: the first 64 of the first record's size, the
+    rest (at most 8192) one byte longer (their offsetDelta varint has two bytes).  Closed form:
+    the sizes must tile the section exactly and every record's length varint, gathered as two
+    strided copies, must equal the predicted one, so True proves the chain as the walk would.
+    False says nothing (the walk then decides, and words its errors): its cost is ~2 us
+    against ~5 us for the walk's two speculations on a 64 KiB batch of 100-byte records."""
+    if size < 7 * count:  # (a record takes 7 bytes at least: its length and six fields)
+        return False
+    z = raw[0]
+    width = 1
+    if z >= 0x80:
+        z = (z & 0x7F) | (raw[1] << 7)
+        width = 2
+        if z >= 0x4000 or z < 0x80:  # three bytes or more, or not the shortest form
+            return False
+    if z & 1 or z < 12:
+        return False
+    length = z >> 1
+    later = (length + 1) << 1  # the zigzag length of the records after the 64th
+    later_width = 1 if later < 0x80 else 2
+    first_stride = width + length
+    later_stride = later_width + length + 1
+    head = min(count, 64)
+    if head * first_stride + (count - head) * later_stride != size:
+        return False
+    if not _strided_equal(data, start, head, first_stride, bytes(raw[:width])):
+        return False
+    if count == head:
+        return True
+    expected = bytes((later,)) if later < 0x80 else bytes((later & 0x7F | 0x80, later >> 7))
+    return _strided_equal(data, start + head * first_stride, count - head, later_stride,
+                          expected)
+
+
+def _strided_equal(data: U8 | memoryview, first: int, rows: int, stride: int,
+                   expected: bytes) -> bool:
+    """Whether each of ``rows`` places ``stride`` apart from ``first`` starts with
+    ``expected`` (one or two bytes): one strided copy and one comparison."""
+    gathered = np.ndarray((rows,), _ITEM_TYPES[len(expected)], data, first, (stride,)).tobytes()
+    return gathered == _repeated(expected, rows)
+
+
+_ITEM_TYPES = {1: np.dtype("V1"), 2: np.dtype("V2")}
+
+
+@functools.lru_cache(maxsize=256)
+def _repeated(pattern: bytes, times: int) -> bytes:
+    """``pattern * times``, kept: batches of one shape come again and again."""
+    return pattern * times
+
+
 def _record_starts(data: U8, start: int, end: int, count: int) -> tuple[I64, I64, I64]:
     """Each record's start, length-varint size and body length (the chain walked by
     :func:`_walk_records`; the lengths then read back at once)."""
@@ -396,12 +450,16 @@ def _walk_records(data: U8 | memoryview, start: int, end: int, count: int,
     :func:`_equal_run`; where the guess fails, later guesses take blocks of SPECULATION_ROWS
     growing 4x while they hold, and need twice the run before them (SPECULATION_REPEATS_MAX
     bounds what a crafted batch costs).  A batch of records of one shape walks two records and
-    makes two guesses whatever its count (~6 us per 64 KiB of 100-byte records; its CRC-32C
-    ~3 us).  A stride fixes the length varint's size (1 byte up to 64, 2 up to 8193), so equal
-    length bytes mean equal strides.
+    makes two guesses whatever its count (~5.4 us per 64 KiB of 100-byte records; its CRC-32C
+    ~3 us); but the check alone first tries :func:`_one_shape`, which proves such a batch in
+    closed form (~3.5 us in all).  A stride fixes the length varint's size (1 byte up to 64, 2
+    up to 8193), so equal length bytes mean equal strides.
     """
     raw = memoryview(data)[start:end]
     size = end - start
+    if singles is None and SCALAR_WALK_RECORDS_MAX < count <= 8192 and _one_shape(
+            data, raw, start, size, count):
+        return
     position = 0
     index = 0
     stride = previous_stride = -1

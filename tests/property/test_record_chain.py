@@ -19,6 +19,7 @@ from shmbroker.format import record_batch
 from shmbroker.format.columnar import (
     SCALAR_WALK_RECORDS_MAX,
     _as_u8,
+    _one_shape,
     _record_starts,
     _walk_records,
     check_record_chain,
@@ -219,3 +220,43 @@ def test_the_walk_without_numpy_agrees_with_the_vectorised_one(section, count, d
     fast = _outcome(check_record_chain, buffer, *args)
     assert fast == _outcome(_walk_records, _as_u8(buffer), *args, None, None)
     assert (fast is None) == _reference_accepts(buffer, *args)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.integers(SCALAR_WALK_RECORDS_MAX + 1, 1200),
+       st.sampled_from(["none", "length byte", "resize two", "count"]), st.data())
+def test_batches_of_one_shape_take_the_closed_form_and_agree_with_a_plain_walk(
+        value_bytes, count, damage, data):
+    """Records of one size (a producer's equal values, one timestamp): the chain is proved
+    in closed form (_one_shape), across the 64th record where the offsetDelta varint grows and
+    across record lengths where the length varint grows; any damage makes it say no, and the
+    walk then decides as a plain walk does."""
+    batch = bytearray(record_batch.encode_batch([b"v" * value_bytes] * count, timestamps=5))
+    start, end, count_declared = _records_of(batch)
+    raw = memoryview(batch)[start:end]
+    assert _one_shape(batch, raw, start, end - start, count_declared)  # taken when whole
+    records = _reference_walk(batch, start, end, count_declared)
+    assert records is not None
+    if damage == "length byte":  # one record's length bytes, where the check looks
+        record_start, length_bytes = data.draw(st.sampled_from(records))
+        at = record_start + data.draw(st.integers(0, length_bytes - 1))
+        batch[at] = data.draw(st.integers(0, 255).filter(lambda byte: byte != batch[at]))
+    elif damage == "resize two":  # one record a byte longer, the next a byte shorter: the
+        index = data.draw(st.integers(0, count - 2))  # sizes still tile the section
+        record_start, length_bytes = records[index]
+        body, _ = decode_varint(batch, record_start, end)
+        if length_bytes == 1 and body < 63:
+            batch[record_start] += 2  # zigzag: length + 1
+            next_start, next_bytes = records[index + 1]
+            if next_bytes == 1:
+                batch[next_start] -= 2
+    elif damage == "count":
+        count_declared += data.draw(st.sampled_from([-1, 1]))
+    if damage != "none":
+        assert not (_one_shape(batch, raw, start, end - start, count_declared)
+                    and _reference_walk(batch, start, end, count_declared) is None)
+    if _reference_accepts(batch, start, end, count_declared):
+        check_record_chain(batch, start, end, count_declared)
+    else:
+        with pytest.raises(CorruptRecordError):
+            check_record_chain(batch, start, end, count_declared)

@@ -242,7 +242,9 @@ def row_layout(shape: Shape, timestamp_size: int, offset_size: int) -> Row | Non
     mask[key_column + key_size : value_column] = b"\xff" * len(value_length_bytes)
     mask[size - 1] = 0xFF
     words = []
-    uncovered = [column for column in range(size) if mask[column]]
+    # the columns the mask covers: the framing up to the key, the value's length, the last byte
+    uncovered = sorted({*range(key_column), *range(key_column + key_size, value_column),
+                        size - 1})
     while uncovered:
         offset = min(uncovered[0], size - WORD_BYTES)
         end = offset + WORD_BYTES
@@ -423,7 +425,9 @@ def _parse_first(raw: memoryview, position: int, end: int, index: int) -> tuple[
     except (CorruptRecordError, IndexError):
         return None
     offset_delta, key_length, value_length = lengths
-    if offset_delta != index or key_length < -1 or value_length < -1 or after > end:
+    # (the value must fit too: a length that lies would make row_layout build a row that big)
+    if (offset_delta != index or key_length < -1 or value_length < -1
+            or after + max(value_length, 0) > end):
         return None
     return Shape(key_length, value_length), timestamp_size
 

@@ -910,3 +910,31 @@ def test_value_blocks_none_for_mixed_sizes() -> None:
     batch = encode_batch([b"a", b"bb", b"c"], timestamps=1)
     assert decode_columnar(batch).value_blocks() is None
     assert decode_columnar(encode_batch([b"a", None], timestamps=1)).value_blocks() is None
+
+
+def test_a_value_length_that_lies_costs_no_memory_to_reject() -> None:
+    """A CRC-valid batch (anyone can compute the CRC) whose record says its value has 2**26
+    bytes but holds 5, with a record length that matches what is there (so the record chain
+    checked at append holds).  Decoding refuses it at once: the one-shape decoder once built
+    a row layout as big as the claimed value (a fuzzed length of 2**31 took a test process's
+    24 GB)."""
+    value = b"small"
+    body = (b"\x00" + varint(0) + varint(0) + varint(-1) + varint(1 << 26) + value
+            + varint(0))
+    records = varint(len(body)) + body
+    batch = rb.finish_batch(bytearray(rb.HEADER_SIZE) + records, 1, attributes=0,
+                            base_offset=0, base_timestamp=1, max_timestamp=1)
+    columnar.check_record_chain(batch, rb.HEADER_SIZE, len(batch), 1)  # stored at append
+    from shmbroker.format import uniform_records
+
+    raw = memoryview(batch)
+    assert uniform_records._parse_first(raw, rb.HEADER_SIZE, len(batch), 0) is None
+    tracemalloc.start()
+    try:
+        for decode in (rb.decode_columnar, rb.decode_batch):
+            with pytest.raises(CorruptRecordError):
+                decode(batch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak

@@ -19,6 +19,7 @@ from shmbroker.errors import CorruptRecordError
 
 VARINT_BYTES_MAX = 5
 VARLONG_BYTES_MAX = 10
+_U64_MASK = (1 << 64) - 1
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -59,15 +60,21 @@ def decode_varint(
     buffer: bytes | bytearray | memoryview, position: int, end: int,
     max_bytes: int = VARINT_BYTES_MAX,
 ) -> tuple[int, int]:
-    """Decode the varint at ``position`` (not reading at or past ``end``); return (value, next)."""
+    """Decode the varint at ``position`` (not reading at or past ``end``); return (value, next).
+    Of a 10th byte only the lowest bit lands within 64 bits: the rest is dropped, as Java's
+    ``ByteUtils.readVarlong`` and :func:`read_varints` do."""
     shift = 0
     z = 0
-    for index in range(position, min(end, position + max_bytes)):
+    stop = min(end, position + max_bytes)
+    for index in range(position, min(stop, position + 9)):
         byte = buffer[index]
         z |= (byte & 0x7F) << shift
         if byte < 0x80:
             return (z >> 1) ^ -(z & 1), index + 1
         shift += 7
+    if stop - position >= 10 and buffer[position + 9] < 0x80:  # (a varlong's last byte)
+        z = (z | buffer[position + 9] << 63) & _U64_MASK
+        return (z >> 1) ^ -(z & 1), position + 10
     if end - position < max_bytes:
         raise CorruptRecordError(f"varint runs past the end of the records at byte {position}")
     raise CorruptRecordError(f"varint longer than {max_bytes} bytes at byte {position}")

@@ -791,17 +791,28 @@ class Producer:
                     self._drop_ring(state, self._broken_error(state, ring))
         return any_in_flight
 
+    # _acks_ready and _set_waiting run on the I/O thread without the lock (the spin for acks
+    # must not hold senders up), so a sender may drop and close a ring in between: a closed
+    # ring's words are a released memoryview (ValueError), and garbage in its words a
+    # RingError; either way that ring is gone or going, and nothing is to be done with it here
+    # (whoever dropped it completed its batches).
     def _acks_ready(self) -> bool:
         for state in list(self._partitions.values()):
             ring = state.ring
-            if ring is not None and state.in_flight and ring.in_flight < len(state.in_flight):
-                return True
+            try:
+                if (ring is not None and state.in_flight
+                        and ring.in_flight < len(state.in_flight)):
+                    return True
+            except (ValueError, RingError):
+                continue
         return False
 
     def _set_waiting(self, waiting: bool) -> None:
         for state in list(self._partitions.values()):
-            if state.ring is not None:
-                state.ring.set_waiting(waiting)
+            ring = state.ring
+            if ring is not None:
+                with contextlib.suppress(ValueError, RingError):
+                    ring.set_waiting(waiting)
 
     def _check_connections(self, now: float) -> None:
         stale: set[str] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 
@@ -11,7 +12,7 @@ from integration.produce_helpers import check_acked, read_partitions
 
 from shmbroker import Producer
 from shmbroker.client import producer as producer_module
-from shmbroker.errors import BufferFullError
+from shmbroker.errors import BufferFullError, RingError
 from shmbroker.format import record_batch
 
 pytestmark = pytest.mark.integration
@@ -117,3 +118,33 @@ def test_producer_falls_back_to_the_socket_when_shared_memory_is_refused(
                  for value, future in futures]
         assert all(state.use_socket for state in producer._partitions.values())
     assert check_acked(acked, read_partitions(broker.data_dir, "fallback", [0, 1])) == 300
+
+
+def test_the_io_threads_lockless_checks_survive_a_ring_closed_under_them(
+        broker: RunningBroker) -> None:
+    """The I/O thread looks at its rings without the lock while it spins for acks and before
+    it sleeps (_acks_ready, _set_waiting); a sender may drop and close a ring meanwhile (its
+    words overwritten: test_shm_faults). A closed ring seen there is skipped: it once raised
+    "operation forbidden on released memoryview object" and killed the I/O thread, so every
+    later send failed."""
+    from shmbroker import Producer
+
+    with broker.admin() as admin:
+        admin.create_topic("lockless", partitions=1)
+    with Producer(broker.data_dir, linger_ms=0) as producer:
+        producer.send("lockless", b"first", partition=0).result(10)
+        state = producer._partitions[("lockless", 0)]
+        with producer._lock:  # a sender drops the ring (its words were garbage, say) ...
+            ring = state.ring
+            assert ring is not None and ring.closed is False
+            producer._drop_ring(state, RingError("dropped by the test"))
+            assert ring.closed
+            # ... after the I/O thread took state.ring, which it then reads: closed
+            state.ring, state.in_flight = ring, collections.deque([None])
+            try:
+                assert producer._acks_ready() is False
+                producer._set_waiting(True)
+            finally:
+                state.ring = None
+                state.in_flight.clear()
+        assert producer.send("lockless", b"second", partition=0).result(10).offset == 1

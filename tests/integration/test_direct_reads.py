@@ -1,7 +1,8 @@
-"""Consumers read the active segment file themselves (consumer.py, "Direct reads"), up to the
-readable end the worker publishes in the control block, and go through the worker whenever
-that is not safe: a roll, a seek, a worker restart, damage.  Every record is checked by offset
-and value, and reading directly returns exactly what reading through the worker returns."""
+"""Consumers read the segment files themselves (consumer.py, "Direct reads"), up to the
+readable end the worker publishes in the control block, on across rolls, and go through the
+worker whenever that is not safe: a seek, a worker restart, log start past the position,
+damage, files they may not open.  Every record is checked by offset and value, and reading
+directly returns exactly what reading through the worker returns."""
 
 from __future__ import annotations
 

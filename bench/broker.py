@@ -94,17 +94,24 @@ def wait_until(due_ns: int, spin_ns: int = SPIN_NS) -> None:
         pass
 
 
+def paced(count: int, rate_per_s: int, spin_ns: int = SPIN_NS) -> Iterator[tuple[int, int]]:
+    """``(index, intended send time)`` for ``count`` records at ``rate_per_s`` from now, each
+    when its time has come (:func:`wait_until`)."""
+    began = time.monotonic_ns()
+    interval_ns = 1_000_000_000 // rate_per_s
+    for index in range(count):
+        due = began + index * interval_ns
+        wait_until(due, spin_ns)
+        yield index, due
+
+
 def produce_paced(data_dir: str, count: int, start: Any, rate_per_s: int) -> None:
     from shmbroker import Producer
 
     pad = b"x" * (RECORD_BYTES - 8)
     with Producer(data_dir, acks=1, linger_ms=0) as producer:
         start.wait()
-        began = time.monotonic_ns()
-        interval_ns = 1_000_000_000 // rate_per_s
-        for index in range(count):
-            intended = began + index * interval_ns
-            wait_until(intended)
+        for _, intended in paced(count, rate_per_s):
             # the intended send time, not the actual one (no coordinated omission)
             producer.send(TOPIC, struct.pack("<q", intended) + pad, partition=0)
         producer.flush()

@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker import (  # noqa: E402  (bench/broker.py, beside this file)
     SPIN_NS,
     TOPIC,
+    paced,
     running_broker,
-    wait_until,
 )
 
 RECORD_BYTES = 100
@@ -78,11 +78,7 @@ def produce(data_dir: str, count: int, rate_per_s: int, spin_us: int, start: Any
     returned = np.zeros(count, dtype=np.int64)
     with Producer(data_dir, acks=1, linger_ms=0) as producer:
         start.wait()
-        began = time.monotonic_ns()
-        interval_ns = 1_000_000_000 // rate_per_s
-        for index in range(count):
-            due = began + index * interval_ns
-            wait_until(due, spin_us * 1000)
+        for index, due in paced(count, rate_per_s, spin_us * 1000):
             intended[index] = due
             called[index] = time.monotonic_ns()
             producer.send(TOPIC, INDEX.pack(index) + pad, partition=0)

@@ -625,9 +625,10 @@ class Consumer:
         if direct is not None and direct.segment_base_offset == segment:
             direct.position, direct.offset = position + size, offset
             return
-        fetcher.close_direct()
         block = self._control_block(fetcher)
-        if block is not None:
+        if block is None:
+            fetcher.close_direct()
+        else:  # (closes what it read before)
             self._open_segment(fetcher, block, block.generation, segment, position + size,
                                offset)
 

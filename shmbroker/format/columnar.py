@@ -305,29 +305,19 @@ def _equal_run(data: U8 | memoryview, first: int, rows: int, stride: int,
     ``length_bytes`` as the record before ``first``.
 
     The first of them is compared byte by byte: where sizes vary, a guess mostly fails there,
-    and then costs ~0.2 us instead of the ~5 us of finding where a longer run breaks.  Then
-    each length byte is gathered as one strided slice copied out (``tobytes``, a C loop) and
-    compared with the reference byte repeated: ~1 us a byte for 600 records, where building a
-    strided view, comparing and reducing cost three numpy calls (~7 us); two-byte lengths (the
-    usual) are gathered together.  Only a run that breaks later pays for finding where (one
-    strided integer view, or column by column)."""
+    and then costs ~0.2 us instead of the ~5 us of finding where a longer run breaks.  Then the
+    length bytes of all rows are gathered as one strided copy and compared with the reference
+    repeated (:func:`_strided_equal`: ~1 us for 600 records, where building a strided view,
+    comparing and reducing cost three numpy calls, ~7 us).  Only a run that breaks later pays
+    for finding where (one strided integer view, or column by column)."""
     reference = first - stride
     for column in range(length_bytes):
         if data[first + column] != data[reference + column]:
             return 0
+    if _strided_equal(data, first, rows, stride,
+                      data[reference : reference + length_bytes].tobytes()):
+        return rows
     stop = first + rows * stride
-    if length_bytes == 2:  # records of 64 bytes to 8 KiB: both bytes in one strided copy
-        if (np.ndarray((rows,), "V2", data, first, (stride,)).tobytes()
-                == data[reference : reference + 2].tobytes() * rows):
-            return rows
-    else:
-        for column in range(length_bytes):
-            at = reference + column
-            if (data[first + column : stop + column : stride].tobytes()
-                    != data[at : at + 1].tobytes() * rows):
-                break
-        else:
-            return rows
     dtype = _LENGTH_DTYPES.get(length_bytes)
     if dtype is not None:
         lengths = np.ndarray((rows,), dtype=dtype, buffer=data, offset=first, strides=(stride,))
@@ -381,12 +371,13 @@ def _one_shape(data: U8 | memoryview, raw: memoryview, start: int, size: int,
 def _strided_equal(data: U8 | memoryview, first: int, rows: int, stride: int,
                    expected: bytes) -> bool:
     """Whether each of ``rows`` places ``stride`` apart from ``first`` starts with
-    ``expected`` (one or two bytes): one strided copy and one comparison."""
+    ``expected`` (a length varint's bytes): one strided copy of opaque items and one
+    comparison."""
     gathered = np.ndarray((rows,), _ITEM_TYPES[len(expected)], data, first, (stride,)).tobytes()
     return gathered == _repeated(expected, rows)
 
 
-_ITEM_TYPES = {1: np.dtype("V1"), 2: np.dtype("V2")}
+_ITEM_TYPES = {size: np.dtype(f"V{size}") for size in range(1, VARINT_BYTES_MAX + 1)}
 
 
 @functools.lru_cache(maxsize=256)

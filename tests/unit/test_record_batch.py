@@ -24,7 +24,7 @@ from record_reference import varint
 
 from shmbroker import limits
 from shmbroker.errors import CorruptRecordError, UnsupportedCodecError
-from shmbroker.format import columnar
+from shmbroker.format import columnar, uniform_records
 from shmbroker.format import record_batch as rb
 from shmbroker.format.record_batch import (
     Record,
@@ -925,8 +925,6 @@ def test_a_value_length_that_lies_costs_no_memory_to_reject() -> None:
     batch = rb.finish_batch(bytearray(rb.HEADER_SIZE) + records, 1, attributes=0,
                             base_offset=0, base_timestamp=1, max_timestamp=1)
     columnar.check_record_chain(batch, rb.HEADER_SIZE, len(batch), 1)  # stored at append
-    from shmbroker.format import uniform_records
-
     raw = memoryview(batch)
     assert uniform_records._parse_first(raw, rb.HEADER_SIZE, len(batch), 0) is None
     tracemalloc.start()

@@ -8,9 +8,12 @@ phases and logs a warning, at most once per LOG_INTERVAL_S, for a turn whose bus
 turn less its wait in the selector) reached the broker setting ``worker_stall_warn_ms``, with
 the time of each phase and how many more such turns it did not log.  Of the first phase it
 also says how long the appends of the regions drained took (the checks and the writes of the
-log's files: a write that waits on the disk shows there), from what the worker adds to
-:attr:`StallWatch.appending_s` during the turn, and how long the garbage collector ran in it
-(:meth:`StallWatch.watch_collections`).
+log's files), from what the worker adds to :attr:`StallWatch.appending_s` during the turn, and
+of those how long the writes into the segment files took (:attr:`StallWatch.writing_s`, from
+``PartitionLog.write_s``): a write that waits on the disk -- the kernel holding writers back
+while it writes dirty pages to a disk that lags behind the appends -- shows there, where a
+turn long on CPU (checks, the process descheduled) shows in the appends' rest.  And how long
+the garbage collector ran in the turn (:meth:`StallWatch.watch_collections`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class StallWatch:
         self._unlogged = 0
         self._next_log = 0.0
         self.appending_s = 0.0  # this turn's time in appends, added to by the worker
+        self.writing_s = 0.0  # of which writing the segment files (PartitionLog.write_s)
         self.collecting_s = 0.0  # this turn's garbage collections (watch_collections)
         self._collection_began = 0.0
 
@@ -60,6 +64,7 @@ class StallWatch:
         the ready connections until ``handled``; parked fetches and timers until ``ended``."""
         threshold = self.threshold_s
         appending, self.appending_s = self.appending_s, 0.0
+        writing, self.writing_s = self.writing_s, 0.0
         collecting, self.collecting_s = self.collecting_s, 0.0
         if not threshold:
             return
@@ -75,10 +80,11 @@ class StallWatch:
                   "of which appends": appending, "requests": handled - woke,
                   "parked fetches and timers": ended - handled,
                   "garbage collection in all": collecting}
+        described = [f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()]
+        described[1] += f" (writing the segment files {writing * 1000:.1f} ms)"
         self.logger.warning(
             "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "
-            "the partition waited meanwhile%s", self.name, busy * 1000,
-            ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()),
+            "the partition waited meanwhile%s", self.name, busy * 1000, ", ".join(described),
             f" ({self._unlogged} more such turn(s) since the last warning)" if self._unlogged
             else "")
         self._unlogged = 0

@@ -357,6 +357,8 @@ class PartitionWorker:
 
     def _drain_rings(self) -> int:
         """Append what the rings hold, at most drain_bytes_max; the bytes taken."""
+        log = self.log
+        assert log is not None
         budget = limits.drain_bytes_max
         taken = 0
         rings = list(self.rings.values())
@@ -371,8 +373,10 @@ class PartitionWorker:
                     break
                 size = len(region.view)
                 appending = time.monotonic()
+                writing = log.write_s
                 self._append_region(ring, region)
                 self.stalls.appending_s += time.monotonic() - appending
+                self.stalls.writing_s += log.write_s - writing
                 taken += size
                 budget -= size
             if budget <= 0:

@@ -271,6 +271,11 @@ class PartitionLog:
         self._clock_ms = clock_ms
         self._fenced: str | None = None
         self._append_failure: str | None = None
+        # Seconds appends spent writing into the segment files (os.write, reserving space, the
+        # index entries), summed since the log opened.  A writer the kernel holds back while
+        # it writes dirty pages to a disk that lags (or a slow disk) waits here, off the CPU:
+        # the worker's stall warnings say how much of a long turn this was.
+        self.write_s = 0.0
         os.makedirs(self.directory, exist_ok=True)
         self._recovery_checkpoint = CheckpointFile(
             os.path.join(self.directory, RECOVERY_POINT_CHECKPOINT))
@@ -546,15 +551,19 @@ class PartitionLog:
                                                            spans)
                         if not overlapped:
                             self._check_batches(view, unchecked, spans)
+                    began = time.monotonic()
                     target.append(view, spans, now_ms, snapshot if target is original else None)
+                    self.write_s += time.monotonic() - began
                     break
                 if unchecked is not None:
                     self._check_batches(view, unchecked, spans)
                     unchecked = None
                 chunk = view[start_position : spans[stop - 1].end_position]
+                began = time.monotonic()
                 target.append(chunk, [span._replace(position=span.position - start_position)
                                       for span in spans[index:stop]], now_ms,
                               snapshot if target is original else None)
+                self.write_s += time.monotonic() - began
                 index = stop
             if overlapped:
                 bad = overlap.OVERLAP.wait()

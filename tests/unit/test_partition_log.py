@@ -1,6 +1,7 @@
 import errno
 import os
 import struct
+import time
 
 import pytest
 from crc32c import crc32c
@@ -277,6 +278,36 @@ def test_disk_full_leaves_log_unchanged(tmp_path, monkeypatch):
     log.abandon()
     log = _open(tmp_path)
     assert log.log_end_offset == 2 and log.recovery_report.bytes_truncated == 0
+    log.close()
+
+
+def test_write_s_sums_the_time_spent_writing_segment_files(tmp_path, monkeypatch):
+    """What the worker's stall warnings call "writing the segment files": a write the disk
+    holds counts, in a call that goes to one segment and in one that rolls across several; the
+    checks of a batch that is refused write nothing and count nothing."""
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=500))
+    assert log.write_s == 0.0
+    real_write = os.write
+    held = []
+
+    def held_write(fd, data):
+        held.append(len(data))
+        time.sleep(0.02)  # a disk that lags: the kernel holds the writer
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segment_module.os, "write", held_write)
+    log.append(sized_batch(1, 100))
+    assert len(held) == 1 and log.write_s >= 0.02
+    before = log.write_s
+    log.append(b"".join(sized_batch(1, 200) for _ in range(4)))  # rolls: one write a segment
+    assert len(held) >= 3 and log.write_s - before >= 0.02 * (len(held) - 1)
+    before, writes = log.write_s, len(held)
+    bad = bytearray(sized_batch(1, 10))
+    bad[-1] ^= 1
+    with pytest.raises(CorruptRecordError):
+        log.append(bytes(bad))
+    assert (log.write_s, len(held)) == (before, writes)
+    monkeypatch.undo()
     log.close()
 
 

@@ -12,6 +12,8 @@ out="${OUT:-.}"
 {
     echo "cores: $(nproc); $(python3 --version); $(uname -srm)"
     grep -m1 'model name' /proc/cpuinfo || true
+    # cores and their hyperthread siblings (processes that spin on siblings slow each other)
+    lscpu 2>/dev/null | grep -E '^(Thread|Core|Socket|NUMA node)' || true
     python3 -c 'import numpy, psutil; print("numpy", numpy.__version__, "psutil",
                 psutil.__version__)'
     # transparent huge pages (a fault or a collapse of one can stall the thread that meets it)

@@ -12,6 +12,11 @@ Figures:
            default record_validation ("records") and with "crc", vs a raw sequential os.write
            of the same bytes in the same write sizes (64 KiB, 1 MiB) to the same directory (no
            fsync: page cache), extending a new file and into space reserved beforehand.
+           The log checks a large append's batches on a helper thread while it writes them
+           (APPEND_OVERLAP in partition_log.py): ``--check-thread`` as the broker setting
+           worker_check_thread (auto: on with 4 CPUs or more), ``--check-thread-min-kib`` the
+           smallest append it takes (limits.append_overlap_bytes_min; 64 puts single 64 KiB
+           batches on it).
   read     1 MiB ranges located through the index and sent with os.sendfile to a Unix socket
            drained by another process, vs raw sendfile of the same file.
   codec    100-byte records: list API (encode_batch / decode_batch) and columnar API
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shmbroker import limits
 from shmbroker.config import LogConfig
 from shmbroker.format.record_batch import (
     decode_batch,
@@ -46,6 +52,7 @@ from shmbroker.format.record_batch import (
     encode_batch,
     encode_batch_columnar,
 )
+from shmbroker.storage import overlap
 from shmbroker.storage.partition_log import PartitionLog
 from shmbroker.storage.reserve import reserve
 
@@ -277,15 +284,28 @@ def main() -> int:
     parser.add_argument("--parts", default="append,read,codec",
                         help="comma-separated: append, read (and the recovery scan of the log "
                              "it wrote), codec")
+    parser.add_argument("--check-thread", choices=overlap.MODES, default="auto",
+                        help="the append check's helper thread, as the broker setting "
+                             "worker_check_thread (default auto: on with 4 CPUs or more)")
+    parser.add_argument("--check-thread-min-kib", type=int,
+                        default=limits.append_overlap_bytes_min // KIB,
+                        help="smallest append checked on the helper thread, KiB (default "
+                             "limits.append_overlap_bytes_min)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"append", "read", "codec"}:
         parser.error(f"unknown part in --parts {args.parts!r}")
+    if args.check_thread_min_kib < 1:
+        parser.error("--check-thread-min-kib must be at least 1")
+    check_thread = overlap.configure(args.check_thread)
+    limits.append_overlap_bytes_min = args.check_thread_min_kib * KIB
     total = args.size_mib * MIB
     base = Path(tempfile.mkdtemp(prefix="shmbroker-bench-", dir=args.dir or Path.cwd()))
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}")
-    print(f"directory: {base}  ({args.size_mib} MiB per run, {args.runs} runs, medians)\n")
+    print(f"directory: {base}  ({args.size_mib} MiB per run, {args.runs} runs, medians)")
+    print(f"check thread: {'on' if check_thread else 'off'} ({args.check_thread}), for appends "
+          f"of {args.check_thread_min_kib} KiB or more\n")
     try:
         batch_64k = make_batch(64 * KIB)
         region_1m = bytearray(b"".join([bytes(batch_64k)] * 16))

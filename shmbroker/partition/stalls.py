@@ -7,13 +7,15 @@ latency tail that nothing else explains.  :class:`StallWatch` is given the times
 phases and logs a warning, at most once per LOG_INTERVAL_S, for a turn whose busy time (the
 turn less its wait in the selector) reached the broker setting ``worker_stall_warn_ms``, with
 the time of each phase and how many more such turns it did not log.  Of the first phase it
-also says how long the appends of the regions drained took (the checks and the writes of the
-log's files), from what the worker adds to :attr:`StallWatch.appending_s` during the turn, and
-of those how long the writes into the segment files took (:attr:`StallWatch.writing_s`, from
-``PartitionLog.write_s``): a write that waits on the disk -- the kernel holding writers back
-while it writes dirty pages to a disk that lags behind the appends -- shows there, where a
-turn long on CPU (checks, the process descheduled) shows in the appends' rest.  And how long
-the garbage collector ran in the turn (:meth:`StallWatch.watch_collections`).
+also says how long the appends of the regions drained took, from what the worker adds to
+:attr:`StallWatch.appending_s` during the turn, and of that how long went to copying the
+regions out of the rings (``copying_s``), to checking their batches or waiting for the check
+thread to (``checking_s``, from ``PartitionLog.check_s``) and to writing the segment files
+(``writing_s``, from ``PartitionLog.write_s``).  A write the disk holds up -- the kernel
+holding writers back while it writes dirty pages to a disk that lags behind the appends --
+shows in the writing; a check thread that got no core in time, in the checking; what none of
+the three explains is the rest of the append's Python (or the process waiting for a core).
+And how long the garbage collector ran in the turn (:meth:`StallWatch.watch_collections`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class StallWatch:
         self._unlogged = 0
         self._next_log = 0.0
         self.appending_s = 0.0  # this turn's time in appends, added to by the worker
-        self.writing_s = 0.0  # of which writing the segment files (PartitionLog.write_s)
+        self.copying_s = 0.0  # of which copying regions out of the rings
+        self.checking_s = 0.0  # checking batches, or waiting for the check thread to
+        self.writing_s = 0.0  # writing the segment files (PartitionLog.write_s)
         self.collecting_s = 0.0  # this turn's garbage collections (watch_collections)
         self._collection_began = 0.0
 
@@ -64,6 +68,8 @@ class StallWatch:
         the ready connections until ``handled``; parked fetches and timers until ``ended``."""
         threshold = self.threshold_s
         appending, self.appending_s = self.appending_s, 0.0
+        copying, self.copying_s = self.copying_s, 0.0
+        checking, self.checking_s = self.checking_s, 0.0
         writing, self.writing_s = self.writing_s, 0.0
         collecting, self.collecting_s = self.collecting_s, 0.0
         if not threshold:
@@ -81,7 +87,9 @@ class StallWatch:
                   "parked fetches and timers": ended - handled,
                   "garbage collection in all": collecting}
         described = [f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()]
-        described[1] += f" (writing the segment files {writing * 1000:.1f} ms)"
+        described[1] += (f" (copying out of the rings {copying * 1000:.1f} ms, checking "
+                         f"{checking * 1000:.1f} ms, writing the segment files "
+                         f"{writing * 1000:.1f} ms)")
         self.logger.warning(
             "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "
             "the partition waited meanwhile%s", self.name, busy * 1000, ", ".join(described),

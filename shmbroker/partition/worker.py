@@ -372,11 +372,13 @@ class PartitionWorker:
                 if region is None:
                     break
                 size = len(region.view)
+                stalls = self.stalls
                 appending = time.monotonic()
-                writing = log.write_s
+                checking, writing = log.check_s, log.write_s
                 self._append_region(ring, region)
-                self.stalls.appending_s += time.monotonic() - appending
-                self.stalls.writing_s += log.write_s - writing
+                stalls.appending_s += time.monotonic() - appending
+                stalls.checking_s += log.check_s - checking
+                stalls.writing_s += log.write_s - writing
                 taken += size
                 budget -= size
             if budget <= 0:
@@ -389,7 +391,9 @@ class PartitionWorker:
         reader = ring.reader
         if self.trace is not None:
             self.trace.note(trace.APPEND_BEGIN, log.log_end_offset)
+        copying = time.monotonic()
         copy = bytearray(region.view)  # private copy: see the module docstring
+        self.stalls.copying_s += time.monotonic() - copying
         view = memoryview(copy)
         positions = region.positions
         skip = self._already_appended(ring, region, view) if ring.recovering else []

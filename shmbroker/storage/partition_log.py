@@ -273,9 +273,12 @@ class PartitionLog:
         self._append_failure: str | None = None
         # Seconds appends spent writing into the segment files (os.write, reserving space, the
         # index entries), summed since the log opened.  A writer the kernel holds back while
-        # it writes dirty pages to a disk that lags (or a slow disk) waits here, off the CPU:
-        # the worker's stall warnings say how much of a long turn this was.
+        # it writes dirty pages to a disk that lags (or a slow disk) waits here, off the CPU.
         self.write_s = 0.0
+        # Seconds appends spent checking batches (CRC-32C, record chains) on the appending
+        # thread, or waiting for the check thread to finish them (APPEND_OVERLAP).  The
+        # worker's stall warnings say how much of a long turn each of the two was.
+        self.check_s = 0.0
         os.makedirs(self.directory, exist_ok=True)
         self._recovery_checkpoint = CheckpointFile(
             os.path.join(self.directory, RECOVERY_POINT_CHECKPOINT))
@@ -439,7 +442,7 @@ class PartitionLog:
         spans, headers = self._frame(view)
         unchecked: list[BatchHeader] | None = headers
         if not limits.append_overlap_bytes_min <= view.nbytes <= limits.append_overlap_bytes_max:
-            self._check_batches(view, headers, spans)
+            self._check_timed(view, headers, spans)
             unchecked = None
         if view.readonly:
             view = memoryview(bytearray(view))
@@ -492,6 +495,15 @@ class PartitionLog:
             self._check_batches(view, headers, spans)
             raise
         return spans, headers
+
+    def _check_timed(self, view: memoryview, headers: list[BatchHeader],
+                     spans: list[BatchSpan]) -> None:
+        """:meth:`_check_batches` on this thread, its time counted in ``check_s``."""
+        began = time.monotonic()
+        try:
+            self._check_batches(view, headers, spans)
+        finally:
+            self.check_s += time.monotonic() - began
 
     def _check_batches(self, view: memoryview, headers: list[BatchHeader],
                        spans: list[BatchSpan]) -> None:
@@ -550,13 +562,13 @@ class PartitionLog:
                         overlapped = overlap.OVERLAP.start(self._check_batches, view, unchecked,
                                                            spans)
                         if not overlapped:
-                            self._check_batches(view, unchecked, spans)
+                            self._check_timed(view, unchecked, spans)
                     began = time.monotonic()
                     target.append(view, spans, now_ms, snapshot if target is original else None)
                     self.write_s += time.monotonic() - began
                     break
                 if unchecked is not None:
-                    self._check_batches(view, unchecked, spans)
+                    self._check_timed(view, unchecked, spans)
                     unchecked = None
                 chunk = view[start_position : spans[stop - 1].end_position]
                 began = time.monotonic()
@@ -566,7 +578,9 @@ class PartitionLog:
                 self.write_s += time.monotonic() - began
                 index = stop
             if overlapped:
+                began = time.monotonic()
                 bad = overlap.OVERLAP.wait()
+                self.check_s += time.monotonic() - began
                 overlapped = False  # waited for (an interrupt in the wait: waited below)
                 if bad is not None:
                     raise bad

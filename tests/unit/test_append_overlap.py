@@ -255,3 +255,26 @@ def test_an_interrupt_while_waiting_for_the_helper_undoes_and_frees_it(tmp_path,
     assert log.append(sized_batch(2, 40) + sized_batch(2, 40)).base_offsets == [2, 4]
     assert helper_calls == [True, True]  # the helper was free again
     log.close()
+
+
+@pytest.mark.parametrize("on_helper", [False, True])
+def test_check_s_counts_the_checks_or_the_wait_for_the_helper(tmp_path, monkeypatch, helper_calls,
+                                                             on_helper):
+    """What the worker's stall warnings call "checking": the checks run on the appending thread,
+    or its wait for the helper thread that runs them; a slow check shows there whichever ran it
+    (and not in write_s)."""
+    monkeypatch.setattr(overlap.OVERLAP, "enabled", on_helper)
+    real_check = PartitionLog._check_batches
+    checked_on = []
+
+    def slow_check(self, *args):
+        checked_on.append(threading.current_thread() is threading.main_thread())
+        threading.Event().wait(0.05)  # a check thread that got no core in time
+        return real_check(self, *args)
+
+    monkeypatch.setattr(PartitionLog, "_check_batches", slow_check)
+    log = _open(tmp_path / "p0")
+    log.append(sized_batch(3, 10))
+    assert checked_on == [not on_helper] and helper_calls == ([True] if on_helper else [False])
+    assert log.check_s >= 0.045 and log.write_s < 0.045
+    log.close()

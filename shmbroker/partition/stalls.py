@@ -10,11 +10,13 @@ the time of each phase and how many more such turns it did not log.  Of the firs
 also says how long the appends of the regions drained took, from what the worker adds to
 :attr:`StallWatch.appending_s` during the turn, and of that how long went to copying the
 regions out of the rings (``copying_s``), to checking their batches or waiting for the check
-thread to (``checking_s``, from ``PartitionLog.check_s``) and to writing the segment files
-(``writing_s``, from ``PartitionLog.write_s``).  A write the disk holds up -- the kernel
-holding writers back while it writes dirty pages to a disk that lags behind the appends --
-shows in the writing; a check thread that got no core in time, in the checking; what none of
-the three explains is the rest of the append's Python (or the process waiting for a core).
+thread to (``checking_s``, from ``PartitionLog.check_s``), to writing the segment files
+(``writing_s``, from ``PartitionLog.write_s``) and to rolling segments (``rolling_s``: the
+next one's files made, the last one sealed).  A write the disk holds up -- the kernel holding
+writers back while it writes dirty pages to a disk that lags behind the appends -- shows in
+the writing; a check thread that got no core in time, in the checking; a roll that waits for
+the file system's journal, in the rolling; what none explains is the rest of the append's
+Python (or the process waiting for a core).
 And how long the garbage collector ran in the turn (:meth:`StallWatch.watch_collections`).
 """
 
@@ -43,6 +45,7 @@ class StallWatch:
         self.copying_s = 0.0  # of which copying regions out of the rings
         self.checking_s = 0.0  # checking batches, or waiting for the check thread to
         self.writing_s = 0.0  # writing the segment files (PartitionLog.write_s)
+        self.rolling_s = 0.0  # rolling segments (PartitionLog.roll_s)
         self.collecting_s = 0.0  # this turn's garbage collections (watch_collections)
         self._collection_began = 0.0
 
@@ -71,6 +74,7 @@ class StallWatch:
         copying, self.copying_s = self.copying_s, 0.0
         checking, self.checking_s = self.checking_s, 0.0
         writing, self.writing_s = self.writing_s, 0.0
+        rolling, self.rolling_s = self.rolling_s, 0.0
         collecting, self.collecting_s = self.collecting_s, 0.0
         if not threshold:
             return
@@ -89,7 +93,7 @@ class StallWatch:
         described = [f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()]
         described[1] += (f" (copying out of the rings {copying * 1000:.1f} ms, checking "
                          f"{checking * 1000:.1f} ms, writing the segment files "
-                         f"{writing * 1000:.1f} ms)")
+                         f"{writing * 1000:.1f} ms, rolling segments {rolling * 1000:.1f} ms)")
         self.logger.warning(
             "%s: one turn of the worker's loop kept it busy %.1f ms (%s); produce and fetch of "
             "the partition waited meanwhile%s", self.name, busy * 1000, ", ".join(described),

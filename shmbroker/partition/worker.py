@@ -374,11 +374,12 @@ class PartitionWorker:
                 size = len(region.view)
                 stalls = self.stalls
                 appending = time.monotonic()
-                checking, writing = log.check_s, log.write_s
+                checking, writing, rolling = log.check_s, log.write_s, log.roll_s
                 self._append_region(ring, region)
                 stalls.appending_s += time.monotonic() - appending
                 stalls.checking_s += log.check_s - checking
                 stalls.writing_s += log.write_s - writing
+                stalls.rolling_s += log.roll_s - rolling
                 taken += size
                 budget -= size
             if budget <= 0:

@@ -279,6 +279,10 @@ class PartitionLog:
         # thread, or waiting for the check thread to finish them (APPEND_OVERLAP).  The
         # worker's stall warnings say how much of a long turn each of the two was.
         self.check_s = 0.0
+        # Seconds appends spent rolling segments: making the next one's files and sealing the
+        # one before (file creation and truncation wait for the file system's journal, which
+        # can wait for the writeback of everything dirty).
+        self.roll_s = 0.0
         os.makedirs(self.directory, exist_ok=True)
         self._recovery_checkpoint = CheckpointFile(
             os.path.join(self.directory, RECOVERY_POINT_CHECKPOINT))
@@ -539,7 +543,7 @@ class PartitionLog:
         try:
             if (target.size_bytes and target.roll_start_ms is not None
                     and now_ms - target.roll_start_ms >= config.segment_ms):
-                target = Segment.create(self.directory, spans[0].base_offset, config)
+                target = self._create_segment(spans[0].base_offset)
                 created.append(target)
             index = 0
             while index < len(spans):
@@ -553,7 +557,7 @@ class PartitionLog:
                     size_bytes += span.size_bytes
                     stop += 1
                 if stop == index:
-                    target = Segment.create(self.directory, spans[index].base_offset, config)
+                    target = self._create_segment(spans[index].base_offset)
                     created.append(target)
                     continue
                 start_position = spans[index].position
@@ -596,11 +600,22 @@ class PartitionLog:
             if isinstance(error, OSError):
                 raise self._append_error(error) from error
             raise
-        for segment in created:
-            self._seal(self._segments[-1])
-            self._segments.append(segment)
-            self._base_offsets.append(segment.base_offset)
-            self._directory_dirty = True
+        if created:
+            began = time.monotonic()
+            for segment in created:
+                self._seal(self._segments[-1])
+                self._segments.append(segment)
+                self._base_offsets.append(segment.base_offset)
+                self._directory_dirty = True
+            self.roll_s += time.monotonic() - began
+
+    def _create_segment(self, base_offset: int) -> Segment:
+        """The next segment's files, made for an append (its time counted in ``roll_s``)."""
+        began = time.monotonic()
+        try:
+            return Segment.create(self.directory, base_offset, self.config)
+        finally:
+            self.roll_s += time.monotonic() - began
 
     def _append_error(self, error: OSError) -> StorageError:
         """The error of a failed append; logs the first of a run of them (not every retry)."""

@@ -311,6 +311,35 @@ def test_write_s_sums_the_time_spent_writing_segment_files(tmp_path, monkeypatch
     log.close()
 
 
+def test_roll_s_sums_the_time_appends_spend_rolling_segments(tmp_path, monkeypatch):
+    """What the stall warnings call "rolling segments": making the next segment's files and
+    sealing the last one, in an append that rolls (a roll waiting on the file system's journal
+    shows there, not in write_s); an append that does not roll adds nothing."""
+    log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=500))
+    log.append(sized_batch(1, 100))
+    assert log.roll_s == 0.0
+    real_create, real_seal = segment_module.Segment.create, segment_module.Segment.seal
+
+    def slow_create(*args, **kwargs):
+        time.sleep(0.02)
+        return real_create(*args, **kwargs)
+
+    def slow_seal(self, *args, **kwargs):
+        time.sleep(0.02)
+        return real_seal(self, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module.Segment, "create", staticmethod(slow_create))
+    monkeypatch.setattr(segment_module.Segment, "seal", slow_seal)
+    segments = len(log.segments)
+    write_s = log.write_s
+    log.append(b"".join(sized_batch(1, 200) for _ in range(4)))  # rolls
+    rolls = len(log.segments) - segments
+    assert rolls >= 2 and log.roll_s >= 2 * 0.02 * rolls  # a create and a seal each
+    assert log.write_s - write_s < 0.02
+    monkeypatch.undo()
+    log.close()
+
+
 def test_offset_for_timestamp(tmp_path):
     log = _open(tmp_path, SMALL_CONFIG.replace(segment_bytes=400))
     for number in range(10):  # batch n: records at 100n, 100n+10, 100n+20

@@ -25,7 +25,8 @@ def test_a_long_turn_is_logged_with_its_phases(watch, caplog) -> None:
     watch.appending_s = 0.0015  # what the worker added up in its appends this turn
     watch.copying_s = 0.0001  # of which copying out of the rings,
     watch.checking_s = 0.0002  # checking,
-    watch.writing_s = 0.0012  # and writing the segment files
+    watch.writing_s = 0.0012  # writing the segment files
+    watch.rolling_s = 0.0003  # and rolling segments
     watch.turn(10.0, 10.002, 10.003, 10.004, 10.064)  # 2 + 1 + 60 ms
     assert watch.stalls == 1 and watch.worst_s == pytest.approx(0.063)
     [record] = caplog.records
@@ -33,10 +34,12 @@ def test_a_long_turn_is_logged_with_its_phases(watch, caplog) -> None:
     assert record.levelno == logging.WARNING and message.startswith("metrics/3: ")
     assert "kept it busy 63.0 ms" in message
     assert ("rings and flushes 2.0 ms, of which appends 1.5 ms (copying out of the rings 0.1 "
-            "ms, checking 0.2 ms, writing the segment files 1.2 ms), requests 1.0 ms, parked "
-            "fetches and timers 60.0 ms, garbage collection in all 0.0 ms" in message)
+            "ms, checking 0.2 ms, writing the segment files 1.2 ms, rolling segments 0.3 ms), "
+            "requests 1.0 ms, parked fetches and timers 60.0 ms, garbage collection in all 0.0 "
+            "ms" in message)
     # each turn starts from nothing
-    assert watch.appending_s == watch.copying_s == watch.checking_s == watch.writing_s == 0.0
+    assert (watch.appending_s, watch.copying_s, watch.checking_s, watch.writing_s,
+            watch.rolling_s) == (0.0,) * 5
     assert "produce and fetch of the partition waited" in message
 
 
@@ -53,12 +56,12 @@ def test_at_most_one_warning_a_second_and_the_next_counts_the_rest(watch, caplog
 
 def test_appends_count_for_their_own_turn_only(watch, caplog) -> None:
     watch.appending_s = 0.030  # a short turn's appends (and their writes)...
-    watch.copying_s = watch.checking_s = watch.writing_s = 0.010
+    watch.copying_s = watch.checking_s = watch.writing_s = watch.rolling_s = 0.010
     watch.turn(0.0, 0.031, 0.031, 0.031, 0.031)
     watch.turn(1.0, 1.002, 1.002, 1.002, 1.080)  # ...are not the next long turn's
     [record] = caplog.records
     assert ("of which appends 0.0 ms (copying out of the rings 0.0 ms, checking 0.0 ms, "
-            "writing the segment files 0.0 ms)" in record.getMessage())
+            "writing the segment files 0.0 ms, rolling segments 0.0 ms)" in record.getMessage())
 
 
 def test_garbage_collections_count_into_the_turn_they_ran_in(watch, caplog) -> None:

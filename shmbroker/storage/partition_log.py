@@ -136,18 +136,22 @@ class _CheckpointGuard:
 
 
 class CheckpointWork:
-    """What a :class:`FlushTicket` does after its data fsyncs: fsync index files (duplicated
-    fds: the indexes of segments sealed since the last ticket, and the active segment's when a
-    checkpoint is asked for), then, with ``write_checkpoint``, write the recovery-point
-    checkpoint naming the ticket's offset.  The outcome stays here for
+    """What a :class:`FlushTicket` does after its data fsyncs: give back the space reserved
+    past the data of segments sealed since the last ticket (``releases``: a duplicated fd and
+    the size to truncate to, each), fsync index files (duplicated fds: the indexes of segments
+    sealed since the last ticket, and the active segment's when a checkpoint is asked for),
+    then, with ``write_checkpoint``, write the recovery-point checkpoint naming the ticket's
+    offset.  The releases and the checkpoint are skipped once the log truncated or closed after
+    the ticket began (the guard's generation moved).  The outcome stays here for
     :meth:`PartitionLog.end_flush`."""
 
-    __slots__ = ("index_fds", "file", "guard", "generation", "write_checkpoint", "written",
-                 "error")
+    __slots__ = ("index_fds", "releases", "file", "guard", "generation", "write_checkpoint",
+                 "written", "error")
 
     def __init__(self, index_fds: list[int], file: CheckpointFile, guard: _CheckpointGuard,
-                 write_checkpoint: bool) -> None:
+                 write_checkpoint: bool, releases: list[tuple[int, int]] | None = None) -> None:
         self.index_fds = index_fds
+        self.releases = releases if releases is not None else []
         self.file = file
         self.guard = guard
         self.generation = guard.generation  # the guard's then: a later one writes nothing
@@ -157,6 +161,10 @@ class CheckpointWork:
 
     def run(self, recovery_point: int) -> None:
         try:
+            if self.releases:
+                with self.guard.lock:  # a truncation may not cut (and reuse) a file meanwhile
+                    if self.guard.generation == self.generation:
+                        _release_reserves(self.releases)
             for fd in self.index_fds:
                 os.fsync(fd)
             if not self.write_checkpoint:
@@ -173,6 +181,23 @@ class CheckpointWork:
 
     def discard(self) -> None:
         _close_fds(self.index_fds)
+        _close_fds([fd for fd, _ in self.releases])
+        self.releases.clear()
+
+
+def _release_reserves(releases: list[tuple[int, int]]) -> None:
+    """Truncate each ``(fd, size)`` file to its size, freeing the blocks reserved past it
+    (best effort: a failure costs disk space, not data), and close the fds.  A file whose size
+    is no longer ``size`` is left alone: a truncation never extends a file here."""
+    for fd, size in releases:
+        try:
+            if os.fstat(fd).st_size == size:
+                os.ftruncate(fd, size)
+        except OSError as error:
+            logger.warning("cannot release the space reserved past %d bytes of a sealed "
+                           "segment: %s", size, error)
+    _close_fds([fd for fd, _ in releases])
+    releases.clear()
 
 
 class FlushTicket(NamedTuple):
@@ -340,6 +365,9 @@ class PartitionLog:
         # ticket, which fsyncs them (before any checkpoint could trust them).
         self._tickets_used = False
         self._sealed_index_fds: list[int] = []
+        # With tickets, a roll leaves the release of the sealed segment's reserved space to the
+        # next ticket too: (duplicated fd, size to truncate to) each (Segment.reserve_release).
+        self._reserve_releases: list[tuple[int, int]] = []
         if not self._try_recovery_checkpoint():
             # It may still say "clean shutdown": a crash from now on must not be trusted as one.
             # (Removing a file needs no space.)  The next open then scans everything.
@@ -635,6 +663,13 @@ class PartitionLog:
         return storage_error(message, error.errno)
 
     def _seal(self, segment: Segment) -> None:
+        if self._tickets_used:
+            try:
+                release = segment.reserve_release()
+            except OSError:  # no fd to be had: seal releases it here
+                release = None
+            if release is not None:
+                self._reserve_releases.append(release)
         try:
             self._sealed_index_fds += segment.seal(defer_fsync=self._tickets_used)
         except OSError:  # indexes are derived data: recovery rebuilds them
@@ -643,6 +678,7 @@ class PartitionLog:
     def _sync_sealed_indexes(self) -> None:
         """fsync (here) and close the index files of segments sealed for a ticket that has
         not come yet: a checkpoint written on this thread may trust them."""
+        _release_reserves(self._reserve_releases)
         fds, self._sealed_index_fds = self._sealed_index_fds, []
         try:
             for fd in fds:
@@ -775,7 +811,8 @@ class PartitionLog:
         self._check_writable()
         self._tickets_used = True
         if (self._flushed_offset == self._log_end_offset and not self._directory_dirty
-                and not self._checkpoint_wanted and not self._sealed_index_fds):
+                and not self._checkpoint_wanted and not self._sealed_index_fds
+                and not self._reserve_releases):
             return None
         fds: list[int] = []
         checkpoint = None
@@ -783,11 +820,11 @@ class PartitionLog:
         try:
             for segment in self._unflushed_segments():
                 fds.append(os.dup(segment.fd))
-            if self._checkpoint_wanted or self._sealed_index_fds:
+            if self._checkpoint_wanted or self._sealed_index_fds or self._reserve_releases:
                 index_fds = active.dup_index_fds() if self._checkpoint_wanted else []
                 checkpoint = CheckpointWork(self._sealed_index_fds + index_fds,
                                             self._recovery_checkpoint, self._checkpoint_guard,
-                                            self._checkpoint_wanted)
+                                            self._checkpoint_wanted, self._reserve_releases)
         except OSError:  # out of fds: flush (and checkpoint) here instead
             _close_fds(fds)
             self.flush()
@@ -799,6 +836,7 @@ class PartitionLog:
                     self._sync_sealed_indexes()
             return None
         self._sealed_index_fds = []  # the ticket's now
+        self._reserve_releases = []
         self._checkpoint_wanted = False
         directory = self.directory if self._directory_dirty else None
         if directory is not None:
@@ -860,7 +898,7 @@ class PartitionLog:
         :meth:`tick`, and ``append(defer_flush=True)``): ``flush_messages`` records are
         unflushed, or the oldest unflushed append is ``flush_ms`` old, or as old as the
         recovery-point interval (which bounds what a crash rescans)."""
-        if self._checkpoint_wanted or self._sealed_index_fds:
+        if self._checkpoint_wanted or self._sealed_index_fds or self._reserve_releases:
             return True
         since = self._unflushed_since_ms
         if since is None or self._flushed_offset == self._log_end_offset:
@@ -1000,6 +1038,11 @@ class PartitionLog:
             raise OffsetOutOfRangeError(offset, self._log_start_offset, self._log_end_offset)
         logger.info("truncating %s to offset %s (log end %s)", self.directory, offset,
                     self._log_end_offset)
+        # Before any cut: a ticket in flight gives back no reserved space once the guard moved
+        # (a segment cut and appended to again must never be truncated back to its old size),
+        # and the releases not yet handed to a ticket are done here, while sizes are final.
+        self._checkpoint_guard.advance()
+        _release_reserves(self._reserve_releases)
         while self._segments and self._segments[-1].base_offset >= offset:
             self._segments.pop().delete_files()
             self._base_offsets.pop()
@@ -1052,6 +1095,7 @@ class PartitionLog:
             self.abandon()
             raise StorageError(f"partition {self.name}: closed without a clean shutdown: "
                                f"{self._fenced}")
+        _release_reserves(self._reserve_releases)
         clean = True
         for segment in self._segments:
             try:
@@ -1073,6 +1117,8 @@ class PartitionLog:
         for segment in self._segments:
             segment.abandon()
         _close_fds(self._sealed_index_fds)
+        _close_fds([fd for fd, _ in self._reserve_releases])
+        self._reserve_releases.clear()
         self._closed = True
 
     def __enter__(self) -> PartitionLog:

@@ -29,6 +29,31 @@ STOP_TIMEOUT_S = 30.0
 _counter = itertools.count()
 
 
+# The start of a ``sitecustomize`` that acts in worker processes only (see
+# :func:`hooked_broker`): it imports os and time, and ``_worker`` says whether this process is
+# a partition worker (its command line names the module).
+WORKER_HOOK_PRELUDE = """
+import os
+import time
+
+try:
+    with open("/proc/self/cmdline", "rb") as _cmdline:
+        _worker = b"shmbroker.partition.worker" in _cmdline.read()
+except OSError:
+    _worker = False
+"""
+
+
+def hooked_broker(tmp_path: Path, hook: str, env: dict[str, str]) -> RunningBroker:
+    """A broker (not started) whose processes run ``WORKER_HOOK_PRELUDE + hook`` as their
+    ``sitecustomize`` (on PYTHONPATH, ahead of the caller's), with ``env`` added."""
+    directory = tmp_path / "hook"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(WORKER_HOOK_PRELUDE + hook)
+    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    return RunningBroker(tmp_path / "data", env={"PYTHONPATH": path, **env})
+
+
 def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.01,
              message: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; AssertionError after timeout."""

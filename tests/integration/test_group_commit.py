@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from broker_helpers import RunningBroker, wait_for
+from broker_helpers import RunningBroker, hooked_broker, wait_for
 from integration.produce_helpers import BackgroundProducer, check_acked, read_partitions
 
 from shmbroker import Consumer, Producer, TopicPartition
@@ -28,15 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 # substrings), only the fsyncs of files whose name holds one of them wait.  While <gate>.fail
 # exists, a worker's fsync of a segment (.log) fails with EIO instead.
 FSYNC_GATE_HOOK = '''
-import os
-import time
-
 _gate = os.environ.get("SHMBROKER_TEST_FSYNC_GATE")
-try:
-    with open("/proc/self/cmdline", "rb") as _cmdline:
-        _worker = b"shmbroker.partition.worker" in _cmdline.read()
-except OSError:
-    _worker = False
 if _gate and _worker:
     _real_fsync = os.fsync
 
@@ -72,13 +64,8 @@ NEGATIVE_WAIT_S = 0.3  # how long an ack that must not come is given to come
 
 
 def _gated_broker(tmp_path: Path) -> tuple[RunningBroker, Path]:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FSYNC_GATE_HOOK)
     gate = tmp_path / "fsync-gate"
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    broker = RunningBroker(tmp_path / "data", env={"PYTHONPATH": path,
-                                                   "SHMBROKER_TEST_FSYNC_GATE": str(gate)})
+    broker = hooked_broker(tmp_path, FSYNC_GATE_HOOK, {"SHMBROKER_TEST_FSYNC_GATE": str(gate)})
     return broker, gate
 
 

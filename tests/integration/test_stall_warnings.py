@@ -5,12 +5,11 @@ that time in the appends' writes, while the record is stored and acknowledged al
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
-from broker_helpers import RunningBroker, wait_for
+from broker_helpers import hooked_broker, wait_for
 from integration.produce_helpers import read_partitions
 
 from shmbroker import Producer
@@ -21,15 +20,7 @@ HOLD_S = 0.2
 # While the gate file exists, every os.write of a worker into a segment file (.log) first sleeps
 # HOLD_S, and notes that it did in <gate>.held.
 WRITE_GATE_HOOK = f'''
-import os
-import time
-
 _gate = os.environ.get("SHMBROKER_TEST_WRITE_GATE")
-try:
-    with open("/proc/self/cmdline", "rb") as _cmdline:
-        _worker = b"shmbroker.partition.worker" in _cmdline.read()
-except OSError:
-    _worker = False
 if _gate and _worker:
     _real_write = os.write
 
@@ -50,13 +41,8 @@ if _gate and _worker:
 
 
 def test_a_write_held_by_the_disk_is_named_in_the_stall_warning(tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(WRITE_GATE_HOOK)
     gate = tmp_path / "write-gate"
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    broker = RunningBroker(tmp_path / "data", env={"PYTHONPATH": path,
-                                                   "SHMBROKER_TEST_WRITE_GATE": str(gate)})
+    broker = hooked_broker(tmp_path, WRITE_GATE_HOOK, {"SHMBROKER_TEST_WRITE_GATE": str(gate)})
     with broker.start(), broker.admin() as admin:
         admin.create_topic("metrics")
         with Producer(broker.data_dir, acks=1, linger_ms=0) as producer:

@@ -16,15 +16,22 @@ page-cache writes stalled appends and fetches as long.
 
 One thread, at most one ticket in flight.  Completion is reported through a queue and a
 non-blocking pipe whose read end the worker's selector watches, so a sleeping worker wakes.
+The same thread also starts the kernel's writeback of each few MiB appended
+(:meth:`Flusher.start_writeback`, storage/writeback.py): a hint, fire and forget, queued
+behind the ticket in flight if any (whose fsync writes it back anyway).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 
+from shmbroker.storage import writeback
 from shmbroker.storage.partition_log import FlushTicket
+
+logger = logging.getLogger(__name__)
 
 THREAD_JOIN_S = 5.0
 
@@ -33,10 +40,14 @@ class Flusher:
     """Runs :class:`FlushTicket` s on one thread, one at a time."""
 
     def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[FlushTicket | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[FlushTicket | tuple[int, int, int] | None] = (
+            queue.SimpleQueue())
         self._done: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.in_flight: FlushTicket | None = None
+        # A writeback hint is queued or running (one at a time: the next, asked for meanwhile,
+        # covers what this one does not); set here, cleared by the thread.
+        self.writeback_queued = False
         self._thread: threading.Thread | None = None
 
     def fileno(self) -> int:
@@ -54,6 +65,14 @@ class Flusher:
         self.start()
         self.in_flight = ticket
         self._requests.put(ticket)
+
+    def start_writeback(self, hint: tuple[int, int, int]) -> None:
+        """Start the writeback of ``(fd, offset, length)`` on the thread, then close ``fd``
+        (PartitionLog.take_writeback's); nothing is reported back but :attr:`writeback_queued`
+        going False once it ran."""
+        self.start()
+        self.writeback_queued = True
+        self._requests.put(hint)
 
     def finished(self, wait_s: float = 0.0) -> tuple[FlushTicket, OSError | None] | None:
         """The ticket in flight and its outcome once it ran (waiting up to ``wait_s``); None
@@ -91,8 +110,21 @@ class Flusher:
             ticket = self._requests.get()
             if ticket is None:
                 return
+            if not isinstance(ticket, FlushTicket):  # a writeback hint: (fd, offset, length)
+                _start_writeback(*ticket)
+                self.writeback_queued = False
+                continue
             self._done.put(ticket.run())
             try:
                 os.write(self._wake_w, b"f")
             except OSError:  # full (the worker drains it) or closed (stopping)
                 pass
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    try:
+        writeback.start_writeback(fd, offset, length)
+    except OSError as error:  # a hint: the kernel writes it back later all the same
+        logger.debug("writeback of %d bytes at %d not started: %s", length, offset, error)
+    finally:
+        os.close(fd)

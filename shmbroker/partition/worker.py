@@ -462,6 +462,16 @@ class PartitionWorker:
         if self._awaiting and log.fenced is None:
             self._begin_flush()
 
+    def _start_writeback(self) -> None:
+        """Have the flush thread start the kernel's writeback of what was appended, each
+        segment_writeback_bytes (storage/writeback.py): one hint at a time."""
+        log, flusher = self.log, self._flusher
+        assert log is not None
+        if flusher is not None and not flusher.writeback_queued:
+            hint = log.take_writeback()
+            if hint is not None:
+                flusher.start_writeback(hint)
+
     def _begin_flush(self) -> None:
         """Hand what is unflushed to the flush thread (none in flight, the log not fenced)."""
         log, flusher = self.log, self._flusher
@@ -991,6 +1001,8 @@ class PartitionWorker:
                 raise StorageError(f"{self.name}: {log.fenced}; exiting, so that a new worker "
                                    "recovers the log from disk")
             taken = self._drain_rings()
+            if taken:
+                self._start_writeback()
             if self._awaiting or self._flusher is not None and self._flusher.in_flight:
                 self._pump_flushes()
             waiting = now = time.monotonic()

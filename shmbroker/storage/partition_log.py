@@ -368,6 +368,9 @@ class PartitionLog:
         # With tickets, a roll leaves the release of the sealed segment's reserved space to the
         # next ticket too: (duplicated fd, size to truncate to) each (Segment.reserve_release).
         self._reserve_releases: list[tuple[int, int]] = []
+        # What take_writeback handed out: (the active segment's base offset, the position its
+        # writeback was asked up to).
+        self._written_back = (-1, 0)
         if not self._try_recovery_checkpoint():
             # It may still say "clean shutdown": a crash from now on must not be trusted as one.
             # (Removing a file needs no space.)  The next open then scans everything.
@@ -803,6 +806,29 @@ class PartitionLog:
                     f"{error.strerror or error}) with offsets [{self._flushed_offset}, "
                     f"{self._log_end_offset}) not known to be durable")
         raise StorageError(f"partition {self.name}: {self._fenced}") from error
+
+    def take_writeback(self) -> tuple[int, int, int] | None:
+        """The active segment's bytes whose writeback is now due (``segment_writeback_bytes``
+        of them appended since the last asked for; storage/writeback.py says why), as ``(fd,
+        offset, length)`` for another thread to pass to :func:`writeback.start_writeback` -- a
+        duplicate of the segment's fd, which it closes -- or None.  Each byte is handed out once;
+        those of a segment that rolled before they were are left to its flushes."""
+        step = self.config.segment_writeback_bytes
+        if not step or self._closed:
+            return None
+        active = self._segments[-1]
+        segment, position = self._written_back
+        if segment != active.base_offset:
+            segment, position = active.base_offset, 0
+        if active.size_bytes - position < step:
+            self._written_back = (segment, position)
+            return None
+        try:
+            fd = os.dup(active.fd)
+        except OSError:  # no fd to be had: the kernel's own writeback does it, later
+            return None
+        self._written_back = (segment, active.size_bytes)
+        return fd, position, active.size_bytes - position
 
     def begin_flush(self) -> FlushTicket | None:
         """Take what :meth:`flush` would fsync now, as a ticket to run on another thread while

@@ -1,0 +1,50 @@
+"""Starting the kernel's writeback of a segment's new data early: ``sync_file_range``.
+
+Appends go to the page cache; the kernel writes dirty pages back on its own schedule, and once
+they pile up past its dirty limits it holds every writer in ``write`` while it catches up
+(``balance_dirty_pages``): an append of 1 MiB that usually takes ~0.3 ms then takes 50-200 ms
+(the worker's stall warnings call it "writing the segment files").  Asking for the writeback
+of each few MiB as they are appended (``SYNC_FILE_RANGE_WRITE``: start it, wait for nothing)
+keeps the dirty pages few, so the kernel seldom has to hold an append back.  RocksDB does the
+same (``bytes_per_sync``).  Measured here (ext4 on a virtual disk, 4 GiB of 1 MiB appends with
+flush tickets on a thread, as a worker runs them; three alternated pairs): the longest append
+98 / 118 / 129 ms without, 27 / 45 / 52 ms with a hint every 8 MiB run on another thread.
+It changes no durability: only an fsync makes data durable, and acknowledgements that wait for
+one still do.
+
+Python's ``os`` has no ``sync_file_range``: libc's is called through ctypes (releasing the GIL).
+Where there is none (not Linux), :func:`start_writeback` returns False and callers go on
+without.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> object | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Start writing ``[offset, offset + length)`` of ``fd``'s file back to its disk, without
+    waiting for it; False where the system has no such call.  OSError on failure (EBADF,
+    EIO...)."""
+    if _SYNC_FILE_RANGE is None:
+        return False
+    if _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:  # type: ignore[operator]
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return True

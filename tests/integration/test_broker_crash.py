@@ -98,6 +98,28 @@ def test_sigkill_worker_under_load_loses_and_duplicates_nothing(broker: RunningB
     assert restarts == {("crash", 0): 2, ("crash", 1): 1}
 
 
+def test_sigkill_while_segments_roll_and_write_back_loses_nothing(broker: RunningBroker) -> None:
+    """Small segments roll every few hundred batches, each roll leaving the release of its
+    reserved space to the flush thread, which also starts the writeback of every 2 KiB: a
+    worker SIGKILLed among them loses and duplicates nothing, and its successor goes on."""
+    config = {"segment_bytes": 8192, "segment_preallocate_bytes": 4096,
+              "segment_writeback_bytes": 2048, "retention_ms": -1}
+    with broker.admin() as admin:
+        admin.create_topic("rolling", partitions=1, config=config)
+    with Producer(broker.data_dir, acks=1, linger_ms=1) as producer:
+        load = BackgroundProducer(producer, "rolling", 1).start()
+        load.wait_acked(LOAD_RECORDS)
+        for _ in range(3):
+            old_pid = broker.worker_pids()[("rolling", 0)]
+            os.kill(old_pid, signal.SIGKILL)
+            _wait_restarted(broker, "rolling", 0, old_pid)
+            load.wait_acked(LOAD_RECORDS)
+        acked = load.stop()
+    _check_everything_acked(broker, "rolling", 1, acked)
+    segments = sorted(Path(broker.data_dir, "topics").rglob("*.log"))
+    assert len(segments) >= 5  # it rolled (2,000 records: ~10 segments)
+
+
 def test_records_written_while_the_worker_is_dead_are_appended_after_restart(
         stopped_supervisor_guard: RunningBroker) -> None:
     broker = stopped_supervisor_guard

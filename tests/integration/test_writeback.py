@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from broker_helpers import hooked_broker, wait_for
+from broker_helpers import hooked_broker
 from integration.produce_helpers import read_partitions
 
 from shmbroker import Producer
@@ -15,6 +15,7 @@ from shmbroker import Producer
 pytestmark = [pytest.mark.integration]
 
 STEP_BYTES = 256 * 1024
+RECORDS_MAX = 5000  # ~10 MB: the most a test sends waiting for its hints
 # Each start_writeback of a worker is noted in $SHMBROKER_TEST_WRITEBACK_NOTES: "thread offset
 # length" (flusher.py looks the function up at each call, so the patch is seen).
 NOTE_HOOK = '''
@@ -38,20 +39,34 @@ if _notes and _worker:
 def test_a_worker_starts_the_writeback_of_each_step_on_its_flush_thread(tmp_path: Path) -> None:
     notes = tmp_path / "writeback-notes"
     broker = hooked_broker(tmp_path, NOTE_HOOK, {"SHMBROKER_TEST_WRITEBACK_NOTES": str(notes)})
-    values = [bytes([index % 251]) * 2000 + index.to_bytes(4, "big") for index in range(600)]
+    values: list[bytes] = []
+
+    def hints() -> int:
+        return len(notes.read_text().splitlines()) if notes.exists() else 0
+
+    def send_until(producer: Producer, count: int) -> None:
+        """Send ~100 KB at a time until ``count`` hints ran (a hint queued behind a flush
+        ticket takes what is appended meanwhile with the next one, on a later drain)."""
+        while hints() < count:
+            assert len(values) < RECORDS_MAX, f"{hints()} hints after {len(values)} records"
+            chunk = [bytes([index % 251]) * 2000 + index.to_bytes(4, "big")
+                     for index in range(len(values), len(values) + 50)]
+            futures = [producer.send("metrics", value, partition=0) for value in chunk]
+            assert [future.result(30).offset for future in futures] == list(
+                range(len(values), len(values) + 50))
+            values.extend(chunk)
+
     with broker.start(), broker.admin() as admin:
         admin.create_topic("metrics", config={"segment_writeback_bytes": STEP_BYTES})
         with Producer(broker.data_dir, acks=1, linger_ms=1) as producer:
-            futures = [producer.send("metrics", value, partition=0) for value in values]
-            assert [future.result(30).offset for future in futures] == list(range(600))
-        wait_for(lambda: notes.exists() and len(notes.read_text().splitlines()) >= 2,
-                 message="the writeback hints")
+            send_until(producer, 1)
+            send_until(producer, 3)
         stored = read_partitions(broker.data_dir, "metrics", [0])[0]
         assert [(r.offset, r.value) for r in stored] == list(enumerate(values))
-    hints = [line.split() for line in notes.read_text().splitlines()]
-    assert {thread for thread, _, _ in hints} == {"flusher"}
-    spans = [(int(offset), int(length)) for _, offset, length in hints]
+    hints_run = [line.split() for line in notes.read_text().splitlines()]
+    assert {thread for thread, _, _ in hints_run} == {"flusher"}
+    spans = [(int(offset), int(length)) for _, offset, length in hints_run]
     assert all(length >= STEP_BYTES for _, length in spans)
     assert spans[0][0] == 0 and all(  # one segment (1 GiB): each hint goes on from the last
         later[0] == earlier[0] + earlier[1] for earlier, later in zip(spans, spans[1:]))
-    assert sum(length for _, length in spans) <= 600 * 2100  # nothing handed out twice
+    assert sum(length for _, length in spans) <= len(values) * 2100  # nothing twice

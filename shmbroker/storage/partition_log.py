@@ -1069,6 +1069,7 @@ class PartitionLog:
         # and the releases not yet handed to a ticket are done here, while sizes are final.
         self._checkpoint_guard.advance()
         _release_reserves(self._reserve_releases)
+        self._written_back = (-1, 0)  # (a cut segment's writeback is asked for from its start)
         while self._segments and self._segments[-1].base_offset >= offset:
             self._segments.pop().delete_files()
             self._base_offsets.pop()

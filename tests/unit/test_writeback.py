@@ -106,3 +106,21 @@ def test_the_flush_thread_starts_it_and_closes_the_fd(tmp_path, monkeypatch, fai
     assert not flusher.writeback_queued
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by the thread
+
+
+def test_after_a_truncation_the_active_segment_is_counted_from_its_start(tmp_path):
+    """truncate_to cuts the active segment below what was handed out: what is appended after
+    is handed out again from the segment's start (hinting clean pages costs nothing)."""
+    log = PartitionLog(tmp_path / "p0", CONFIG.replace(segment_bytes=64 * 1024),
+                       clock_ms=FakeClock())
+    batch = sized_batch(1, 300)
+    log.append(b"".join([batch] * 6))
+    fd, offset, length = log.take_writeback()
+    os.close(fd)
+    assert (offset, length) == (0, 6 * len(batch))
+    log.truncate_to(2)
+    log.append(b"".join([batch] * 2))  # 4 batches: below what was handed out
+    fd, offset, length = log.take_writeback()
+    os.close(fd)
+    assert (offset, length) == (0, 4 * len(batch))
+    log.close()

@@ -274,6 +274,13 @@ class PartitionLogMachine(RuleBasedStateMachine):
         assert self.log.flushed_offset <= self.log.log_end_offset
 
     @invariant()
+    def files_end_at_their_data(self):
+        """No release of reserved space (left to a ticket by a roll) ever extends or cuts a
+        segment's file: each ends where its data does."""
+        for segment in self.log.segments:
+            assert os.path.getsize(segment.log_path) == segment.size_bytes
+
+    @invariant()
     def every_batch_readable(self):
         if self.model:
             got = split_batches(self.log.read_bytes(self.log_start, 10**9))

@@ -954,6 +954,7 @@ class PartitionWorker:
             raise
         self._after_append()
         self._release_flushed()  # its flush (flush_messages = 1) covered waiting regions too
+        self._start_writeback()
         if acks != 0:
             connection.send(frame_head(frame.api_key, frame.correlation_id,
                                        {"results": results}))

@@ -36,7 +36,10 @@ if _notes and _worker:
 '''
 
 
-def test_a_worker_starts_the_writeback_of_each_step_on_its_flush_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_a_worker_starts_the_writeback_of_each_step_on_its_flush_thread(tmp_path: Path,
+                                                                       transport: str) -> None:
+    """Whether the records come through a ring or the socket fallback."""
     notes = tmp_path / "writeback-notes"
     broker = hooked_broker(tmp_path, NOTE_HOOK, {"SHMBROKER_TEST_WRITEBACK_NOTES": str(notes)})
     values: list[bytes] = []
@@ -58,7 +61,7 @@ def test_a_worker_starts_the_writeback_of_each_step_on_its_flush_thread(tmp_path
 
     with broker.start(), broker.admin() as admin:
         admin.create_topic("metrics", config={"segment_writeback_bytes": STEP_BYTES})
-        with Producer(broker.data_dir, acks=1, linger_ms=1) as producer:
+        with Producer(broker.data_dir, acks=1, linger_ms=1, transport=transport) as producer:
             send_until(producer, 1)
             send_until(producer, 3)
         stored = read_partitions(broker.data_dir, "metrics", [0])[0]

@@ -9,9 +9,9 @@ blocks past it are released by truncating the file to its size (Segment does so 
 or closes a segment; in a worker, whose log flushes on tickets, a roll leaves that truncation
 to the flush thread's next ticket: under heavy writeback that truncation waited up to ~180 ms
 on ext4 here, the partition's appends with it, and rolls took 61-150 ms on a 16-core host).
-A crash before the release leaves those blocks allocated (the data and the size are
-unaffected) until retention deletes the segment.  Redpanda reserves its segments the same way,
-in steps (``segment_fallocation_step``).
+A crash before the release leaves them allocated only until the reopen: such a segment lies
+past the recovery point, and the recovery scan cuts each file it scans to its data.  Redpanda
+reserves its segments the same way, in steps (``segment_fallocation_step``).
 
 Python's ``os.posix_fallocate`` cannot keep the size, so libc's ``fallocate`` is called through
 ctypes (the call releases the GIL).  Where there is no such call (not Linux) every reservation

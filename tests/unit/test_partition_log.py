@@ -944,3 +944,26 @@ def test_a_truncation_never_lets_a_release_cut_a_segment_back(tmp_path, monkeypa
     reopened = _open(tmp_path, config)
     assert reopened.log_end_offset == 5 and reopened.recovery_report.bytes_truncated == 0
     reopened.close()
+
+
+def test_a_crash_before_the_ticket_gives_the_reserved_space_back_at_the_reopen(tmp_path,
+                                                                               reserving):
+    """A roll's release waits for the next ticket; a crash before it leaves the blocks
+    reserved past the sealed segment's data allocated, until the reopen: the recovery scan
+    (every segment past the recovery point, which a segment sealed after the last ticket is)
+    cuts each file to its data, which gives them back."""
+    clock = FakeClock()
+    log = _open(tmp_path, RESERVING, clock)
+    log.tick(background_flush=True)
+    first = sized_batch(2, 100)
+    log.append(first)
+    clock.advance(2000)
+    log.append(sized_batch(1, 100))  # rolls: the first segment's release pending
+    sealed_path = log.segments[0].log_path
+    assert _allocated_bytes(sealed_path) >= 1 << 20
+    log.abandon()  # the crash
+    reopened = _open(tmp_path, RESERVING, clock)
+    assert _allocated_bytes(sealed_path) < 1 << 20
+    assert os.path.getsize(sealed_path) == len(first)
+    assert reopened.log_end_offset == 3
+    reopened.close()

@@ -32,6 +32,9 @@
 #              mounts and the kernel's writeback settings
 #   tail-shm   as tail, two runs, with the embedded broker's data dir on /dev/shm (tmpfs)
 #   durable    bench/durable.py: the durable-1k workload against dd conv=fdatasync, 2 rounds
+#   stalls     the big-batch sweep at 1 and 8 partitions, one round, its workers' stall warnings
+#              kept in stalls.log and counted (each names its part: copying, checking, writing
+#              the segment files, rolling segments; session 16 found 61-150 ms rolls at 8)
 #   compare    shmbroker-bench compare, all five systems, 3 rounds of 5 s: needs the peers'
 #              servers and clients carried too (that machine has no apt); here, once:
 #                  echo /.peers/ >> .git/info/exclude
@@ -133,8 +136,16 @@ for step in "${steps[@]}"; do
     durable)
         timeout 120 python3 bench/durable.py --rounds 2 --duration-s 4 \
             --json "$out/durable.json" 2>&1 | tee -a "$log" || true ;;
+    stalls)
+        timeout 90 "${bench[@]}" scale --partitions 1,8 --rounds 1 --duration-s 6 \
+            --batch-size-bytes 1048576 --chunk-records 10000 --json "$out/stalls.json" \
+            > "$out/stalls.log" 2>&1 || true
+        grep -v "kept it busy" "$out/stalls.log" | tee -a "$log" || true
+        grep "kept it busy" "$out/stalls.log" | head -5 | tee -a "$log" || true
+        echo "stall warnings: $(grep -c "kept it busy" "$out/stalls.log" || true)" \
+            | tee -a "$log" ;;
     *)
-        echo "unknown step $step (scale, scale-off, scale-big, latency, trace, tail, tail-shm, disk, durable, compare)" >&2; exit 2 ;;
+        echo "unknown step $step (scale, scale-off, scale-big, latency, trace, tail, tail-shm, disk, durable, stalls, compare)" >&2; exit 2 ;;
     esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$log"

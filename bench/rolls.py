@@ -20,12 +20,10 @@ pages pile up) and in checks (``check_s``), and the slowest appends (p99.9, max)
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,61 +32,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from storage import make_batch  # noqa: E402  (bench/storage.py, beside this file)
 
 from shmbroker.config import LogConfig  # noqa: E402
-from shmbroker.storage import writeback  # noqa: E402
-from shmbroker.storage.partition_log import FlushTicket, PartitionLog  # noqa: E402
+from shmbroker.partition.flusher import Flusher  # noqa: E402
+from shmbroker.storage.partition_log import PartitionLog  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * KIB
+LAST_FLUSH_WAIT_S = 600.0  # the run's last ticket, ended before the log is closed
 
 
-class _Flusher:
-    """A worker's flush thread in miniature: one ticket at a time, ended on the caller's, and
-    one writeback hint at a time."""
+class _FlushPump:
+    """What a worker does with its flush thread (shmbroker.partition.flusher.Flusher): one
+    ticket at a time, ended on this thread, and one writeback hint at a time."""
 
     def __init__(self, log: PartitionLog) -> None:
         self.log = log
-        self.in_flight: tuple[FlushTicket, threading.Thread, list[Any]] | None = None
-        self.hint: threading.Thread | None = None
-
-    def start_writeback(self) -> None:
-        if self.hint is not None and self.hint.is_alive():
-            return
-        hint = self.log.take_writeback()
-        if hint is not None:
-            self.hint = threading.Thread(target=_start_writeback, args=hint, name="writeback")
-            self.hint.start()
+        self.flusher = Flusher()
 
     def pump(self) -> None:
-        if self.in_flight is not None:
-            ticket, thread, outcome = self.in_flight
-            if thread.is_alive():
+        log, flusher = self.log, self.flusher
+        if not flusher.writeback_queued:
+            hint = log.take_writeback()
+            if hint is not None:
+                flusher.start_writeback(hint)
+        if flusher.in_flight is not None:
+            done = flusher.finished()
+            if done is None:
                 return
-            self.log.end_flush(ticket, outcome[0])
-            self.in_flight = None
-        if self.log.flush_due():
-            ticket = self.log.begin_flush()
+            log.end_flush(*done)
+        if log.flush_due():
+            ticket = log.begin_flush()
             if ticket is not None:
-                outcome: list[Any] = []
-                thread = threading.Thread(target=lambda: outcome.append(ticket.run()),
-                                          name="flusher")
-                thread.start()
-                self.in_flight = (ticket, thread, outcome)
+                flusher.submit(ticket)
 
     def finish(self) -> None:
-        if self.in_flight is not None:
-            ticket, thread, outcome = self.in_flight
-            thread.join()
-            self.log.end_flush(ticket, outcome[0])
-            self.in_flight = None
-        if self.hint is not None:
-            self.hint.join()
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    try:
-        writeback.start_writeback(fd, offset, length)
-    finally:
-        os.close(fd)
+        if self.flusher.in_flight is not None:  # (an fsync of what a run wrote: seconds)
+            done = self.flusher.finished(wait_s=LAST_FLUSH_WAIT_S)
+            if done is not None:
+                self.log.end_flush(*done)
+        self.flusher.close()  # (runs a hint still queued first)
 
 
 def run(directory: Path, region: bytearray, total_bytes: int, segment_bytes: int,
@@ -96,7 +77,7 @@ def run(directory: Path, region: bytearray, total_bytes: int, segment_bytes: int
     log = PartitionLog(directory, LogConfig(segment_bytes=segment_bytes, retention_ms=-1,
                                             segment_writeback_bytes=writeback_bytes))
     log.tick(background_flush=True)  # flushes on tickets, as a worker's log does
-    flusher = _Flusher(log)
+    flusher = _FlushPump(log)
     appends = []
     written = 0
     started = time.perf_counter()
@@ -105,7 +86,6 @@ def run(directory: Path, region: bytearray, total_bytes: int, segment_bytes: int
         log.append(region)
         appends.append(time.perf_counter() - began)
         written += len(region)
-        flusher.start_writeback()
         flusher.pump()
     elapsed = time.perf_counter() - started
     flusher.finish()

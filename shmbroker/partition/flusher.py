@@ -23,15 +23,12 @@ behind the ticket in flight if any (whose fsync writes it back anyway).
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
 
-from shmbroker.storage import writeback
 from shmbroker.storage.partition_log import FlushTicket
-
-logger = logging.getLogger(__name__)
+from shmbroker.storage.writeback import WritebackHint
 
 THREAD_JOIN_S = 5.0
 
@@ -40,7 +37,7 @@ class Flusher:
     """Runs :class:`FlushTicket` s on one thread, one at a time."""
 
     def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[FlushTicket | tuple[int, int, int] | None] = (
+        self._requests: queue.SimpleQueue[FlushTicket | WritebackHint | None] = (
             queue.SimpleQueue())
         self._done: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -66,10 +63,9 @@ class Flusher:
         self.in_flight = ticket
         self._requests.put(ticket)
 
-    def start_writeback(self, hint: tuple[int, int, int]) -> None:
-        """Start the writeback of ``(fd, offset, length)`` on the thread, then close ``fd``
-        (PartitionLog.take_writeback's); nothing is reported back but :attr:`writeback_queued`
-        going False once it ran."""
+    def start_writeback(self, hint: WritebackHint) -> None:
+        """Run ``hint`` (PartitionLog.take_writeback's) on the thread; nothing is reported back
+        but :attr:`writeback_queued` going False once it ran."""
         self.start()
         self.writeback_queued = True
         self._requests.put(hint)
@@ -110,8 +106,8 @@ class Flusher:
             ticket = self._requests.get()
             if ticket is None:
                 return
-            if not isinstance(ticket, FlushTicket):  # a writeback hint: (fd, offset, length)
-                _start_writeback(*ticket)
+            if isinstance(ticket, WritebackHint):
+                ticket.run()
                 self.writeback_queued = False
                 continue
             self._done.put(ticket.run())
@@ -120,11 +116,3 @@ class Flusher:
             except OSError:  # full (the worker drains it) or closed (stopping)
                 pass
 
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    try:
-        writeback.start_writeback(fd, offset, length)
-    except OSError as error:  # a hint: the kernel writes it back later all the same
-        logger.debug("writeback of %d bytes at %d not started: %s", length, offset, error)
-    finally:
-        os.close(fd)

@@ -86,6 +86,7 @@ from shmbroker.storage.segment import (
     Segment,
     check_records,
 )
+from shmbroker.storage.writeback import WritebackHint
 
 logger = logging.getLogger("shmbroker.storage")
 
@@ -807,12 +808,12 @@ class PartitionLog:
                     f"{self._log_end_offset}) not known to be durable")
         raise StorageError(f"partition {self.name}: {self._fenced}") from error
 
-    def take_writeback(self) -> tuple[int, int, int] | None:
+    def take_writeback(self) -> WritebackHint | None:
         """The active segment's bytes whose writeback is now due (``segment_writeback_bytes``
-        of them appended since the last asked for; storage/writeback.py says why), as ``(fd,
-        offset, length)`` for another thread to pass to :func:`writeback.start_writeback` -- a
-        duplicate of the segment's fd, which it closes -- or None.  Each byte is handed out once;
-        those of a segment that rolled before they were are left to its flushes."""
+        of them appended since the last asked for; storage/writeback.py says why), for another
+        thread to :meth:`~WritebackHint.run` (it holds a duplicate of the segment's fd), or None.
+        Each byte is handed out once; those of a segment that rolled before they were are left
+        to its flushes."""
         step = self.config.segment_writeback_bytes
         if not step or self._closed:
             return None
@@ -828,7 +829,7 @@ class PartitionLog:
         except OSError:  # no fd to be had: the kernel's own writeback does it, later
             return None
         self._written_back = (segment, active.size_bytes)
-        return fd, position, active.size_bytes - position
+        return WritebackHint(fd, position, active.size_bytes - position)
 
     def begin_flush(self) -> FlushTicket | None:
         """Take what :meth:`flush` would fsync now, as a ticket to run on another thread while

@@ -402,13 +402,18 @@ class Segment:
                 logger.debug("%s: cannot reserve space ahead: %s", self.log_path, error)
         self._reserved_end = target
 
+    def _reserved_past_data(self) -> bool:
+        """Whether space reserved past the data is this segment's to give back (its file open,
+        no cut of junk pending, which frees it anyway)."""
+        return self._reserved_end > self.size_bytes and self.fd >= 0 and self.cut_pending is None
+
     def reserve_release(self) -> tuple[int, int] | None:
         """The release of the space reserved past the data, for another thread to do:
         ``(fd, size)`` -- a duplicate of the file's fd (the caller closes it) and the size to
         truncate the file to -- or None when nothing is reserved.  The segment then no longer
         releases it itself.  For a segment being sealed: a roll on a busy file system can wait
         tens of ms in that truncation (the journal), the partition's appends with it."""
-        if self._reserved_end <= self.size_bytes or self.fd < 0 or self.cut_pending is not None:
+        if not self._reserved_past_data():
             return None
         fd = os.dup(self.fd)
         self._reserved_end = 0
@@ -417,7 +422,7 @@ class Segment:
     def _release_reserve(self) -> None:
         """Give back the reserved space past the data (truncating a file to its own size
         frees the blocks past it); best effort."""
-        if self._reserved_end > self.size_bytes and self.fd >= 0 and self.cut_pending is None:
+        if self._reserved_past_data():
             try:
                 os.ftruncate(self.fd, self.size_bytes)
             except OSError as error:

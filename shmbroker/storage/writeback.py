@@ -20,7 +20,11 @@ without.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+from typing import NamedTuple
+
+logger = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2
 
@@ -48,3 +52,23 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
     return True
+
+
+class WritebackHint(NamedTuple):
+    """Bytes of a segment file whose writeback is due (``PartitionLog.take_writeback``), through
+    a duplicate of the file's fd that :meth:`run` closes."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def run(self) -> None:
+        """Start the writeback (any thread: the call releases the GIL), then close the fd.  A
+        failure is only a hint lost: the kernel writes the bytes back later all the same."""
+        try:
+            start_writeback(self.fd, self.offset, self.length)
+        except OSError as error:
+            logger.debug("writeback of %d bytes at %d not started: %s", self.length,
+                         self.offset, error)
+        finally:
+            os.close(self.fd)

@@ -6,11 +6,11 @@ they pile up past its dirty limits it holds every writer in ``write`` while it c
 (the worker's stall warnings call it "writing the segment files").  Asking for the writeback
 of each few MiB as they are appended (``SYNC_FILE_RANGE_WRITE``: start it, wait for nothing)
 keeps the dirty pages few, so the kernel seldom has to hold an append back.  RocksDB does the
-same (``bytes_per_sync``).  Measured here (ext4 on a virtual disk, 4 GiB of 1 MiB appends with
-flush tickets on a thread, as a worker runs them; three alternated pairs): the longest append
-98 / 118 / 129 ms without, 27 / 45 / 52 ms with a hint every 8 MiB run on another thread.
-It changes no durability: only an fsync makes data durable, and acknowledgements that wait for
-one still do.
+same (``bytes_per_sync``).  Measured here (``bench/rolls.py``: ext4 on a virtual disk, 4 GiB
+of 1 MiB appends with the worker's flush thread; six alternated pairs): the append p99.9 went
+from 22.6 to 14.6 ms (medians), shorter in five pairs; the single longest append moved either
+way (bench/RESULTS.md).  It changes no durability: only an fsync makes data durable, and
+acknowledgements that wait for one still do.
 
 Python's ``os`` has no ``sync_file_range``: libc's is called through ctypes (releasing the GIL).
 Where there is none (not Linux), :func:`start_writeback` returns False and callers go on

@@ -130,7 +130,10 @@ def test_alter_configs_rolls_segments_and_applies_retention(broker: RunningBroke
                      for name in _segments(broker, "logs", 0)]
         except FileNotFoundError:  # retention deleted one between the listing and the stat
             return False
-        return sum(sizes) - sizes[0] < retention_bytes
+        if sum(sizes) - sizes[0] >= retention_bytes:
+            return False
+        # The worker publishes the new log start just after it deleted the files: wait for it.
+        return _partitions(broker, "logs")[0]["log_start_offset"] != 0
 
     wait_for(within_retention, 10, message="retention_bytes to delete segments")
     assert len(_segments(broker, "logs", 0)) < len(segments)

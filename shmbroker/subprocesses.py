@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 # the directory holding the shmbroker package this process imported (this file is in it)
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -33,3 +34,15 @@ def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     rest = environment.get("PYTHONPATH", "")
     environment["PYTHONPATH"] = PACKAGE_PARENT + (os.pathsep + rest if rest else "")
     return environment
+
+
+def join_or_kill(processes: Iterable[Any], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for each ``multiprocessing`` child to end (None entries are
+    skipped), then kill (SIGKILL) and reap the ones still alive: a benchmark's clean-up."""
+    for process in processes:
+        if process is None:
+            continue
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()

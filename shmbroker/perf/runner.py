@@ -46,6 +46,7 @@ from shmbroker.client.partitioner import partition_for_key
 from shmbroker.perf import payloads
 from shmbroker.perf.histogram import Histogram
 from shmbroker.perf.workload import Workload
+from shmbroker.subprocesses import join_or_kill
 
 TEMPLATE_RECORDS = 4096  # payloads generated once per producer and reused cyclically
 COUNTER_UPDATE_S = 0.05
@@ -58,6 +59,7 @@ TALLY_PENDING_RECORDS_MAX = 16_384
 PAUSE_NOTE_NS = 1_000_000
 PAUSES_KEPT_MAX = 1000  # garbage collections noted per process, at most
 READY_TIMEOUT_S = 60.0
+CHILD_JOIN_TIMEOUT_S = 5.0  # at the end: then the children still alive are killed
 START_MARGIN_S = 0.05  # from the last producer ready to the common start
 DRAIN_IDLE_S = 3.0  # consumers stop after this long without a record, once producers are done
 DONE_IDLE_S = 0.3  # ... or this long, once they have as many records as were acknowledged
@@ -672,11 +674,7 @@ def run(workload: Workload, data_dir: str,
         timeline = _watch(workload, start_at, counters, processes, progress, broker_pid)
         collected = _collect(results, processes, workload, expected)
     finally:
-        for process in processes:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        join_or_kill(processes, CHILD_JOIN_TIMEOUT_S)
         with contextlib.suppress(Exception), Admin(data_dir) as admin:
             for topic in topics:
                 admin.delete_topic(topic)

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from shmbroker.perf.histogram import Histogram
-from shmbroker.subprocesses import child_environment, python_module
+from shmbroker.subprocesses import child_environment, join_or_kill, python_module
 
 TOPIC = "soak"
 GROUPS = ("soak-a", "soak-b")
@@ -635,13 +635,7 @@ class Soak:
         finally:
             self.stop_producers.set()
             self.stop_members.set()
-            for process in [*self.producers, *self.members.values()]:
-                if process is None:
-                    continue
-                process.join(CHILD_STOP_TIMEOUT_S)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+            join_or_kill([*self.producers, *self.members.values()], CHILD_STOP_TIMEOUT_S)
             if self.broker.process is not None:
                 self.broker.stop()
         return self._verdict(faults, errors, time.monotonic() - started)

@@ -28,6 +28,7 @@ from shmbroker.perf import payloads
 from shmbroker.perf import runner as shm_runner
 from shmbroker.perf.peers.base import Chunk, Peer
 from shmbroker.perf.workload import Workload
+from shmbroker.subprocesses import join_or_kill
 
 TEMPLATE_RECORDS = shm_runner.TEMPLATE_RECORDS  # payloads generated once, reused cyclically
 CHUNK_RECORDS = 1024  # records handed to a session at once (Redis: one pipeline); divides 4096
@@ -182,10 +183,6 @@ def run(peer: Peer, workload: Workload,
                                              server_pid)
                 collected = shm_runner._collect(results, processes, workload, expected)
             finally:
-                for process in processes:
-                    process.join(5)
-                    if process.is_alive():
-                        process.kill()
-                        process.join()
+                join_or_kill(processes, shm_runner.CHILD_JOIN_TIMEOUT_S)
     return shm_runner._verdict(workload, collected, timeline, server_pid, start_at)
 

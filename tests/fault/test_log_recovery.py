@@ -205,3 +205,52 @@ def test_sealed_segment_losing_its_tail_keeps_later_segments(tmp_path):
     log = _reopen(tmp_path)  # a clean reopen finds the same damage (the cheap check)
     assert log.recovery_report.damaged_ranges == report.damaged_ranges
     log.close()
+
+
+def test_a_segment_overlapping_its_predecessor_is_dropped_with_those_after_it(tmp_path):
+    """What a crash inside a truncation that restarts the log can leave: the old segment (its
+    unlink not yet durable) and the new, empty one whose base lies inside the old one's
+    offsets.  Recovery keeps the prefix that is in order and drops the overlapping segment."""
+    stored = _build(tmp_path)
+    logs = segment_logs(tmp_path)
+    last_base = int(os.path.basename(logs[-1])[:20])
+    inside = last_base + 1  # an offset the last segment holds
+    assert any(offset > inside for offset, _ in stored)
+    (tmp_path / f"{inside:020d}.log").write_bytes(b"")
+    log = _reopen(tmp_path)
+    assert log.recovery_report.segments_deleted == [inside]
+    assert "deleted segments" in log.recovery_report.summary()
+    assert not (tmp_path / f"{inside:020d}.log").exists()
+    assert segment_logs(tmp_path) == logs
+    _check_holds(log, stored)
+    log.close()
+
+
+@pytest.mark.parametrize("torn_tail", [False, True])
+def test_batches_bigger_than_the_scan_buffer_are_read_whole(tmp_path, monkeypatch, torn_tail):
+    """Recovery reads segments SCAN_CHUNK_BYTES at a time; a batch bigger than that is read
+    into a buffer of its own.  Big and small batches alternate; with ``torn_tail`` the last
+    big batch lost its end (a crash mid-write): the prefix before it is kept."""
+    from shmbroker.storage import segment as segment_module
+
+    config = LogConfig(segment_bytes=1 << 20, retention_ms=-1)
+    log = PartitionLog(tmp_path, config, clock_ms=FakeClock())
+    stored = []
+    for number in range(9):
+        batch = sized_batch(3, 2000 if number % 2 else 50, tag=number)  # ~6 KB or ~0.2 KB
+        result = log.append(batch)
+        stored.append((result.first_offset, result.first_offset.to_bytes(8, "big") + batch[8:]))
+    log.abandon()
+    (path,) = segment_logs(tmp_path)
+    if torn_tail:
+        big = sized_batch(3, 2000, tag=99)
+        with open(path, "ab") as file:
+            file.write(stored[-1][0].to_bytes(8, "big"))  # never mind the offset: it is torn
+            file.write(big[8 : len(big) // 2])
+    (tmp_path / "recovery-point-offset-checkpoint").unlink()  # scan it all
+    monkeypatch.setattr(segment_module, "SCAN_CHUNK_BYTES", 4096)
+    log = PartitionLog(tmp_path, config, clock_ms=FakeClock())
+    assert log.recovery_report.segments[0].scanned
+    assert log.recovery_report.bytes_truncated == (len(big) // 2 if torn_tail else 0)
+    _check_holds(log, stored)
+    log.close()

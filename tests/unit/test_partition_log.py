@@ -910,6 +910,52 @@ def test_a_roll_leaves_giving_back_the_reserved_space_to_the_next_ticket(tmp_pat
     reopened.close()
 
 
+@pytest.mark.parametrize("checkpoint_due", [False, True])
+def test_out_of_fds_a_flush_runs_on_the_owners_thread_instead_of_a_ticket(
+        tmp_path, monkeypatch, reserving, checkpoint_due):
+    """begin_flush cannot duplicate the fds a ticket needs (EMFILE): it flushes here and
+    returns None, and what the ticket would have carried is done here too: the sealed
+    segment's reserved space given back, its indexes synced, the checkpoint written when due.
+    No fd is left open."""
+    from shmbroker.storage.partition_log import RECOVERY_POINT_CHECKPOINT_INTERVAL_MS
+
+    before = _open_fds()
+    clock = FakeClock()
+    log = _open(tmp_path, RESERVING, clock)
+    log.tick(background_flush=True)  # flushes on tickets, as a worker's log
+    first = sized_batch(2, 100)
+    log.append(first, defer_flush=True)
+    sealed = log.segments[0]
+    clock.advance(2000)
+    log.append(sized_batch(1, 100), defer_flush=True)  # segment_ms: rolls
+    assert len(log.segments) == 2 and log._reserve_releases and log._sealed_index_fds
+    if checkpoint_due:
+        clock.advance(RECOVERY_POINT_CHECKPOINT_INTERVAL_MS)
+        log.tick(background_flush=True)
+    assert log.flush_due() and log.flushed_offset == 0
+
+    def no_fd(fd):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "dup", no_fd)
+    assert log.begin_flush() is None
+    monkeypatch.undo()
+    assert log.flushed_offset == log.log_end_offset == 3 and not log.flush_due()
+    assert log._reserve_releases == [] and log._sealed_index_fds == []
+    assert os.path.getsize(sealed.log_path) == len(first)
+    assert _allocated_bytes(sealed.log_path) < 1 << 20  # given back
+    checkpoint = _read_checkpoint(tmp_path / "p0" / "recovery-point-offset-checkpoint")
+    if checkpoint_due:
+        assert checkpoint["recovery_point_offset"] == 3
+    log.abandon()  # a crash: the next open trusts what was synced
+    assert _open_fds() == before
+    reopened = _open(tmp_path, RESERVING, clock)
+    assert reopened.log_end_offset == 3 and reopened.recovery_report.bytes_truncated == 0
+    if checkpoint_due:
+        assert reopened.recovery_report.recovery_point_offset == 3
+    reopened.close()
+
+
 @pytest.mark.parametrize("ticket_begun", [False, True])
 def test_a_truncation_never_lets_a_release_cut_a_segment_back(tmp_path, monkeypatch, reserving,
                                                               ticket_begun):

@@ -254,3 +254,36 @@ def test_batches_bigger_than_the_scan_buffer_are_read_whole(tmp_path, monkeypatc
     assert log.recovery_report.bytes_truncated == (len(big) // 2 if torn_tail else 0)
     _check_holds(log, stored)
     log.close()
+
+
+@pytest.mark.parametrize("where", ["before the damage", "inside the damage"])
+def test_truncating_into_a_damaged_segment_drops_its_damage(tmp_path, where):
+    """A sealed segment that lost its tail holds a damaged range; a truncation into that
+    segment (what a mirror does) cuts the damaged bytes away with everything after the
+    truncation point: the segment becomes the active one, readable to its new end, and
+    appends go on from there, also after a reopen."""
+    stored = _build(tmp_path)
+    logs = segment_logs(tmp_path)
+    middle = logs[1]
+    os.truncate(middle, os.path.getsize(middle) - 10)
+    (tmp_path / "recovery-point-offset-checkpoint").unlink()
+    log = _reopen(tmp_path)
+    ((_, damaged_from, _, _),) = log.recovery_report.damaged_ranges
+    second_base = int(os.path.basename(middle)[:20])
+    kept = [item for item in stored if item[0] < damaged_from]
+    if where == "before the damage":
+        kept = [item for item in kept if item[0] < kept[-1][0]]  # the last whole one goes too
+        offset = read_header(kept[-1][1]).next_offset
+        assert second_base < offset < damaged_from
+    else:
+        offset = damaged_from + 1
+    assert log.truncate_to(offset) == read_header(kept[-1][1]).next_offset
+    assert segment_logs(tmp_path) == logs[:2]
+    _check_holds(log, kept)  # (appends one more batch)
+    log.close()
+    log = _reopen(tmp_path)
+    assert log.recovery_report.damaged_ranges == []
+    assert log.log_end_offset == read_header(kept[-1][1]).next_offset + 1
+    for offset, batch in kept:
+        assert log.read_bytes(offset, 1) == batch
+    log.close()

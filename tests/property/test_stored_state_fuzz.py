@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from shmbroker import limits
 from shmbroker.errors import RingError, StorageError
 from shmbroker.format import record_batch
 from shmbroker.format import ring_layout as layout
@@ -254,3 +255,63 @@ def test_the_ring_target_reaches_the_frames(ring: RingWriter) -> None:
     finally:
         mapping[:data_position] = header
         mapping[data_position:data_position + DATA_BYTES] = bytes(DATA_BYTES)
+
+
+def _field_bodies() -> st.SearchStrategy[bytes]:
+    """Record bodies (type, time, then fields) that are mostly almost right: a known type, and
+    after the names either random bytes or commit fields with random numbers and lengths."""
+    name = st.binary(min_size=0, max_size=12).map(
+        lambda raw: struct.pack(">H", len(raw)) + raw)
+    lying_name = st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=12)).map(
+        lambda pair: struct.pack(">H", pair[0]) + pair[1])
+    commit_fields = st.tuples(st.integers(-2**31, 2**31 - 1), st.integers(-2**63, 2**63 - 1),
+                              st.integers(-2**31, 2**31 - 1), st.integers(-4, 16)).map(
+        lambda fields: struct.pack(">iqii", *fields))
+    return st.tuples(
+        st.sampled_from([1, 1, 1, 2, 3, 0, 4, 255]).map(lambda kind: bytes([kind])),
+        st.integers(-2**63, 2**63 - 1).map(lambda time_ms: struct.pack(">q", time_ms)),
+        st.one_of(name, lying_name), st.one_of(name, lying_name, st.just(b"")),
+        st.one_of(commit_fields, st.binary(max_size=24), st.just(b"")),
+        st.binary(max_size=12),
+    ).map(b"".join)
+
+
+@settings(SETTINGS, max_examples=200)
+@given(_field_bodies())
+@example(b"\x01" + bytes(8) + b"\x00\x01g\x00\x01t" + struct.pack(">iqii", 0, 5, -1, -2))
+@example(b"\x01" + bytes(8) + b"\x00\x01g\x00\x01t" + struct.pack(">iqii", 0, 5, -1, 9) + b"m")
+@example(b"\x02" + bytes(8) + b"\x00\x01\xff")  # not UTF-8
+@example(b"\x02" + bytes(8) + b"\x00\x01g")  # a valid group tombstone
+@example(b"\x01" + bytes(8) + b"\x00\x01g\x00\x01t" + struct.pack(">iqii", 0, 5, -1, 1) + b"m")
+@example(b"\x01" + bytes(8) + b"\x00\x01g\x00\x01t" + struct.pack(">iqii", -1, 5, -1, -1))
+def test_offset_log_records_with_a_valid_crc_and_bad_fields(body: bytes) -> None:
+    """A record whose CRC matches but whose fields do not hold together (wrong lengths,
+    numbers out of range, an unknown type, bad UTF-8) decodes to CorruptRecordError and
+    nothing else; replay keeps the commit before it and cuts it with the one after."""
+    from shmbroker.errors import CorruptRecordError
+    from shmbroker.storage import offset_log
+
+    crafted = offset_log._record(body)
+    try:
+        op = offset_log.decode_record(crafted, 0, len(crafted))
+    except CorruptRecordError:
+        op = None
+    head = offset_log.commit_head(7, offset_log._name_field(b"before"))
+    first = offset_log.encode_commit(head, offset_log._name_field(b"t"), 0, 1, -1, None)
+    last = offset_log.encode_commit(head.replace(b"before", b"after!"),
+                                    offset_log._name_field(b"t"), 0, 2, -1, None)
+    bounded = offset_log.RECORD_BYTES_MIN <= len(crafted) <= limits.offset_log_record_bytes_max
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / LOG_NAME).write_bytes(offset_log._file_header() + first + crafted
+                                                 + last)
+        log = OffsetLog(directory)
+        try:
+            if op is None or not bounded:
+                assert log.offsets("before") == {("t", 0): (1, None)}
+                assert log.groups() == ["before"]
+                assert log.recovery_report.first_bad_position == (
+                    offset_log.FILE_HEADER_BYTES + len(first))
+            else:
+                assert log.offsets("after!") == {("t", 0): (2, None)}
+        finally:
+            log.close()

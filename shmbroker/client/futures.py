@@ -7,7 +7,7 @@ and no lock or event until somebody waits.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +18,8 @@ import numpy as np
 from shmbroker.client.types import RecordMetadata
 from shmbroker.errors import RequestTimeoutError
 
+logger = logging.getLogger(__name__)
+
 # One lock for every batch's few lines of completion bookkeeping, not one per batch: each
 # batch in flight is then one object the garbage collector tracks instead of two (a lock is
 # a tracked object since CPython 3.12).  At 10k one-record batches a second with acks running
@@ -25,6 +27,16 @@ from shmbroker.errors import RequestTimeoutError
 # of ~30 ms on the 16-core device machine (bench/RESULTS.md, "Latency").  Held for a handful
 # of attribute writes, never across a callback or a wait: no contention worth a lock each.
 _COMPLETION_LOCK = threading.Lock()
+
+
+def _run_callback(callback: Callable[[], None]) -> None:
+    """Run a done-callback; an exception it raises is logged (as concurrent.futures and Kafka's
+    producer do), never raised into the thread that completed the batch, and the batch's other
+    callbacks still run."""
+    try:
+        callback()
+    except Exception:
+        logger.exception("a producer future's done-callback raised")
 
 
 class ProducedBatch:
@@ -57,8 +69,7 @@ class ProducedBatch:
         if event is not None:
             event.set()
         for callback in callbacks or ():
-            with contextlib.suppress(Exception):
-                callback()
+            _run_callback(callback)
 
     def wait(self, timeout: float | None) -> bool:
         if self.done:
@@ -78,7 +89,7 @@ class ProducedBatch:
                     self._callbacks = []
                 self._callbacks.append(callback)
                 return
-        callback()
+        _run_callback(callback)
 
     def timestamp(self, index: int) -> int:
         timestamps = self.timestamps
@@ -124,6 +135,10 @@ class RecordFuture:
         return batch.error
 
     def add_done_callback(self, callback: Callable[[RecordFuture], Any]) -> None:
+        """Call ``callback(future)`` once the record is acknowledged or failed (Kafka's send
+        callback): on the producer's I/O thread, or at once on this one if it is done already.
+        Keep it short (it holds up the acknowledgements behind it); an exception it raises is
+        logged."""
         self._batch.on_done(lambda: callback(self))
 
 

@@ -318,6 +318,38 @@ def test_acks_zero_futures_give_minus_one_and_records_arrive(broker: RunningBrok
 
 
 @pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_done_callbacks_get_each_records_outcome(broker: RunningBroker, transport: str) -> None:
+    """Kafka's send callback: ``add_done_callback`` runs once per record with its future,
+    acknowledged (offsets in send order) or failed (a record too big for the topic)."""
+    with broker.admin() as admin:
+        admin.create_topic("called", partitions=1, config={"max_batch_bytes": 4096})
+    outcomes: list[tuple[bytes, int | None, str | None]] = []
+    sent = [b"c%03d" % i for i in range(300)]
+
+    def record(value: bytes):
+        def done(future) -> None:
+            error = future.exception(0)
+            outcomes.append((value, None if error else future.result(0).offset,
+                             type(error).__name__ if error else None))
+        return done
+
+    with Producer(broker.data_dir, linger_ms=2, transport=transport) as producer:
+        for value in sent[:150]:
+            producer.send("called", value, partition=0).add_done_callback(record(value))
+        producer.send("called", b"x" * 8192, partition=0).add_done_callback(record(b"big"))
+        for value in sent[150:]:
+            producer.send("called", value, partition=0).add_done_callback(record(value))
+        producer.flush(20)
+        wait_for(lambda: len(outcomes) == len(sent) + 1, message="every callback")
+    assert (b"big", None, "BatchTooLargeError") in outcomes
+    acked = [(value, offset) for value, offset, error in outcomes if error is None]
+    assert sorted(acked, key=lambda pair: pair[1]) == [(value, offset) for offset, value
+                                                       in enumerate(sent)]
+    check_acked([(value, 0, offset) for value, offset in acked],
+                read_partitions(broker.data_dir, "called", [0]))
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
 def test_transports_give_the_same_log(broker: RunningBroker, transport: str) -> None:
     with broker.admin() as admin:
         admin.create_topic("same", partitions=2)

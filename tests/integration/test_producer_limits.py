@@ -101,6 +101,47 @@ def test_max_in_flight_batches_is_checked(broker: RunningBroker, value: object) 
         Producer(broker.data_dir, max_in_flight_batches=value)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"acks": 2}, "acks must be 0, 1 or 'all', not 2"),
+    ({"acks": "leader"}, "acks must be 0, 1 or 'all'"),
+    ({"transport": "tcp"}, "transport must be 'auto', 'shm' or 'socket'"),
+    ({"linger_ms": -1}, "linger_ms must be an int >= 0"),
+    ({"linger_ms": True}, "linger_ms must be an int >= 0"),
+    ({"batch_size_bytes": 1.5}, "batch_size_bytes must be an int >= 0"),
+    ({"max_block_ms": "10"}, "max_block_ms must be an int >= 0"),
+])
+def test_producer_settings_are_checked(broker: RunningBroker, settings: dict,
+                                       message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Producer(broker.data_dir, **settings)
+
+
+def test_send_takes_bytes_like_values_and_keys_and_refuses_other_types(
+        broker: RunningBroker) -> None:
+    """bytes, bytearray and memoryview values and keys are stored as their bytes (copied at
+    send: the caller may reuse its buffer at once); anything else is a TypeError naming the
+    type, and the producer goes on."""
+    with broker.admin() as admin:
+        admin.create_topic("typed", partitions=1)
+    with Producer(broker.data_dir, linger_ms=1) as producer:
+        reused = bytearray(b"first")
+        futures = [producer.send("typed", reused, key=bytearray(b"k1"), partition=0)]
+        reused[:] = b"XXXXX"  # after send: the record keeps what it was given
+        futures.append(producer.send("typed", memoryview(b"second"), key=memoryview(b"k2"),
+                                     partition=0))
+        for value, key, named in (("text", None, "str"), (7, None, "int"),
+                                  (b"v", "text-key", "str"), (b"v", 7, "int")):
+            kind = "value" if key is None else "key"
+            with pytest.raises(TypeError, match=f"{kind} must be bytes or None, not {named}"):
+                producer.send("typed", value, key=key, partition=0)  # type: ignore[arg-type]
+        futures.append(producer.send("typed", b"third", partition=0))
+        producer.flush(10)
+        assert [future.result(5).offset for future in futures] == [0, 1, 2]
+    (records,) = read_partitions(broker.data_dir, "typed", [0]).values()
+    assert [(record.key, record.value) for record in records] == [
+        (b"k1", b"first"), (b"k2", b"second"), (None, b"third")]
+
+
 def test_producer_falls_back_to_the_socket_when_shared_memory_is_refused(
         broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     with broker.admin() as admin:

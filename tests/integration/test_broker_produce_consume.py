@@ -22,7 +22,11 @@ from integration.produce_helpers import (
 from shmbroker import Consumer, Producer, TopicPartition
 from shmbroker.client import producer as producer_module
 from shmbroker.client.partitioner import partition_for_key
-from shmbroker.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from shmbroker.errors import (
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +174,46 @@ def test_send_batch_columnar_and_poll_columnar(broker: RunningBroker) -> None:
         consumer.seek(tp, 1234)
         first = consumer.poll_columnar(timeout_ms=5000)
         assert first and int(first[0].offsets[0]) <= 1234 <= int(first[0].offsets[-1])
+
+
+def test_send_batch_columnar_with_keys_across_batches(broker: RunningBroker) -> None:
+    """Columnar values with a list of keys (some null, of mixed sizes), cut into several
+    RecordBatches: each record keeps its own key; with no partition given, the first key
+    chooses it, as it would for a keyed send."""
+    with broker.admin() as admin:
+        admin.create_topic("keyed-columns", partitions=3)
+    count = 2000
+    values = [b"value-%05d" % i for i in range(count)]
+    keys = [None if i % 7 == 0 else b"key-%d" % (i * 37) for i in range(count)]
+    keys[0] = b"first-key"
+    buffer = b"".join(values)
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
+    expected_partition = partition_for_key(b"first-key", 3)
+    with Producer(broker.data_dir, batch_size_bytes=4096) as producer:
+        meta = producer.send_batch("keyed-columns", (buffer, lengths), keys=keys).result(20)
+    assert meta.partition == expected_partition
+    assert len(meta.base_offsets) > 3 and meta.offsets().tolist() == list(range(count))
+    stored = read_partitions(broker.data_dir, "keyed-columns", [expected_partition])
+    assert [(record.offset, record.key, record.value) for record in stored[expected_partition]
+            ] == [(offset, key, value) for offset, (key, value) in enumerate(zip(keys, values))]
+
+
+@pytest.mark.parametrize("values, keys, error, message", [
+    ([b"a", b"b"], [b"k"], ValueError, "1 keys for 2 values"),
+    ([], None, ValueError, "at least one record"),
+    ((b"", []), None, ValueError, "at least one record"),
+    ([b"small", b"x" * 8192], None, RecordTooLargeError, "does not fit in a batch"),
+    ((b"ab", [1, 1]), [b"k", 5], TypeError, "keys must be bytes"),
+])
+def test_send_batch_refuses_bad_input_and_sends_nothing(
+        broker: RunningBroker, values: object, keys: object, error: type,
+        message: str) -> None:
+    with broker.admin() as admin:
+        admin.create_topic("refused", partitions=1, config={"max_batch_bytes": 4096})
+    with Producer(broker.data_dir) as producer:
+        with pytest.raises(error, match=message):
+            producer.send_batch("refused", values, keys=keys, partition=0)  # type: ignore[arg-type]
+        assert producer.send("refused", b"after", partition=0).result(10).offset == 0
 
 
 def test_max_poll_records_returns_every_record_once_and_holds_back_whole_batches(

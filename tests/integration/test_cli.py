@@ -319,3 +319,41 @@ def test_expected_errors_exit_1_with_one_line(broker: RunningBroker) -> None:
     assert ok(cli(data_dir, "topics", "list")).stdout == "known\n"
     wait_for(lambda: broker.worker_pids().keys() == {("known", 0), ("known", 1)},
              message="only the workers of 'known'")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"worker_spin_us = 'fast'\n", "worker_spin_us"),
+    (b"colour = 'blue'\n", "colour"),
+    (b"this is not toml\n", "is not valid TOML"),
+    (b"\xff\xfe\n", "is not valid TOML"),
+])
+def test_serve_with_a_bad_config_file_says_why_and_starts_nothing(
+        tmp_path: Path, content: bytes, message: str) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_bytes(content)
+    error = failed(cli(tmp_path / "data", "serve", "--config", str(config)))
+    assert str(config) in error and message in error
+    assert not (tmp_path / "data" / "broker.sock").exists()
+
+
+def test_serve_with_a_missing_config_file_says_so(tmp_path: Path) -> None:
+    error = failed(cli(tmp_path / "data", "serve", "--config", str(tmp_path / "absent.toml")))
+    assert "cannot read config file" in error and "absent.toml" in error
+
+
+def test_produce_names_the_line_of_a_record_the_topic_refuses(broker: RunningBroker) -> None:
+    data_dir = broker.data_dir
+    ok(cli(data_dir, "topics", "create", "small", "--config", "max_batch_bytes=4096"))
+    error = failed(cli(data_dir, "produce", "small", "--partition", "0",
+                       input=b"one\ntwo\n" + b"x" * 8000 + b"\n"))
+    assert error.startswith("error: line 3: ") and "max_batch_bytes is 4096" in error
+    assert ok(cli(data_dir, "consume", "small", "--from-beginning", "--timeout-ms", "300",
+                  "--max-messages", "2")).stdout == "one\ntwo\n"
+
+
+@pytest.mark.parametrize("args", [
+    ("produce", "t", "--key-separator", ""),
+    ("topics", "alter", "t", "--config", "retention_ms=1", "--delete-config", "retention_ms"),
+])
+def test_more_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    assert "Usage:" in failed(cli(tmp_path / "data", *args), code=2)

@@ -1,9 +1,11 @@
 """``shmbroker dump-log``: print and verify segment files, like Kafka's kafka-dump-log.sh.
 
 Walks every batch of a ``.log`` segment (or every segment of a partition directory): offsets,
-sizes, timestamps, codec, CRC validity, and with ``print_data`` every record.  Verification
-reports the first corrupt position; a batch with a bad CRC but a sane length is reported and
-skipped so that the rest of the file is still shown.
+sizes, timestamps, codec, CRC validity, and with ``print_data`` every record (without it, each
+batch's chain of record lengths is still checked, as the broker checks it on append and in
+recovery: a batch that lies about its record count under a recomputed CRC is corrupt too).
+Verification reports the first corrupt position; a batch with a bad CRC but a sane length is
+reported and skipped so that the rest of the file is still shown.
 
 An offset index (``.index``) or time index (``.timeindex``) given by name is printed entry by
 entry with absolute offsets, as kafka-dump-log prints them, and each entry is checked against the
@@ -40,6 +42,7 @@ from shmbroker.format.record_batch import (
     read_header,
 )
 from shmbroker.storage.offset_index import OffsetIndex, SparseIndex
+from shmbroker.storage.segment import CHECKED_CODECS, check_records
 from shmbroker.storage.time_index import TimeIndex
 
 LOG_SUFFIX = ".log"
@@ -185,6 +188,12 @@ def _walk(data: memoryview, emit: Callable[[str], None], *, print_data: bool,
         result.records += header.records_count
         # a damaged header's offsets are not evidence of anything: the next batch sets them
         expected_offset = header.next_offset if crc_valid else None
+        if crc_valid and not print_data and header.codec in CHECKED_CODECS:
+            try:  # the record chain, as the broker checks it (a lying count with a fresh CRC)
+                check_records(data, position, header)
+            except CorruptRecordError as error:
+                emit(f"CORRUPT position: {position} records: {error}")
+                result.note_error(position, f"records: {error}")
         if print_data and crc_valid:
             try:
                 for record in decode_batch(data, position, verify_crc=False):

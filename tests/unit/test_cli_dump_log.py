@@ -151,3 +151,74 @@ def test_dump_log_skips_other_files(tmp_path: Path) -> None:
     result = _run(str(tmp_path / "empty"))
     assert result.returncode == 0
     assert f"{tmp_path / 'empty'}: no segment files (*.log) in this directory" in result.stderr
+
+
+# -- what --verify finds in a segment, and how it says it ----------------------------------------
+
+def _damage(kind: str, path: Path, positions: list[int]) -> tuple[int, str]:
+    """Damage the segment at ``path`` in one way; (the position, the words) --verify reports."""
+    import struct
+
+    from storage_helpers import chain_lie
+
+    data = bytearray(path.read_bytes())
+    position = positions[2]
+    if kind == "magic":
+        data[position + 16] = 1
+        words = "unsupported magic 1"
+    elif kind == "header cut":
+        position = positions[3]
+        del data[position + 20 :]
+        words = "truncated batch header: 20 bytes at the end of the file"
+    elif kind == "offset gap":  # base offsets lie outside the CRC: only the sequence shows it
+        struct.pack_into(">q", data, position, 100)
+        words = "batch base offset 100 where 6 was expected"
+    else:  # "record chain": a batch whose CRC is right but whose records are not what it says
+        lie = bytearray(chain_lie())
+        struct.pack_into(">q", lie, 0, 12)
+        position = len(data)
+        data += lie
+        words = "records:"
+    path.write_bytes(bytes(data))
+    return position, words
+
+
+def test_dump_log_verify_names_each_kind_of_damage(tmp_path: Path) -> None:
+    for kind in ("magic", "header cut", "offset gap", "record chain"):
+        directory = tmp_path / kind.replace(" ", "-")
+        directory.mkdir()
+        path, positions = _segment(directory)
+        position, words = _damage(kind, path, positions)
+        for print_data in ((), ("--print-data",)):  # records decoded, or their chain walked
+            result = _run("--verify", *print_data, str(path))
+            assert result.returncode == 1, (kind, result.stdout, result.stderr)
+            corrupt = [line for line in result.stdout.splitlines()
+                       if line.startswith("CORRUPT")]
+            assert corrupt and corrupt[0].startswith(f"CORRUPT position: {position} "), (
+                kind, corrupt)
+            assert words in corrupt[0], (kind, corrupt)
+            assert f"first corruption at position {position}" in result.stderr, kind
+
+
+def test_dump_log_verify_finds_offsets_missing_before_the_next_segment(tmp_path: Path) -> None:
+    path, _ = _segment(tmp_path)  # offsets 0..11
+    (tmp_path / "00000000000000000020.log").write_bytes(
+        encode_batch([b"later"], base_offset=20, timestamps=1))
+    result = _run("--verify", str(path))
+    assert result.returncode == 1
+    assert "the batches end at offset 12 but the next segment starts at 20: offsets [12, 20) " \
+           "are missing" in result.stdout
+
+
+def test_dump_log_of_an_empty_segment_and_binary_payloads(tmp_path: Path) -> None:
+    empty = tmp_path / "00000000000000000000.log"
+    empty.write_bytes(b"")
+    result = _run("--verify", str(empty))
+    assert result.returncode == 0 and "baseOffset" not in result.stdout
+    binary = tmp_path / "00000000000000000005.log"
+    binary.write_bytes(encode_batch([b"\xff\x00\xfe", None], keys=[b"\x80k", b"k"],
+                                    base_offset=5, timestamps=1))
+    result = _run("--print-data", "--verify", str(binary))
+    assert result.returncode == 0, result.stderr
+    assert "key: 806b payload: ff00fe" in result.stdout  # not UTF-8: shown as hex
+    assert "keySize: 1 valueSize: -1 " in result.stdout and "payload: null" in result.stdout

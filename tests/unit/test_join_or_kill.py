@@ -9,18 +9,12 @@ import time
 from shmbroker.subprocesses import join_or_kill
 
 
-def _exit_at_once() -> None:
-    pass
-
-
-def _hang() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
-    time.sleep(600)
-
-
 def test_children_that_end_are_joined_and_hung_ones_killed() -> None:
+    # stdlib targets: a spawned child unpickles its target by module, and this test module is
+    # not importable there (tests/ is no package on the child's path)
     context = multiprocessing.get_context("spawn")
-    quick, hung = context.Process(target=_exit_at_once), context.Process(target=_hang)
+    quick = context.Process(target=time.sleep, args=(0,))
+    hung = context.Process(target=time.sleep, args=(600,))  # only a kill ends it in time
     quick.start()
     hung.start()
     started = time.monotonic()

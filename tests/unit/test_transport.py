@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import resource
 import shutil
 import socket
 import stat
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shmbroker import limits
 from shmbroker.errors import ProtocolError
 from shmbroker.protocol.frames import encode_frame
 from shmbroker.transport import unix
@@ -24,12 +26,14 @@ from shmbroker.transport.unix import (
     SUN_PATH_BYTES_MAX,
     ServerConnection,
     connect,
+    fit_fd_limit,
     listen,
     recv_exact_into,
     usable_address,
 )
 
 SMALL_BUFFER_BYTES = 64 * 1024
+RESERVED = limits.connection_fds_reserved
 
 
 def deep_directory(base: Path) -> Path:
@@ -473,3 +477,45 @@ def test_close_releases_dups_even_after_a_broken_pipe(
 def test_module_exports() -> None:
     assert set(unix.__all__) >= {"ServerConnection", "connect", "listen", "recv_exact_into",
                                  "usable_address"}
+
+
+class _FakeLimits:
+    """resource.getrlimit / setrlimit for RLIMIT_NOFILE, starting at (soft, hard)."""
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+        self.set_to: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        self.set_to.append(limits)
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize("soft, hard, refuse, raised_to, fits", [
+    (1024, 1 << 20, False, 1000 + RESERVED, 1000),  # raised to what is wanted
+    (1024, 1100, False, 1100, 1100 - RESERVED),  # up to the hard limit: fewer connections fit
+    (1024, 1 << 20, True, None, 1024 - RESERVED),  # refused: what the soft limit allows
+    (1 << 20, 1 << 20, False, None, 1000),  # enough already: untouched
+    (resource.RLIM_INFINITY, resource.RLIM_INFINITY, False, None, 1000),
+    (1024, resource.RLIM_INFINITY, False, 1000 + RESERVED, 1000),
+    (100, 100, False, None, 1),  # even the reserve does not fit: one connection at least
+])
+def test_fit_fd_limit_raises_the_soft_limit_as_far_as_it_may(
+        monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, refuse: bool,
+        raised_to: int | None, fits: int) -> None:
+    fake = _FakeLimits(soft, hard, refuse)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    assert fit_fd_limit(1000) == fits
+    if raised_to is None:
+        assert fake.limits == (soft, hard)
+    else:
+        assert fake.set_to == [(raised_to, hard)] and fake.limits == (raised_to, hard)

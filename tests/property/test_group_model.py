@@ -509,6 +509,34 @@ def test_static_member_restart_and_expiry():
                        now_ms=2021).assigned == tps("t", 0, 1, 2, 3)
 
 
+def test_a_fenced_member_rejoins_under_its_member_id_owning_nothing():
+    """KIP-848: a member fenced for an epoch it cannot have (a zombie's) joins again with its
+    member id and epoch 0: everything it owned is released at once (the group epoch moves, as
+    for a new incarnation), its old epochs can no longer commit, and it is given partitions
+    again by the usual reconciliation, never while another member owns them."""
+    c = coordinator(t=4)
+    c.join("g", subscribed_topics=["t"], now_ms=0)
+    c.join("g", subscribed_topics=["t"], now_ms=0)
+    settle(c, "g", now_ms=1)
+    a, b = c.describe("g").members
+    epoch_before = c.describe("g").group_epoch
+    with pytest.raises(FencedMemberEpochError, match="must drop its partitions and join again"):
+        c.heartbeat("g", a.member_id, a.member_epoch + 7, a.assignment, now_ms=2)
+    again = c.join("g", member_id=a.member_id, subscribed_topics=["t"], now_ms=3)
+    assert again.member_id == a.member_id
+    assert c.describe("g").group_epoch > epoch_before
+    with pytest.raises(StaleMemberEpochError):  # the zombie's commits, at its old epoch
+        c.validate_commit("g", a.member_id, a.member_epoch, a.assignment)
+    # What it owned was released: b may be given it, and no partition has two owners.
+    settle(c, "g", now_ms=4)
+    members = c.describe("g").members
+    owned = [tp for member in members for tp in member.assignment]
+    assert sorted(owned) == sorted(tps("t", 0, 1, 2, 3)) and len(owned) == len(set(owned))
+    assert {member.member_id for member in members} == {a.member_id, b.member_id}
+    with pytest.raises(UnknownMemberIdError):  # and an id it never had is refused
+        c.join("g", member_id="m-unknown", subscribed_topics=["t"], now_ms=5)
+
+
 def test_timeouts():
     c = coordinator(t=2)
     a = c.join("g", subscribed_topics=["t"], session_timeout_ms=1000, rebalance_timeout_ms=300,

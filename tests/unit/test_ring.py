@@ -630,3 +630,39 @@ RingMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestRingModel = RingMachine.TestCase
+
+
+def _identified_frame(producer_id: int, base_sequence: int, records: int = 3,
+                      size: int = 100) -> bytes:
+    """A frame carrying a batch header's identity fields (last_offset_delta = records - 1,
+    producer id, epoch 0, base sequence), as the worker's check_frames reads them."""
+    frame = bytearray(make_frame(0, size))
+    struct.pack_into(">i", frame, 23, records - 1)  # FRAME_LAST_OFFSET_DELTA_POSITION
+    struct.pack_into(">qhi", frame, 43, producer_id, 0, base_sequence)
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ((8, 6), "frame 2 carries producer id 8, not the ring's 7"),
+    ((7, 5), "frame 2 has base sequence 5; the previous frame's records end at 6"),
+])
+def test_check_frames_breaks_the_ring_on_another_producers_frame(
+        new_name: Callable[[], str], bad: tuple[int, int], reason: str) -> None:
+    """With ``check_frames`` (the worker's reader), a frame whose producer id is not the
+    ring's, or whose base sequence does not follow on from the frame before, marks the ring
+    broken; the frames before it are still read."""
+    writer = RingWriter.create(new_name(), data_bytes=DATA_BYTES, ack_slots=64, producer_id=7)
+    reader = RingReader.attach(writer.name, check_frames=True)
+    try:
+        for frame in (_identified_frame(7, 0), _identified_frame(7, 3), _identified_frame(*bad)):
+            assert writer.try_write(frame) is not None
+        region = reader.next_region(1 << 20)
+        assert region is not None and region.frames == 2 and not reader.broken
+        region.view.release()
+        assert reader.next_region(1 << 20) is None
+        assert reader.broken == ring_layout.RING_BROKEN_CORRUPT_FRAME
+        assert reason in reader.broken_reason
+    finally:
+        for side in (writer, reader):
+            side.close()
+        writer.unlink()

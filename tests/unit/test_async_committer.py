@@ -125,7 +125,8 @@ def test_the_in_flight_bound_blocks_then_times_out(tmp_path, server):
         _commit(committer, partition, results)
     with pytest.raises(RequestTimeoutError, match="3 asynchronous commits unanswered"):
         _commit(committer, 3, results)
-    # once an answer comes, a blocked send goes through
+    # once an answer comes, a blocked send goes through (given time enough on a busy machine)
+    committer.timeout_s = WAIT_S
     sender = threading.Thread(target=_commit, args=(committer, 4, results))
     sender.start()
     wait_for(lambda: server.received() == 3, WAIT_S, message="three commits")
